@@ -1,0 +1,141 @@
+#include "core/cluster.h"
+
+namespace switchyard {
+
+double GpuSpec::peak_flops(Precision p) const {
+  switch (p) {
+    case Precision::kFP32: return peak_fp32_flops;
+    case Precision::kTF32: return peak_tf32_flops;
+    case Precision::kBF16: return peak_bf16_flops;
+    case Precision::kFP8: return peak_fp8_flops;
+  }
+  return 0;
+}
+
+namespace {
+
+// Reads a number that must be > 0 (or >= 0 when `allow_zero`).
+void positive(JsonReader& r, std::string_view key, double* out, bool allow_zero = false) {
+  if (!r.required(key, out)) return;
+  if (allow_zero ? *out < 0 : !(*out > 0))
+    r.add_issue(r.path_of(key), std::string("must be ") + (allow_zero ? ">= 0" : "> 0") +
+                                    ", got " + Json(*out).dump());
+}
+
+}  // namespace
+
+ClusterSpec parse_cluster(const Json& j) {
+  std::vector<ConfigIssue> issues;
+  ClusterSpec c;
+  JsonReader r(j, "cluster", issues);
+  if (!r.is_object()) throw ConfigError(std::move(issues));
+  r.required("schema_version", &c.schema_version, 1);
+  if (c.schema_version != 1)
+    r.add_issue(r.path_of("schema_version"),
+                "unsupported version " + std::to_string(c.schema_version) + " (this build reads 1)");
+  r.required("name", &c.name);
+  r.optional("description", &c.description);
+  r.optional("source", &c.source);
+  r.optional("assumptions", &c.assumptions);
+  r.required("num_nodes", &c.num_nodes, 1);
+  r.required("gpus_per_node", &c.gpus_per_node, 1);
+
+  if (const Json* g = r.child("gpu", true)) {
+    JsonReader gr(*g, r.path_of("gpu"), issues);
+    gr.required("name", &c.gpu.name);
+    if (const Json* pf = gr.child("peak_flops", true)) {
+      JsonReader pr(*pf, gr.path_of("peak_flops"), issues);
+      positive(pr, "fp32", &c.gpu.peak_fp32_flops);
+      positive(pr, "tf32", &c.gpu.peak_tf32_flops, true);
+      positive(pr, "bf16", &c.gpu.peak_bf16_flops, true);
+      positive(pr, "fp8", &c.gpu.peak_fp8_flops, true);
+      pr.finish();
+    }
+    gr.required("hbm_bytes", &c.gpu.hbm_bytes, 1);
+    positive(gr, "hbm_bw_Bps", &c.gpu.hbm_bw_Bps);
+    gr.finish();
+  }
+  if (const Json* h = r.child("host", true)) {
+    JsonReader hr(*h, r.path_of("host"), issues);
+    hr.required("dram_bytes", &c.host.dram_bytes, 1);
+    positive(hr, "dram_bw_Bps", &c.host.dram_bw_Bps);
+    positive(hr, "cpu_flops", &c.host.cpu_flops);
+    positive(hr, "pcie_bw_Bps", &c.host.pcie_bw_Bps);
+    hr.required("ssd_bytes", &c.host.ssd_bytes, 0);
+    positive(hr, "ssd_read_Bps", &c.host.ssd_read_Bps, true);
+    positive(hr, "ssd_write_Bps", &c.host.ssd_write_Bps, true);
+    if (c.host.ssd_bytes > 0 && (c.host.ssd_read_Bps <= 0 || c.host.ssd_write_Bps <= 0))
+      hr.add_issue(hr.path_of("ssd_bytes"), "an SSD needs ssd_read_Bps and ssd_write_Bps > 0");
+    hr.finish();
+  }
+  if (const Json* n = r.child("intra_node", true)) {
+    JsonReader nr(*n, r.path_of("intra_node"), issues);
+    nr.required_enum("fabric", &c.intra_node.fabric);
+    positive(nr, "bw_Bps", &c.intra_node.bw_Bps);
+    positive(nr, "latency_s", &c.intra_node.latency_s, true);
+    nr.optional("nvls", &c.intra_node.nvls);
+    if (c.intra_node.nvls && c.intra_node.fabric != Fabric::kNVSwitch)
+      nr.add_issue(nr.path_of("nvls"), "NVLink SHARP needs fabric \"nvswitch\"");
+    nr.finish();
+  }
+  if (const Json* n = r.child("inter_node", true)) {
+    JsonReader nr(*n, r.path_of("inter_node"), issues);
+    nr.required("nics_per_node", &c.inter_node.nics_per_node, 0);
+    positive(nr, "nic_bw_Bps", &c.inter_node.nic_bw_Bps, true);
+    positive(nr, "latency_s", &c.inter_node.latency_s, true);
+    nr.finish();
+  }
+  r.finish();
+  if (c.num_nodes > 1 && (c.inter_node.nics_per_node < 1 || c.inter_node.nic_bw_Bps <= 0))
+    r.add_issue(r.path_of("inter_node"), "a cluster of " + std::to_string(c.num_nodes) +
+                                             " nodes needs nics_per_node >= 1 and nic_bw_Bps > 0");
+  throw_if_any(std::move(issues));
+  return c;
+}
+
+Json semantic_json(const ClusterSpec& c) {
+  Json j;
+  j["num_nodes"] = c.num_nodes;
+  j["gpus_per_node"] = c.gpus_per_node;
+  j["gpu"] = {{"name", c.gpu.name},
+              {"peak_flops",
+               {{"fp32", c.gpu.peak_fp32_flops},
+                {"tf32", c.gpu.peak_tf32_flops},
+                {"bf16", c.gpu.peak_bf16_flops},
+                {"fp8", c.gpu.peak_fp8_flops}}},
+              {"hbm_bytes", c.gpu.hbm_bytes},
+              {"hbm_bw_Bps", c.gpu.hbm_bw_Bps}};
+  j["host"] = {{"dram_bytes", c.host.dram_bytes},     {"dram_bw_Bps", c.host.dram_bw_Bps},
+               {"cpu_flops", c.host.cpu_flops},       {"pcie_bw_Bps", c.host.pcie_bw_Bps},
+               {"ssd_bytes", c.host.ssd_bytes},       {"ssd_read_Bps", c.host.ssd_read_Bps},
+               {"ssd_write_Bps", c.host.ssd_write_Bps}};
+  j["intra_node"] = {{"fabric", enum_name(c.intra_node.fabric)},
+                     {"bw_Bps", c.intra_node.bw_Bps},
+                     {"latency_s", c.intra_node.latency_s},
+                     {"nvls", c.intra_node.nvls}};
+  j["inter_node"] = {{"nics_per_node", c.inter_node.nics_per_node},
+                     {"nic_bw_Bps", c.inter_node.nic_bw_Bps},
+                     {"latency_s", c.inter_node.latency_s}};
+  return j;
+}
+
+Json to_json(const ClusterSpec& c) {
+  Json j = semantic_json(c);
+  j["schema_version"] = c.schema_version;
+  j["name"] = c.name;
+  j["description"] = c.description;
+  j["source"] = c.source;
+  j["assumptions"] = c.assumptions;
+  return j;
+}
+
+ClusterSpec with_nodes(ClusterSpec c, int nodes) {
+  if (nodes < 1) throw ConfigError("--nodes", "must be >= 1, got " + std::to_string(nodes));
+  if (nodes > 1 && (c.inter_node.nics_per_node < 1 || c.inter_node.nic_bw_Bps <= 0))
+    throw ConfigError("--nodes", "cluster \"" + c.name + "\" has no NICs to join " +
+                                     std::to_string(nodes) + " nodes");
+  c.num_nodes = nodes;
+  return c;
+}
+
+}  // namespace switchyard

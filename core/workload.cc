@@ -1,0 +1,186 @@
+#include "core/workload.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+namespace switchyard {
+
+namespace {
+
+Routing parse_routing(const Json& j, const std::string& path, std::vector<ConfigIssue>& issues) {
+  Routing r;
+  JsonReader rr(j, path, issues);
+  rr.required_enum("kind", &r.kind);
+  if (r.kind == RoutingKind::kZipf) {
+    if (rr.required("exponent", &r.zipf_exponent) && !(r.zipf_exponent >= 0))
+      rr.add_issue(rr.path_of("exponent"), "must be >= 0");
+  }
+  if (r.kind == RoutingKind::kHistogram) {
+    const std::string hpath = rr.path_of("tokens_per_expert");
+    if (const Json* h = rr.child("tokens_per_expert", true)) {
+      if (!h->is_array() || h->empty()) {
+        rr.add_issue(hpath, "expected a non-empty array of counts");
+      } else {
+        double sum = 0;
+        for (size_t i = 0; i < h->size(); ++i) {
+          auto v = read_number((*h)[i], index_path(hpath, i), issues);
+          if (!v) continue;
+          if (*v < 0) rr.add_issue(index_path(hpath, i), "must be >= 0");
+          sum += *v;
+          r.tokens_per_expert.push_back(*v);
+        }
+        if (!(sum > 0)) rr.add_issue(hpath, "counts sum to 0");
+      }
+    }
+  }
+  rr.finish();
+  return r;
+}
+
+Json routing_json(const Routing& r) {
+  Json j = {{"kind", enum_name(r.kind)}};
+  if (r.kind == RoutingKind::kZipf) j["exponent"] = r.zipf_exponent;
+  if (r.kind == RoutingKind::kHistogram) j["tokens_per_expert"] = r.tokens_per_expert;
+  return j;
+}
+
+}  // namespace
+
+Workload parse_workload(const Json& j) {
+  std::vector<ConfigIssue> issues;
+  Workload w;
+  JsonReader r(j, "workload", issues);
+  if (!r.is_object()) throw ConfigError(std::move(issues));
+  r.required("schema_version", &w.schema_version, 1);
+  if (w.schema_version != 1)
+    r.add_issue(r.path_of("schema_version"),
+                "unsupported version " + std::to_string(w.schema_version) + " (this build reads 1)");
+  r.required("name", &w.name);
+  r.optional("description", &w.description);
+  r.optional("source", &w.source);
+  r.optional("assumptions", &w.assumptions);
+  r.optional_enum("mode", &w.mode);
+  r.required("global_batch_size", &w.global_batch_size, 1);
+  r.optional("seq_len", &w.seq_len, 1);
+  r.optional_enum("precision", &w.precision);
+  if (w.precision == Precision::kTF32)
+    r.add_issue(r.path_of("precision"), "tf32 is a GEMM mode, not a training precision; use fp32");
+  if (const Json* rt = r.child("routing", false)) w.routing = parse_routing(*rt, r.path_of("routing"), issues);
+  if (const Json* tr = r.child("task_routing", false)) {
+    const std::string path = r.path_of("task_routing");
+    if (!tr->is_array() || tr->empty()) {
+      r.add_issue(path, "expected a non-empty array of {\"task\", \"routing\"}");
+    } else {
+      for (size_t i = 0; i < tr->size(); ++i) {
+        TaskRouting t;
+        JsonReader er((*tr)[i], index_path(path, i), issues);
+        er.required("task", &t.task);
+        if (const Json* rj = er.child("routing", true))
+          t.routing = parse_routing(*rj, er.path_of("routing"), issues);
+        er.finish();
+        w.task_routing.push_back(std::move(t));
+      }
+    }
+  }
+  if (const Json* inf = r.child("inference", false)) {
+    InferenceSpec s;
+    JsonReader ir(*inf, r.path_of("inference"), issues);
+    ir.required("prefill_batch", &s.prefill_batch, 0);
+    ir.required("prompt_len", &s.prompt_len, 1);
+    ir.required("decode_batch", &s.decode_batch, 0);
+    ir.required("decode_tokens", &s.decode_tokens, 0);
+    ir.finish();
+    w.inference = s;
+  }
+  r.finish();
+  if (w.mode == Mode::kInference && !w.inference)
+    r.add_issue(r.path_of("inference"), "missing (required when mode is \"inference\")");
+  if (w.mode == Mode::kTrain && w.inference)
+    r.add_issue(r.path_of("inference"), "only allowed when mode is \"inference\"");
+  throw_if_any(std::move(issues));
+  return w;
+}
+
+Json semantic_json(const Workload& w) {
+  Json j;
+  j["mode"] = enum_name(w.mode);
+  j["global_batch_size"] = w.global_batch_size;
+  j["seq_len"] = w.seq_len;
+  j["precision"] = enum_name(w.precision);
+  j["routing"] = routing_json(w.routing);
+  if (!w.task_routing.empty()) {
+    Json tr = Json::array();
+    for (const auto& t : w.task_routing) tr.push_back({{"task", t.task}, {"routing", routing_json(t.routing)}});
+    j["task_routing"] = tr;
+  }
+  if (w.inference) {
+    j["inference"] = {{"prefill_batch", w.inference->prefill_batch},
+                      {"prompt_len", w.inference->prompt_len},
+                      {"decode_batch", w.inference->decode_batch},
+                      {"decode_tokens", w.inference->decode_tokens}};
+  }
+  return j;
+}
+
+Json to_json(const Workload& w) {
+  Json j = semantic_json(w);
+  j["schema_version"] = w.schema_version;
+  j["name"] = w.name;
+  j["description"] = w.description;
+  j["source"] = w.source;
+  j["assumptions"] = w.assumptions;
+  return j;
+}
+
+std::vector<double> expert_load_fractions(const Routing& r, int64_t num_experts, int64_t top_k) {
+  const size_t n = static_cast<size_t>(std::max<int64_t>(num_experts, 0));
+  std::vector<double> weight(n, 1.0);
+  if (r.kind == RoutingKind::kZipf) {
+    for (size_t i = 0; i < n; ++i) weight[i] = 1.0 / std::pow(static_cast<double>(i + 1), r.zipf_exponent);
+  } else if (r.kind == RoutingKind::kHistogram) {
+    for (size_t i = 0; i < n; ++i) weight[i] = i < r.tokens_per_expert.size() ? r.tokens_per_expert[i] : 0;
+  }
+  double total = std::accumulate(weight.begin(), weight.end(), 0.0);
+  std::vector<double> share(n, n ? 1.0 / static_cast<double>(n) : 0.0);
+  if (!(total > 0)) return share;
+
+  // Water-filling: cap shares at 1/top_k, hand the excess to uncapped experts by weight.
+  const double cap = top_k > 0 ? 1.0 / static_cast<double>(std::min<int64_t>(top_k, num_experts)) : 1.0;
+  std::vector<bool> capped(n, false);
+  double remaining = 1.0;
+  for (size_t round = 0; round <= n; ++round) {
+    double free_weight = 0;
+    for (size_t i = 0; i < n; ++i) free_weight += capped[i] ? 0.0 : weight[i];
+    bool changed = false;
+    for (size_t i = 0; i < n; ++i) {
+      if (capped[i]) continue;
+      share[i] = free_weight > 0 ? remaining * weight[i] / free_weight : 0.0;
+      if (share[i] > cap + 1e-15) {
+        share[i] = cap;
+        capped[i] = true;
+        remaining -= cap;
+        changed = true;
+      }
+    }
+    if (!changed) break;
+  }
+  return share;
+}
+
+std::vector<double> expert_load_fractions(const Workload& w, const ModelSpec& m) {
+  if (!m.moe) return {};
+  if (w.task_routing.empty() || m.tasks.empty())
+    return expert_load_fractions(w.routing, m.moe->num_experts, m.moe->top_k);
+  std::vector<double> total(static_cast<size_t>(m.moe->num_experts), 0.0);
+  for (const TaskSpec& task : m.tasks) {
+    const Routing* routing = &w.routing;
+    for (const auto& tr : w.task_routing)
+      if (tr.task == task.name) routing = &tr.routing;
+    auto f = expert_load_fractions(*routing, m.moe->num_experts, m.moe->top_k);
+    for (size_t i = 0; i < total.size(); ++i) total[i] += task.token_share * f[i];
+  }
+  return total;
+}
+
+}  // namespace switchyard

@@ -1,0 +1,311 @@
+#include "cost_models/memory.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "cost_models/compute.h"
+
+namespace switchyard {
+
+TierBytes MemoryBreakdown::total() const {
+  TierBytes t;
+  for (const TierBytes* b : {&dense_params, &expert_params, &gradients, &optimizer_states, &activations,
+                             &kv_cache, &dispatch_buffers, &comm_buffers, &prefetch_buffers, &runtime})
+    t += *b;
+  return t;
+}
+
+StateBytes state_bytes_per_param(Precision p) {
+  if (p == Precision::kFP32 || p == Precision::kTF32) return {4, 4, 8};
+  // bf16 and fp8 training keep bf16 weights and gradients (fp8 copies are transient) and fp32
+  // master weights, momentum and variance.
+  return {2, 2, 12};
+}
+
+double in_flight_micro_batches(const Plan& plan, int64_t num_micro_batches, int stage) {
+  const double m = static_cast<double>(std::max<int64_t>(num_micro_batches, 1));
+  const int pp = std::max(plan.pp, 1);
+  switch (plan.schedule) {
+    case Schedule::kGPipe: return m;
+    case Schedule::k1F1B: return std::min(static_cast<double>(pp - stage), m);
+    case Schedule::kInterleaved1F1B: {
+      const double vp = std::max(plan.vp, 1);
+      const double chunks = std::min(2.0 * (pp - stage - 1) + (vp - 1) * pp + 1, m * vp);
+      return chunks / vp;
+    }
+  }
+  return m;
+}
+
+double expert_rank_load_factor(const ModelSpec& m, const Plan& plan, const Workload& w) {
+  if (!m.moe || plan.ep <= 0) return 1.0;
+  const int64_t experts = m.moe->num_experts;
+  const int ep = plan.ep;
+  const std::vector<double> share = expert_load_fractions(w, m);
+  // Copies of each expert.
+  std::vector<int> copies(static_cast<size_t>(experts), 1);
+  const ExpertReplicas& r = plan.expert_replicas;
+  if (r.kind == ExpertReplicas::Kind::kPerExpert && static_cast<int64_t>(r.per_expert.size()) == experts) {
+    copies = r.per_expert;
+  } else if (r.kind == ExpertReplicas::Kind::kHot) {
+    std::vector<int64_t> order(static_cast<size_t>(experts));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return share[a] > share[b]; });
+    for (int i = 0; i < std::min<int64_t>(r.hot_experts, experts); ++i) copies[order[i]] = r.replicas;
+  }
+  // Capacity caps what one copy of an expert accepts; dropped tokens never reach a rank.
+  const double cap = plan.capacity_factor ? *plan.capacity_factor / static_cast<double>(experts)
+                                          : std::numeric_limits<double>::infinity();
+  // Home copies sit on contiguous ranks; extra copies go to the least loaded rank, hottest first.
+  std::vector<double> rank_load(static_cast<size_t>(ep), 0.0);
+  const int64_t per_rank = std::max<int64_t>(experts / ep, 1);
+  std::vector<std::pair<double, int>> extras;
+  for (int64_t e = 0; e < experts; ++e) {
+    const double per_copy = std::min(share[e] / copies[e], cap);
+    rank_load[static_cast<size_t>(std::min<int64_t>(e / per_rank, ep - 1))] += per_copy;
+    for (int c = 1; c < copies[e]; ++c) extras.emplace_back(per_copy, static_cast<int>(e));
+  }
+  std::stable_sort(extras.begin(), extras.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (const auto& [load, e] : extras) {
+    auto it = std::min_element(rank_load.begin(), rank_load.end());
+    *it += load;
+  }
+  const double max_load = *std::max_element(rank_load.begin(), rank_load.end());
+  return std::max(max_load * ep, 0.0);
+}
+
+namespace {
+
+double activation_element_bytes(Precision p) { return p == Precision::kFP32 ? 4.0 : 2.0; }
+
+// Widths (in elements per token) of what attention keeps: Q, K, V and the core's output.
+double attention_internal_width(const ModelSpec& m) {
+  const double heads = static_cast<double>(m.num_attention_heads);
+  if (m.attention == AttentionKind::kMLA) {
+    const MlaSpec& a = m.mla;
+    const double qk = static_cast<double>(a.qk_nope_head_dim + a.qk_rope_head_dim);
+    return static_cast<double>(a.q_lora_rank + a.kv_lora_rank + a.qk_rope_head_dim) +
+           heads * qk * 2 + heads * static_cast<double>(a.v_head_dim) * 2;
+  }
+  const double hd = static_cast<double>(m.head_dim);
+  return heads * hd + 2.0 * static_cast<double>(m.num_kv_heads) * hd + heads * hd;
+}
+
+}  // namespace
+
+double activation_bytes_per_token(const ModelSpec& m, const Plan& plan, Precision p, bool moe_layer,
+                                  double load_factor) {
+  const double e = activation_element_bytes(p);
+  const double h = static_cast<double>(m.hidden_size);
+  const double tp = plan.tp;
+  const double sp_div = plan.sequence_parallel ? tp : 1.0;
+  const bool selective = plan.recompute == Recompute::kSelective;
+  // Residual inputs of the two sub-blocks and the two norm outputs (the latter recomputed under
+  // selective recompute).
+  double elems = (2.0 * h + (selective ? 0.0 : 2.0 * h)) / sp_div;
+  // Attention: Q, K, V, core output, and the fp32 log-sum-exp per head flash attention keeps.
+  elems += (attention_internal_width(m) + 2.0 * static_cast<double>(m.num_attention_heads)) / tp;
+  // FFN internals: SwiGLU keeps gate and up outputs (+ the activation output), GeLU/ReLU keeps the
+  // FC1 output (+ the activation output).
+  const double kept = (m.ffn_matrices() == 3 ? 2.0 : 1.0) + (selective ? 0.0 : 1.0);
+  if (moe_layer && m.moe) {
+    const double k = static_cast<double>(m.moe->top_k);
+    const double fe = static_cast<double>(m.moe->expert_ffn_hidden_size);
+    const double etp = plan.expert_tp;
+    // Router logits in fp32.
+    elems += 2.0 * static_cast<double>(m.moe->num_experts) / sp_div;
+    // Rows this rank's experts see per token of its micro-batch share: top_k of them, balanced,
+    // times the load factor of the most loaded rank. PPMoE ranks hold every token but serve 1/ep of
+    // the experts.
+    const double rows = plan.dispatch == Dispatch::kPPMoEIndexSlice ? k / plan.ep : k / sp_div;
+    elems += rows * load_factor * (h + kept * fe / etp + h);  // permuted input, internals, output
+    const double fs = static_cast<double>(m.moe->shared_expert_ffn_hidden_size);
+    elems += static_cast<double>(m.moe->num_shared_experts) * kept * fs / tp;
+  } else {
+    elems += kept * static_cast<double>(m.ffn_hidden_size) / tp;
+  }
+  return e * elems;
+}
+
+namespace {
+
+struct StageParams {
+  double dense = 0;        // per GPU, before ZeRO sharding
+  double expert = 0;
+  double max_layer_dense = 0;   // one layer's dense params per GPU (working buffers)
+  double max_layer_expert = 0;
+  std::vector<bool> moe_layers;  // of this stage
+};
+
+StageParams stage_params(const ModelSpec& m, const Plan& plan, int stage) {
+  StageParams sp;
+  const std::vector<int> layers = resolve_stage_layers(plan, m);
+  const int first = std::accumulate(layers.begin(), layers.begin() + stage, 0);
+  const double tp = plan.tp;
+  const double h = static_cast<double>(m.hidden_size);
+  const double v = static_cast<double>(m.vocab_size);
+  int64_t extra_copies = 0;
+  if (m.moe) {
+    const ExpertReplicas& r = plan.expert_replicas;
+    if (r.kind == ExpertReplicas::Kind::kHot) extra_copies = static_cast<int64_t>(r.hot_experts) * (r.replicas - 1);
+    if (r.kind == ExpertReplicas::Kind::kPerExpert)
+      for (int c : r.per_expert) extra_copies += c - 1;
+  }
+  for (int l = first; l < first + layers[stage]; ++l) {
+    const bool moe = m.is_moe_layer(l);
+    sp.moe_layers.push_back(moe);
+    double dense = static_cast<double>(attention_params_per_layer(m)) / tp +
+                   static_cast<double>(norm_params_per_layer(m));
+    double expert = 0;
+    if (moe) {
+      dense += static_cast<double>(m.moe->num_shared_experts * shared_expert_params(m)) / tp +
+               static_cast<double>(m.num_gates() * m.hidden_size * m.moe->num_experts);
+      const double local_experts = static_cast<double>(m.moe->num_experts) / plan.ep +
+                                   std::ceil(static_cast<double>(extra_copies) / plan.ep);
+      expert = local_experts * static_cast<double>(expert_params(m)) / plan.expert_tp;
+    } else {
+      dense += static_cast<double>(dense_ffn_params(m)) / tp;
+    }
+    sp.dense += dense;
+    sp.expert += expert;
+    sp.max_layer_dense = std::max(sp.max_layer_dense, dense);
+    sp.max_layer_expert = std::max(sp.max_layer_expert, expert);
+  }
+  if (stage == 0) sp.dense += v * h / tp + (m.learned_position_embeddings ? static_cast<double>(m.seq_len) * h : 0);
+  if (stage == plan.pp - 1) {
+    // An untied LM head, or a tied one's copy on the last stage of a pipeline.
+    if (!m.tied_embeddings || plan.pp > 1) sp.dense += v * h / tp;
+    sp.dense += h;  // final norm
+  }
+  return sp;
+}
+
+// Puts `bytes` on the tier `t`.
+TierBytes on(Tier t, double bytes) {
+  TierBytes b;
+  (t == Tier::kGPU ? b.gpu : t == Tier::kCPU ? b.cpu : b.ssd) = bytes;
+  return b;
+}
+
+}  // namespace
+
+MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& c, const Plan& plan,
+                               const Workload& w, const CostProfile& prof, int stage) {
+  MemoryBreakdown mb;
+  mb.stage = stage;
+  const bool train = w.mode == Mode::kTrain;
+  const StageParams sp = stage_params(m, plan, stage);
+  const StateBytes sb = state_bytes_per_param(w.precision);
+  const double dense_shard = static_cast<double>(plan.dp) * plan.cp;
+  const double expert_shard = std::max(plan.expert_dp(), 1);
+  const Placement& pl = plan.placement;
+  const double working_layers = 1.0 + plan.prefetch.depth;
+  const double param_bytes = train ? sb.param : bytes_per_element(w.precision);
+
+  // Parameters (ZeRO-3 shards them; the gathered working layers count as prefetch buffers).
+  const double z3 = train && plan.zero_stage >= 3;
+  const double dense_p = sp.dense * param_bytes / (z3 ? dense_shard : 1.0);
+  const double expert_p = sp.expert * param_bytes / (z3 ? expert_shard : 1.0);
+  if (plan.ring_sections > 0 && !train) {
+    // Ring-memory inference: all parameters live in host memory; the GPU holds the section being
+    // computed and the one being loaded.
+    const double all = dense_p + expert_p;
+    mb.dense_params = on(Tier::kCPU, dense_p);
+    mb.expert_params = on(Tier::kCPU, expert_p);
+    mb.prefetch_buffers.gpu += std::min(all, 2.0 * all / plan.ring_sections);
+  } else {
+    mb.dense_params = on(pl.dense_params, dense_p);
+    mb.expert_params = on(pl.expert_params, expert_p);
+    if (pl.dense_params != Tier::kGPU || z3) mb.prefetch_buffers.gpu += working_layers * sp.max_layer_dense * param_bytes;
+    if (pl.expert_params != Tier::kGPU || z3) mb.prefetch_buffers.gpu += working_layers * sp.max_layer_expert * param_bytes;
+    if (pl.dense_params == Tier::kSSD) mb.prefetch_buffers.cpu += working_layers * sp.max_layer_dense * param_bytes;
+    if (pl.expert_params == Tier::kSSD) mb.prefetch_buffers.cpu += working_layers * sp.max_layer_expert * param_bytes;
+  }
+
+  if (train) {
+    const double grad_div_d = plan.zero_stage >= 2 ? dense_shard : 1.0;
+    const double grad_div_e = plan.zero_stage >= 2 ? expert_shard : 1.0;
+    mb.gradients = on(pl.gradients, sp.dense * sb.grad / grad_div_d + sp.expert * sb.grad / grad_div_e);
+    const double opt_div_d = plan.zero_stage >= 1 ? dense_shard : 1.0;
+    const double opt_div_e = plan.zero_stage >= 1 ? expert_shard : 1.0;
+    mb.optimizer_states = on(pl.optimizer_states, sp.dense * sb.optimizer / opt_div_d + sp.expert * sb.optimizer / opt_div_e);
+    if (pl.optimizer_states == Tier::kSSD)
+      mb.prefetch_buffers.cpu += working_layers * (sp.max_layer_dense + sp.max_layer_expert) * sb.optimizer;
+    // Gradient buckets: one being filled, one in flight.
+    mb.comm_buffers.gpu += 2.0 * static_cast<double>(plan.grad_bucket_bytes);
+  }
+
+  // Activations and dispatch buffers.
+  const int64_t seq = w.effective_seq_len(m);
+  const double load = expert_rank_load_factor(m, plan, w);
+  const double e_act = w.precision == Precision::kFP32 ? 4.0 : 2.0;
+  const double h = static_cast<double>(m.hidden_size);
+  if (train) {
+    const double tokens = static_cast<double>(plan.micro_batch_size) * static_cast<double>(seq) / plan.cp;
+    double stack = 0, widest = 0;
+    for (bool moe : sp.moe_layers) {
+      const double layer = tokens * activation_bytes_per_token(m, plan, w.precision, moe, load);
+      widest = std::max(widest, layer);
+      stack += plan.recompute == Recompute::kFull ? e_act * tokens * h / (plan.sequence_parallel ? plan.tp : 1) : layer;
+    }
+    if (plan.recompute == Recompute::kFull) stack += 0;  // the working layer is added below
+    const int64_t micro_batches = w.global_batch_size / std::max<int64_t>(int64_t{plan.micro_batch_size} * plan.dp, 1);
+    mb.in_flight_micro_batches = in_flight_micro_batches(plan, micro_batches, stage);
+    double act = stack * mb.in_flight_micro_batches;
+    if (plan.recompute == Recompute::kFull) act += widest;  // one layer recomputed at a time
+    // Logits of one micro-batch on the last stage (vocab-parallel).
+    if (stage == plan.pp - 1) act += tokens * static_cast<double>(m.vocab_size) / plan.tp * 4.0;
+    if (pl.activations == Tier::kCPU) {
+      mb.activations.cpu = act;
+      mb.activations.gpu = working_layers * widest;
+    } else {
+      mb.activations.gpu = act;
+    }
+    if (m.moe) {
+      const double rows = static_cast<double>(m.moe->top_k) * tokens * load /
+                          (plan.dispatch == Dispatch::kPPMoEIndexSlice ? plan.ep : (plan.sequence_parallel ? plan.tp : 1));
+      double buf = 2.0 * rows * h * e_act;  // send and receive
+      if (plan.dispatch == Dispatch::kHierarchicalAllToAll) buf *= 2.0;  // staging for the transforms
+      if (plan.dispatch == Dispatch::kPPMoEIndexSlice) buf = tokens * h * e_act;  // all-reduce buffer
+      mb.dispatch_buffers.gpu = buf;
+    }
+  } else if (w.inference) {
+    const InferenceSpec& inf = *w.inference;
+    const double batch = static_cast<double>(std::max(inf.prefill_batch, inf.decode_batch));
+    const double ctx = static_cast<double>(inf.prompt_len + inf.decode_tokens);
+    double per_token_layer = 0;
+    if (m.attention == AttentionKind::kMLA) {
+      per_token_layer = static_cast<double>(m.mla.kv_lora_rank + m.mla.qk_rope_head_dim) * e_act;
+    } else {
+      const double kv_per_rank = std::max(static_cast<double>(m.num_kv_heads) / plan.tp, 1.0);
+      per_token_layer = 2.0 * kv_per_rank * static_cast<double>(m.head_dim) * e_act;
+    }
+    const double kv = static_cast<double>(batch) / plan.dp * ctx * per_token_layer * static_cast<double>(sp.moe_layers.size());
+    mb.kv_cache = on(pl.activations == Tier::kCPU ? Tier::kCPU : Tier::kGPU, kv);
+    // Working activations of the widest layer for one prefill micro-batch.
+    const double tokens = static_cast<double>(inf.prefill_batch) / plan.dp * static_cast<double>(inf.prompt_len);
+    double widest = 0;
+    for (bool moe : sp.moe_layers) widest = std::max(widest, tokens * activation_bytes_per_token(m, plan, w.precision, moe, load));
+    mb.activations.gpu = widest;
+    mb.in_flight_micro_batches = 1;
+  }
+  mb.runtime.gpu = static_cast<double>(prof.runtime_reserved_bytes);
+  return mb;
+}
+
+MemoryBreakdown peak_memory_per_gpu(const ModelSpec& m, const ClusterSpec& c, const Plan& plan,
+                                    const Workload& w, const CostProfile& prof) {
+  MemoryBreakdown best;
+  double best_gpu = -1;
+  for (int s = 0; s < std::max(plan.pp, 1); ++s) {
+    MemoryBreakdown mb = memory_per_gpu(m, c, plan, w, prof, s);
+    if (mb.total().gpu > best_gpu) {
+      best_gpu = mb.total().gpu;
+      best = mb;
+    }
+  }
+  return best;
+}
+
+}  // namespace switchyard

@@ -1,0 +1,60 @@
+// CostProfile: the constants of the cost models for one cluster, filled once and read by the small
+// formulas in compute.h, collectives.h, transfers.h and memory.h (NCCL's tuning tables are the
+// model: constants in a table, one-line formulas). Nominal figures (peak FLOP/s, link bandwidths,
+// latencies) come from the ClusterSpec; the profile adds the achievable fraction of each and the
+// fixed overheads. Defaults come from published measurements where one exists (cited beside each
+// constant) and are otherwise marked as assumptions; `switchyard calibrate` replaces them with a
+// least-squares fit on the machine at hand.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/cluster.h"
+
+namespace switchyard {
+
+// Fraction of peak a GEMM reaches when its smallest dimension is `min_dim` (tile quantisation and
+// wave effects make thin GEMMs slow). Interpolated linearly in log2(min_dim) between points.
+struct EfficiencyPoint {
+  double min_dim = 0;
+  double efficiency = 0;
+};
+
+struct CostProfile {
+  std::string name;  // "default" or the calibration it came from
+
+  // --- Compute.
+  std::vector<EfficiencyPoint> gemm_efficiency;
+  double attention_efficiency = 0;  // fused (flash) attention, fraction of peak
+  double hbm_efficiency = 0;        // achievable fraction of HBM bandwidth (elementwise kernels)
+  double kernel_launch_s = 0;       // launch + tail of one kernel
+
+  // --- Communication (fractions of the ClusterSpec's nominal per-direction bandwidths).
+  double intra_node_efficiency = 0;  // NVLink / NVSwitch / PCIe P2P, ring and all-to-all
+  double nvls_efficiency = 0;        // all-reduce algbw over NVLink SHARP, fraction of link bw
+  double nic_ring_efficiency = 0;    // ring / tree collectives across nodes, NICs aggregated
+  double nic_all_to_all_efficiency = 0;  // all-to-all across nodes (each GPU on its own rail)
+  double nic_half_bw_message_bytes = 0;  // message size at which a NIC reaches half its bandwidth
+  double collective_base_s = 0;      // fixed cost of launching one collective
+  double p2p_issue_s = 0;            // per peer of a grouped send/recv (all-to-all)
+
+  // --- Transfers between tiers.
+  double pcie_efficiency = 0;
+  double pcie_latency_s = 0;
+  double dram_efficiency = 0;
+  double ssd_efficiency = 0;
+  double ssd_latency_s = 0;
+
+  // --- Memory.
+  int64_t runtime_reserved_bytes = 0;  // CUDA context, NCCL buffers, allocator slack per GPU
+
+  // GEMM efficiency for the smallest dimension of a GEMM.
+  double gemm_efficiency_at(double min_dim) const;
+};
+
+// The default profile for a cluster: published-measurement-based fractions (see profile.cc).
+CostProfile default_cost_profile(const ClusterSpec& cluster);
+
+}  // namespace switchyard

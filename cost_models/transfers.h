@@ -1,0 +1,23 @@
+// Transfers between storage tiers: GPU <-> host over PCIe, host <-> SSD, GPU <-> GPU peer copies
+// over NVLink, host memcpy. time = latency + bytes / (nominal bandwidth * achievable fraction /
+// sharers), where `sharers` is how many GPUs of the node move data over the same resource at
+// once (the node's SSDs and DRAM are shared; each GPU has its own PCIe link in the clusters we
+// bundle).
+#pragma once
+
+#include "core/cluster.h"
+#include "cost_models/profile.h"
+
+namespace switchyard {
+
+enum class TransferPath { kHostToGpu, kGpuToHost, kSsdToHost, kHostToSsd, kGpuToGpu, kHostToHost };
+
+struct TransferCost {
+  double time_s = 0;
+  double bw_Bps = 0;  // achieved by one sharer
+};
+
+TransferCost transfer_cost(TransferPath path, double bytes, const ClusterSpec& cluster,
+                           const CostProfile& prof, int sharers = 1);
+
+}  // namespace switchyard
