@@ -14,6 +14,10 @@ double GpuSpec::peak_flops(Precision p) const {
 
 namespace {
 
+// Bounds far above real clusters that keep nodes * gpus_per_node inside int.
+constexpr int kMaxNodes = 1 << 20;
+constexpr int kMaxGpusPerNode = 1024;
+
 // Reads a number that must be > 0 (or >= 0 when `allow_zero`).
 void positive(JsonReader& r, std::string_view key, double* out, bool allow_zero = false) {
   if (!r.required(key, out)) return;
@@ -37,8 +41,8 @@ ClusterSpec parse_cluster(const Json& j) {
   r.optional("description", &c.description);
   r.optional("source", &c.source);
   r.optional("assumptions", &c.assumptions);
-  r.required("num_nodes", &c.num_nodes, 1);
-  r.required("gpus_per_node", &c.gpus_per_node, 1);
+  r.required("num_nodes", &c.num_nodes, 1, kMaxNodes);
+  r.required("gpus_per_node", &c.gpus_per_node, 1, kMaxGpusPerNode);
 
   if (const Json* g = r.child("gpu", true)) {
     JsonReader gr(*g, r.path_of("gpu"), issues);
@@ -80,7 +84,7 @@ ClusterSpec parse_cluster(const Json& j) {
   }
   if (const Json* n = r.child("inter_node", true)) {
     JsonReader nr(*n, r.path_of("inter_node"), issues);
-    nr.required("nics_per_node", &c.inter_node.nics_per_node, 0);
+    nr.required("nics_per_node", &c.inter_node.nics_per_node, 0, kMaxGpusPerNode);
     positive(nr, "nic_bw_Bps", &c.inter_node.nic_bw_Bps, true);
     positive(nr, "latency_s", &c.inter_node.latency_s, true);
     nr.finish();
@@ -130,7 +134,8 @@ Json to_json(const ClusterSpec& c) {
 }
 
 ClusterSpec with_nodes(ClusterSpec c, int nodes) {
-  if (nodes < 1) throw ConfigError("--nodes", "must be >= 1, got " + std::to_string(nodes));
+  if (nodes < 1 || nodes > kMaxNodes)
+    throw ConfigError("--nodes", "must be in [1, " + std::to_string(kMaxNodes) + "], got " + std::to_string(nodes));
   if (nodes > 1 && (c.inter_node.nics_per_node < 1 || c.inter_node.nic_bw_Bps <= 0))
     throw ConfigError("--nodes", "cluster \"" + c.name + "\" has no NICs to join " +
                                      std::to_string(nodes) + " nodes");

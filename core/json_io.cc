@@ -111,49 +111,46 @@ const Json* JsonReader::child(std::string_view key, bool required) {
   return &*it;
 }
 
-bool JsonReader::check_min(std::string_view key, int64_t value, int64_t min_value) {
-  if (value >= min_value) return true;
-  add_issue(path_of(key), "must be >= " + std::to_string(min_value) + ", got " +
-                              std::to_string(value));
-  return false;
+bool JsonReader::check_range(std::string_view key, int64_t value, int64_t min_value, int64_t max_value) {
+  if (value < min_value) {
+    add_issue(path_of(key), "must be >= " + std::to_string(min_value) + ", got " + std::to_string(value));
+    return false;
+  }
+  if (value > max_value) {
+    add_issue(path_of(key), "must be <= " + std::to_string(max_value) + ", got " + std::to_string(value));
+    return false;
+  }
+  return true;
 }
 
-bool JsonReader::required(std::string_view key, int64_t* out, int64_t min_value) {
+bool JsonReader::required(std::string_view key, int64_t* out, int64_t min_value, int64_t max_value) {
   const Json* v = child(key, true);
   if (!v) return false;
   auto r = read_int(*v, path_of(key), issues_);
-  if (!r || !check_min(key, *r, min_value)) return false;
+  if (!r || !check_range(key, *r, min_value, max_value)) return false;
   *out = *r;
   return true;
 }
 
-bool JsonReader::optional(std::string_view key, int64_t* out, int64_t min_value) {
+bool JsonReader::optional(std::string_view key, int64_t* out, int64_t min_value, int64_t max_value) {
   const Json* v = child(key, false);
   if (!v) return false;
   auto r = read_int(*v, path_of(key), issues_);
-  if (!r || !check_min(key, *r, min_value)) return false;
+  if (!r || !check_range(key, *r, min_value, max_value)) return false;
   *out = *r;
   return true;
 }
 
-bool JsonReader::required(std::string_view key, int* out, int min_value) {
+bool JsonReader::required(std::string_view key, int* out, int min_value, int max_value) {
   int64_t v = 0;
-  if (!required(key, &v, min_value)) return false;
-  if (v > INT32_MAX) {
-    add_issue(path_of(key), "too large: " + std::to_string(v));
-    return false;
-  }
+  if (!required(key, &v, min_value, max_value)) return false;
   *out = static_cast<int>(v);
   return true;
 }
 
-bool JsonReader::optional(std::string_view key, int* out, int min_value) {
+bool JsonReader::optional(std::string_view key, int* out, int min_value, int max_value) {
   int64_t v = 0;
-  if (!optional(key, &v, min_value)) return false;
-  if (v > INT32_MAX) {
-    add_issue(path_of(key), "too large: " + std::to_string(v));
-    return false;
-  }
+  if (!optional(key, &v, min_value, max_value)) return false;
   *out = static_cast<int>(v);
   return true;
 }

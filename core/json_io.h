@@ -80,10 +80,14 @@ class JsonReader {
 
   // Required getters record "missing" when the key is absent (or null). Optional getters leave
   // *out untouched when the key is absent or null. All return true when *out was set.
-  bool required(std::string_view key, int64_t* out, int64_t min_value = INT64_MIN);
-  bool optional(std::string_view key, int64_t* out, int64_t min_value = INT64_MIN);
-  bool required(std::string_view key, int* out, int min_value = INT32_MIN);
-  bool optional(std::string_view key, int* out, int min_value = INT32_MIN);
+  // Integers are checked against [min_value, max_value]; the upper bounds used by the config parsers
+  // sit far above any real model or cluster and keep derived products inside int64.
+  bool required(std::string_view key, int64_t* out, int64_t min_value = INT64_MIN,
+                int64_t max_value = INT64_MAX);
+  bool optional(std::string_view key, int64_t* out, int64_t min_value = INT64_MIN,
+                int64_t max_value = INT64_MAX);
+  bool required(std::string_view key, int* out, int min_value = INT32_MIN, int max_value = INT32_MAX);
+  bool optional(std::string_view key, int* out, int min_value = INT32_MIN, int max_value = INT32_MAX);
   bool required(std::string_view key, double* out);
   bool optional(std::string_view key, double* out);
   bool required(std::string_view key, bool* out);
@@ -125,7 +129,7 @@ class JsonReader {
     add_issue(path, "unknown value \"" + *s + "\"; expected one of " + enum_choices<E>());
     return false;
   }
-  bool check_min(std::string_view key, int64_t value, int64_t min_value);
+  bool check_range(std::string_view key, int64_t value, int64_t min_value, int64_t max_value);
 
   const Json& j_;
   std::string path_;

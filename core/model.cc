@@ -26,17 +26,28 @@ int64_t ModelSpec::num_moe_layers() const {
 
 namespace {
 
+// Upper bounds far above any real model; they keep every parameter count inside int64
+// (layers * experts * 3 * hidden * expert_ffn <= 2^62).
+constexpr int64_t kMaxLayers = 1024;
+constexpr int64_t kMaxWidth = 131072;
+constexpr int64_t kMaxFfn = 524288;
+constexpr int64_t kMaxHeads = 4096;
+constexpr int64_t kMaxExperts = 16384;
+constexpr int64_t kMaxSmall = 256;
+constexpr int64_t kMaxVocab = 8388608;
+constexpr int64_t kMaxSeq = 16777216;
+
 void parse_attention(JsonReader& r, ModelSpec& m) {
   const Json* a = r.child("attention", false);
   if (!a) return;
   JsonReader ar(*a, r.path_of("attention"), r.issues());
   ar.required_enum("kind", &m.attention);
   if (m.attention == AttentionKind::kMLA) {
-    ar.required("q_lora_rank", &m.mla.q_lora_rank, 0);
-    ar.required("kv_lora_rank", &m.mla.kv_lora_rank, 1);
-    ar.required("qk_nope_head_dim", &m.mla.qk_nope_head_dim, 1);
-    ar.required("qk_rope_head_dim", &m.mla.qk_rope_head_dim, 0);
-    ar.required("v_head_dim", &m.mla.v_head_dim, 1);
+    ar.required("q_lora_rank", &m.mla.q_lora_rank, 0, kMaxWidth);
+    ar.required("kv_lora_rank", &m.mla.kv_lora_rank, 1, kMaxWidth);
+    ar.required("qk_nope_head_dim", &m.mla.qk_nope_head_dim, 1, kMaxHeads);
+    ar.required("qk_rope_head_dim", &m.mla.qk_rope_head_dim, 0, kMaxHeads);
+    ar.required("v_head_dim", &m.mla.v_head_dim, 1, kMaxHeads);
   }
   ar.finish();
 }
@@ -46,13 +57,13 @@ void parse_moe(JsonReader& r, ModelSpec& m) {
   if (!j) return;
   MoeSpec moe;
   JsonReader mr(*j, r.path_of("moe"), r.issues());
-  mr.required("num_experts", &moe.num_experts, 1);
-  mr.required("top_k", &moe.top_k, 1);
-  mr.required("expert_ffn_hidden_size", &moe.expert_ffn_hidden_size, 1);
-  mr.optional("num_shared_experts", &moe.num_shared_experts, 0);
+  mr.required("num_experts", &moe.num_experts, 1, kMaxExperts);
+  mr.required("top_k", &moe.top_k, 1, kMaxExperts);
+  mr.required("expert_ffn_hidden_size", &moe.expert_ffn_hidden_size, 1, kMaxFfn);
+  mr.optional("num_shared_experts", &moe.num_shared_experts, 0, kMaxSmall);
   moe.shared_expert_ffn_hidden_size = moe.expert_ffn_hidden_size;
-  mr.optional("shared_expert_ffn_hidden_size", &moe.shared_expert_ffn_hidden_size, 1);
-  mr.optional("first_dense_layers", &moe.first_dense_layers, 0);
+  mr.optional("shared_expert_ffn_hidden_size", &moe.shared_expert_ffn_hidden_size, 1, kMaxFfn);
+  mr.optional("first_dense_layers", &moe.first_dense_layers, 0, kMaxLayers);
   if (moe.top_k > moe.num_experts && moe.num_experts > 0)
     mr.add_issue(mr.path_of("top_k"), "top_k " + std::to_string(moe.top_k) +
                                           " exceeds num_experts " +
@@ -66,8 +77,8 @@ void parse_moe(JsonReader& r, ModelSpec& m) {
     } else if (layers->is_object()) {
       moe.pattern = MoeLayerPattern::kEvery;
       JsonReader er(*layers, lpath, r.issues());
-      er.required("every", &moe.every, 1);
-      er.optional("offset", &moe.offset, 0);
+      er.required("every", &moe.every, 1, kMaxLayers);
+      er.optional("offset", &moe.offset, 0, kMaxLayers);
       if (moe.offset >= moe.every)
         er.add_issue(er.path_of("offset"), "must be < every (" + std::to_string(moe.every) +
                                                "), got " + std::to_string(moe.offset));
@@ -105,8 +116,9 @@ void parse_tasks(JsonReader& r, ModelSpec& m) {
   const Json* t = r.child("tasks", false);
   if (!t) return;
   const std::string path = r.path_of("tasks");
-  if (!t->is_array() || t->empty()) {
-    r.add_issue(path, "expected a non-empty array of {\"name\", \"token_share\"}");
+  if (!t->is_array() || t->empty() || t->size() > static_cast<size_t>(kMaxSmall)) {
+    r.add_issue(path, "expected a non-empty array of at most " + std::to_string(kMaxSmall) +
+                          " {\"name\", \"token_share\"}");
     return;
   }
   double sum = 0;
@@ -144,17 +156,17 @@ ModelSpec parse_model(const Json& j) {
   r.optional("source", &m.source);
   r.optional("assumptions", &m.assumptions);
 
-  r.required("num_layers", &m.num_layers, 1);
-  r.required("hidden_size", &m.hidden_size, 1);
-  r.optional("ffn_hidden_size", &m.ffn_hidden_size, 1);
-  r.required("num_attention_heads", &m.num_attention_heads, 1);
+  r.required("num_layers", &m.num_layers, 1, kMaxLayers);
+  r.required("hidden_size", &m.hidden_size, 1, kMaxWidth);
+  r.optional("ffn_hidden_size", &m.ffn_hidden_size, 1, kMaxFfn);
+  r.required("num_attention_heads", &m.num_attention_heads, 1, kMaxHeads);
   m.num_kv_heads = m.num_attention_heads;
-  r.optional("num_kv_heads", &m.num_kv_heads, 1);
-  bool explicit_head_dim = r.optional("head_dim", &m.head_dim, 1);
+  r.optional("num_kv_heads", &m.num_kv_heads, 1, kMaxHeads);
+  bool explicit_head_dim = r.optional("head_dim", &m.head_dim, 1, kMaxHeads);
   r.optional_enum("activation", &m.activation);
   r.optional_enum("norm", &m.norm);
-  r.required("vocab_size", &m.vocab_size, 1);
-  r.required("seq_len", &m.seq_len, 1);
+  r.required("vocab_size", &m.vocab_size, 1, kMaxVocab);
+  r.required("seq_len", &m.seq_len, 1, kMaxSeq);
   r.optional("tied_embeddings", &m.tied_embeddings);
   r.optional("learned_position_embeddings", &m.learned_position_embeddings);
   parse_attention(r, m);

@@ -12,6 +12,8 @@ int Plan::expert_dp() const {
 
 namespace {
 
+constexpr int kMaxDegree = 1 << 24;
+
 void parse_placement(JsonReader& r, Placement& pl) {
   const Json* j = r.child("placement", false);
   if (!j) return;
@@ -33,6 +35,7 @@ void parse_replicas(JsonReader& r, ExpertReplicas& er) {
   const bool hot = rr.has("hot_experts") || rr.has("replicas");
   const bool per = rr.has("per_expert");
   if (hot && per) {
+    for (const char* key : {"hot_experts", "replicas", "per_expert"}) rr.child(key, false);
     rr.add_issue(rr.path(), "give either {hot_experts, replicas} or {per_expert}, not both");
   } else if (per) {
     er.kind = ExpertReplicas::Kind::kPerExpert;
@@ -43,14 +46,16 @@ void parse_replicas(JsonReader& r, ExpertReplicas& er) {
     } else if (list) {
       for (size_t i = 0; i < list->size(); ++i) {
         auto v = read_int((*list)[i], index_path(path, i), r.issues());
-        if (v && *v < 1) rr.add_issue(index_path(path, i), "must be >= 1, got " + std::to_string(*v));
-        if (v) er.per_expert.push_back(static_cast<int>(*v));
+        if (v && (*v < 1 || *v > kMaxDegree))
+          rr.add_issue(index_path(path, i), "must be in [1, " + std::to_string(kMaxDegree) + "], got " + std::to_string(*v));
+        else if (v)
+          er.per_expert.push_back(static_cast<int>(*v));
       }
     }
   } else if (hot) {
     er.kind = ExpertReplicas::Kind::kHot;
-    rr.required("hot_experts", &er.hot_experts, 1);
-    rr.required("replicas", &er.replicas, 2);
+    rr.required("hot_experts", &er.hot_experts, 1, kMaxDegree);
+    rr.required("replicas", &er.replicas, 2, kMaxDegree);
   } else {
     rr.add_issue(rr.path(), "expected {\"hot_experts\": k, \"replicas\": r} or {\"per_expert\": [...]}");
   }
@@ -77,20 +82,20 @@ Plan parse_plan(const Json& j) {
     JsonReader fr(*f, r.path_of("for"), issues);
     fr.required("model", &t.model);
     fr.required("cluster", &t.cluster);
-    fr.optional("nodes", &t.nodes, 1);
+    fr.optional("nodes", &t.nodes, 1, kMaxDegree);
     fr.required("workload", &t.workload);
     fr.finish();
     p.target = t;
   }
-  r.optional("dp", &p.dp, 1);
-  r.optional("tp", &p.tp, 1);
-  r.optional("pp", &p.pp, 1);
-  r.optional("cp", &p.cp, 1);
-  r.optional("ep", &p.ep, 1);
-  r.optional("expert_tp", &p.expert_tp, 1);
-  r.optional("vp", &p.vp, 1);
+  r.optional("dp", &p.dp, 1, kMaxDegree);
+  r.optional("tp", &p.tp, 1, kMaxDegree);
+  r.optional("pp", &p.pp, 1, kMaxDegree);
+  r.optional("cp", &p.cp, 1, kMaxDegree);
+  r.optional("ep", &p.ep, 1, kMaxDegree);
+  r.optional("expert_tp", &p.expert_tp, 1, kMaxDegree);
+  r.optional("vp", &p.vp, 1, kMaxDegree);
   r.optional("sequence_parallel", &p.sequence_parallel);
-  r.optional("micro_batch_size", &p.micro_batch_size, 1);
+  r.optional("micro_batch_size", &p.micro_batch_size, 1, kMaxDegree);
   r.optional_enum("schedule", &p.schedule);
   if (r.optional("zero_stage", &p.zero_stage, 0) && p.zero_stage > 3)
     r.add_issue(r.path_of("zero_stage"), "must be 0, 1, 2 or 3, got " + std::to_string(p.zero_stage));
@@ -105,7 +110,7 @@ Plan parse_plan(const Json& j) {
   parse_placement(r, p.placement);
   if (const Json* pf = r.child("prefetch", false)) {
     JsonReader fr(*pf, r.path_of("prefetch"), issues);
-    fr.optional("depth", &p.prefetch.depth, 0);
+    fr.optional("depth", &p.prefetch.depth, 0, kMaxDegree);
     fr.optional_enum("direction", &p.prefetch.direction);
     fr.finish();
     if ((p.prefetch.depth > 0) != (p.prefetch.direction != PrefetchDirection::kNone))
@@ -114,7 +119,7 @@ Plan parse_plan(const Json& j) {
                                   "\": depth > 0 goes with a direction, depth 0 with \"none\"");
   }
   parse_replicas(r, p.expert_replicas);
-  r.optional("ring_sections", &p.ring_sections, 0);
+  r.optional("ring_sections", &p.ring_sections, 0, kMaxDegree);
   if (p.ring_sections == 1)
     r.add_issue(r.path_of("ring_sections"), "a ring needs at least 2 sections (0 turns it off)");
   if (const Json* sl = r.child("stage_layers", false)) {
@@ -124,12 +129,22 @@ Plan parse_plan(const Json& j) {
     } else {
       for (size_t i = 0; i < sl->size(); ++i) {
         auto v = read_int((*sl)[i], index_path(path, i), issues);
-        if (v && *v < 1) r.add_issue(index_path(path, i), "must be >= 1, got " + std::to_string(*v));
-        if (v) p.stage_layers.push_back(static_cast<int>(*v));
+        if (v && (*v < 1 || *v > kMaxDegree))
+          r.add_issue(index_path(path, i), "must be in [1, " + std::to_string(kMaxDegree) + "], got " + std::to_string(*v));
+        else if (v)
+          p.stage_layers.push_back(static_cast<int>(*v));
       }
     }
   }
   r.finish();
+  // Products of degrees stay far inside int: no plan spans more than 2^24 GPUs.
+  const auto product_check = [&](const char* path, const char* what, double product) {
+    if (product > static_cast<double>(kMaxDegree))
+      r.add_issue(path, std::string(what) + " = " + Json(product).dump() + " exceeds " + std::to_string(kMaxDegree));
+  };
+  product_check("plan", "dp*tp*pp*cp", double(p.dp) * p.tp * p.pp * p.cp);
+  product_check("plan.ep", "expert_tp*ep", double(p.expert_tp) * p.ep);
+  product_check("plan.vp", "pp*vp", double(p.pp) * p.vp);
   throw_if_any(std::move(issues));
   return p;
 }
@@ -188,7 +203,8 @@ Json to_json(const Plan& p) {
 }
 
 std::vector<int> resolve_stage_layers(const Plan& p, const ModelSpec& m) {
-  if (!p.stage_layers.empty()) return p.stage_layers;
+  // A stage_layers of the wrong length is validate()'s to report; derive a split meanwhile.
+  if (!p.stage_layers.empty() && static_cast<int>(p.stage_layers.size()) == p.pp) return p.stage_layers;
   const int pp = std::max(p.pp, 1);
   const int layers = static_cast<int>(m.num_layers);
   std::vector<int> out(static_cast<size_t>(pp), layers / pp);

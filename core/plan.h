@@ -132,7 +132,7 @@ Plan parse_plan(const Json& j);
 Json to_json(const Plan& p);
 Json semantic_json(const Plan& p);
 
-// Layers of each pipeline stage: plan.stage_layers when given, else an even split; when pp does not
+// Layers of each pipeline stage: plan.stage_layers when given (with pp entries), else an even split; when pp does not
 // divide num_layers, each stage gets floor(L/pp) and the L % pp extra layers go to the middle stages
 // first (1..pp-2, in order), then the last, then the first stage, which also hold the LM head and
 // the embedding.

@@ -61,8 +61,8 @@ Workload parse_workload(const Json& j) {
   r.optional("source", &w.source);
   r.optional("assumptions", &w.assumptions);
   r.optional_enum("mode", &w.mode);
-  r.required("global_batch_size", &w.global_batch_size, 1);
-  r.optional("seq_len", &w.seq_len, 1);
+  r.required("global_batch_size", &w.global_batch_size, 1, int64_t{1} << 40);
+  r.optional("seq_len", &w.seq_len, 1, int64_t{1} << 24);
   r.optional_enum("precision", &w.precision);
   if (w.precision == Precision::kTF32)
     r.add_issue(r.path_of("precision"), "tf32 is a GEMM mode, not a training precision; use fp32");
@@ -86,10 +86,10 @@ Workload parse_workload(const Json& j) {
   if (const Json* inf = r.child("inference", false)) {
     InferenceSpec s;
     JsonReader ir(*inf, r.path_of("inference"), issues);
-    ir.required("prefill_batch", &s.prefill_batch, 0);
-    ir.required("prompt_len", &s.prompt_len, 1);
-    ir.required("decode_batch", &s.decode_batch, 0);
-    ir.required("decode_tokens", &s.decode_tokens, 0);
+    ir.required("prefill_batch", &s.prefill_batch, 0, int64_t{1} << 30);
+    ir.required("prompt_len", &s.prompt_len, 1, int64_t{1} << 24);
+    ir.required("decode_batch", &s.decode_batch, 0, int64_t{1} << 30);
+    ir.required("decode_tokens", &s.decode_tokens, 0, int64_t{1} << 30);
     ir.finish();
     w.inference = s;
   }
@@ -106,7 +106,7 @@ Json semantic_json(const Workload& w) {
   Json j;
   j["mode"] = enum_name(w.mode);
   j["global_batch_size"] = w.global_batch_size;
-  j["seq_len"] = w.seq_len;
+  j["seq_len"] = w.seq_len > 0 ? Json(w.seq_len) : Json(nullptr);  // null: the model's default
   j["precision"] = enum_name(w.precision);
   j["routing"] = routing_json(w.routing);
   if (!w.task_routing.empty()) {
@@ -141,9 +141,13 @@ std::vector<double> expert_load_fractions(const Routing& r, int64_t num_experts,
   } else if (r.kind == RoutingKind::kHistogram) {
     for (size_t i = 0; i < n; ++i) weight[i] = i < r.tokens_per_expert.size() ? r.tokens_per_expert[i] : 0;
   }
+  // Scale by the largest weight first so that huge counts cannot overflow the sum.
+  const double max_weight = n ? *std::max_element(weight.begin(), weight.end()) : 0.0;
+  if (max_weight > 0 && std::isfinite(max_weight))
+    for (double& x : weight) x /= max_weight;
   double total = std::accumulate(weight.begin(), weight.end(), 0.0);
   std::vector<double> share(n, n ? 1.0 / static_cast<double>(n) : 0.0);
-  if (!(total > 0)) return share;
+  if (!(total > 0) || !std::isfinite(total)) return share;
 
   // Water-filling: cap shares at 1/top_k, hand the excess to uncapped experts by weight.
   const double cap = top_k > 0 ? 1.0 / static_cast<double>(std::min<int64_t>(top_k, num_experts)) : 1.0;
@@ -151,11 +155,18 @@ std::vector<double> expert_load_fractions(const Routing& r, int64_t num_experts,
   double remaining = 1.0;
   for (size_t round = 0; round <= n; ++round) {
     double free_weight = 0;
-    for (size_t i = 0; i < n; ++i) free_weight += capped[i] ? 0.0 : weight[i];
+    size_t free_count = 0;
+    for (size_t i = 0; i < n; ++i) {
+      free_weight += capped[i] ? 0.0 : weight[i];
+      free_count += capped[i] ? 0 : 1;
+    }
     bool changed = false;
     for (size_t i = 0; i < n; ++i) {
       if (capped[i]) continue;
-      share[i] = free_weight > 0 ? remaining * weight[i] / free_weight : 0.0;
+      // When only zero-weight experts are left, the router's later choices still land somewhere:
+      // spread them evenly.
+      share[i] = free_weight > 0 ? remaining * weight[i] / free_weight
+                                 : remaining / static_cast<double>(free_count);
       if (share[i] > cap + 1e-15) {
         share[i] = cap;
         capped[i] = true;

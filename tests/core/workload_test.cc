@@ -1,0 +1,97 @@
+#include "core/workload.h"
+
+#include <numeric>
+
+#include <gtest/gtest.h>
+
+#include "tests/core/test_util.h"
+
+namespace switchyard {
+namespace {
+
+double sum(const std::vector<double>& v) { return std::accumulate(v.begin(), v.end(), 0.0); }
+
+TEST(ExpertLoad, UniformSpreadsEvenly) {
+  auto f = expert_load_fractions(Routing{}, 4, 2);
+  ASSERT_EQ(f.size(), 4u);
+  for (double x : f) EXPECT_DOUBLE_EQ(x, 0.25);
+}
+
+TEST(ExpertLoad, ZipfByHand) {
+  Routing r{RoutingKind::kZipf, 1.0, {}};
+  // Weights 1, 1/2, 1/3, 1/4 sum to 25/12.
+  auto f = expert_load_fractions(r, 4, 1);
+  EXPECT_NEAR(f[0], 12.0 / 25, 1e-12);
+  EXPECT_NEAR(f[1], 6.0 / 25, 1e-12);
+  EXPECT_NEAR(f[2], 4.0 / 25, 1e-12);
+  EXPECT_NEAR(f[3], 3.0 / 25, 1e-12);
+}
+
+// With top-2 routing no expert can see more than half of the assignments: the excess of expert 0
+// under zipf(2) is spread over the others in proportion to their weights.
+TEST(ExpertLoad, CapsAtOneOverTopK) {
+  Routing r{RoutingKind::kZipf, 2.0, {}};
+  auto f = expert_load_fractions(r, 4, 2);
+  EXPECT_DOUBLE_EQ(f[0], 0.5);
+  const double rest = 0.25 + 1.0 / 9 + 1.0 / 16;
+  EXPECT_NEAR(f[1], 0.5 * 0.25 / rest, 1e-12);
+  EXPECT_NEAR(f[3], 0.5 * (1.0 / 16) / rest, 1e-12);
+  EXPECT_NEAR(sum(f), 1.0, 1e-12);
+}
+
+TEST(ExpertLoad, HistogramIsNormalised) {
+  Routing r{RoutingKind::kHistogram, 0, {3, 1, 0, 0}};
+  auto f = expert_load_fractions(r, 4, 1);
+  EXPECT_DOUBLE_EQ(f[0], 0.75);
+  EXPECT_DOUBLE_EQ(f[1], 0.25);
+  EXPECT_DOUBLE_EQ(f[2], 0.0);
+}
+
+TEST(ExpertLoad, TasksMixByTokenShare) {
+  Json mj = testing::tiny_model_json();
+  mj["tasks"] = Json::parse(R"([{"name": "a", "token_share": 0.25}, {"name": "b", "token_share": 0.75}])");
+  ModelSpec m = parse_model(mj);
+  Workload w = parse_workload(Json::parse(R"({
+    "schema_version": 1, "name": "w", "global_batch_size": 8,
+    "task_routing": [{"task": "a", "routing": {"kind": "histogram", "tokens_per_expert": [1, 0, 0, 0]}}]
+  })"));
+  // Task a puts every first choice on expert 0, which is capped at 1/top_k = 0.5; the second
+  // choices must land on the other experts, evenly as they have no weight: a = [1/2, 1/6, 1/6, 1/6].
+  // Task b has no entry and uses the uniform default.
+  auto f = expert_load_fractions(w, m);
+  ASSERT_EQ(f.size(), 4u);
+  EXPECT_NEAR(f[0], 0.25 * 0.5 + 0.75 * 0.25, 1e-12);
+  EXPECT_NEAR(f[1], 0.25 / 6 + 0.75 * 0.25, 1e-12);
+  EXPECT_NEAR(sum(f), 1.0, 1e-12);
+}
+
+TEST(WorkloadSpec, RejectsBadInput) {
+  try {
+    parse_workload(Json::parse(R"({
+      "schema_version": 1, "name": "w", "global_batch_size": 0, "mode": "serve", "precision": "tf32",
+      "routing": {"kind": "zipf"}, "inference": {"prefill_batch": 1}
+    })"));
+    FAIL() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    std::string all = e.what();
+    EXPECT_NE(all.find("workload.global_batch_size: must be >= 1, got 0"), std::string::npos) << all;
+    EXPECT_NE(all.find("workload.mode: unknown value \"serve\""), std::string::npos) << all;
+    EXPECT_NE(all.find("workload.precision: tf32 is a GEMM mode"), std::string::npos) << all;
+    EXPECT_NE(all.find("workload.routing.exponent: missing"), std::string::npos) << all;
+    EXPECT_NE(all.find("workload.inference.prompt_len: missing"), std::string::npos) << all;
+  }
+}
+
+TEST(WorkloadSpec, InferenceModeNeedsInferenceShape) {
+  EXPECT_THROW(parse_workload(Json::parse(R"({"schema_version": 1, "name": "w", "global_batch_size": 1,
+                                               "mode": "inference"})")),
+               ConfigError);
+  Workload w = parse_workload(Json::parse(R"({"schema_version": 1, "name": "w", "global_batch_size": 1,
+      "mode": "inference", "inference": {"prefill_batch": 2, "prompt_len": 16, "decode_batch": 4,
+      "decode_tokens": 8}})"));
+  ASSERT_TRUE(w.inference);
+  EXPECT_EQ(w.inference->decode_tokens, 8);
+}
+
+}  // namespace
+}  // namespace switchyard

@@ -1,0 +1,171 @@
+#include "cost_models/memory.h"
+
+#include <gtest/gtest.h>
+
+#include "tests/core/test_util.h"
+
+namespace switchyard {
+namespace {
+
+// The hand-countable model of core/test_util.h: per GPU with tp = 1 and pp = 1 the dense params are
+// layer 0: attention 192 + norms 16 + FFN 384 = 592; layer 1: 192 + 16 + shared 144 + gate 32 = 384;
+// embedding 80 + LM head 80 + final norm 8 => 1144 (= count_params().dense()). Experts: 4 of 144.
+class MemoryTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model_ = parse_model(testing::tiny_model_json());
+    cluster_ = testing::bundled().load_cluster("dgx-h100");
+    cluster_.gpus_per_node = 2;
+    workload_.global_batch_size = 8;
+    workload_.seq_len = 6;
+    plan_.dp = 2;
+    plan_.ep = 2;
+    plan_.zero_stage = 1;
+    profile_ = default_cost_profile(cluster_);
+    profile_.runtime_reserved_bytes = 1000;
+    plan_.grad_bucket_bytes = 100;
+  }
+  MemoryBreakdown mem(int stage = 0) { return memory_per_gpu(model_, cluster_, plan_, workload_, profile_, stage); }
+
+  ModelSpec model_;
+  ClusterSpec cluster_;
+  Workload workload_;
+  Plan plan_;
+  CostProfile profile_;
+};
+
+// bf16: 2 + 2 + 12 bytes per parameter. ZeRO-1 shards optimizer states: dense over dp*cp = 2,
+// experts over expert_dp = tp*cp*dp / (expert_tp*ep) = 1.
+TEST_F(MemoryTest, ZeroOneByHand) {
+  const auto m = mem();
+  EXPECT_DOUBLE_EQ(m.dense_params.gpu, 1144 * 2);
+  EXPECT_DOUBLE_EQ(m.expert_params.gpu, 2 * 144 * 2);
+  EXPECT_DOUBLE_EQ(m.gradients.gpu, (1144 + 288) * 2);
+  EXPECT_DOUBLE_EQ(m.optimizer_states.gpu, 1144 * 12 / 2.0 + 288 * 12);
+  EXPECT_DOUBLE_EQ(m.comm_buffers.gpu, 200);
+  EXPECT_DOUBLE_EQ(m.runtime.gpu, 1000);
+}
+
+TEST_F(MemoryTest, ZeroStagesShardMore) {
+  plan_.zero_stage = 2;
+  EXPECT_DOUBLE_EQ(mem().gradients.gpu, 1144 * 2 / 2.0 + 288 * 2);
+  plan_.zero_stage = 3;
+  const auto m = mem();
+  EXPECT_DOUBLE_EQ(m.dense_params.gpu, 1144 * 2 / 2.0);
+  // One gathered layer of each class: the widest dense layer (592) and the local experts (288).
+  EXPECT_DOUBLE_EQ(m.prefetch_buffers.gpu, (592 + 288) * 2);
+  plan_.zero_stage = 0;
+  EXPECT_DOUBLE_EQ(mem().optimizer_states.gpu, (1144 + 288) * 12);
+}
+
+TEST_F(MemoryTest, PlacementMovesClassesOffTheGpu) {
+  plan_.placement.optimizer_states = Tier::kCPU;
+  plan_.placement.expert_params = Tier::kSSD;
+  plan_.prefetch = {2, PrefetchDirection::k2D};
+  const auto m = mem();
+  EXPECT_DOUBLE_EQ(m.optimizer_states.gpu, 0);
+  EXPECT_DOUBLE_EQ(m.optimizer_states.cpu, 1144 * 12 / 2.0 + 288 * 12);
+  EXPECT_DOUBLE_EQ(m.expert_params.gpu, 0);
+  EXPECT_DOUBLE_EQ(m.expert_params.ssd, 288 * 2);
+  // (1 + depth 2) working layers of experts on the GPU, staged through as many in DRAM.
+  EXPECT_DOUBLE_EQ(m.prefetch_buffers.gpu, 3 * 288 * 2);
+  EXPECT_DOUBLE_EQ(m.prefetch_buffers.cpu, 3 * 288 * 2);
+  EXPECT_LT(m.total().gpu, [&] {
+    plan_.placement = Placement{};
+    plan_.prefetch = Prefetch{};
+    return mem().total().gpu;
+  }());
+}
+
+// Per token, bf16 (2 bytes), tp = 1, no recompute:
+//   dense layer: residuals 2h + norm outputs 2h = 32; Q 8 + K,V 2*4 + O 8 + 2 heads of fp32 LSE
+//   (2 elements each) = 28; SwiGLU gate, up and activation outputs 3*16 = 48 => 108 elements.
+//   MoE layer: 32 + 28 + fp32 router logits 2*4 = 8 + top-2 rows of (input 8 + 3*6 + output 8) = 68
+//   + the shared expert's 3*6 = 18 => 154 elements.
+TEST_F(MemoryTest, ActivationsPerTokenByHand) {
+  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kBF16, false, 1.0), 2 * 108);
+  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kBF16, true, 1.0), 2 * 154);
+  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kFP32, false, 1.0), 4 * 108);
+  // A rank that receives 1.5x its share keeps 1.5x the expert rows.
+  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kBF16, true, 1.5), 2 * (154 + 34));
+  // Selective recompute drops the norm outputs (2h) and activation outputs (f, fe per row, fs).
+  plan_.recompute = Recompute::kSelective;
+  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kBF16, false, 1.0), 2 * (108 - 16 - 16));
+}
+
+TEST_F(MemoryTest, InFlightMicroBatches) {
+  plan_.pp = 4;
+  EXPECT_DOUBLE_EQ(in_flight_micro_batches(plan_, 8, 0), 4);
+  EXPECT_DOUBLE_EQ(in_flight_micro_batches(plan_, 8, 3), 1);
+  EXPECT_DOUBLE_EQ(in_flight_micro_batches(plan_, 2, 0), 2);
+  plan_.schedule = Schedule::kGPipe;
+  EXPECT_DOUBLE_EQ(in_flight_micro_batches(plan_, 8, 3), 8);
+  // Korthikanti et al.: interleaving costs pp * (1 + (pp - 1) / (pp * vp)) micro-batches on stage 0.
+  plan_.schedule = Schedule::kInterleaved1F1B;
+  plan_.vp = 2;
+  EXPECT_DOUBLE_EQ(in_flight_micro_batches(plan_, 8, 0), 4 * (1 + 3.0 / 8));
+}
+
+// zipf(1) over 4 experts = [12, 6, 4, 3] / 25; experts 0-1 on rank 0 get 0.72 of the rows:
+// 1.44x a balanced share.
+TEST_F(MemoryTest, LoadFactorFromRoutingReplicasAndCapacity) {
+  workload_.routing = Routing{RoutingKind::kZipf, 1.0, {}};
+  EXPECT_NEAR(expert_rank_load_factor(model_, plan_, workload_), 1.44, 1e-12);
+  // Two copies of the hottest expert: rank 0 keeps 0.24 + 0.24, the copy's 0.24 goes to rank 1
+  // (0.28 + 0.24 = 0.52).
+  plan_.expert_replicas.kind = ExpertReplicas::Kind::kHot;
+  plan_.expert_replicas.hot_experts = 1;
+  plan_.expert_replicas.replicas = 2;
+  EXPECT_NEAR(expert_rank_load_factor(model_, plan_, workload_), 1.04, 1e-12);
+  // Capacity factor 1 caps each expert at 1/4 of the rows: rank 0 keeps 0.25 + 0.24.
+  plan_.expert_replicas = ExpertReplicas{};
+  plan_.capacity_factor = 1.0;
+  EXPECT_NEAR(expert_rank_load_factor(model_, plan_, workload_), 0.98, 1e-12);
+  workload_.routing = Routing{};
+  plan_.capacity_factor.reset();
+  EXPECT_NEAR(expert_rank_load_factor(model_, plan_, workload_), 1.0, 1e-12);
+}
+
+// Skew raises the peak: the hot rank stores and receives more rows.
+TEST_F(MemoryTest, SkewRaisesActivationsAndDispatchBuffers) {
+  const auto balanced = mem();
+  workload_.routing = Routing{RoutingKind::kZipf, 1.0, {}};
+  const auto skewed = mem();
+  EXPECT_GT(skewed.activations.gpu, balanced.activations.gpu);
+  EXPECT_NEAR(skewed.dispatch_buffers.gpu / balanced.dispatch_buffers.gpu, 1.44, 1e-12);
+}
+
+// Stage 0 holds the embedding and the most micro-batches; the last stage holds the LM head and
+// logits.
+TEST_F(MemoryTest, PipelineStagesDiffer) {
+  plan_.dp = 1;
+  plan_.pp = 2;
+  plan_.ep = 1;
+  cluster_.gpus_per_node = 2;
+  const auto first = mem(0);
+  const auto last = mem(1);
+  EXPECT_DOUBLE_EQ(first.dense_params.gpu, (592 + 80) * 2);
+  EXPECT_DOUBLE_EQ(last.dense_params.gpu, (384 + 80 + 8) * 2);
+  EXPECT_DOUBLE_EQ(first.in_flight_micro_batches, 2);
+  EXPECT_DOUBLE_EQ(last.in_flight_micro_batches, 1);
+  const auto peak = peak_memory_per_gpu(model_, cluster_, plan_, workload_, profile_);
+  EXPECT_DOUBLE_EQ(peak.total().gpu, std::max(first.total().gpu, last.total().gpu));
+}
+
+TEST_F(MemoryTest, RingInferenceKeepsTwoSectionsOnTheGpu) {
+  workload_.mode = Mode::kInference;
+  workload_.inference = InferenceSpec{2, 4, 2, 2};
+  plan_.dp = 1;
+  plan_.ep = 1;
+  plan_.ring_sections = 4;
+  const auto m = mem();
+  const double params = (1144 + 4 * 144) * 2.0;  // bf16, one GPU holds every expert
+  EXPECT_DOUBLE_EQ(m.dense_params.cpu + m.expert_params.cpu, params);
+  EXPECT_DOUBLE_EQ(m.prefetch_buffers.gpu, params / 2);
+  EXPECT_DOUBLE_EQ(m.gradients.total(), 0);
+  // KV cache: batch 2 x (4 + 2) tokens x 2 layers x K and V of 1 head x 4 wide x 2 bytes.
+  EXPECT_DOUBLE_EQ(m.kv_cache.gpu, 2 * 6 * 2 * 2 * 4 * 2.0);
+}
+
+}  // namespace
+}  // namespace switchyard

@@ -1,0 +1,150 @@
+// The CLI as a user meets it: bundled names resolve, good plans print "ok", broken ones exit 2 and
+// name every JSON path, unknown flags are refused.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "tests/core/test_util.h"
+
+namespace switchyard {
+namespace {
+
+struct Result {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr together
+};
+
+Result run(const std::string& args) {
+  const std::string cmd = std::string(SWITCHYARD_CLI) + " " + args + " 2>&1";
+  Result r;
+  FILE* pipe = popen(cmd.c_str(), "r");
+  if (!pipe) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) r.output.append(buf, n);
+  const int status = pclose(pipe);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+class CliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("switchyard_cli_test_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string write(const std::string& name, const std::string& text) {
+    const auto path = dir_ / name;
+    std::ofstream(path) << text;
+    return path.string();
+  }
+  std::filesystem::path dir_;
+};
+
+TEST_F(CliTest, HelpListsSubcommands) {
+  const Result r = run("--help");
+  EXPECT_EQ(r.exit_code, 0);
+  for (const char* sub : {"validate", "info", "list", "collective"})
+    EXPECT_NE(r.output.find(sub), std::string::npos) << sub << "\n" << r.output;
+}
+
+TEST_F(CliTest, EveryBundledPlanValidates) {
+  const ConfigRegistry reg = testing::bundled();
+  for (const auto& plan : reg.list(ConfigKind::kPlan)) {
+    const Result r = run("validate --plan " + plan);
+    EXPECT_EQ(r.exit_code, 0) << plan << "\n" << r.output;
+    EXPECT_EQ(r.output.substr(0, 3), "ok\n") << plan << "\n" << r.output;
+  }
+}
+
+TEST_F(CliTest, ExplicitFlagsOverrideThePlansTarget) {
+  const Result r = run("validate --model mixtral-8x7b --cluster dgx-h100 --nodes 8 --plan mixtral-8x7b-megatron "
+                       "--workload mixtral-8x7b-pretrain");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("64x H100"), std::string::npos) << r.output;
+  // The same plan on 4 nodes has the wrong GPU count.
+  const Result bad = run("validate --plan mixtral-8x7b-megatron --nodes 4");
+  EXPECT_EQ(bad.exit_code, 2) << bad.output;
+  EXPECT_NE(bad.output.find("plan: dp*tp*pp*cp = 16*1*4*1 = 64 but the cluster has 32 GPUs"), std::string::npos)
+      << bad.output;
+}
+
+TEST_F(CliTest, BrokenPlansExitTwoAndNameEveryPath) {
+  // Mixtral has 8 experts; the issue's example (ep 6 with 64 experts) is the Qwen-style 64-expert
+  // model below.
+  const std::string model = write("m64.json", R"({"schema_version": 1, "name": "m64", "num_layers": 16,
+      "hidden_size": 1024, "ffn_hidden_size": 4096, "num_attention_heads": 16, "num_kv_heads": 8,
+      "vocab_size": 32000, "seq_len": 4096,
+      "moe": {"num_experts": 64, "top_k": 2, "expert_ffn_hidden_size": 1024}})");
+  const std::string ep6 = write("ep6.json", R"({"schema_version": 1, "dp": 12, "pp": 4, "ep": 6})");
+  Result r = run("validate --model " + model + " --cluster dgx-h100 --nodes 6 --plan " + ep6);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("plan.ep: 6 does not divide model.moe.num_experts 64"), std::string::npos) << r.output;
+
+  const std::string product = write("product.json", R"({"schema_version": 1, "dp": 12, "pp": 4, "ep": 4})");
+  r = run("validate --model " + model + " --cluster dgx-h100 --nodes 8 --plan " + product);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("plan: dp*tp*pp*cp = 12*1*4*1 = 48 but the cluster has 64 GPUs"), std::string::npos)
+      << r.output;
+
+  // An unknown key and a string where a number belongs: parse errors, both reported, with the file.
+  const std::string typos = write("typos.json", R"({"schema_version": 1, "dp": "sixteen", "pp": 4, "ep": 8,
+      "zero_stag": 1})");
+  r = run("validate --model mixtral-8x7b --cluster dgx-h100 --nodes 8 --plan " + typos);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("plan.dp: expected an integer, got a string \"sixteen\""), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("plan.zero_stag: unknown key"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("typos.json"), std::string::npos) << r.output;
+}
+
+TEST_F(CliTest, JsonOutputForScripts) {
+  const std::string bad = write("bad.json", R"({"schema_version": 1, "dp": 16, "pp": 4, "ep": 3})");
+  const Result r = run("validate --plan " + bad + " --model mixtral-8x7b --cluster dgx-h100 --nodes 8 --json");
+  EXPECT_EQ(r.exit_code, 2);
+  const Json j = Json::parse(r.output);
+  EXPECT_FALSE(j.at("ok").get<bool>());
+  ASSERT_FALSE(j.at("issues").empty());
+  EXPECT_EQ(j.at("issues")[0].at("path"), "plan.ep");
+  EXPECT_EQ(j.at("plan_hash").get<std::string>().size(), 64u);
+}
+
+TEST_F(CliTest, BadInputsAreRefused) {
+  Result r = run("validate --plan mixtral-8x7b-megatron --bogus-flag");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  r = run("validate --plan no-such-plan");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("no bundled plans named \"no-such-plan\""), std::string::npos) << r.output;
+  const std::string truncated = write("truncated.json", R"({"schema_version": 1, "dp": )");
+  r = run("validate --model mixtral-8x7b --cluster dgx-h100 --plan " + truncated);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("invalid JSON"), std::string::npos) << r.output;
+  r = run("frobnicate");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+}
+
+TEST_F(CliTest, InfoShowsDerivedCounts) {
+  const Result r = run("info --model mixtral-8x7b --cluster dgx-h100 --nodes 2");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("params total 46.703 B"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("2 nodes x 8 H100"), std::string::npos) << r.output;
+}
+
+TEST_F(CliTest, CollectiveTable) {
+  const Result r = run("collective --cluster dgx-a100 --nodes 2 --op all_reduce --min-bytes 1G --max-bytes 2G");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("1073741824"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("2147483648"), std::string::npos) << r.output;
+  EXPECT_EQ(run("collective --cluster dgx-a100 --op all_reduce --min-bytes lots").exit_code, 2);
+}
+
+}  // namespace
+}  // namespace switchyard
