@@ -33,7 +33,8 @@ BENCHMARK(BM_AllReduceCost);
 void BM_HierarchicalAllToAllCost(benchmark::State& state) {
   const sy::Inputs in = mixtral();
   const sy::CostProfile prof = sy::default_cost_profile(in.cluster);
-  for (auto _ : state) benchmark::DoNotOptimize(sy::hierarchical_all_to_all_cost(64e6, {64, 8}, in.cluster, prof));
+  for (auto _ : state)
+    benchmark::DoNotOptimize(sy::hierarchical_all_to_all_cost(64e6, {64, 8}, in.cluster, prof));
 }
 BENCHMARK(BM_HierarchicalAllToAllCost);
 
@@ -42,20 +43,24 @@ void BM_GroupedGemmCost(benchmark::State& state) {
   const sy::CostProfile prof = sy::default_cost_profile(in.cluster);
   std::vector<int64_t> rows(static_cast<size_t>(state.range(0)), 512);
   for (auto _ : state)
-    benchmark::DoNotOptimize(sy::grouped_gemm_cost(rows, 14336, 4096, sy::Precision::kBF16, in.cluster.gpu, prof));
+    benchmark::DoNotOptimize(
+        sy::grouped_gemm_cost(rows, 14336, 4096, sy::Precision::kBF16, in.cluster.gpu, prof));
 }
 BENCHMARK(BM_GroupedGemmCost)->Arg(8)->Arg(256);
 
 void BM_PeakMemory(benchmark::State& state) {
   const sy::Inputs in = mixtral();
   const sy::CostProfile prof = sy::default_cost_profile(in.cluster);
-  for (auto _ : state) benchmark::DoNotOptimize(sy::peak_memory_per_gpu(in.model, in.cluster, in.plan, in.workload, prof));
+  for (auto _ : state)
+    benchmark::DoNotOptimize(
+        sy::peak_memory_per_gpu(in.model, in.cluster, in.plan, in.workload, prof));
 }
 BENCHMARK(BM_PeakMemory);
 
 void BM_Validate(benchmark::State& state) {
   const sy::Inputs in = mixtral();
-  for (auto _ : state) benchmark::DoNotOptimize(sy::validate(in.plan, in.model, in.cluster, in.workload));
+  for (auto _ : state)
+    benchmark::DoNotOptimize(sy::validate(in.plan, in.model, in.cluster, in.workload));
 }
 BENCHMARK(BM_Validate);
 

@@ -4,10 +4,14 @@ namespace switchyard {
 
 double GpuSpec::peak_flops(Precision p) const {
   switch (p) {
-    case Precision::kFP32: return peak_fp32_flops;
-    case Precision::kTF32: return peak_tf32_flops;
-    case Precision::kBF16: return peak_bf16_flops;
-    case Precision::kFP8: return peak_fp8_flops;
+    case Precision::kFP32:
+      return peak_fp32_flops;
+    case Precision::kTF32:
+      return peak_tf32_flops;
+    case Precision::kBF16:
+      return peak_bf16_flops;
+    case Precision::kFP8:
+      return peak_fp8_flops;
   }
   return 0;
 }
@@ -22,8 +26,8 @@ constexpr int kMaxGpusPerNode = 1024;
 void positive(JsonReader& r, std::string_view key, double* out, bool allow_zero = false) {
   if (!r.required(key, out)) return;
   if (allow_zero ? *out < 0 : !(*out > 0))
-    r.add_issue(r.path_of(key), std::string("must be ") + (allow_zero ? ">= 0" : "> 0") +
-                                    ", got " + Json(*out).dump());
+    r.add_issue(r.path_of(key), std::string("must be ") + (allow_zero ? ">= 0" : "> 0") + ", got " +
+                                    Json(*out).dump());
 }
 
 }  // namespace
@@ -35,8 +39,9 @@ ClusterSpec parse_cluster(const Json& j) {
   if (!r.is_object()) throw ConfigError(std::move(issues));
   r.required("schema_version", &c.schema_version, 1);
   if (c.schema_version != 1)
-    r.add_issue(r.path_of("schema_version"),
-                "unsupported version " + std::to_string(c.schema_version) + " (this build reads 1)");
+    r.add_issue(
+        r.path_of("schema_version"),
+        "unsupported version " + std::to_string(c.schema_version) + " (this build reads 1)");
   r.required("name", &c.name);
   r.optional("description", &c.description);
   r.optional("source", &c.source);
@@ -109,9 +114,9 @@ Json semantic_json(const ClusterSpec& c) {
                 {"fp8", c.gpu.peak_fp8_flops}}},
               {"hbm_bytes", c.gpu.hbm_bytes},
               {"hbm_bw_Bps", c.gpu.hbm_bw_Bps}};
-  j["host"] = {{"dram_bytes", c.host.dram_bytes},     {"dram_bw_Bps", c.host.dram_bw_Bps},
-               {"cpu_flops", c.host.cpu_flops},       {"pcie_bw_Bps", c.host.pcie_bw_Bps},
-               {"ssd_bytes", c.host.ssd_bytes},       {"ssd_read_Bps", c.host.ssd_read_Bps},
+  j["host"] = {{"dram_bytes", c.host.dram_bytes},      {"dram_bw_Bps", c.host.dram_bw_Bps},
+               {"cpu_flops", c.host.cpu_flops},        {"pcie_bw_Bps", c.host.pcie_bw_Bps},
+               {"ssd_bytes", c.host.ssd_bytes},        {"ssd_read_Bps", c.host.ssd_read_Bps},
                {"ssd_write_Bps", c.host.ssd_write_Bps}};
   j["intra_node"] = {{"fabric", enum_name(c.intra_node.fabric)},
                      {"bw_Bps", c.intra_node.bw_Bps},
@@ -135,7 +140,8 @@ Json to_json(const ClusterSpec& c) {
 
 ClusterSpec with_nodes(ClusterSpec c, int nodes) {
   if (nodes < 1 || nodes > kMaxNodes)
-    throw ConfigError("--nodes", "must be in [1, " + std::to_string(kMaxNodes) + "], got " + std::to_string(nodes));
+    throw ConfigError("--nodes", "must be in [1, " + std::to_string(kMaxNodes) + "], got " +
+                                     std::to_string(nodes));
   if (nodes > 1 && (c.inter_node.nics_per_node < 1 || c.inter_node.nic_bw_Bps <= 0))
     throw ConfigError("--nodes", "cluster \"" + c.name + "\" has no NICs to join " +
                                      std::to_string(nodes) + " nodes");

@@ -18,14 +18,17 @@ enum class Fabric { kNVSwitch, kNVLinkPairs, kPCIe };
 
 template <>
 struct EnumNames<Precision> {
-  static constexpr std::pair<Precision, std::string_view> kValues[] = {
-      {Precision::kFP32, "fp32"}, {Precision::kTF32, "tf32"}, {Precision::kBF16, "bf16"},
-      {Precision::kFP8, "fp8"}};
+  static constexpr std::pair<Precision, std::string_view> kValues[] = {{Precision::kFP32, "fp32"},
+                                                                       {Precision::kTF32, "tf32"},
+                                                                       {Precision::kBF16, "bf16"},
+                                                                       {Precision::kFP8, "fp8"}};
 };
 template <>
 struct EnumNames<Fabric> {
   static constexpr std::pair<Fabric, std::string_view> kValues[] = {
-      {Fabric::kNVSwitch, "nvswitch"}, {Fabric::kNVLinkPairs, "nvlink_pairs"}, {Fabric::kPCIe, "pcie"}};
+      {Fabric::kNVSwitch, "nvswitch"},
+      {Fabric::kNVLinkPairs, "nvlink_pairs"},
+      {Fabric::kPCIe, "pcie"}};
 };
 
 struct GpuSpec {

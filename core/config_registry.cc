@@ -14,24 +14,31 @@ namespace fs = std::filesystem;
 
 std::string_view config_kind_dir(ConfigKind kind) {
   switch (kind) {
-    case ConfigKind::kModel: return "models";
-    case ConfigKind::kCluster: return "clusters";
-    case ConfigKind::kPlan: return "plans";
-    case ConfigKind::kWorkload: return "workloads";
+    case ConfigKind::kModel:
+      return "models";
+    case ConfigKind::kCluster:
+      return "clusters";
+    case ConfigKind::kPlan:
+      return "plans";
+    case ConfigKind::kWorkload:
+      return "workloads";
   }
   return "";
 }
 
-fs::path ConfigRegistry::locate_root(const std::optional<fs::path>& explicit_dir, const char* argv0) {
+fs::path ConfigRegistry::locate_root(const std::optional<fs::path>& explicit_dir,
+                                     const char* argv0) {
   std::vector<fs::path> candidates;
   if (explicit_dir) {
     candidates.push_back(*explicit_dir);
   } else {
-    if (const char* env = std::getenv("SWITCHYARD_CONFIGS"); env && *env) candidates.emplace_back(env);
+    if (const char* env = std::getenv("SWITCHYARD_CONFIGS"); env && *env)
+      candidates.emplace_back(env);
     std::error_code ec;
     if (argv0 && *argv0) {
       fs::path exe = fs::weakly_canonical(fs::path(argv0), ec);
-      if (!ec) candidates.push_back(exe.parent_path().parent_path() / "share" / "switchyard" / "configs");
+      if (!ec)
+        candidates.push_back(exe.parent_path().parent_path() / "share" / "switchyard" / "configs");
     }
     if (*SWITCHYARD_CONFIG_DIR) candidates.emplace_back(SWITCHYARD_CONFIG_DIR);
   }
@@ -134,19 +141,28 @@ Inputs load_inputs(const ConfigRegistry& reg, const InputNames& names) {
   const std::string model = pick(names.model, &PlanTarget::model);
   const std::string cluster = pick(names.cluster, &PlanTarget::cluster);
   const std::string workload = pick(names.workload, &PlanTarget::workload);
-  if (model.empty() && plan_ok) issues.push_back({"--model", "missing (required: the plan names no model in \"for\")"});
-  if (cluster.empty() && plan_ok) issues.push_back({"--cluster", "missing (required: the plan names no cluster in \"for\")"});
+  if (model.empty() && plan_ok)
+    issues.push_back({"--model", "missing (required: the plan names no model in \"for\")"});
+  if (cluster.empty() && plan_ok)
+    issues.push_back({"--cluster", "missing (required: the plan names no cluster in \"for\")"});
   bool model_ok = false;
-  if (!model.empty()) collect([&] { in.model = reg.load_model(model); model_ok = true; });
+  if (!model.empty())
+    collect([&] {
+      in.model = reg.load_model(model);
+      model_ok = true;
+    });
   if (!cluster.empty()) {
     collect([&] {
       in.cluster = reg.load_cluster(cluster);
-      const int nodes = names.nodes > 0 ? names.nodes : (target && target->nodes > 0 ? target->nodes : 0);
+      const int nodes =
+          names.nodes > 0 ? names.nodes : (target && target->nodes > 0 ? target->nodes : 0);
       if (nodes > 0) in.cluster = with_nodes(std::move(in.cluster), nodes);
     });
   }
-  if (!workload.empty()) collect([&] { in.workload = reg.load_workload(workload); });
-  else if (model_ok && plan_ok) in.workload = default_workload(in.model, in.plan);
+  if (!workload.empty())
+    collect([&] { in.workload = reg.load_workload(workload); });
+  else if (model_ok && plan_ok)
+    in.workload = default_workload(in.model, in.plan);
   throw_if_any(std::move(issues));
   return in;
 }

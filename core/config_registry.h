@@ -40,7 +40,8 @@ struct InputNames {
 
 class ConfigRegistry;
 // Loads all four. A name that is not given falls back to the plan's "for" object; a workload that
-// is named nowhere defaults to default_workload(). Throws ConfigError (every problem of every file).
+// is named nowhere defaults to default_workload(). Throws ConfigError (every problem of every
+// file).
 Inputs load_inputs(const ConfigRegistry& reg, const InputNames& names);
 // Training at bf16 with the model's sequence length and one micro-batch per DP rank for each
 // pipeline stage (global batch = micro_batch_size * dp * pp), uniform routing.

@@ -39,7 +39,8 @@ class ConfigError : public std::runtime_error {
   std::vector<ConfigIssue> issues_;
 };
 
-// Sets the file of every issue that has none, e.g. when a parse error surfaces while loading a file.
+// Sets the file of every issue that has none, e.g. when a parse error surfaces while loading a
+// file.
 ConfigError with_file(const ConfigError& e, const std::string& file);
 
 // Throws ConfigError when `issues` is not empty.

@@ -10,15 +10,23 @@ namespace switchyard {
 
 std::string json_type_name(const Json& j) {
   switch (j.type()) {
-    case Json::value_t::null: return "null";
-    case Json::value_t::object: return "an object";
-    case Json::value_t::array: return "an array";
-    case Json::value_t::string: return "a string";
-    case Json::value_t::boolean: return "a boolean";
+    case Json::value_t::null:
+      return "null";
+    case Json::value_t::object:
+      return "an object";
+    case Json::value_t::array:
+      return "an array";
+    case Json::value_t::string:
+      return "a string";
+    case Json::value_t::boolean:
+      return "a boolean";
     case Json::value_t::number_integer:
-    case Json::value_t::number_unsigned: return "an integer";
-    case Json::value_t::number_float: return "a number";
-    default: return "an unsupported value";
+    case Json::value_t::number_unsigned:
+      return "an integer";
+    case Json::value_t::number_float:
+      return "a number";
+    default:
+      return "an unsupported value";
   }
 }
 
@@ -111,19 +119,23 @@ const Json* JsonReader::child(std::string_view key, bool required) {
   return &*it;
 }
 
-bool JsonReader::check_range(std::string_view key, int64_t value, int64_t min_value, int64_t max_value) {
+bool JsonReader::check_range(std::string_view key, int64_t value, int64_t min_value,
+                             int64_t max_value) {
   if (value < min_value) {
-    add_issue(path_of(key), "must be >= " + std::to_string(min_value) + ", got " + std::to_string(value));
+    add_issue(path_of(key),
+              "must be >= " + std::to_string(min_value) + ", got " + std::to_string(value));
     return false;
   }
   if (value > max_value) {
-    add_issue(path_of(key), "must be <= " + std::to_string(max_value) + ", got " + std::to_string(value));
+    add_issue(path_of(key),
+              "must be <= " + std::to_string(max_value) + ", got " + std::to_string(value));
     return false;
   }
   return true;
 }
 
-bool JsonReader::required(std::string_view key, int64_t* out, int64_t min_value, int64_t max_value) {
+bool JsonReader::required(std::string_view key, int64_t* out, int64_t min_value,
+                          int64_t max_value) {
   const Json* v = child(key, true);
   if (!v) return false;
   auto r = read_int(*v, path_of(key), issues_);
@@ -132,7 +144,8 @@ bool JsonReader::required(std::string_view key, int64_t* out, int64_t min_value,
   return true;
 }
 
-bool JsonReader::optional(std::string_view key, int64_t* out, int64_t min_value, int64_t max_value) {
+bool JsonReader::optional(std::string_view key, int64_t* out, int64_t min_value,
+                          int64_t max_value) {
   const Json* v = child(key, false);
   if (!v) return false;
   auto r = read_int(*v, path_of(key), issues_);
@@ -214,8 +227,10 @@ bool JsonReader::optional(std::string_view key, std::vector<std::string>* out) {
   bool ok = true;
   for (size_t i = 0; i < v->size(); ++i) {
     auto s = read_string((*v)[i], index_path(path_of(key), i), issues_);
-    if (s) items.push_back(std::move(*s));
-    else ok = false;
+    if (s)
+      items.push_back(std::move(*s));
+    else
+      ok = false;
   }
   if (ok) *out = std::move(items);
   return ok;
@@ -235,8 +250,8 @@ Json parse_json_text(std::string_view text, const std::string& source) {
     // e.what() reads "[json.exception.parse_error.101] parse error at line 3, column 7: ...".
     std::string what = e.what();
     auto pos = what.find("] ");
-    throw ConfigError(source, "invalid JSON: " + (pos == std::string::npos ? what
-                                                                               : what.substr(pos + 2)));
+    throw ConfigError(source,
+                      "invalid JSON: " + (pos == std::string::npos ? what : what.substr(pos + 2)));
   }
 }
 

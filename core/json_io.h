@@ -7,14 +7,13 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
 #include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 
@@ -80,14 +79,16 @@ class JsonReader {
 
   // Required getters record "missing" when the key is absent (or null). Optional getters leave
   // *out untouched when the key is absent or null. All return true when *out was set.
-  // Integers are checked against [min_value, max_value]; the upper bounds used by the config parsers
-  // sit far above any real model or cluster and keep derived products inside int64.
+  // Integers are checked against [min_value, max_value]; the upper bounds used by the config
+  // parsers sit far above any real model or cluster and keep derived products inside int64.
   bool required(std::string_view key, int64_t* out, int64_t min_value = INT64_MIN,
                 int64_t max_value = INT64_MAX);
   bool optional(std::string_view key, int64_t* out, int64_t min_value = INT64_MIN,
                 int64_t max_value = INT64_MAX);
-  bool required(std::string_view key, int* out, int min_value = INT32_MIN, int max_value = INT32_MAX);
-  bool optional(std::string_view key, int* out, int min_value = INT32_MIN, int max_value = INT32_MAX);
+  bool required(std::string_view key, int* out, int min_value = INT32_MIN,
+                int max_value = INT32_MAX);
+  bool optional(std::string_view key, int* out, int min_value = INT32_MIN,
+                int max_value = INT32_MAX);
   bool required(std::string_view key, double* out);
   bool optional(std::string_view key, double* out);
   bool required(std::string_view key, bool* out);

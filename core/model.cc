@@ -9,8 +9,10 @@ namespace switchyard {
 bool ModelSpec::is_moe_layer(int64_t layer) const {
   if (!moe || layer < moe->first_dense_layers) return false;
   switch (moe->pattern) {
-    case MoeLayerPattern::kAll: return true;
-    case MoeLayerPattern::kEvery: return layer % moe->every == moe->offset;
+    case MoeLayerPattern::kAll:
+      return true;
+    case MoeLayerPattern::kEvery:
+      return layer % moe->every == moe->offset;
     case MoeLayerPattern::kList:
       return std::find(moe->layer_list.begin(), moe->layer_list.end(), layer) !=
              moe->layer_list.end();
@@ -98,14 +100,15 @@ void parse_moe(JsonReader& r, ModelSpec& m) {
           moe.layer_list.push_back(static_cast<int>(*v));
       }
     } else {
-      mr.add_issue(lpath, "expected \"all\", {\"every\": k, \"offset\": o} or a list of layers, got " +
-                              json_type_name(*layers));
+      mr.add_issue(lpath,
+                   "expected \"all\", {\"every\": k, \"offset\": o} or a list of layers, got " +
+                       json_type_name(*layers));
     }
   }
   if (moe.first_dense_layers > m.num_layers && m.num_layers > 0)
-    mr.add_issue(mr.path_of("first_dense_layers"),
-                 std::to_string(moe.first_dense_layers) + " exceeds num_layers " +
-                     std::to_string(m.num_layers));
+    mr.add_issue(mr.path_of("first_dense_layers"), std::to_string(moe.first_dense_layers) +
+                                                       " exceeds num_layers " +
+                                                       std::to_string(m.num_layers));
   mr.finish();
   m.moe = std::move(moe);
   if (m.num_layers > 0 && m.num_moe_layers() == 0)
@@ -149,8 +152,9 @@ ModelSpec parse_model(const Json& j) {
   if (!r.is_object()) throw ConfigError(std::move(issues));
   r.required("schema_version", &m.schema_version, 1);
   if (m.schema_version != 1)
-    r.add_issue(r.path_of("schema_version"),
-                "unsupported version " + std::to_string(m.schema_version) + " (this build reads 1)");
+    r.add_issue(
+        r.path_of("schema_version"),
+        "unsupported version " + std::to_string(m.schema_version) + " (this build reads 1)");
   r.required("name", &m.name);
   r.optional("description", &m.description);
   r.optional("source", &m.source);
@@ -188,16 +192,16 @@ ModelSpec parse_model(const Json& j) {
   if (m.hidden_size > 0 && m.num_attention_heads > 0) {
     if (!explicit_head_dim) {
       if (m.hidden_size % m.num_attention_heads != 0)
-        r.add_issue(r.path_of("head_dim"),
-                    "missing, and hidden_size " + std::to_string(m.hidden_size) +
-                        " is not a multiple of num_attention_heads " +
-                        std::to_string(m.num_attention_heads));
+        r.add_issue(r.path_of("head_dim"), "missing, and hidden_size " +
+                                               std::to_string(m.hidden_size) +
+                                               " is not a multiple of num_attention_heads " +
+                                               std::to_string(m.num_attention_heads));
       m.head_dim = m.hidden_size / m.num_attention_heads;
     }
     if (m.num_kv_heads > 0 && m.num_attention_heads % m.num_kv_heads != 0)
-      r.add_issue(r.path_of("num_kv_heads"),
-                  std::to_string(m.num_kv_heads) + " does not divide num_attention_heads " +
-                      std::to_string(m.num_attention_heads));
+      r.add_issue(r.path_of("num_kv_heads"), std::to_string(m.num_kv_heads) +
+                                                 " does not divide num_attention_heads " +
+                                                 std::to_string(m.num_attention_heads));
   }
   bool has_dense_layer = false;
   for (int64_t l = 0; l < m.num_layers && !has_dense_layer; ++l)
@@ -242,8 +246,12 @@ Json semantic_json(const ModelSpec& m) {
     moe["shared_expert_ffn_hidden_size"] = e.shared_expert_ffn_hidden_size;
     moe["first_dense_layers"] = e.first_dense_layers;
     switch (e.pattern) {
-      case MoeLayerPattern::kAll: moe["layers"] = "all"; break;
-      case MoeLayerPattern::kEvery: moe["layers"] = {{"every", e.every}, {"offset", e.offset}}; break;
+      case MoeLayerPattern::kAll:
+        moe["layers"] = "all";
+        break;
+      case MoeLayerPattern::kEvery:
+        moe["layers"] = {{"every", e.every}, {"offset", e.offset}};
+        break;
       case MoeLayerPattern::kList: {
         std::vector<int> sorted = e.layer_list;
         std::sort(sorted.begin(), sorted.end());
@@ -255,7 +263,8 @@ Json semantic_json(const ModelSpec& m) {
   }
   if (!m.tasks.empty()) {
     Json tasks = Json::array();
-    for (const auto& t : m.tasks) tasks.push_back({{"name", t.name}, {"token_share", t.token_share}});
+    for (const auto& t : m.tasks)
+      tasks.push_back({{"name", t.name}, {"token_share", t.token_share}});
     j["tasks"] = tasks;
   }
   return j;

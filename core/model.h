@@ -51,10 +51,10 @@ struct MoeSpec {
   int64_t num_shared_experts = 0;
   int64_t shared_expert_ffn_hidden_size = 0;  // defaults to expert_ffn_hidden_size
   MoeLayerPattern pattern = MoeLayerPattern::kAll;
-  int every = 1;                 // kEvery: layers with index % every == offset
+  int every = 1;  // kEvery: layers with index % every == offset
   int offset = 0;
-  std::vector<int> layer_list;   // kList
-  int first_dense_layers = 0;    // these leading layers are dense whatever the pattern says
+  std::vector<int> layer_list;  // kList
+  int first_dense_layers = 0;   // these leading layers are dense whatever the pattern says
   bool operator==(const MoeSpec&) const = default;
 };
 
@@ -115,11 +115,11 @@ Json semantic_json(const ModelSpec& m);
 
 // Parameter counts. Biases, attention sinks and other terms below 0.1% of a layer are left out.
 struct ParamCounts {
-  int64_t embedding = 0;        // input embedding (+ learned positions) + untied LM head
-  int64_t attention = 0;        // all layers
+  int64_t embedding = 0;  // input embedding (+ learned positions) + untied LM head
+  int64_t attention = 0;  // all layers
   int64_t norms = 0;
-  int64_t dense_ffn = 0;        // FFNs of dense layers
-  int64_t routed_experts = 0;   // all routed experts of all MoE layers
+  int64_t dense_ffn = 0;       // FFNs of dense layers
+  int64_t routed_experts = 0;  // all routed experts of all MoE layers
   int64_t shared_experts = 0;
   int64_t gates = 0;
   int64_t total() const {
@@ -127,14 +127,14 @@ struct ParamCounts {
   }
   int64_t expert() const { return routed_experts; }
   int64_t dense() const { return total() - routed_experts; }  // replicated, not expert-sharded
-  int64_t active = 0;           // per token: dense() + top_k / num_experts of routed experts
+  int64_t active = 0;  // per token: dense() + top_k / num_experts of routed experts
 };
 
 // Per-layer pieces, also used by the cost and memory models.
 int64_t attention_params_per_layer(const ModelSpec& m);
 int64_t norm_params_per_layer(const ModelSpec& m);
-int64_t dense_ffn_params(const ModelSpec& m);   // one dense FFN
-int64_t expert_params(const ModelSpec& m);      // one routed expert
+int64_t dense_ffn_params(const ModelSpec& m);      // one dense FFN
+int64_t expert_params(const ModelSpec& m);         // one routed expert
 int64_t shared_expert_params(const ModelSpec& m);  // one shared expert
 ParamCounts count_params(const ModelSpec& m);
 

@@ -47,7 +47,8 @@ void parse_replicas(JsonReader& r, ExpertReplicas& er) {
       for (size_t i = 0; i < list->size(); ++i) {
         auto v = read_int((*list)[i], index_path(path, i), r.issues());
         if (v && (*v < 1 || *v > kMaxDegree))
-          rr.add_issue(index_path(path, i), "must be in [1, " + std::to_string(kMaxDegree) + "], got " + std::to_string(*v));
+          rr.add_issue(index_path(path, i), "must be in [1, " + std::to_string(kMaxDegree) +
+                                                "], got " + std::to_string(*v));
         else if (v)
           er.per_expert.push_back(static_cast<int>(*v));
       }
@@ -57,7 +58,8 @@ void parse_replicas(JsonReader& r, ExpertReplicas& er) {
     rr.required("hot_experts", &er.hot_experts, 1, kMaxDegree);
     rr.required("replicas", &er.replicas, 2, kMaxDegree);
   } else {
-    rr.add_issue(rr.path(), "expected {\"hot_experts\": k, \"replicas\": r} or {\"per_expert\": [...]}");
+    rr.add_issue(rr.path(),
+                 "expected {\"hot_experts\": k, \"replicas\": r} or {\"per_expert\": [...]}");
   }
   rr.finish();
 }
@@ -71,8 +73,9 @@ Plan parse_plan(const Json& j) {
   if (!r.is_object()) throw ConfigError(std::move(issues));
   r.required("schema_version", &p.schema_version, 1);
   if (p.schema_version != 1)
-    r.add_issue(r.path_of("schema_version"),
-                "unsupported version " + std::to_string(p.schema_version) + " (this build reads 1)");
+    r.add_issue(
+        r.path_of("schema_version"),
+        "unsupported version " + std::to_string(p.schema_version) + " (this build reads 1)");
   r.optional("name", &p.name);
   r.optional("description", &p.description);
   r.optional("source", &p.source);
@@ -98,13 +101,17 @@ Plan parse_plan(const Json& j) {
   r.optional("micro_batch_size", &p.micro_batch_size, 1, kMaxDegree);
   r.optional_enum("schedule", &p.schedule);
   if (r.optional("zero_stage", &p.zero_stage, 0) && p.zero_stage > 3)
-    r.add_issue(r.path_of("zero_stage"), "must be 0, 1, 2 or 3, got " + std::to_string(p.zero_stage));
+    r.add_issue(r.path_of("zero_stage"),
+                "must be 0, 1, 2 or 3, got " + std::to_string(p.zero_stage));
   r.optional_enum("recompute", &p.recompute);
   r.optional_enum("dispatch", &p.dispatch);
   double cf = 0;
   if (r.optional("capacity_factor", &cf)) {
-    if (cf > 0) p.capacity_factor = cf;
-    else r.add_issue(r.path_of("capacity_factor"), "must be > 0 (or null for dropless), got " + Json(cf).dump());
+    if (cf > 0)
+      p.capacity_factor = cf;
+    else
+      r.add_issue(r.path_of("capacity_factor"),
+                  "must be > 0 (or null for dropless), got " + Json(cf).dump());
   }
   r.optional("grad_bucket_bytes", &p.grad_bucket_bytes, 0);
   parse_placement(r, p.placement);
@@ -130,7 +137,8 @@ Plan parse_plan(const Json& j) {
       for (size_t i = 0; i < sl->size(); ++i) {
         auto v = read_int((*sl)[i], index_path(path, i), issues);
         if (v && (*v < 1 || *v > kMaxDegree))
-          r.add_issue(index_path(path, i), "must be in [1, " + std::to_string(kMaxDegree) + "], got " + std::to_string(*v));
+          r.add_issue(index_path(path, i), "must be in [1, " + std::to_string(kMaxDegree) +
+                                               "], got " + std::to_string(*v));
         else if (v)
           p.stage_layers.push_back(static_cast<int>(*v));
       }
@@ -140,7 +148,8 @@ Plan parse_plan(const Json& j) {
   // Products of degrees stay far inside int: no plan spans more than 2^24 GPUs.
   const auto product_check = [&](const char* path, const char* what, double product) {
     if (product > static_cast<double>(kMaxDegree))
-      r.add_issue(path, std::string(what) + " = " + Json(product).dump() + " exceeds " + std::to_string(kMaxDegree));
+      r.add_issue(path, std::string(what) + " = " + Json(product).dump() + " exceeds " +
+                            std::to_string(kMaxDegree));
   };
   product_check("plan", "dp*tp*pp*cp", double(p.dp) * p.tp * p.pp * p.cp);
   product_check("plan.ep", "expert_tp*ep", double(p.expert_tp) * p.ep);
@@ -173,7 +182,9 @@ Json semantic_json(const Plan& p) {
                     {"activations", enum_name(p.placement.activations)}};
   j["prefetch"] = {{"depth", p.prefetch.depth}, {"direction", enum_name(p.prefetch.direction)}};
   switch (p.expert_replicas.kind) {
-    case ExpertReplicas::Kind::kNone: j["expert_replicas"] = nullptr; break;
+    case ExpertReplicas::Kind::kNone:
+      j["expert_replicas"] = nullptr;
+      break;
     case ExpertReplicas::Kind::kHot:
       j["expert_replicas"] = {{"hot_experts", p.expert_replicas.hot_experts},
                               {"replicas", p.expert_replicas.replicas}};
@@ -195,7 +206,8 @@ Json to_json(const Plan& p) {
   j["source"] = p.source;
   j["assumptions"] = p.assumptions;
   if (p.target) {
-    j["for"] = {{"model", p.target->model}, {"cluster", p.target->cluster},
+    j["for"] = {{"model", p.target->model},
+                {"cluster", p.target->cluster},
                 {"workload", p.target->workload}};
     if (p.target->nodes > 0) j["for"]["nodes"] = p.target->nodes;
   }
@@ -204,7 +216,8 @@ Json to_json(const Plan& p) {
 
 std::vector<int> resolve_stage_layers(const Plan& p, const ModelSpec& m) {
   // A stage_layers of the wrong length is validate()'s to report; derive a split meanwhile.
-  if (!p.stage_layers.empty() && static_cast<int>(p.stage_layers.size()) == p.pp) return p.stage_layers;
+  if (!p.stage_layers.empty() && static_cast<int>(p.stage_layers.size()) == p.pp)
+    return p.stage_layers;
   const int pp = std::max(p.pp, 1);
   const int layers = static_cast<int>(m.num_layers);
   std::vector<int> out(static_cast<size_t>(pp), layers / pp);

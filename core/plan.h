@@ -28,7 +28,8 @@ enum class PrefetchDirection { kNone, kAhead, kDown, k2D };
 template <>
 struct EnumNames<Schedule> {
   static constexpr std::pair<Schedule, std::string_view> kValues[] = {
-      {Schedule::kGPipe, "gpipe"}, {Schedule::k1F1B, "1f1b"},
+      {Schedule::kGPipe, "gpipe"},
+      {Schedule::k1F1B, "1f1b"},
       {Schedule::kInterleaved1F1B, "interleaved_1f1b"}};
 };
 template <>
@@ -51,8 +52,10 @@ struct EnumNames<Tier> {
 template <>
 struct EnumNames<PrefetchDirection> {
   static constexpr std::pair<PrefetchDirection, std::string_view> kValues[] = {
-      {PrefetchDirection::kNone, "none"}, {PrefetchDirection::kAhead, "ahead"},
-      {PrefetchDirection::kDown, "down"}, {PrefetchDirection::k2D, "2d"}};
+      {PrefetchDirection::kNone, "none"},
+      {PrefetchDirection::kAhead, "ahead"},
+      {PrefetchDirection::kDown, "down"},
+      {PrefetchDirection::k2D, "2d"}};
 };
 
 struct Placement {
@@ -74,8 +77,8 @@ struct Prefetch {
 struct ExpertReplicas {
   enum class Kind { kNone, kHot, kPerExpert };
   Kind kind = Kind::kNone;
-  int hot_experts = 0;  // kHot: the k most loaded experts ...
-  int replicas = 1;     // ... get this many copies
+  int hot_experts = 0;          // kHot: the k most loaded experts ...
+  int replicas = 1;             // ... get this many copies
   std::vector<int> per_expert;  // kPerExpert: copies of each expert (>= 1)
   bool operator==(const ExpertReplicas&) const = default;
 };
@@ -132,10 +135,10 @@ Plan parse_plan(const Json& j);
 Json to_json(const Plan& p);
 Json semantic_json(const Plan& p);
 
-// Layers of each pipeline stage: plan.stage_layers when given (with pp entries), else an even split; when pp does not
-// divide num_layers, each stage gets floor(L/pp) and the L % pp extra layers go to the middle stages
-// first (1..pp-2, in order), then the last, then the first stage, which also hold the LM head and
-// the embedding.
+// Layers of each pipeline stage: plan.stage_layers when given (with pp entries), else an even
+// split; when pp does not divide num_layers, each stage gets floor(L/pp) and the L % pp extra
+// layers go to the middle stages first (1..pp-2, in order), then the last, then the first stage,
+// which also hold the LM head and the embedding.
 std::vector<int> resolve_stage_layers(const Plan& p, const ModelSpec& m);
 
 }  // namespace switchyard

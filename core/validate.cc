@@ -11,7 +11,9 @@ std::string s(int64_t v) { return std::to_string(v); }
 class Checker {
  public:
   explicit Checker(std::vector<ConfigIssue>& out) : out_(out) {}
-  void fail(std::string path, std::string message) { out_.push_back({std::move(path), std::move(message)}); }
+  void fail(std::string path, std::string message) {
+    out_.push_back({std::move(path), std::move(message)});
+  }
   // Records a violation when `ok` is false.
   void require(bool ok, std::string path, std::string message) {
     if (!ok) fail(std::move(path), std::move(message));
@@ -44,7 +46,8 @@ void check_degrees(Checker& c, const Plan& p, const ModelSpec& m, const ClusterS
 void check_experts(Checker& c, const Plan& p, const ModelSpec& m, const ClusterSpec& cl) {
   if (!m.moe) {
     c.require(p.ep == 1, "plan.ep", "must be 1 for a dense model, got " + s(p.ep));
-    c.require(p.expert_tp == 1, "plan.expert_tp", "must be 1 for a dense model, got " + s(p.expert_tp));
+    c.require(p.expert_tp == 1, "plan.expert_tp",
+              "must be 1 for a dense model, got " + s(p.expert_tp));
     c.require(p.expert_replicas.kind == ExpertReplicas::Kind::kNone, "plan.expert_replicas",
               "a dense model has no experts to replicate");
     return;
@@ -82,16 +85,18 @@ void check_experts(Checker& c, const Plan& p, const ModelSpec& m, const ClusterS
 
   const ExpertReplicas& r = p.expert_replicas;
   if (r.kind != ExpertReplicas::Kind::kNone)
-    c.require(p.ep > 1, "plan.expert_replicas", "replicas need expert parallelism (ep > 1), got ep " + s(p.ep));
+    c.require(p.ep > 1, "plan.expert_replicas",
+              "replicas need expert parallelism (ep > 1), got ep " + s(p.ep));
   if (r.kind == ExpertReplicas::Kind::kHot) {
     c.require(r.hot_experts <= experts, "plan.expert_replicas.hot_experts",
               s(r.hot_experts) + " exceeds model.moe.num_experts " + s(experts));
     c.require(r.replicas <= p.ep, "plan.expert_replicas.replicas",
               s(r.replicas) + " copies exceed the " + s(p.ep) + " ranks of the EP group");
   } else if (r.kind == ExpertReplicas::Kind::kPerExpert) {
-    c.require(static_cast<int64_t>(r.per_expert.size()) == experts, "plan.expert_replicas.per_expert",
-              "has " + s(static_cast<int64_t>(r.per_expert.size())) + " entries but the model has " +
-                  s(experts) + " experts");
+    c.require(static_cast<int64_t>(r.per_expert.size()) == experts,
+              "plan.expert_replicas.per_expert",
+              "has " + s(static_cast<int64_t>(r.per_expert.size())) +
+                  " entries but the model has " + s(experts) + " experts");
     for (size_t i = 0; i < r.per_expert.size(); ++i)
       c.require(r.per_expert[i] <= p.ep, index_path("plan.expert_replicas.per_expert", i),
                 s(r.per_expert[i]) + " copies exceed the " + s(p.ep) + " ranks of the EP group");
@@ -100,8 +105,9 @@ void check_experts(Checker& c, const Plan& p, const ModelSpec& m, const ClusterS
 
 void check_pipeline(Checker& c, const Plan& p, const ModelSpec& m, const Workload& w) {
   if (!p.stage_layers.empty()) {
-    c.require(static_cast<int>(p.stage_layers.size()) == p.pp, "plan.stage_layers",
-              "has " + s(static_cast<int64_t>(p.stage_layers.size())) + " stages but pp is " + s(p.pp));
+    c.require(
+        static_cast<int>(p.stage_layers.size()) == p.pp, "plan.stage_layers",
+        "has " + s(static_cast<int64_t>(p.stage_layers.size())) + " stages but pp is " + s(p.pp));
     const int64_t sum = std::accumulate(p.stage_layers.begin(), p.stage_layers.end(), int64_t{0});
     c.require(sum == m.num_layers, "plan.stage_layers",
               "sums to " + s(sum) + " layers but the model has " + s(m.num_layers));
@@ -137,8 +143,9 @@ void check_pipeline(Checker& c, const Plan& p, const ModelSpec& m, const Workloa
     }
   }
   c.require(!(p.zero_stage >= 2 && p.pp > 1), "plan.zero_stage",
-            "ZeRO stage " + s(p.zero_stage) + " cannot be combined with pipeline parallelism (pp = " +
-                s(p.pp) + "); use stage 0 or 1");
+            "ZeRO stage " + s(p.zero_stage) +
+                " cannot be combined with pipeline parallelism (pp = " + s(p.pp) +
+                "); use stage 0 or 1");
 }
 
 void check_sequence(Checker& c, const Plan& p, const ModelSpec& m, const Workload& w) {
@@ -155,8 +162,10 @@ void check_sequence(Checker& c, const Plan& p, const ModelSpec& m, const Workloa
 void check_storage(Checker& c, const Plan& p, const ModelSpec& m, const ClusterSpec& cl,
                    const Workload& w) {
   const std::pair<const char*, Tier> classes[] = {
-      {"dense_params", p.placement.dense_params}, {"expert_params", p.placement.expert_params},
-      {"gradients", p.placement.gradients}, {"optimizer_states", p.placement.optimizer_states}};
+      {"dense_params", p.placement.dense_params},
+      {"expert_params", p.placement.expert_params},
+      {"gradients", p.placement.gradients},
+      {"optimizer_states", p.placement.optimizer_states}};
   for (const auto& [name, tier] : classes)
     if (tier == Tier::kSSD)
       c.require(cl.host.ssd_bytes > 0, std::string("plan.placement.") + name,
@@ -166,8 +175,9 @@ void check_storage(Checker& c, const Plan& p, const ModelSpec& m, const ClusterS
 
   if (p.prefetch.direction != PrefetchDirection::kNone) {
     const bool off_gpu = any_on(p.placement, Tier::kCPU) || any_on(p.placement, Tier::kSSD);
-    c.require(off_gpu, "plan.prefetch",
-              "prefetch needs a tensor class placed on \"cpu\" or \"ssd\"; everything is on the GPU");
+    c.require(
+        off_gpu, "plan.prefetch",
+        "prefetch needs a tensor class placed on \"cpu\" or \"ssd\"; everything is on the GPU");
     const bool down = p.prefetch.direction == PrefetchDirection::kDown ||
                       p.prefetch.direction == PrefetchDirection::k2D;
     if (down)
@@ -184,17 +194,17 @@ void check_storage(Checker& c, const Plan& p, const ModelSpec& m, const ClusterS
     c.require(p.ring_sections <= m.num_layers, "plan.ring_sections",
               s(p.ring_sections) + " sections exceed model.num_layers " + s(m.num_layers));
     c.require(p.world_size() <= cl.gpus_per_node, "plan.ring_sections",
-              "ring-memory inference runs inside one node, but the plan spans " + s(p.world_size()) +
-                  " GPUs (gpus_per_node " + s(cl.gpus_per_node) + ")");
+              "ring-memory inference runs inside one node, but the plan spans " +
+                  s(p.world_size()) + " GPUs (gpus_per_node " + s(cl.gpus_per_node) + ")");
   }
 }
 
 void check_workload(Checker& c, const ModelSpec& m, const ClusterSpec& cl, const Workload& w) {
   if (cl.gpu.peak_flops(w.precision) <= 0)
-    c.fail("workload.precision", std::string(enum_name(w.precision)) + " but cluster GPU " +
-                                     cl.gpu.name + " has no " + std::string(enum_name(w.precision)) +
-                                     " units (cluster.gpu.peak_flops." +
-                                     std::string(enum_name(w.precision)) + " = 0)");
+    c.fail("workload.precision",
+           std::string(enum_name(w.precision)) + " but cluster GPU " + cl.gpu.name + " has no " +
+               std::string(enum_name(w.precision)) + " units (cluster.gpu.peak_flops." +
+               std::string(enum_name(w.precision)) + " = 0)");
   if (w.routing.kind == RoutingKind::kHistogram && m.moe)
     c.require(static_cast<int64_t>(w.routing.tokens_per_expert.size()) == m.moe->num_experts,
               "workload.routing.tokens_per_expert",

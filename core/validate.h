@@ -1,8 +1,8 @@
-// validate(): every rule a (plan, model, cluster, workload) combination must satisfy, each violation
-// reported with the JSON path it is about and the numbers involved. The parallel-degree rules follow
-// Megatron-Core (MoE parallel folding: the expert layers refold the tp*cp*dp ranks of a pipeline
-// stage as expert_tp*ep*expert_dp; MoE with tp > 1 needs sequence parallelism); the ZeRO and
-// pipeline rule follows DeepSpeed (ZeRO-2/3 cannot be combined with pipeline parallelism).
+// validate(): every rule a (plan, model, cluster, workload) combination must satisfy, each
+// violation reported with the JSON path it is about and the numbers involved. The parallel-degree
+// rules follow Megatron-Core (MoE parallel folding: the expert layers refold the tp*cp*dp ranks of
+// a pipeline stage as expert_tp*ep*expert_dp; MoE with tp > 1 needs sequence parallelism); the ZeRO
+// and pipeline rule follows DeepSpeed (ZeRO-2/3 cannot be combined with pipeline parallelism).
 #pragma once
 
 #include <vector>

@@ -54,8 +54,9 @@ Workload parse_workload(const Json& j) {
   if (!r.is_object()) throw ConfigError(std::move(issues));
   r.required("schema_version", &w.schema_version, 1);
   if (w.schema_version != 1)
-    r.add_issue(r.path_of("schema_version"),
-                "unsupported version " + std::to_string(w.schema_version) + " (this build reads 1)");
+    r.add_issue(
+        r.path_of("schema_version"),
+        "unsupported version " + std::to_string(w.schema_version) + " (this build reads 1)");
   r.required("name", &w.name);
   r.optional("description", &w.description);
   r.optional("source", &w.source);
@@ -66,7 +67,8 @@ Workload parse_workload(const Json& j) {
   r.optional_enum("precision", &w.precision);
   if (w.precision == Precision::kTF32)
     r.add_issue(r.path_of("precision"), "tf32 is a GEMM mode, not a training precision; use fp32");
-  if (const Json* rt = r.child("routing", false)) w.routing = parse_routing(*rt, r.path_of("routing"), issues);
+  if (const Json* rt = r.child("routing", false))
+    w.routing = parse_routing(*rt, r.path_of("routing"), issues);
   if (const Json* tr = r.child("task_routing", false)) {
     const std::string path = r.path_of("task_routing");
     if (!tr->is_array() || tr->empty()) {
@@ -111,7 +113,8 @@ Json semantic_json(const Workload& w) {
   j["routing"] = routing_json(w.routing);
   if (!w.task_routing.empty()) {
     Json tr = Json::array();
-    for (const auto& t : w.task_routing) tr.push_back({{"task", t.task}, {"routing", routing_json(t.routing)}});
+    for (const auto& t : w.task_routing)
+      tr.push_back({{"task", t.task}, {"routing", routing_json(t.routing)}});
     j["task_routing"] = tr;
   }
   if (w.inference) {
@@ -137,9 +140,11 @@ std::vector<double> expert_load_fractions(const Routing& r, int64_t num_experts,
   const size_t n = static_cast<size_t>(std::max<int64_t>(num_experts, 0));
   std::vector<double> weight(n, 1.0);
   if (r.kind == RoutingKind::kZipf) {
-    for (size_t i = 0; i < n; ++i) weight[i] = 1.0 / std::pow(static_cast<double>(i + 1), r.zipf_exponent);
+    for (size_t i = 0; i < n; ++i)
+      weight[i] = 1.0 / std::pow(static_cast<double>(i + 1), r.zipf_exponent);
   } else if (r.kind == RoutingKind::kHistogram) {
-    for (size_t i = 0; i < n; ++i) weight[i] = i < r.tokens_per_expert.size() ? r.tokens_per_expert[i] : 0;
+    for (size_t i = 0; i < n; ++i)
+      weight[i] = i < r.tokens_per_expert.size() ? r.tokens_per_expert[i] : 0;
   }
   // Scale by the largest weight first so that huge counts cannot overflow the sum.
   const double max_weight = n ? *std::max_element(weight.begin(), weight.end()) : 0.0;
@@ -150,7 +155,8 @@ std::vector<double> expert_load_fractions(const Routing& r, int64_t num_experts,
   if (!(total > 0) || !std::isfinite(total)) return share;
 
   // Water-filling: cap shares at 1/top_k, hand the excess to uncapped experts by weight.
-  const double cap = top_k > 0 ? 1.0 / static_cast<double>(std::min<int64_t>(top_k, num_experts)) : 1.0;
+  const double cap =
+      top_k > 0 ? 1.0 / static_cast<double>(std::min<int64_t>(top_k, num_experts)) : 1.0;
   std::vector<bool> capped(n, false);
   double remaining = 1.0;
   for (size_t round = 0; round <= n; ++round) {

@@ -27,7 +27,8 @@ struct EnumNames<Mode> {
 template <>
 struct EnumNames<RoutingKind> {
   static constexpr std::pair<RoutingKind, std::string_view> kValues[] = {
-      {RoutingKind::kUniform, "uniform"}, {RoutingKind::kZipf, "zipf"},
+      {RoutingKind::kUniform, "uniform"},
+      {RoutingKind::kZipf, "zipf"},
       {RoutingKind::kHistogram, "histogram"}};
 };
 

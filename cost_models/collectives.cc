@@ -8,12 +8,18 @@ namespace switchyard {
 
 std::string_view collective_name(Collective c) {
   switch (c) {
-    case Collective::kAllReduce: return "all_reduce";
-    case Collective::kAllGather: return "all_gather";
-    case Collective::kReduceScatter: return "reduce_scatter";
-    case Collective::kAllToAll: return "all_to_all";
-    case Collective::kBroadcast: return "broadcast";
-    case Collective::kSendRecv: return "send_recv";
+    case Collective::kAllReduce:
+      return "all_reduce";
+    case Collective::kAllGather:
+      return "all_gather";
+    case Collective::kReduceScatter:
+      return "reduce_scatter";
+    case Collective::kAllToAll:
+      return "all_to_all";
+    case Collective::kBroadcast:
+      return "broadcast";
+    case Collective::kSendRecv:
+      return "send_recv";
   }
   return "?";
 }
@@ -30,12 +36,15 @@ GroupLayout group_layout(int size, int stride, int gpus_per_node) {
 double bus_bandwidth_factor(Collective c, int ranks) {
   const double n = static_cast<double>(std::max(ranks, 1));
   switch (c) {
-    case Collective::kAllReduce: return 2.0 * (n - 1) / n;
+    case Collective::kAllReduce:
+      return 2.0 * (n - 1) / n;
     case Collective::kAllGather:
     case Collective::kReduceScatter:
-    case Collective::kAllToAll: return (n - 1) / n;
+    case Collective::kAllToAll:
+      return (n - 1) / n;
     case Collective::kBroadcast:
-    case Collective::kSendRecv: return 1.0;
+    case Collective::kSendRecv:
+      return 1.0;
   }
   return 1.0;
 }
@@ -44,9 +53,9 @@ namespace {
 
 // Bandwidths one group sees, per direction.
 struct Links {
-  double intra_Bps;      // one GPU into the intra-node fabric
-  double node_nic_Bps;   // this group's share of a node's NICs, ring efficiency
-  double rail_Bps;       // one GPU's share of the NICs, all-to-all efficiency
+  double intra_Bps;     // one GPU into the intra-node fabric
+  double node_nic_Bps;  // this group's share of a node's NICs, ring efficiency
+  double rail_Bps;      // one GPU's share of the NICs, all-to-all efficiency
   double intra_lat_s;
   double inter_lat_s;
 };
@@ -86,23 +95,27 @@ CollectiveCost ring(Collective c, double bytes, double bus_bytes, int steps, int
   const bool multi_node = g.nodes() > 1;
   const double intra_s = g.ranks_per_node > 1 ? bus_bytes / l.intra_Bps : 0.0;
   const double inter_s = multi_node ? bus_bytes / l.node_nic_Bps : 0.0;
-  const double lat_s = p.collective_base_s + (steps - inter_steps) * l.intra_lat_s + inter_steps * l.inter_lat_s;
+  const double lat_s =
+      p.collective_base_s + (steps - inter_steps) * l.intra_lat_s + inter_steps * l.inter_lat_s;
   const double bw_s = std::max(intra_s, inter_s);
-  std::string_view bottleneck = lat_s > bw_s ? "latency" : (inter_s > intra_s ? "inter_node" : "intra_node");
+  std::string_view bottleneck =
+      lat_s > bw_s ? "latency" : (inter_s > intra_s ? "inter_node" : "intra_node");
   return finish(c, bytes, g, lat_s + bw_s, "ring", bottleneck);
 }
 
-CollectiveCost all_to_all(double bytes, const GroupLayout& g, const Links& l, const CostProfile& p) {
+CollectiveCost all_to_all(double bytes, const GroupLayout& g, const Links& l,
+                          const CostProfile& p) {
   const double n = static_cast<double>(g.ranks);
   const double local = static_cast<double>(g.ranks_per_node);
   const double intra_s = (local - 1) / n * bytes / l.intra_Bps;
-  const double inter_s = g.nodes() > 1
-                             ? (n - local) / n * bytes / (l.rail_Bps * message_efficiency(bytes / n, p))
-                             : 0.0;
+  const double inter_s =
+      g.nodes() > 1 ? (n - local) / n * bytes / (l.rail_Bps * message_efficiency(bytes / n, p))
+                    : 0.0;
   const double lat_s = p.collective_base_s + (g.nodes() > 1 ? l.inter_lat_s : l.intra_lat_s) +
                        (n - 1) * p.p2p_issue_s;
   const double bw_s = std::max(intra_s, inter_s);
-  std::string_view bottleneck = lat_s > bw_s ? "latency" : (inter_s > intra_s ? "inter_node" : "intra_node");
+  std::string_view bottleneck =
+      lat_s > bw_s ? "latency" : (inter_s > intra_s ? "inter_node" : "intra_node");
   return finish(Collective::kAllToAll, bytes, g, lat_s + bw_s, "direct", bottleneck);
 }
 
@@ -110,12 +123,14 @@ CollectiveCost all_to_all(double bytes, const GroupLayout& g, const Links& l, co
 
 CollectiveCost all_reduce_cost(double bytes, const GroupLayout& g, const ClusterSpec& c,
                                const CostProfile& p, AllReduceAlgo algo) {
-  if (g.ranks <= 1 || bytes <= 0) return finish(Collective::kAllReduce, bytes, g, 0, "none", "none");
+  if (g.ranks <= 1 || bytes <= 0)
+    return finish(Collective::kAllReduce, bytes, g, 0, "none", "none");
   const Links l = links_for(g, c, p);
   const int n = g.ranks, nodes = g.nodes();
   const double bus_bytes = 2.0 * (n - 1) / n * bytes;
 
-  CollectiveCost ring_cost = ring(Collective::kAllReduce, bytes, bus_bytes, 2 * (n - 1), 2 * (nodes - 1), g, l, p);
+  CollectiveCost ring_cost =
+      ring(Collective::kAllReduce, bytes, bus_bytes, 2 * (n - 1), 2 * (nodes - 1), g, l, p);
   if (algo == AllReduceAlgo::kRing) return ring_cost;
 
   std::vector<CollectiveCost> options{ring_cost};
@@ -123,11 +138,12 @@ CollectiveCost all_reduce_cost(double bytes, const GroupLayout& g, const Cluster
     // Double binary tree across nodes, chains inside: same bandwidth term, log-depth latency.
     const double intra_s = g.ranks_per_node > 1 ? bus_bytes / l.intra_Bps : 0.0;
     const double inter_s = bus_bytes / l.node_nic_Bps;
-    const double lat_s = p.collective_base_s +
-                         2.0 * (std::ceil(std::log2(nodes)) * l.inter_lat_s + (g.ranks_per_node - 1) * l.intra_lat_s);
+    const double lat_s = p.collective_base_s + 2.0 * (std::ceil(std::log2(nodes)) * l.inter_lat_s +
+                                                      (g.ranks_per_node - 1) * l.intra_lat_s);
     const double bw_s = std::max(intra_s, inter_s);
-    options.push_back(finish(Collective::kAllReduce, bytes, g, lat_s + bw_s, "tree",
-                             lat_s > bw_s ? "latency" : (inter_s > intra_s ? "inter_node" : "intra_node")));
+    options.push_back(
+        finish(Collective::kAllReduce, bytes, g, lat_s + bw_s, "tree",
+               lat_s > bw_s ? "latency" : (inter_s > intra_s ? "inter_node" : "intra_node")));
   }
   if (nodes == 1 && c.intra_node.nvls && g.ranks_per_node > 2 &&
       (algo == AllReduceAlgo::kAuto || algo == AllReduceAlgo::kNVLS)) {
@@ -138,8 +154,9 @@ CollectiveCost all_reduce_cost(double bytes, const GroupLayout& g, const Cluster
                              lat_s > bw_s ? "latency" : "intra_node"));
   }
   if (algo != AllReduceAlgo::kAuto) return options.back();
-  return *std::min_element(options.begin(), options.end(),
-                           [](const CollectiveCost& a, const CollectiveCost& b) { return a.time_s < b.time_s; });
+  return *std::min_element(
+      options.begin(), options.end(),
+      [](const CollectiveCost& a, const CollectiveCost& b) { return a.time_s < b.time_s; });
 }
 
 CollectiveCost collective_cost(Collective c, double bytes, const GroupLayout& g,
@@ -173,17 +190,20 @@ CollectiveCost hierarchical_all_to_all_cost(double bytes, const GroupLayout& g,
   // Phase 1: all-to-all inside the node over the whole buffer.
   const double intra_s = (local - 1) / local * bytes / l.intra_Bps + (local - 1) * p.p2p_issue_s;
   // Phase 2: all-to-all among the nodes, each GPU on its rail, messages of S/N.
-  const double inter_s = (nodes - 1) / nodes * bytes / (l.rail_Bps * message_efficiency(bytes / nodes, p)) +
-                         (nodes - 1) * p.p2p_issue_s;
+  const double inter_s =
+      (nodes - 1) / nodes * bytes / (l.rail_Bps * message_efficiency(bytes / nodes, p)) +
+      (nodes - 1) * p.p2p_issue_s;
   // Layout transforms before and after: read and write the buffer each time.
-  const double transform_s = 2.0 * (2.0 * bytes / (cluster.gpu.hbm_bw_Bps * p.hbm_efficiency) + p.kernel_launch_s);
+  const double transform_s =
+      2.0 * (2.0 * bytes / (cluster.gpu.hbm_bw_Bps * p.hbm_efficiency) + p.kernel_launch_s);
   const double lat_s = 2.0 * p.collective_base_s + l.intra_lat_s + l.inter_lat_s;
   const double bw_s = intra_s + inter_s + transform_s;
   return finish(Collective::kAllToAll, bytes, g, lat_s + bw_s, "hierarchical",
                 lat_s > bw_s ? "latency" : (inter_s > intra_s ? "inter_node" : "intra_node"));
 }
 
-CollectiveCost send_recv_cost(double bytes, bool same_node, const ClusterSpec& c, const CostProfile& p) {
+CollectiveCost send_recv_cost(double bytes, bool same_node, const ClusterSpec& c,
+                              const CostProfile& p) {
   GroupLayout g{2, same_node ? 2 : 1};
   if (bytes <= 0) return finish(Collective::kSendRecv, bytes, g, 0, "none", "none");
   double bw_s, lat_s;

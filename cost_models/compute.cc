@@ -7,9 +7,12 @@ namespace switchyard {
 double bytes_per_element(Precision p) {
   switch (p) {
     case Precision::kFP32:
-    case Precision::kTF32: return 4;
-    case Precision::kBF16: return 2;
-    case Precision::kFP8: return 1;
+    case Precision::kTF32:
+      return 4;
+    case Precision::kBF16:
+      return 2;
+    case Precision::kFP8:
+      return 1;
   }
   return 4;
 }
@@ -20,7 +23,8 @@ double gemm_flops(const GemmShape& s) {
 }
 
 double gemm_bytes(const GemmShape& s, Precision p) {
-  const double m = static_cast<double>(s.m), n = static_cast<double>(s.n), k = static_cast<double>(s.k);
+  const double m = static_cast<double>(s.m), n = static_cast<double>(s.n),
+               k = static_cast<double>(s.k);
   return bytes_per_element(p) * (m * k + k * n + m * n) * static_cast<double>(s.batch);
 }
 
@@ -45,7 +49,8 @@ KernelCost roofline(double flops, double bytes, double compute_efficiency, Preci
 KernelCost gemm_cost(const GemmShape& s, Precision p, const GpuSpec& gpu, const CostProfile& prof) {
   if (s.m <= 0 || s.n <= 0 || s.k <= 0 || s.batch <= 0) return {};
   const double min_dim = static_cast<double>(std::min({s.m, s.n, s.k}));
-  KernelCost c = roofline(gemm_flops(s), gemm_bytes(s, p), prof.gemm_efficiency_at(min_dim), p, gpu, prof);
+  KernelCost c =
+      roofline(gemm_flops(s), gemm_bytes(s, p), prof.gemm_efficiency_at(min_dim), p, gpu, prof);
   c.time_s += prof.kernel_launch_s;
   return c;
 }
@@ -57,7 +62,8 @@ KernelCost grouped_gemm_cost(const std::vector<int64_t>& m_per_group, int64_t n,
     if (m <= 0) continue;
     GemmShape s{m, n, k, 1};
     const double min_dim = static_cast<double>(std::min({m, n, k}));
-    KernelCost c = roofline(gemm_flops(s), gemm_bytes(s, p), prof.gemm_efficiency_at(min_dim), p, gpu, prof);
+    KernelCost c =
+        roofline(gemm_flops(s), gemm_bytes(s, p), prof.gemm_efficiency_at(min_dim), p, gpu, prof);
     total.time_s += c.time_s;
     total.flops += c.flops;
     total.bytes += c.bytes;
@@ -94,7 +100,8 @@ double attention_bytes(const AttentionShape& s, Precision p) {
 KernelCost attention_forward_cost(const AttentionShape& s, Precision p, const GpuSpec& gpu,
                                   const CostProfile& prof) {
   if (s.batch <= 0 || s.seq_len <= 0 || s.heads <= 0) return {};
-  KernelCost c = roofline(attention_forward_flops(s), attention_bytes(s, p), prof.attention_efficiency, p, gpu, prof);
+  KernelCost c = roofline(attention_forward_flops(s), attention_bytes(s, p),
+                          prof.attention_efficiency, p, gpu, prof);
   c.time_s += prof.kernel_launch_s;
   return c;
 }
@@ -120,16 +127,17 @@ KernelCost elementwise_cost(double bytes, const GpuSpec& gpu, const CostProfile&
 
 KernelCost norm_cost(int64_t tokens, int64_t hidden, Precision p, const GpuSpec& gpu,
                      const CostProfile& prof) {
-  return elementwise_cost(2.0 * bytes_per_element(p) * static_cast<double>(tokens) *
-                              static_cast<double>(hidden),
-                          gpu, prof);
+  return elementwise_cost(
+      2.0 * bytes_per_element(p) * static_cast<double>(tokens) * static_cast<double>(hidden), gpu,
+      prof);
 }
 
 KernelCost gate_topk_cost(int64_t tokens, int64_t hidden, int64_t experts, Precision p,
                           const GpuSpec& gpu, const CostProfile& prof) {
   KernelCost logits = gemm_cost({tokens, experts, hidden, 1}, p, gpu, prof);
   // Softmax and top-k in fp32: read the logits, write probabilities and indices.
-  KernelCost topk = elementwise_cost(3.0 * 4.0 * static_cast<double>(tokens) * static_cast<double>(experts), gpu, prof);
+  KernelCost topk = elementwise_cost(
+      3.0 * 4.0 * static_cast<double>(tokens) * static_cast<double>(experts), gpu, prof);
   KernelCost c;
   c.time_s = logits.time_s + topk.time_s;
   c.flops = logits.flops;

@@ -1,7 +1,8 @@
-// Compute cost model: a roofline per kernel. time = launch + max(FLOPs / (peak * efficiency(shape)),
-// bytes / (HBM bandwidth * hbm_efficiency)). GEMM efficiency depends on the GEMM's smallest
-// dimension (CostProfile::gemm_efficiency); a grouped expert GEMM is one launch whose groups each
-// run at their own shape's efficiency, so a few tokens per expert show up as slow experts.
+// Compute cost model: a roofline per kernel. time = launch + max(FLOPs / (peak *
+// efficiency(shape)), bytes / (HBM bandwidth * hbm_efficiency)). GEMM efficiency depends on the
+// GEMM's smallest dimension (CostProfile::gemm_efficiency); a grouped expert GEMM is one launch
+// whose groups each run at their own shape's efficiency, so a few tokens per expert show up as slow
+// experts.
 #pragma once
 
 #include <cstdint>

@@ -10,8 +10,9 @@ namespace switchyard {
 
 TierBytes MemoryBreakdown::total() const {
   TierBytes t;
-  for (const TierBytes* b : {&dense_params, &expert_params, &gradients, &optimizer_states, &activations,
-                             &kv_cache, &dispatch_buffers, &comm_buffers, &prefetch_buffers, &runtime})
+  for (const TierBytes* b :
+       {&dense_params, &expert_params, &gradients, &optimizer_states, &activations, &kv_cache,
+        &dispatch_buffers, &comm_buffers, &prefetch_buffers, &runtime})
     t += *b;
   return t;
 }
@@ -27,8 +28,10 @@ double in_flight_micro_batches(const Plan& plan, int64_t num_micro_batches, int 
   const double m = static_cast<double>(std::max<int64_t>(num_micro_batches, 1));
   const int pp = std::max(plan.pp, 1);
   switch (plan.schedule) {
-    case Schedule::kGPipe: return m;
-    case Schedule::k1F1B: return std::min(static_cast<double>(pp - stage), m);
+    case Schedule::kGPipe:
+      return m;
+    case Schedule::k1F1B:
+      return std::min(static_cast<double>(pp - stage), m);
     case Schedule::kInterleaved1F1B: {
       const double vp = std::max(plan.vp, 1);
       const double chunks = std::min(2.0 * (pp - stage - 1) + (vp - 1) * pp + 1, m * vp);
@@ -46,13 +49,16 @@ double expert_rank_load_factor(const ModelSpec& m, const Plan& plan, const Workl
   // Copies of each expert.
   std::vector<int> copies(static_cast<size_t>(experts), 1);
   const ExpertReplicas& r = plan.expert_replicas;
-  if (r.kind == ExpertReplicas::Kind::kPerExpert && static_cast<int64_t>(r.per_expert.size()) == experts) {
+  if (r.kind == ExpertReplicas::Kind::kPerExpert &&
+      static_cast<int64_t>(r.per_expert.size()) == experts) {
     copies = r.per_expert;
   } else if (r.kind == ExpertReplicas::Kind::kHot) {
     std::vector<int64_t> order(static_cast<size_t>(experts));
     std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return share[a] > share[b]; });
-    for (int i = 0; i < std::min<int64_t>(r.hot_experts, experts); ++i) copies[order[i]] = r.replicas;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return share[a] > share[b]; });
+    for (int i = 0; i < std::min<int64_t>(r.hot_experts, experts); ++i)
+      copies[order[i]] = r.replicas;
   }
   // Capacity caps what one copy of an expert accepts; dropped tokens never reach a rank.
   const double cap = plan.capacity_factor ? *plan.capacity_factor / static_cast<double>(experts)
@@ -66,13 +72,22 @@ double expert_rank_load_factor(const ModelSpec& m, const Plan& plan, const Workl
     rank_load[static_cast<size_t>(std::min<int64_t>(e / per_rank, ep - 1))] += per_copy;
     for (int c = 1; c < copies[e]; ++c) extras.emplace_back(per_copy, static_cast<int>(e));
   }
-  std::stable_sort(extras.begin(), extras.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  std::stable_sort(extras.begin(), extras.end(),
+                   [](const auto& a, const auto& b) { return a.first > b.first; });
   for (const auto& [load, e] : extras) {
     auto it = std::min_element(rank_load.begin(), rank_load.end());
     *it += load;
   }
   const double max_load = *std::max_element(rank_load.begin(), rank_load.end());
   return std::max(max_load * ep, 0.0);
+}
+
+double expert_buffer_rows_factor(const ModelSpec& m, const Plan& plan, const Workload& w) {
+  // With a capacity factor, dispatch buffers and expert inputs are padded to capacity (GShard,
+  // DeepSpeed-MoE): capacity_factor times a balanced share whatever the routing. Dropless buffers
+  // hold what the most loaded rank really receives.
+  if (plan.capacity_factor) return *plan.capacity_factor;
+  return expert_rank_load_factor(m, plan, w);
 }
 
 namespace {
@@ -131,9 +146,9 @@ double activation_bytes_per_token(const ModelSpec& m, const Plan& plan, Precisio
 namespace {
 
 struct StageParams {
-  double dense = 0;        // per GPU, before ZeRO sharding
+  double dense = 0;  // per GPU, before ZeRO sharding
   double expert = 0;
-  double max_layer_dense = 0;   // one layer's dense params per GPU (working buffers)
+  double max_layer_dense = 0;  // one layer's dense params per GPU (working buffers)
   double max_layer_expert = 0;
   std::vector<bool> moe_layers;  // of this stage
 };
@@ -148,7 +163,8 @@ StageParams stage_params(const ModelSpec& m, const Plan& plan, int stage) {
   int64_t extra_copies = 0;
   if (m.moe) {
     const ExpertReplicas& r = plan.expert_replicas;
-    if (r.kind == ExpertReplicas::Kind::kHot) extra_copies = static_cast<int64_t>(r.hot_experts) * (r.replicas - 1);
+    if (r.kind == ExpertReplicas::Kind::kHot)
+      extra_copies = static_cast<int64_t>(r.hot_experts) * (r.replicas - 1);
     if (r.kind == ExpertReplicas::Kind::kPerExpert)
       for (int c : r.per_expert) extra_copies += c - 1;
   }
@@ -172,7 +188,9 @@ StageParams stage_params(const ModelSpec& m, const Plan& plan, int stage) {
     sp.max_layer_dense = std::max(sp.max_layer_dense, dense);
     sp.max_layer_expert = std::max(sp.max_layer_expert, expert);
   }
-  if (stage == 0) sp.dense += v * h / tp + (m.learned_position_embeddings ? static_cast<double>(m.seq_len) * h : 0);
+  if (stage == 0)
+    sp.dense +=
+        v * h / tp + (m.learned_position_embeddings ? static_cast<double>(m.seq_len) * h : 0);
   if (stage == plan.pp - 1) {
     // An untied LM head, or a tied one's copy on the last stage of a pipeline.
     if (!m.tied_embeddings || plan.pp > 1) sp.dense += v * h / tp;
@@ -217,40 +235,50 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& c, const P
   } else {
     mb.dense_params = on(pl.dense_params, dense_p);
     mb.expert_params = on(pl.expert_params, expert_p);
-    if (pl.dense_params != Tier::kGPU || z3) mb.prefetch_buffers.gpu += working_layers * sp.max_layer_dense * param_bytes;
-    if (pl.expert_params != Tier::kGPU || z3) mb.prefetch_buffers.gpu += working_layers * sp.max_layer_expert * param_bytes;
-    if (pl.dense_params == Tier::kSSD) mb.prefetch_buffers.cpu += working_layers * sp.max_layer_dense * param_bytes;
-    if (pl.expert_params == Tier::kSSD) mb.prefetch_buffers.cpu += working_layers * sp.max_layer_expert * param_bytes;
+    if (pl.dense_params != Tier::kGPU || z3)
+      mb.prefetch_buffers.gpu += working_layers * sp.max_layer_dense * param_bytes;
+    if (pl.expert_params != Tier::kGPU || z3)
+      mb.prefetch_buffers.gpu += working_layers * sp.max_layer_expert * param_bytes;
+    if (pl.dense_params == Tier::kSSD)
+      mb.prefetch_buffers.cpu += working_layers * sp.max_layer_dense * param_bytes;
+    if (pl.expert_params == Tier::kSSD)
+      mb.prefetch_buffers.cpu += working_layers * sp.max_layer_expert * param_bytes;
   }
 
   if (train) {
     const double grad_div_d = plan.zero_stage >= 2 ? dense_shard : 1.0;
     const double grad_div_e = plan.zero_stage >= 2 ? expert_shard : 1.0;
-    mb.gradients = on(pl.gradients, sp.dense * sb.grad / grad_div_d + sp.expert * sb.grad / grad_div_e);
+    mb.gradients =
+        on(pl.gradients, sp.dense * sb.grad / grad_div_d + sp.expert * sb.grad / grad_div_e);
     const double opt_div_d = plan.zero_stage >= 1 ? dense_shard : 1.0;
     const double opt_div_e = plan.zero_stage >= 1 ? expert_shard : 1.0;
-    mb.optimizer_states = on(pl.optimizer_states, sp.dense * sb.optimizer / opt_div_d + sp.expert * sb.optimizer / opt_div_e);
+    mb.optimizer_states = on(pl.optimizer_states, sp.dense * sb.optimizer / opt_div_d +
+                                                      sp.expert * sb.optimizer / opt_div_e);
     if (pl.optimizer_states == Tier::kSSD)
-      mb.prefetch_buffers.cpu += working_layers * (sp.max_layer_dense + sp.max_layer_expert) * sb.optimizer;
+      mb.prefetch_buffers.cpu +=
+          working_layers * (sp.max_layer_dense + sp.max_layer_expert) * sb.optimizer;
     // Gradient buckets: one being filled, one in flight.
     mb.comm_buffers.gpu += 2.0 * static_cast<double>(plan.grad_bucket_bytes);
   }
 
   // Activations and dispatch buffers.
   const int64_t seq = w.effective_seq_len(m);
-  const double load = expert_rank_load_factor(m, plan, w);
+  const double load = expert_buffer_rows_factor(m, plan, w);
   const double e_act = w.precision == Precision::kFP32 ? 4.0 : 2.0;
   const double h = static_cast<double>(m.hidden_size);
   if (train) {
-    const double tokens = static_cast<double>(plan.micro_batch_size) * static_cast<double>(seq) / plan.cp;
+    const double tokens =
+        static_cast<double>(plan.micro_batch_size) * static_cast<double>(seq) / plan.cp;
     double stack = 0, widest = 0;
     for (bool moe : sp.moe_layers) {
       const double layer = tokens * activation_bytes_per_token(m, plan, w.precision, moe, load);
       widest = std::max(widest, layer);
-      stack += plan.recompute == Recompute::kFull ? e_act * tokens * h / (plan.sequence_parallel ? plan.tp : 1) : layer;
+      stack += plan.recompute == Recompute::kFull
+                   ? e_act * tokens * h / (plan.sequence_parallel ? plan.tp : 1)
+                   : layer;
     }
-    if (plan.recompute == Recompute::kFull) stack += 0;  // the working layer is added below
-    const int64_t micro_batches = w.global_batch_size / std::max<int64_t>(int64_t{plan.micro_batch_size} * plan.dp, 1);
+    const int64_t micro_batches =
+        w.global_batch_size / std::max<int64_t>(int64_t{plan.micro_batch_size} * plan.dp, 1);
     mb.in_flight_micro_batches = in_flight_micro_batches(plan, micro_batches, stage);
     double act = stack * mb.in_flight_micro_batches;
     if (plan.recompute == Recompute::kFull) act += widest;  // one layer recomputed at a time
@@ -263,11 +291,15 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& c, const P
       mb.activations.gpu = act;
     }
     if (m.moe) {
-      const double rows = static_cast<double>(m.moe->top_k) * tokens * load /
-                          (plan.dispatch == Dispatch::kPPMoEIndexSlice ? plan.ep : (plan.sequence_parallel ? plan.tp : 1));
+      const double rows =
+          static_cast<double>(m.moe->top_k) * tokens * load /
+          (plan.dispatch == Dispatch::kPPMoEIndexSlice ? plan.ep
+                                                       : (plan.sequence_parallel ? plan.tp : 1));
       double buf = 2.0 * rows * h * e_act;  // send and receive
-      if (plan.dispatch == Dispatch::kHierarchicalAllToAll) buf *= 2.0;  // staging for the transforms
-      if (plan.dispatch == Dispatch::kPPMoEIndexSlice) buf = tokens * h * e_act;  // all-reduce buffer
+      if (plan.dispatch == Dispatch::kHierarchicalAllToAll)
+        buf *= 2.0;  // staging for the transforms
+      if (plan.dispatch == Dispatch::kPPMoEIndexSlice)
+        buf = tokens * h * e_act;  // all-reduce buffer
       mb.dispatch_buffers.gpu = buf;
     }
   } else if (w.inference) {
@@ -281,12 +313,16 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& c, const P
       const double kv_per_rank = std::max(static_cast<double>(m.num_kv_heads) / plan.tp, 1.0);
       per_token_layer = 2.0 * kv_per_rank * static_cast<double>(m.head_dim) * e_act;
     }
-    const double kv = static_cast<double>(batch) / plan.dp * ctx * per_token_layer * static_cast<double>(sp.moe_layers.size());
+    const double kv = static_cast<double>(batch) / plan.dp * ctx * per_token_layer *
+                      static_cast<double>(sp.moe_layers.size());
     mb.kv_cache = on(pl.activations == Tier::kCPU ? Tier::kCPU : Tier::kGPU, kv);
     // Working activations of the widest layer for one prefill micro-batch.
-    const double tokens = static_cast<double>(inf.prefill_batch) / plan.dp * static_cast<double>(inf.prompt_len);
+    const double tokens =
+        static_cast<double>(inf.prefill_batch) / plan.dp * static_cast<double>(inf.prompt_len);
     double widest = 0;
-    for (bool moe : sp.moe_layers) widest = std::max(widest, tokens * activation_bytes_per_token(m, plan, w.precision, moe, load));
+    for (bool moe : sp.moe_layers)
+      widest =
+          std::max(widest, tokens * activation_bytes_per_token(m, plan, w.precision, moe, load));
     mb.activations.gpu = widest;
     mb.in_flight_micro_batches = 1;
   }

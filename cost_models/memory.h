@@ -1,11 +1,11 @@
-// Memory model: bytes one GPU of a pipeline stage holds at its peak, per tier (GPU HBM, its share of
-// host DRAM, its share of the node's SSD), broken down by tensor class.
+// Memory model: bytes one GPU of a pipeline stage holds at its peak, per tier (GPU HBM, its share
+// of host DRAM, its share of the node's SSD), broken down by tensor class.
 //
 //  - Parameters, gradients and optimizer states follow the ZeRO paper's accounting (arXiv
-//    1910.02054): mixed precision keeps 2-byte params and grads and 12 bytes of fp32 master weights,
-//    momentum and variance per parameter; fp32 training 4 + 4 + 8. Dense parameters are split by tp
-//    and sharded by ZeRO over dp*cp; expert parameters are split by ep*expert_tp and sharded over
-//    expert_dp. Stage 1 shards optimizer states, 2 also gradients, 3 also parameters.
+//    1910.02054): mixed precision keeps 2-byte params and grads and 12 bytes of fp32 master
+//    weights, momentum and variance per parameter; fp32 training 4 + 4 + 8. Dense parameters are
+//    split by tp and sharded by ZeRO over dp*cp; expert parameters are split by ep*expert_tp and
+//    sharded over expert_dp. Stage 1 shards optimizer states, 2 also gradients, 3 also parameters.
 //  - Activations per layer follow Korthikanti et al. (arXiv 2205.05198), re-derived for flash
 //    attention (no s^2 scores kept), no dropout, gated FFNs, GQA/MLA and MoE layers; sequence
 //    parallelism splits the h-sized terms over tp. Recompute: selective drops the outputs of
@@ -13,10 +13,12 @@
 //    full keeps only each layer's input plus one layer's working set.
 //  - Micro-batches in flight on stage s: GPipe m; 1F1B min(pp - s, m); interleaved 1F1B
 //    min(2(pp - s - 1) + (vp - 1) pp + 1, m vp) chunks of L_s / vp layers.
-//  - MoE dispatch: the most loaded EP rank receives load_factor times the balanced token count
-//    (from the workload's routing), capped by the capacity factor.
-//  - A class placed on "cpu" or "ssd" lives there; the GPU keeps (1 + prefetch depth) layers of it as
-//    working buffers, and an SSD-resident class is staged through the same number of layers in DRAM.
+//  - MoE dispatch: dropless, the most loaded EP rank receives load_factor times the balanced token
+//    count (from the workload's routing); with a capacity factor, buffers are padded to capacity.
+//  - A class placed on "cpu" or "ssd" lives there; the GPU keeps (1 + prefetch depth) layers of it
+//  as
+//    working buffers, and an SSD-resident class is staged through the same number of layers in
+//    DRAM.
 #pragma once
 
 #include <vector>
@@ -72,6 +74,10 @@ double in_flight_micro_batches(const Plan& plan, int64_t num_micro_batches, int 
 // How much more than a balanced share of dispatched rows the most loaded EP rank receives (>= 1),
 // capped by the capacity factor.
 double expert_rank_load_factor(const ModelSpec& m, const Plan& plan, const Workload& w);
+
+// Rows of expert buffers relative to a balanced share: capacity_factor when the plan has one
+// (buffers are padded to capacity), else expert_rank_load_factor (dropless).
+double expert_buffer_rows_factor(const ModelSpec& m, const Plan& plan, const Workload& w);
 
 // Activation bytes one layer keeps for backward, per token of the micro-batch (before dividing
 // the sequence by cp), on one GPU.

@@ -17,7 +17,8 @@ double CostProfile::gemm_efficiency_at(double min_dim) const {
     const auto& a = gemm_efficiency[i - 1];
     const auto& b = gemm_efficiency[i];
     if (min_dim <= b.min_dim) {
-      double t = (std::log2(min_dim) - std::log2(a.min_dim)) / (std::log2(b.min_dim) - std::log2(a.min_dim));
+      double t = (std::log2(min_dim) - std::log2(a.min_dim)) /
+                 (std::log2(b.min_dim) - std::log2(a.min_dim));
       return a.efficiency + t * (b.efficiency - a.efficiency);
     }
   }
@@ -30,7 +31,7 @@ CostProfile default_cost_profile(const ClusterSpec& cluster) {
   // GEMM: large bf16 GEMMs in cuBLAS reach ~75-80% of dense peak on A100/H100 (NVIDIA's "Matrix
   // Multiplication Background" guide discusses tile and wave quantisation); the fall-off for thin
   // GEMMs is an assumption until `switchyard calibrate` measures the curve.
-  p.gemm_efficiency = {{16, 0.05}, {32, 0.10},  {64, 0.20},   {128, 0.38},  {256, 0.55},
+  p.gemm_efficiency = {{16, 0.05},  {32, 0.10},   {64, 0.20},   {128, 0.38}, {256, 0.55},
                        {512, 0.68}, {1024, 0.75}, {2048, 0.78}, {4096, 0.80}};
   // FlashAttention-2 reaches 50-73% of A100 peak forward and less backward (arXiv 2307.08691);
   // 0.55 over forward and backward is our assumption.

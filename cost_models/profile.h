@@ -32,13 +32,13 @@ struct CostProfile {
   double kernel_launch_s = 0;       // launch + tail of one kernel
 
   // --- Communication (fractions of the ClusterSpec's nominal per-direction bandwidths).
-  double intra_node_efficiency = 0;  // NVLink / NVSwitch / PCIe P2P, ring and all-to-all
-  double nvls_efficiency = 0;        // all-reduce algbw over NVLink SHARP, fraction of link bw
-  double nic_ring_efficiency = 0;    // ring / tree collectives across nodes, NICs aggregated
+  double intra_node_efficiency = 0;      // NVLink / NVSwitch / PCIe P2P, ring and all-to-all
+  double nvls_efficiency = 0;            // all-reduce algbw over NVLink SHARP, fraction of link bw
+  double nic_ring_efficiency = 0;        // ring / tree collectives across nodes, NICs aggregated
   double nic_all_to_all_efficiency = 0;  // all-to-all across nodes (each GPU on its own rail)
   double nic_half_bw_message_bytes = 0;  // message size at which a NIC reaches half its bandwidth
-  double collective_base_s = 0;      // fixed cost of launching one collective
-  double p2p_issue_s = 0;            // per peer of a grouped send/recv (all-to-all)
+  double collective_base_s = 0;          // fixed cost of launching one collective
+  double p2p_issue_s = 0;                // per peer of a grouped send/recv (all-to-all)
 
   // --- Transfers between tiers.
   double pcie_efficiency = 0;

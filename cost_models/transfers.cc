@@ -15,7 +15,8 @@ TransferCost transfer_cost(TransferPath path, double bytes, const ClusterSpec& c
     case TransferPath::kHostToGpu:
     case TransferPath::kGpuToHost:
       // Each GPU has its own PCIe link, but all of them draw on the node's DRAM.
-      bw = std::min(c.host.pcie_bw_Bps * p.pcie_efficiency, c.host.dram_bw_Bps * p.dram_efficiency * share);
+      bw = std::min(c.host.pcie_bw_Bps * p.pcie_efficiency,
+                    c.host.dram_bw_Bps * p.dram_efficiency * share);
       lat = p.pcie_latency_s;
       break;
     case TransferPath::kSsdToHost:

@@ -1,13 +1,12 @@
 // The switchyard CLI: parses flags (CLI11; unknown flags are errors), loads configs, calls the
 // libraries, prints. Exit codes: 0 ok; 2 bad input (flags or configs: every problem is printed with
 // its JSON path); 1 anything else.
+#include <CLI/CLI.hpp>
 #include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <optional>
 #include <string>
-
-#include <CLI/CLI.hpp>
 
 #include "core/config_registry.h"
 #include "core/validate.h"
@@ -35,13 +34,14 @@ void print_issues(const std::vector<sy::ConfigIssue>& issues) {
 }
 
 std::string plan_summary(const sy::Plan& p) {
-  std::string s = "dp" + std::to_string(p.dp) + " tp" + std::to_string(p.tp) + " pp" + std::to_string(p.pp);
+  std::string s =
+      "dp" + std::to_string(p.dp) + " tp" + std::to_string(p.tp) + " pp" + std::to_string(p.pp);
   if (p.vp > 1) s += " vp" + std::to_string(p.vp);
   if (p.cp > 1) s += " cp" + std::to_string(p.cp);
   s += " ep" + std::to_string(p.ep);
   if (p.expert_tp > 1) s += " etp" + std::to_string(p.expert_tp);
-  s += " mbs" + std::to_string(p.micro_batch_size) + " " + std::string(sy::enum_name(p.schedule)) + " zero" +
-       std::to_string(p.zero_stage) + " " + std::string(sy::enum_name(p.dispatch));
+  s += " mbs" + std::to_string(p.micro_batch_size) + " " + std::string(sy::enum_name(p.schedule)) +
+       " zero" + std::to_string(p.zero_stage) + " " + std::string(sy::enum_name(p.dispatch));
   return s;
 }
 
@@ -51,10 +51,23 @@ std::optional<double> parse_size(std::string s) {
   while (!s.empty() && (s.back() == 'B' || s.back() == 'i')) s.pop_back();
   if (!s.empty()) {
     switch (s.back()) {
-      case 'K': case 'k': mult = 1024.0; s.pop_back(); break;
-      case 'M': case 'm': mult = 1024.0 * 1024; s.pop_back(); break;
-      case 'G': case 'g': mult = 1024.0 * 1024 * 1024; s.pop_back(); break;
-      default: break;
+      case 'K':
+      case 'k':
+        mult = 1024.0;
+        s.pop_back();
+        break;
+      case 'M':
+      case 'm':
+        mult = 1024.0 * 1024;
+        s.pop_back();
+        break;
+      case 'G':
+      case 'g':
+        mult = 1024.0 * 1024 * 1024;
+        s.pop_back();
+        break;
+      default:
+        break;
     }
   }
   try {
@@ -82,7 +95,8 @@ int cmd_validate(const Common& common, const sy::InputNames& names, bool json) {
   const auto issues = sy::validate(in.plan, in.model, in.cluster, in.workload);
   if (json) {
     sy::Json out = {{"ok", issues.empty()}, {"issues", sy::Json::array()}};
-    for (const auto& i : issues) out["issues"].push_back({{"path", i.path}, {"message", i.message}});
+    for (const auto& i : issues)
+      out["issues"].push_back({{"path", i.path}, {"message", i.message}});
     out["plan_hash"] = sy::content_hash(sy::semantic_json(in.plan));
     out["model_hash"] = sy::content_hash(sy::semantic_json(in.model));
     out["cluster_hash"] = sy::content_hash(sy::semantic_json(in.cluster));
@@ -91,65 +105,76 @@ int cmd_validate(const Common& common, const sy::InputNames& names, bool json) {
     return issues.empty() ? 0 : kExitBadInput;
   }
   if (!issues.empty()) {
-    std::cerr << "invalid: " << issues.size() << " problem" << (issues.size() > 1 ? "s" : "") << "\n";
+    std::cerr << "invalid: " << issues.size() << " problem" << (issues.size() > 1 ? "s" : "")
+              << "\n";
     print_issues(issues);
     return kExitBadInput;
   }
   std::cout << "ok\n";
-  std::cout << "  " << in.model.name << " on " << in.cluster.total_gpus() << "x " << in.cluster.gpu.name
-            << " (" << in.cluster.num_nodes << " node" << (in.cluster.num_nodes > 1 ? "s" : "")
-            << " of " << in.cluster.name << "), workload " << in.workload.name << "\n";
-  std::cout << "  plan " << (in.plan.name.empty() ? "(unnamed)" : in.plan.name) << ": " << plan_summary(in.plan)
-            << "\n";
+  std::cout << "  " << in.model.name << " on " << in.cluster.total_gpus() << "x "
+            << in.cluster.gpu.name << " (" << in.cluster.num_nodes << " node"
+            << (in.cluster.num_nodes > 1 ? "s" : "") << " of " << in.cluster.name << "), workload "
+            << in.workload.name << "\n";
+  std::cout << "  plan " << (in.plan.name.empty() ? "(unnamed)" : in.plan.name) << ": "
+            << plan_summary(in.plan) << "\n";
   const auto mem = sy::peak_memory_per_gpu(in.model, in.cluster, in.plan, in.workload,
                                            sy::default_cost_profile(in.cluster));
   const auto total = mem.total();
   std::cout << "  peak memory per GPU (stage " << mem.stage << "): gpu " << gib(total.gpu) << " of "
-            << gib(static_cast<double>(in.cluster.gpu.hbm_bytes)) << ", cpu " << gib(total.cpu) << ", ssd "
-            << gib(total.ssd) << "\n";
+            << gib(static_cast<double>(in.cluster.gpu.hbm_bytes)) << ", cpu " << gib(total.cpu)
+            << ", ssd " << gib(total.ssd) << "\n";
   const std::pair<const char*, const sy::TierBytes*> parts[] = {
-      {"dense params", &mem.dense_params}, {"expert params", &mem.expert_params}, {"gradients", &mem.gradients},
-      {"optimizer", &mem.optimizer_states}, {"activations", &mem.activations}, {"kv cache", &mem.kv_cache},
+      {"dense params", &mem.dense_params}, {"expert params", &mem.expert_params},
+      {"gradients", &mem.gradients},       {"optimizer", &mem.optimizer_states},
+      {"activations", &mem.activations},   {"kv cache", &mem.kv_cache},
       {"dispatch", &mem.dispatch_buffers}, {"comm buffers", &mem.comm_buffers},
       {"prefetch", &mem.prefetch_buffers}, {"runtime", &mem.runtime}};
   std::cout << "   ";
   for (const auto& [name, bytes] : parts)
-    if (bytes->total() > 0) std::cout << " " << name << " " << fmt("%.2f", bytes->gpu / double(1ull << 30));
-  std::cout << " (GiB on the GPU; " << fmt("%.1f", mem.in_flight_micro_batches) << " micro-batches in flight)\n";
+    if (bytes->total() > 0)
+      std::cout << " " << name << " " << fmt("%.2f", bytes->gpu / double(1ull << 30));
+  std::cout << " (GiB on the GPU; " << fmt("%.1f", mem.in_flight_micro_batches)
+            << " micro-batches in flight)\n";
   if (total.gpu > static_cast<double>(in.cluster.gpu.hbm_bytes))
-    std::cout << "  note: the predicted peak exceeds the GPU's memory; the plan is valid but may not fit\n";
+    std::cout << "  note: the predicted peak exceeds the GPU's memory; the plan is valid but may "
+                 "not fit\n";
   return 0;
 }
 
-int cmd_info(const Common& common, const std::string& model_name, const std::string& cluster_name, int nodes) {
+int cmd_info(const Common& common, const std::string& model_name, const std::string& cluster_name,
+             int nodes) {
   const sy::ConfigRegistry reg = common.registry();
   if (!model_name.empty()) {
     const sy::ModelSpec m = reg.load_model(model_name);
     const sy::ParamCounts c = sy::count_params(m);
     const sy::FlopsPerToken f = sy::flops_per_token(m, m.seq_len);
     std::cout << "model " << m.name << ": " << m.description << "\n";
-    std::cout << "  layers " << m.num_layers << " (" << m.num_moe_layers() << " MoE), hidden " << m.hidden_size
-              << ", heads " << m.num_attention_heads << "/" << m.num_kv_heads << ", vocab " << m.vocab_size << "\n";
-    std::cout << "  params total " << billions(double(c.total())) << ", active " << billions(double(c.active))
-              << ", dense " << billions(double(c.dense())) << ", expert " << billions(double(c.expert())) << "\n";
+    std::cout << "  layers " << m.num_layers << " (" << m.num_moe_layers() << " MoE), hidden "
+              << m.hidden_size << ", heads " << m.num_attention_heads << "/" << m.num_kv_heads
+              << ", vocab " << m.vocab_size << "\n";
+    std::cout << "  params total " << billions(double(c.total())) << ", active "
+              << billions(double(c.active)) << ", dense " << billions(double(c.dense()))
+              << ", expert " << billions(double(c.expert())) << "\n";
     if (m.published)
       std::cout << "  published total " << billions(m.published->total_params) << " ("
-                << fmt("%+.2f%%", 100.0 * (double(c.total()) / m.published->total_params - 1)) << ")\n";
-    std::cout << "  model FLOPs per token at seq " << m.seq_len << ": forward " << fmt("%.3g", f.forward)
-              << ", forward+backward " << fmt("%.3g", f.total()) << "\n";
+                << fmt("%+.2f%%", 100.0 * (double(c.total()) / m.published->total_params - 1))
+                << ")\n";
+    std::cout << "  model FLOPs per token at seq " << m.seq_len << ": forward "
+              << fmt("%.3g", f.forward) << ", forward+backward " << fmt("%.3g", f.total()) << "\n";
     std::cout << "  content hash " << sy::content_hash(sy::semantic_json(m)) << "\n";
   }
   if (!cluster_name.empty()) {
     sy::ClusterSpec c = reg.load_cluster(cluster_name);
     if (nodes > 0) c = sy::with_nodes(std::move(c), nodes);
     std::cout << "cluster " << c.name << ": " << c.description << "\n";
-    std::cout << "  " << c.num_nodes << " nodes x " << c.gpus_per_node << " " << c.gpu.name << ", HBM "
-              << gib(double(c.gpu.hbm_bytes)) << " at " << fmt("%.0f GB/s", c.gpu.hbm_bw_Bps / 1e9) << ", bf16 "
+    std::cout << "  " << c.num_nodes << " nodes x " << c.gpus_per_node << " " << c.gpu.name
+              << ", HBM " << gib(double(c.gpu.hbm_bytes)) << " at "
+              << fmt("%.0f GB/s", c.gpu.hbm_bw_Bps / 1e9) << ", bf16 "
               << fmt("%.0f TFLOP/s", c.gpu.peak_bf16_flops / 1e12) << "\n";
     std::cout << "  intra-node " << sy::enum_name(c.intra_node.fabric) << " "
-              << fmt("%.0f GB/s", c.intra_node.bw_Bps / 1e9) << " per GPU" << (c.intra_node.nvls ? " (NVLS)" : "")
-              << "; " << c.inter_node.nics_per_node << " NICs x " << fmt("%.1f GB/s", c.inter_node.nic_bw_Bps / 1e9)
-              << " per node\n";
+              << fmt("%.0f GB/s", c.intra_node.bw_Bps / 1e9) << " per GPU"
+              << (c.intra_node.nvls ? " (NVLS)" : "") << "; " << c.inter_node.nics_per_node
+              << " NICs x " << fmt("%.1f GB/s", c.inter_node.nic_bw_Bps / 1e9) << " per node\n";
     std::cout << "  content hash " << sy::content_hash(sy::semantic_json(c)) << "\n";
   }
   return 0;
@@ -171,38 +196,48 @@ int cmd_list(const Common& common, const std::string& what) {
   return 0;
 }
 
-int cmd_collective(const Common& common, const std::string& cluster_name, int nodes, const std::string& op_name,
-                   const std::string& min_size, const std::string& max_size, int ranks_per_node) {
+int cmd_collective(const Common& common, const std::string& cluster_name, int nodes,
+                   const std::string& op_name, const std::string& min_size,
+                   const std::string& max_size, int ranks_per_node) {
   const sy::ConfigRegistry reg = common.registry();
   sy::ClusterSpec c = reg.load_cluster(cluster_name);
   if (nodes > 0) c = sy::with_nodes(std::move(c), nodes);
   const std::pair<const char*, sy::Collective> ops[] = {
-      {"all_reduce", sy::Collective::kAllReduce}, {"all_gather", sy::Collective::kAllGather},
-      {"reduce_scatter", sy::Collective::kReduceScatter}, {"all_to_all", sy::Collective::kAllToAll},
-      {"hierarchical_all_to_all", sy::Collective::kAllToAll}, {"broadcast", sy::Collective::kBroadcast}};
+      {"all_reduce", sy::Collective::kAllReduce},
+      {"all_gather", sy::Collective::kAllGather},
+      {"reduce_scatter", sy::Collective::kReduceScatter},
+      {"all_to_all", sy::Collective::kAllToAll},
+      {"hierarchical_all_to_all", sy::Collective::kAllToAll},
+      {"broadcast", sy::Collective::kBroadcast}};
   std::optional<sy::Collective> op;
-  for (const auto& [n, o] : ops) if (op_name == n) op = o;
-  if (!op) throw sy::ConfigError("--op", "unknown collective \"" + op_name +
-                                            "\"; expected all_reduce, all_gather, reduce_scatter, all_to_all, "
-                                            "hierarchical_all_to_all or broadcast");
+  for (const auto& [n, o] : ops)
+    if (op_name == n) op = o;
+  if (!op)
+    throw sy::ConfigError("--op",
+                          "unknown collective \"" + op_name +
+                              "\"; expected all_reduce, all_gather, reduce_scatter, all_to_all, "
+                              "hierarchical_all_to_all or broadcast");
   auto lo = parse_size(min_size), hi = parse_size(max_size);
   if (!lo) throw sy::ConfigError("--min-bytes", "not a size: \"" + min_size + "\"");
   if (!hi) throw sy::ConfigError("--max-bytes", "not a size: \"" + max_size + "\"");
   if (ranks_per_node <= 0) ranks_per_node = c.gpus_per_node;
   if (ranks_per_node > c.gpus_per_node)
     throw sy::ConfigError("--ranks-per-node", std::to_string(ranks_per_node) + " exceeds the " +
-                                                  std::to_string(c.gpus_per_node) + " GPUs of a node");
+                                                  std::to_string(c.gpus_per_node) +
+                                                  " GPUs of a node");
   const sy::GroupLayout g{ranks_per_node * c.num_nodes, ranks_per_node};
   const sy::CostProfile prof = sy::default_cost_profile(c);
-  std::cout << "# predicted " << op_name << " on " << c.name << ": " << c.num_nodes << " node(s) x " << ranks_per_node
-            << " ranks, cost profile \"" << prof.name << "\"\n";
-  std::cout << "#        size(B)      time(us)  algbw(GB/s)  busbw(GB/s)  algorithm     bottleneck\n";
+  std::cout << "# predicted " << op_name << " on " << c.name << ": " << c.num_nodes << " node(s) x "
+            << ranks_per_node << " ranks, cost profile \"" << prof.name << "\"\n";
+  std::cout
+      << "#        size(B)      time(us)  algbw(GB/s)  busbw(GB/s)  algorithm     bottleneck\n";
   for (double s = *lo; s <= *hi * 1.0000001; s *= 2) {
     const sy::CollectiveCost cost = op_name == "hierarchical_all_to_all"
                                         ? sy::hierarchical_all_to_all_cost(s, g, c, prof)
                                         : sy::collective_cost(*op, s, g, c, prof);
-    std::printf("%16.0f %13.1f %12.2f %12.2f  %-12s  %s\n", s, cost.time_s * 1e6, cost.algbw_Bps / 1e9,
-                cost.busbw_Bps / 1e9, std::string(cost.algorithm).c_str(), std::string(cost.bottleneck).c_str());
+    std::printf("%16.0f %13.1f %12.2f %12.2f  %-12s  %s\n", s, cost.time_s * 1e6,
+                cost.algbw_Bps / 1e9, cost.busbw_Bps / 1e9, std::string(cost.algorithm).c_str(),
+                std::string(cost.bottleneck).c_str());
   }
   return 0;
 }
@@ -210,30 +245,39 @@ int cmd_collective(const Common& common, const std::string& cluster_name, int no
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"switchyard: plan, predict and run the parallel execution of Mixture-of-Experts models"};
+  CLI::App app{
+      "switchyard: plan, predict and run the parallel execution of Mixture-of-Experts models"};
   app.require_subcommand(1);
   Common common;
   common.program = argv[0];
-  app.add_option("--configs", common.configs, "Directory of bundled configs (default: $SWITCHYARD_CONFIGS, "
-                                              "then the installed or source tree's configs/)");
+  app.add_option("--configs", common.configs,
+                 "Directory of bundled configs (default: $SWITCHYARD_CONFIGS, "
+                 "then the installed or source tree's configs/)");
 
   sy::InputNames names;
   bool json = false;
-  auto* validate = app.add_subcommand("validate", "Check a plan against its model, cluster and workload");
-  validate->add_option("--model", names.model, "Model: bundled name or path (default: the plan's \"for\")");
-  validate->add_option("--cluster", names.cluster, "Cluster: bundled name or path (default: the plan's \"for\")");
-  validate->add_option("--nodes", names.nodes, "Override the cluster's node count")->check(CLI::PositiveNumber);
+  auto* validate =
+      app.add_subcommand("validate", "Check a plan against its model, cluster and workload");
+  validate->add_option("--model", names.model,
+                       "Model: bundled name or path (default: the plan's \"for\")");
+  validate->add_option("--cluster", names.cluster,
+                       "Cluster: bundled name or path (default: the plan's \"for\")");
+  validate->add_option("--nodes", names.nodes, "Override the cluster's node count")
+      ->check(CLI::PositiveNumber);
   validate->add_option("--plan", names.plan, "Plan: bundled name or path")->required();
-  validate->add_option("--workload", names.workload, "Workload: bundled name or path (default: the plan's \"for\", "
-                                                     "else training at bf16 with one micro-batch per DP rank)");
+  validate->add_option("--workload", names.workload,
+                       "Workload: bundled name or path (default: the plan's \"for\", "
+                       "else training at bf16 with one micro-batch per DP rank)");
   validate->add_flag("--json", json, "Print the result as JSON");
 
   std::string info_model, info_cluster;
   int info_nodes = 0;
-  auto* info = app.add_subcommand("info", "Show a model's derived parameter counts and FLOPs, or a cluster");
+  auto* info =
+      app.add_subcommand("info", "Show a model's derived parameter counts and FLOPs, or a cluster");
   info->add_option("--model", info_model, "Model: bundled name or path");
   info->add_option("--cluster", info_cluster, "Cluster: bundled name or path");
-  info->add_option("--nodes", info_nodes, "Override the cluster's node count")->check(CLI::PositiveNumber);
+  info->add_option("--nodes", info_nodes, "Override the cluster's node count")
+      ->check(CLI::PositiveNumber);
 
   std::string list_what;
   auto* list = app.add_subcommand("list", "List the bundled configs");
@@ -242,12 +286,15 @@ int main(int argc, char** argv) {
 
   std::string coll_cluster, coll_op = "all_reduce", coll_min = "1M", coll_max = "8G";
   int coll_nodes = 0, coll_rpn = 0;
-  auto* coll = app.add_subcommand("collective", "Predicted time and bus bandwidth of a collective over sizes "
-                                                "(nccl-tests conventions)");
+  auto* coll = app.add_subcommand("collective",
+                                  "Predicted time and bus bandwidth of a collective over sizes "
+                                  "(nccl-tests conventions)");
   coll->add_option("--cluster", coll_cluster, "Cluster: bundled name or path")->required();
-  coll->add_option("--nodes", coll_nodes, "Override the cluster's node count")->check(CLI::PositiveNumber);
-  coll->add_option("--op", coll_op, "all_reduce, all_gather, reduce_scatter, all_to_all, "
-                                    "hierarchical_all_to_all, broadcast");
+  coll->add_option("--nodes", coll_nodes, "Override the cluster's node count")
+      ->check(CLI::PositiveNumber);
+  coll->add_option("--op", coll_op,
+                   "all_reduce, all_gather, reduce_scatter, all_to_all, "
+                   "hierarchical_all_to_all, broadcast");
   coll->add_option("--min-bytes", coll_min, "Smallest size (e.g. 1M)");
   coll->add_option("--max-bytes", coll_max, "Largest size (e.g. 8G)");
   coll->add_option("--ranks-per-node", coll_rpn, "Group members per node (default: every GPU)");
@@ -271,9 +318,12 @@ int main(int argc, char** argv) {
       return cmd_info(common, info_model, info_cluster, info_nodes);
     }
     if (*list) return cmd_list(common, list_what);
-    if (*coll) return cmd_collective(common, coll_cluster, coll_nodes, coll_op, coll_min, coll_max, coll_rpn);
+    if (*coll)
+      return cmd_collective(common, coll_cluster, coll_nodes, coll_op, coll_min, coll_max,
+                            coll_rpn);
   } catch (const sy::ConfigError& e) {
-    std::cerr << "error: " << e.issues().size() << " problem" << (e.issues().size() > 1 ? "s" : "") << " in the input\n";
+    std::cerr << "error: " << e.issues().size() << " problem" << (e.issues().size() > 1 ? "s" : "")
+              << " in the input\n";
     print_issues(e.issues());
     return kExitBadInput;
   } catch (const std::exception& e) {

@@ -2,11 +2,11 @@
 // throws (library code never exits): a caller decides whether a failure ends the run.
 #pragma once
 
-#include <stdexcept>
-#include <string>
-
 #include <cuda_runtime.h>
 #include <nccl.h>
+
+#include <stdexcept>
+#include <string>
 
 namespace switchyard {
 
@@ -24,21 +24,22 @@ class DeviceError : public std::runtime_error {
 #define SWITCHYARD_STR2(x) #x
 #define SWITCHYARD_STR(x) SWITCHYARD_STR2(x)
 
-#define CUDA_CHECK(call)                                                                       \
-  do {                                                                                         \
-    cudaError_t err_ = (call);                                                                 \
-    if (err_ != cudaSuccess)                                                                   \
+#define CUDA_CHECK(call)                                                                          \
+  do {                                                                                            \
+    cudaError_t err_ = (call);                                                                    \
+    if (err_ != cudaSuccess)                                                                      \
       throw ::switchyard::DeviceError(std::string(#call) + " failed: " + cudaGetErrorName(err_) + \
-                                          " (" + cudaGetErrorString(err_) + ") at " __FILE__   \
-                                          ":" SWITCHYARD_STR(__LINE__),                        \
-                                      static_cast<int>(err_));                                 \
+                                          " (" + cudaGetErrorString(err_) +                       \
+                                          ") at " __FILE__ ":" SWITCHYARD_STR(__LINE__),          \
+                                      static_cast<int>(err_));                                    \
   } while (0)
 
-#define NCCL_CHECK(call)                                                                        \
-  do {                                                                                          \
-    ncclResult_t res_ = (call);                                                                 \
-    if (res_ != ncclSuccess)                                                                    \
-      throw ::switchyard::DeviceError(std::string(#call) + " failed: " + ncclGetErrorString(res_) + \
-                                          " at " __FILE__ ":" SWITCHYARD_STR(__LINE__),         \
-                                      static_cast<int>(res_));                                  \
+#define NCCL_CHECK(call)                                                                \
+  do {                                                                                  \
+    ncclResult_t res_ = (call);                                                         \
+    if (res_ != ncclSuccess)                                                            \
+      throw ::switchyard::DeviceError(std::string(#call) +                              \
+                                          " failed: " + ncclGetErrorString(res_) +      \
+                                          " at " __FILE__ ":" SWITCHYARD_STR(__LINE__), \
+                                      static_cast<int>(res_));                          \
   } while (0)

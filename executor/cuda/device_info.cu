@@ -1,6 +1,5 @@
-#include "executor/cuda/device_info.h"
-
 #include "executor/cuda/cuda_check.h"
+#include "executor/cuda/device_info.h"
 
 namespace switchyard {
 
@@ -9,7 +8,9 @@ std::vector<CudaDeviceInfo> cuda_devices(std::string* reason) {
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess) {
-    if (reason) *reason = std::string("cudaGetDeviceCount: ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
+    if (reason)
+      *reason = std::string("cudaGetDeviceCount: ") + cudaGetErrorName(err) + " (" +
+                cudaGetErrorString(err) + ")";
     cudaGetLastError();  // clear the sticky error
     return out;
   }

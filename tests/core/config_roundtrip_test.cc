@@ -1,8 +1,8 @@
 // Every bundled config: parse -> serialise -> parse is the identity, and the content hash does not
 // depend on key order, whitespace, or how an integer is written; it changes with semantics only.
-#include <functional>
-
 #include <gtest/gtest.h>
+
+#include <functional>
 
 #include "tests/core/test_util.h"
 
@@ -25,7 +25,8 @@ OrderedJson scramble(const Json& j) {
     for (const auto& v : j) out.push_back(scramble(v));
     return out;
   }
-  if (j.is_number_integer() || j.is_number_unsigned()) return OrderedJson(static_cast<double>(j.get<int64_t>()));
+  if (j.is_number_integer() || j.is_number_unsigned())
+    return OrderedJson(static_cast<double>(j.get<int64_t>()));
   return OrderedJson::parse(j.dump());
 }
 
@@ -50,18 +51,23 @@ void check_kind(ConfigKind kind, std::function<Spec(const Json&)> parse) {
   }
 }
 
-TEST(RoundTrip, Models) { check_kind<ModelSpec>(ConfigKind::kModel, [](const Json& j) { return parse_model(j); }); }
+TEST(RoundTrip, Models) {
+  check_kind<ModelSpec>(ConfigKind::kModel, [](const Json& j) { return parse_model(j); });
+}
 TEST(RoundTrip, Clusters) {
   check_kind<ClusterSpec>(ConfigKind::kCluster, [](const Json& j) { return parse_cluster(j); });
 }
-TEST(RoundTrip, Plans) { check_kind<Plan>(ConfigKind::kPlan, [](const Json& j) { return parse_plan(j); }); }
+TEST(RoundTrip, Plans) {
+  check_kind<Plan>(ConfigKind::kPlan, [](const Json& j) { return parse_plan(j); });
+}
 TEST(RoundTrip, Workloads) {
   check_kind<Workload>(ConfigKind::kWorkload, [](const Json& j) { return parse_workload(j); });
 }
 
 TEST(ContentHash, IgnoresMetadataAndDefaultsButNotSemantics) {
   Plan a = parse_plan(Json::parse(R"({"schema_version": 1, "name": "a", "dp": 8})"));
-  Plan b = parse_plan(Json::parse(R"({"schema_version": 1, "name": "b", "description": "same plan", "dp": 8,
+  Plan b = parse_plan(
+      Json::parse(R"({"schema_version": 1, "name": "b", "description": "same plan", "dp": 8,
                                       "tp": 1, "schedule": "1f1b", "capacity_factor": null})"));
   EXPECT_EQ(content_hash(semantic_json(a)), content_hash(semantic_json(b)));
   Plan c = parse_plan(Json::parse(R"({"schema_version": 1, "dp": 4})"));
@@ -74,12 +80,13 @@ TEST(ContentHash, IgnoresMetadataAndDefaultsButNotSemantics) {
 TEST(ContentHash, StableAcrossVersions) {
   // A store key must never change for the same content: pin one.
   Plan p = parse_plan(Json::parse(R"({"schema_version": 1})"));
-  EXPECT_EQ(canonical_dump(semantic_json(p)),
-            R"({"capacity_factor":null,"cp":1,"dispatch":"all_to_all","dp":1,"ep":1,"expert_replicas":null,)"
-            R"("expert_tp":1,"grad_bucket_bytes":25000000,"micro_batch_size":1,"placement":{"activations":"gpu",)"
-            R"("dense_params":"gpu","expert_params":"gpu","gradients":"gpu","optimizer_states":"gpu"},"pp":1,)"
-            R"("prefetch":{"depth":0,"direction":"none"},"recompute":"none","ring_sections":0,"schedule":"1f1b",)"
-            R"("sequence_parallel":false,"stage_layers":null,"tp":1,"vp":1,"zero_stage":0})");
+  EXPECT_EQ(
+      canonical_dump(semantic_json(p)),
+      R"({"capacity_factor":null,"cp":1,"dispatch":"all_to_all","dp":1,"ep":1,"expert_replicas":null,)"
+      R"("expert_tp":1,"grad_bucket_bytes":25000000,"micro_batch_size":1,"placement":{"activations":"gpu",)"
+      R"("dense_params":"gpu","expert_params":"gpu","gradients":"gpu","optimizer_states":"gpu"},"pp":1,)"
+      R"("prefetch":{"depth":0,"direction":"none"},"recompute":"none","ring_sections":0,"schedule":"1f1b",)"
+      R"("sequence_parallel":false,"stage_layers":null,"tp":1,"vp":1,"zero_stage":0})");
 }
 
 }  // namespace

@@ -1,13 +1,13 @@
 // Malformed and truncated configs never crash: every mutation of every bundled file either parses
 // or raises ConfigError (never another exception), and what parses can be validated. Mutations are
 // drawn from a fixed seed, so a failure reproduces.
+#include <gtest/gtest.h>
+
 #include <functional>
 #include <random>
 
-#include <gtest/gtest.h>
-
-#include "tests/core/test_util.h"
 #include "core/validate.h"
+#include "tests/core/test_util.h"
 
 namespace switchyard {
 namespace {
@@ -19,16 +19,26 @@ std::string mutate_text(std::string s, std::mt19937& rng) {
   std::uniform_int_distribution<size_t> pos(0, s.size() - 1);
   std::uniform_int_distribution<size_t> ch(0, kChars.size() - 1);
   switch (op(rng)) {
-    case 0: s.resize(pos(rng)); break;                       // truncate
-    case 1: s.erase(pos(rng), 1); break;                     // delete a byte
-    case 2: s.insert(pos(rng), 1, kChars[ch(rng)]); break;   // insert a byte
-    case 3: s[pos(rng)] = kChars[ch(rng)]; break;            // replace a byte
-    case 4: {                                                // duplicate a span
+    case 0:
+      s.resize(pos(rng));
+      break;  // truncate
+    case 1:
+      s.erase(pos(rng), 1);
+      break;  // delete a byte
+    case 2:
+      s.insert(pos(rng), 1, kChars[ch(rng)]);
+      break;  // insert a byte
+    case 3:
+      s[pos(rng)] = kChars[ch(rng)];
+      break;   // replace a byte
+    case 4: {  // duplicate a span
       size_t a = pos(rng), b = std::min(s.size(), a + 1 + pos(rng) % 40);
       s.insert(b, s.substr(a, b - a));
       break;
     }
-    default: s[pos(rng)] = static_cast<char>(rng() & 0xff); break;  // any byte
+    default:
+      s[pos(rng)] = static_cast<char>(rng() & 0xff);
+      break;  // any byte
   }
   return s;
 }
@@ -43,25 +53,41 @@ void mutate_tree(Json& j, std::mt19937& rng) {
   };
   collect(j);
   Json* target = nodes[rng() % nodes.size()];
-  static const Json kValues[] = {Json("text"), Json(-1), Json(0), Json(1e300), Json(-1e300), Json(9.5),
-                                 Json(nullptr), Json::array(), Json::object(), Json(true),
-                                 Json(int64_t{1} << 62), Json::parse("[1, 2, 3]"), Json(2147483648.0)};
+  static const Json kValues[] = {Json("text"),
+                                 Json(-1),
+                                 Json(0),
+                                 Json(1e300),
+                                 Json(-1e300),
+                                 Json(9.5),
+                                 Json(nullptr),
+                                 Json::array(),
+                                 Json::object(),
+                                 Json(true),
+                                 Json(int64_t{1} << 62),
+                                 Json::parse("[1, 2, 3]"),
+                                 Json(2147483648.0)};
   switch (rng() % 3) {
-    case 0: *target = kValues[rng() % std::size(kValues)]; break;
+    case 0:
+      *target = kValues[rng() % std::size(kValues)];
+      break;
     case 1:
-      if (target->is_object() && !target->empty()) target->erase(target->begin());
-      else *target = kValues[rng() % std::size(kValues)];
+      if (target->is_object() && !target->empty())
+        target->erase(target->begin());
+      else
+        *target = kValues[rng() % std::size(kValues)];
       break;
     default:
-      if (target->is_object()) (*target)["unexpected_key"] = 1;
-      else *target = kValues[rng() % std::size(kValues)];
+      if (target->is_object())
+        (*target)["unexpected_key"] = 1;
+      else
+        *target = kValues[rng() % std::size(kValues)];
       break;
   }
 }
 
 template <typename Spec>
-int fuzz_kind(ConfigKind kind, std::function<Spec(const Json&)> parse, std::function<void(const Spec&)> use,
-              uint32_t seed) {
+int fuzz_kind(ConfigKind kind, std::function<Spec(const Json&)> parse,
+              std::function<void(const Spec&)> use, uint32_t seed) {
   const ConfigRegistry reg = testing::bundled();
   std::mt19937 rng(seed);
   int parsed = 0;
@@ -83,7 +109,8 @@ int fuzz_kind(ConfigKind kind, std::function<Spec(const Json&)> parse, std::func
           for (const auto& issue : e.issues()) EXPECT_FALSE(issue.message.empty());
         } catch (const std::exception& e) {
           ADD_FAILURE() << name << ": unexpected " << typeid(e).name() << ": " << e.what()
-                        << "\ninput:\n" << (variant == 0 ? mutated_text : tree.dump());
+                        << "\ninput:\n"
+                        << (variant == 0 ? mutated_text : tree.dump());
         }
       }
     }
@@ -102,37 +129,44 @@ class Fuzz : public ::testing::Test {
 
 TEST_F(Fuzz, Models) {
   const Inputs in = base();
-  int parsed = fuzz_kind<ModelSpec>(ConfigKind::kModel, [](const Json& j) { return parse_model(j); },
-                                    [&](const ModelSpec& m) {
-                                      count_params(m);
-                                      flops_per_token(m, m.seq_len);
-                                      validate(in.plan, m, in.cluster, in.workload);
-                                    }, 1);
+  int parsed = fuzz_kind<ModelSpec>(
+      ConfigKind::kModel, [](const Json& j) { return parse_model(j); },
+      [&](const ModelSpec& m) {
+        count_params(m);
+        flops_per_token(m, m.seq_len);
+        validate(in.plan, m, in.cluster, in.workload);
+      },
+      1);
   EXPECT_GT(parsed, 0);  // some mutations are harmless (whitespace, a description)
 }
 
 TEST_F(Fuzz, Clusters) {
   const Inputs in = base();
-  fuzz_kind<ClusterSpec>(ConfigKind::kCluster, [](const Json& j) { return parse_cluster(j); },
-                         [&](const ClusterSpec& c) { validate(in.plan, in.model, c, in.workload); }, 2);
+  fuzz_kind<ClusterSpec>(
+      ConfigKind::kCluster, [](const Json& j) { return parse_cluster(j); },
+      [&](const ClusterSpec& c) { validate(in.plan, in.model, c, in.workload); }, 2);
 }
 
 TEST_F(Fuzz, Plans) {
   const Inputs in = base();
-  fuzz_kind<Plan>(ConfigKind::kPlan, [](const Json& j) { return parse_plan(j); },
-                  [&](const Plan& p) {
-                    validate(p, in.model, in.cluster, in.workload);
-                    resolve_stage_layers(p, in.model);
-                  }, 3);
+  fuzz_kind<Plan>(
+      ConfigKind::kPlan, [](const Json& j) { return parse_plan(j); },
+      [&](const Plan& p) {
+        validate(p, in.model, in.cluster, in.workload);
+        resolve_stage_layers(p, in.model);
+      },
+      3);
 }
 
 TEST_F(Fuzz, Workloads) {
   const Inputs in = base();
-  fuzz_kind<Workload>(ConfigKind::kWorkload, [](const Json& j) { return parse_workload(j); },
-                      [&](const Workload& w) {
-                        validate(in.plan, in.model, in.cluster, w);
-                        expert_load_fractions(w, in.model);
-                      }, 4);
+  fuzz_kind<Workload>(
+      ConfigKind::kWorkload, [](const Json& j) { return parse_workload(j); },
+      [&](const Workload& w) {
+        validate(in.plan, in.model, in.cluster, w);
+        expert_load_fractions(w, in.model);
+      },
+      4);
 }
 
 }  // namespace

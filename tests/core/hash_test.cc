@@ -1,8 +1,8 @@
 #include "core/hash.h"
 
-#include <string>
-
 #include <gtest/gtest.h>
+
+#include <string>
 
 namespace switchyard {
 namespace {

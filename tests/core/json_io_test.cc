@@ -5,14 +5,16 @@
 namespace switchyard {
 namespace {
 
-bool has_issue(const std::vector<ConfigIssue>& issues, const std::string& path, const std::string& fragment) {
+bool has_issue(const std::vector<ConfigIssue>& issues, const std::string& path,
+               const std::string& fragment) {
   for (const auto& i : issues)
     if (i.path == path && i.message.find(fragment) != std::string::npos) return true;
   return false;
 }
 
 TEST(JsonReader, ReadsTypedValuesAndRejectsUnknownKeys) {
-  Json j = Json::parse(R"({"a": 3, "b": 2.5, "c": true, "d": "x", "e": 8.589934592e10, "extra": 1})");
+  Json j =
+      Json::parse(R"({"a": 3, "b": 2.5, "c": true, "d": "x", "e": 8.589934592e10, "extra": 1})");
   std::vector<ConfigIssue> issues;
   JsonReader r(j, "root", issues);
   int64_t a = 0, e = 0;

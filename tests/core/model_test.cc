@@ -1,8 +1,8 @@
 #include "core/model.h"
 
-#include <cmath>
-
 #include <gtest/gtest.h>
+
+#include <cmath>
 
 #include "tests/core/test_util.h"
 
@@ -59,11 +59,12 @@ TEST(ModelSpec, FlopsPerTokenByHand) {
 
 TEST(ModelSpec, MultiTaskGatesCountOncePerTask) {
   Json j = tiny_model_json();
-  j["tasks"] = Json::parse(R"([{"name": "a", "token_share": 0.25}, {"name": "b", "token_share": 0.75}])");
+  j["tasks"] =
+      Json::parse(R"([{"name": "a", "token_share": 0.25}, {"name": "b", "token_share": 0.75}])");
   ModelSpec m = parse_model(j);
   ParamCounts c = count_params(m);
-  EXPECT_EQ(c.gates, 64);           // two gates of 8*4
-  EXPECT_EQ(c.active, 1432);        // a token passes through one gate
+  EXPECT_EQ(c.gates, 64);     // two gates of 8*4
+  EXPECT_EQ(c.active, 1432);  // a token passes through one gate
   EXPECT_EQ(c.total(), 1720 + 32);
 }
 
@@ -82,12 +83,12 @@ TEST(ModelSpec, BundledModelsMatchPublishedParameterCounts) {
     if (!m.published) continue;
     ParamCounts c = count_params(m);
     const double total_err = static_cast<double>(c.total()) / m.published->total_params - 1.0;
-    EXPECT_LE(std::fabs(total_err), 0.02) << name << ": derived total " << c.total() << " vs published "
-                                          << m.published->total_params;
+    EXPECT_LE(std::fabs(total_err), 0.02)
+        << name << ": derived total " << c.total() << " vs published " << m.published->total_params;
     if (m.published->active_params > 0) {
       const double active_err = static_cast<double>(c.active) / m.published->active_params - 1.0;
-      EXPECT_LE(std::fabs(active_err), 0.02) << name << ": derived active " << c.active << " vs published "
-                                             << m.published->active_params;
+      EXPECT_LE(std::fabs(active_err), 0.02) << name << ": derived active " << c.active
+                                             << " vs published " << m.published->active_params;
     }
     ++checked;
   }
@@ -105,7 +106,9 @@ TEST(ModelSpec, RejectsInconsistentArchitecture) {
     FAIL() << "expected ConfigError";
   } catch (const ConfigError& e) {
     std::string all = e.what();
-    EXPECT_NE(all.find("model.num_kv_heads: 3 does not divide num_attention_heads 2"), std::string::npos) << all;
+    EXPECT_NE(all.find("model.num_kv_heads: 3 does not divide num_attention_heads 2"),
+              std::string::npos)
+        << all;
     EXPECT_NE(all.find("model.moe.top_k: top_k 5 exceeds num_experts 4"), std::string::npos) << all;
     EXPECT_NE(all.find("model.moe.layers[1]: layer 7 is outside [0, 2)"), std::string::npos) << all;
     EXPECT_NE(all.find("model.moe.layers[2]: layer 0 listed twice"), std::string::npos) << all;

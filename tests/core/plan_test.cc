@@ -1,8 +1,8 @@
 #include "core/plan.h"
 
-#include <numeric>
-
 #include <gtest/gtest.h>
+
+#include <numeric>
 
 #include "tests/core/test_util.h"
 
@@ -56,7 +56,8 @@ TEST(PlanSpec, StageLayersBalancedSplit) {
 
 TEST(PlanSpec, ReportsEveryProblemWithItsPath) {
   try {
-    plan_from(R"({"schema_version": 1, "dp": "eight", "tp": 0, "schedule": "zigzag", "zero_stage": 4,
+    plan_from(
+        R"({"schema_version": 1, "dp": "eight", "tp": 0, "schedule": "zigzag", "zero_stage": 4,
                   "capacity_factor": 0, "prefetch": {"depth": 2}, "ring_sections": 1,
                   "expert_replicas": {"hot_experts": 2, "replicas": 2, "per_expert": [1]},
                   "placement": {"activations": "ssd", "weights": "gpu"}, "stage_layers": [3, 0],
@@ -64,20 +65,19 @@ TEST(PlanSpec, ReportsEveryProblemWithItsPath) {
     FAIL() << "expected ConfigError";
   } catch (const ConfigError& e) {
     std::string all = e.what();
-    for (const char* expected : {
-             "plan.dp: expected an integer, got a string \"eight\"",
-             "plan.tp: must be >= 1, got 0",
-             "plan.schedule: unknown value \"zigzag\"; expected one of \"gpipe\", \"1f1b\", \"interleaved_1f1b\"",
-             "plan.zero_stage: must be 0, 1, 2 or 3, got 4",
-             "plan.capacity_factor: must be > 0",
-             "plan.prefetch: depth 2 with direction \"none\"",
-             "plan.ring_sections: a ring needs at least 2 sections",
-             "plan.expert_replicas: give either",
-             "plan.placement.activations: activations can be offloaded to \"cpu\", not \"ssd\"",
-             "plan.placement.weights: unknown key",
-             "plan.stage_layers[1]: must be in [1, 16777216], got 0",
-             "plan.colour: unknown key"}) {
-      EXPECT_NE(all.find(expected), std::string::npos) << "missing: " << expected << "\nin:\n" << all;
+    for (const char* expected :
+         {"plan.dp: expected an integer, got a string \"eight\"", "plan.tp: must be >= 1, got 0",
+          "plan.schedule: unknown value \"zigzag\"; expected one of \"gpipe\", \"1f1b\", "
+          "\"interleaved_1f1b\"",
+          "plan.zero_stage: must be 0, 1, 2 or 3, got 4", "plan.capacity_factor: must be > 0",
+          "plan.prefetch: depth 2 with direction \"none\"",
+          "plan.ring_sections: a ring needs at least 2 sections",
+          "plan.expert_replicas: give either",
+          "plan.placement.activations: activations can be offloaded to \"cpu\", not \"ssd\"",
+          "plan.placement.weights: unknown key",
+          "plan.stage_layers[1]: must be in [1, 16777216], got 0", "plan.colour: unknown key"}) {
+      EXPECT_NE(all.find(expected), std::string::npos) << "missing: " << expected << "\nin:\n"
+                                                       << all;
     }
   }
 }

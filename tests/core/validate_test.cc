@@ -16,8 +16,10 @@ class ValidateTest : public ::testing::Test {
       "moe": {"num_experts": 64, "top_k": 2, "expert_ffn_hidden_size": 1024}
     })"));
     cluster_ = with_nodes(testing::bundled().load_cluster("dgx-h100"), 8);  // 64 GPUs
-    workload_ = parse_workload(Json::parse(R"({"schema_version": 1, "name": "w", "global_batch_size": 256})"));
-    plan_ = parse_plan(Json::parse(R"({"schema_version": 1, "dp": 16, "pp": 4, "ep": 8, "zero_stage": 1})"));
+    workload_ = parse_workload(
+        Json::parse(R"({"schema_version": 1, "name": "w", "global_batch_size": 256})"));
+    plan_ = parse_plan(
+        Json::parse(R"({"schema_version": 1, "dp": 16, "pp": 4, "ep": 8, "zero_stage": 1})"));
   }
 
   std::vector<ConfigIssue> issues() { return validate(plan_, model_, cluster_, workload_); }
@@ -104,7 +106,8 @@ TEST_F(ValidateTest, InterleavedScheduleRules) {
 
 TEST_F(ValidateTest, GlobalBatchMustSplitIntoMicroBatches) {
   plan_.micro_batch_size = 3;
-  expect_issue("workload.global_batch_size", "256 is not a multiple of micro_batch_size*dp = 3*16 = 48");
+  expect_issue("workload.global_batch_size",
+               "256 is not a multiple of micro_batch_size*dp = 3*16 = 48");
 }
 
 TEST_F(ValidateTest, ZeroTwoAndThreeExcludePipelines) {
@@ -196,7 +199,8 @@ TEST(BundledPlans, AllValid) {
   }
   // One plan per bundled MoE model at least.
   int moe_models = 0;
-  for (const auto& name : reg.list(ConfigKind::kModel)) moe_models += reg.load_model(name).is_moe() ? 1 : 0;
+  for (const auto& name : reg.list(ConfigKind::kModel))
+    moe_models += reg.load_model(name).is_moe() ? 1 : 0;
   EXPECT_GE(checked, moe_models);
 }
 

@@ -1,8 +1,8 @@
 #include "core/workload.h"
 
-#include <numeric>
-
 #include <gtest/gtest.h>
+
+#include <numeric>
 
 #include "tests/core/test_util.h"
 
@@ -49,15 +49,16 @@ TEST(ExpertLoad, HistogramIsNormalised) {
 
 TEST(ExpertLoad, TasksMixByTokenShare) {
   Json mj = testing::tiny_model_json();
-  mj["tasks"] = Json::parse(R"([{"name": "a", "token_share": 0.25}, {"name": "b", "token_share": 0.75}])");
+  mj["tasks"] =
+      Json::parse(R"([{"name": "a", "token_share": 0.25}, {"name": "b", "token_share": 0.75}])");
   ModelSpec m = parse_model(mj);
   Workload w = parse_workload(Json::parse(R"({
     "schema_version": 1, "name": "w", "global_batch_size": 8,
     "task_routing": [{"task": "a", "routing": {"kind": "histogram", "tokens_per_expert": [1, 0, 0, 0]}}]
   })"));
   // Task a puts every first choice on expert 0, which is capped at 1/top_k = 0.5; the second
-  // choices must land on the other experts, evenly as they have no weight: a = [1/2, 1/6, 1/6, 1/6].
-  // Task b has no entry and uses the uniform default.
+  // choices must land on the other experts, evenly as they have no weight: a = [1/2, 1/6, 1/6,
+  // 1/6]. Task b has no entry and uses the uniform default.
   auto f = expert_load_fractions(w, m);
   ASSERT_EQ(f.size(), 4u);
   EXPECT_NEAR(f[0], 0.25 * 0.5 + 0.75 * 0.25, 1e-12);
@@ -74,7 +75,8 @@ TEST(WorkloadSpec, RejectsBadInput) {
     FAIL() << "expected ConfigError";
   } catch (const ConfigError& e) {
     std::string all = e.what();
-    EXPECT_NE(all.find("workload.global_batch_size: must be >= 1, got 0"), std::string::npos) << all;
+    EXPECT_NE(all.find("workload.global_batch_size: must be >= 1, got 0"), std::string::npos)
+        << all;
     EXPECT_NE(all.find("workload.mode: unknown value \"serve\""), std::string::npos) << all;
     EXPECT_NE(all.find("workload.precision: tf32 is a GEMM mode"), std::string::npos) << all;
     EXPECT_NE(all.find("workload.routing.exponent: missing"), std::string::npos) << all;
@@ -83,10 +85,12 @@ TEST(WorkloadSpec, RejectsBadInput) {
 }
 
 TEST(WorkloadSpec, InferenceModeNeedsInferenceShape) {
-  EXPECT_THROW(parse_workload(Json::parse(R"({"schema_version": 1, "name": "w", "global_batch_size": 1,
+  EXPECT_THROW(
+      parse_workload(Json::parse(R"({"schema_version": 1, "name": "w", "global_batch_size": 1,
                                                "mode": "inference"})")),
-               ConfigError);
-  Workload w = parse_workload(Json::parse(R"({"schema_version": 1, "name": "w", "global_batch_size": 1,
+      ConfigError);
+  Workload w =
+      parse_workload(Json::parse(R"({"schema_version": 1, "name": "w", "global_batch_size": 1,
       "mode": "inference", "inference": {"prefill_batch": 2, "prompt_len": 16, "decode_batch": 4,
       "decode_tokens": 8}})"));
   ASSERT_TRUE(w.inference);

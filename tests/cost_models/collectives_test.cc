@@ -1,9 +1,9 @@
 #include "cost_models/collectives.h"
 
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <set>
-
-#include <gtest/gtest.h>
 
 #include "tests/core/test_util.h"
 
@@ -46,7 +46,7 @@ TEST(GroupLayout, FromStride) {
   GroupLayout dp = group_layout(16, 8, 8);  // one rank per node
   EXPECT_EQ(dp.ranks_per_node, 1);
   EXPECT_EQ(dp.nodes(), 16);
-  GroupLayout ep = group_layout(8, 2, 8);   // every second GPU: 4 per node, 2 nodes
+  GroupLayout ep = group_layout(8, 2, 8);  // every second GPU: 4 per node, 2 nodes
   EXPECT_EQ(ep.ranks_per_node, 4);
   EXPECT_EQ(ep.nodes(), 2);
 }
@@ -78,13 +78,15 @@ TEST(AllReduce, AcrossNodesNicsBoundAndTreeWinsLatency) {
   EXPECT_NEAR(c.time_s, 46e-6 + bw_s, 1e-12);
   EXPECT_EQ(c.algorithm, "tree");
   EXPECT_EQ(c.bottleneck, "inter_node");
-  const auto ring = all_reduce_cost(kGiB, {16, 8}, hand_cluster(2), hand_profile(), AllReduceAlgo::kRing);
+  const auto ring =
+      all_reduce_cost(kGiB, {16, 8}, hand_cluster(2), hand_profile(), AllReduceAlgo::kRing);
   EXPECT_NEAR(ring.time_s, 74e-6 + bw_s, 1e-12);
 }
 
 // A DP group with one GPU per node shares the node's NICs with its 7 sibling groups: 25 GB/s.
 TEST(AllReduce, OneRankPerNodeGetsOneRail) {
-  const auto c = all_reduce_cost(kGiB, {4, 1}, hand_cluster(4), hand_profile(), AllReduceAlgo::kRing);
+  const auto c =
+      all_reduce_cost(kGiB, {4, 1}, hand_cluster(4), hand_profile(), AllReduceAlgo::kRing);
   EXPECT_NEAR(c.time_s, 8e-6 + 6 * 5e-6 + 1.5 * kGiB / (25e9 * 0.9), 1e-12);
 }
 
@@ -100,16 +102,19 @@ TEST(AllReduce, NvlsUsesTheSwitch) {
 }
 
 TEST(AllGather, RingByHand) {
-  const auto c = collective_cost(Collective::kAllGather, kGiB, {16, 8}, hand_cluster(2), hand_profile());
+  const auto c =
+      collective_cost(Collective::kAllGather, kGiB, {16, 8}, hand_cluster(2), hand_profile());
   EXPECT_NEAR(c.time_s, 8e-6 + 14 * 2e-6 + 1 * 5e-6 + 15.0 / 16 * kGiB / 180e9, 1e-12);
-  const auto rs = collective_cost(Collective::kReduceScatter, kGiB, {16, 8}, hand_cluster(2), hand_profile());
+  const auto rs =
+      collective_cost(Collective::kReduceScatter, kGiB, {16, 8}, hand_cluster(2), hand_profile());
   EXPECT_DOUBLE_EQ(rs.time_s, c.time_s);
 }
 
 // All-to-all over 2 nodes of 8: half of each rank's 1 GiB leaves the node through its own rail
 // (25 GB/s * 0.8) in messages of 64 MiB; 7/16 crosses NVLink.
 TEST(AllToAll, RailBoundByHand) {
-  const auto c = collective_cost(Collective::kAllToAll, kGiB, {16, 8}, hand_cluster(2), hand_profile());
+  const auto c =
+      collective_cost(Collective::kAllToAll, kGiB, {16, 8}, hand_cluster(2), hand_profile());
   const double msg = kGiB / 16;
   const double inter_s = 0.5 * kGiB / (20e9 * msg / (msg + 65536));
   EXPECT_NEAR(c.time_s, 8e-6 + 5e-6 + 15 * 0.5e-6 + inter_s, 1e-12);
@@ -126,21 +131,26 @@ TEST(AllToAll, HierarchicalWinsOnSmallMessagesAtScale) {
   const auto hier_small = hierarchical_all_to_all_cost(small, g, c, hand_profile());
   EXPECT_LT(hier_small.time_s, flat_small.time_s);
   // With large messages the extra intra-node pass and transforms cost more than they save.
-  const auto flat_big = collective_cost(Collective::kAllToAll, 4 * kGiB, {16, 8}, hand_cluster(2), hand_profile());
-  const auto hier_big = hierarchical_all_to_all_cost(4 * kGiB, {16, 8}, hand_cluster(2), hand_profile());
+  const auto flat_big =
+      collective_cost(Collective::kAllToAll, 4 * kGiB, {16, 8}, hand_cluster(2), hand_profile());
+  const auto hier_big =
+      hierarchical_all_to_all_cost(4 * kGiB, {16, 8}, hand_cluster(2), hand_profile());
   EXPECT_GT(hier_big.time_s, flat_big.time_s);
 }
 
 TEST(SendRecv, IntraAndInterNode) {
   const double mb = 1 << 20;
-  EXPECT_NEAR(send_recv_cost(mb, true, hand_cluster(1), hand_profile()).time_s, 2e-6 + mb / 240e9, 1e-15);
+  EXPECT_NEAR(send_recv_cost(mb, true, hand_cluster(1), hand_profile()).time_s, 2e-6 + mb / 240e9,
+              1e-15);
   EXPECT_NEAR(send_recv_cost(mb, false, hand_cluster(2), hand_profile()).time_s,
               5e-6 + mb / (25e9 * 0.9 * mb / (mb + 65536)), 1e-15);
 }
 
 TEST(Collectives, SingleRankOrEmptyCostsNothing) {
   EXPECT_EQ(all_reduce_cost(kGiB, {1, 1}, hand_cluster(1), hand_profile()).time_s, 0.0);
-  EXPECT_EQ(collective_cost(Collective::kAllToAll, 0, {8, 8}, hand_cluster(1), hand_profile()).time_s, 0.0);
+  EXPECT_EQ(
+      collective_cost(Collective::kAllToAll, 0, {8, 8}, hand_cluster(1), hand_profile()).time_s,
+      0.0);
 }
 
 // --- Against published nccl-tests measurements (tests/data/published_collectives.json).
@@ -152,7 +162,8 @@ struct Published {
 
 ClusterSpec cluster_for(const Json& spec, int nodes) {
   ClusterSpec c = testing::bundled().load_cluster(spec.at("base").get<std::string>());
-  if (spec.contains("nics_per_node")) c.inter_node.nics_per_node = spec.at("nics_per_node").get<int>();
+  if (spec.contains("nics_per_node"))
+    c.inter_node.nics_per_node = spec.at("nics_per_node").get<int>();
   if (spec.contains("nic_bw_Bps")) c.inter_node.nic_bw_Bps = spec.at("nic_bw_Bps").get<double>();
   return with_nodes(c, nodes);
 }
@@ -172,7 +183,10 @@ double predicted_busbw(const Json& m, const Json& cluster_spec) {
   ClusterSpec c = cluster_for(cluster_spec, nodes);
   const CostProfile prof = default_cost_profile(c);
   const GroupLayout g{nodes * per_node, per_node};
-  return collective_cost(collective_from(m.at("collective")), m.at("bytes").get<double>(), g, c, prof).busbw_Bps / 1e9;
+  return collective_cost(collective_from(m.at("collective")), m.at("bytes").get<double>(), g, c,
+                         prof)
+             .busbw_Bps /
+         1e9;
 }
 
 class PublishedCollectives : public ::testing::Test {
@@ -202,7 +216,8 @@ TEST_F(PublishedCollectives, ModelWithinStatedTolerance) {
       const double measured = m.at("busbw_GBps").get<double>();
       const double predicted = predicted_busbw(m, spec);
       EXPECT_LE(std::fabs(predicted / measured - 1.0), tol)
-          << id << ": predicted " << predicted << " GB/s, measured " << measured << " GB/s (" << m.at("source") << ")";
+          << id << ": predicted " << predicted << " GB/s, measured " << measured << " GB/s ("
+          << m.at("source") << ")";
       ++checked;
     }
   }
@@ -231,7 +246,8 @@ TEST_F(PublishedCollectives, EveryMeasurementIsAccountedFor) {
         EXPECT_TRUE(by_id_.count(id)) << id;
         seen.insert(id);
       }
-  for (const auto& [id, m] : by_id_) EXPECT_TRUE(seen.count(id)) << id << " is neither tested nor excluded";
+  for (const auto& [id, m] : by_id_)
+    EXPECT_TRUE(seen.count(id)) << id << " is neither tested nor excluded";
 }
 
 }  // namespace

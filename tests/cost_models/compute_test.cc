@@ -1,9 +1,9 @@
 #include "cost_models/compute.h"
 
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <cmath>
-
-#include <gtest/gtest.h>
 
 namespace switchyard {
 namespace {
@@ -37,7 +37,8 @@ TEST(GemmEfficiency, InterpolatesInLog2AndScalesBelowTheTable) {
 
 // 4096^3: 2*4096^3 FLOPs at 0.8 of 1 PFLOP/s; the 3 matrices (100.7 MB) take less at 2.55 TB/s.
 TEST(Gemm, ComputeBoundByHand) {
-  const KernelCost c = gemm_cost({4096, 4096, 4096, 1}, Precision::kBF16, hand_gpu(), hand_profile());
+  const KernelCost c =
+      gemm_cost({4096, 4096, 4096, 1}, Precision::kBF16, hand_gpu(), hand_profile());
   const double flops = 2.0 * 4096.0 * 4096 * 4096;
   EXPECT_DOUBLE_EQ(c.flops, flops);
   EXPECT_DOUBLE_EQ(c.bytes, 2.0 * 3 * 4096.0 * 4096);
@@ -62,15 +63,21 @@ TEST(Gemm, MemoryBoundByHand) {
 // Groups of 0, 128 and 1024 rows, n = k = 1024: the empty group costs nothing, the 128-row group is
 // memory bound, the 1024-row group compute bound; one launch for all.
 TEST(GroupedGemm, EachGroupAtItsOwnShape) {
-  const KernelCost c = grouped_gemm_cost({0, 128, 1024}, 1024, 1024, Precision::kBF16, hand_gpu(), hand_profile());
-  const double g128 = std::max(2.0 * 128 * 1024 * 1024 / 0.5e15, 2.0 * (128.0 * 1024 * 2 + 1024.0 * 1024) / 2.55e12);
-  const double g1024 = std::max(2.0 * 1024 * 1024 * 1024 / 0.8e15, 2.0 * 3 * 1024.0 * 1024 / 2.55e12);
+  const KernelCost c =
+      grouped_gemm_cost({0, 128, 1024}, 1024, 1024, Precision::kBF16, hand_gpu(), hand_profile());
+  const double g128 = std::max(2.0 * 128 * 1024 * 1024 / 0.5e15,
+                               2.0 * (128.0 * 1024 * 2 + 1024.0 * 1024) / 2.55e12);
+  const double g1024 =
+      std::max(2.0 * 1024 * 1024 * 1024 / 0.8e15, 2.0 * 3 * 1024.0 * 1024 / 2.55e12);
   EXPECT_NEAR(c.time_s, 4e-6 + g128 + g1024, 1e-15);
   EXPECT_DOUBLE_EQ(c.flops, 2.0 * 128 * 1024 * 1024 + 2.0 * 1024 * 1024 * 1024);
   // Skew costs time: the same 1152 rows split evenly run faster than 128 + 1024.
-  const KernelCost even = grouped_gemm_cost({576, 576}, 1024, 1024, Precision::kBF16, hand_gpu(), hand_profile());
+  const KernelCost even =
+      grouped_gemm_cost({576, 576}, 1024, 1024, Precision::kBF16, hand_gpu(), hand_profile());
   EXPECT_LT(even.time_s, c.time_s);
-  EXPECT_EQ(grouped_gemm_cost({0, 0}, 1024, 1024, Precision::kBF16, hand_gpu(), hand_profile()).time_s, 0.0);
+  EXPECT_EQ(
+      grouped_gemm_cost({0, 0}, 1024, 1024, Precision::kBF16, hand_gpu(), hand_profile()).time_s,
+      0.0);
 }
 
 // Causal attention, 1 x 1024 tokens, 8 heads of 128: 2*8*1024^2*256 FLOPs halved by the mask.
@@ -83,7 +90,8 @@ TEST(Attention, FlashForwardAndBackwardByHand) {
   const KernelCost b = attention_backward_cost(s, Precision::kBF16, hand_gpu(), hand_profile());
   EXPECT_DOUBLE_EQ(b.flops, 2.5 * flops);
   s.causal = false;
-  EXPECT_DOUBLE_EQ(attention_forward_cost(s, Precision::kBF16, hand_gpu(), hand_profile()).flops, 2 * flops);
+  EXPECT_DOUBLE_EQ(attention_forward_cost(s, Precision::kBF16, hand_gpu(), hand_profile()).flops,
+                   2 * flops);
   // Decode: one query against a 4096-token cache is memory bound (reads K and V).
   AttentionShape d{64, 1, 4096, 8, 1, 128, 128, true};
   EXPECT_TRUE(attention_forward_cost(d, Precision::kBF16, hand_gpu(), hand_profile()).memory_bound);
@@ -92,7 +100,8 @@ TEST(Attention, FlashForwardAndBackwardByHand) {
 TEST(Elementwise, NormGatePermuteByHand) {
   const GpuSpec g = hand_gpu();
   const CostProfile p = hand_profile();
-  EXPECT_NEAR(norm_cost(4096, 4096, Precision::kBF16, g, p).time_s, 4e-6 + 2.0 * 2 * 4096 * 4096 / 2.55e12, 1e-15);
+  EXPECT_NEAR(norm_cost(4096, 4096, Precision::kBF16, g, p).time_s,
+              4e-6 + 2.0 * 2 * 4096 * 4096 / 2.55e12, 1e-15);
   EXPECT_NEAR(permute_cost(4096, 2, 4096, Precision::kBF16, g, p).time_s,
               4e-6 + 2.0 * 2 * 4096 * 2 * 4096 / 2.55e12, 1e-15);
   const KernelCost gate = gate_topk_cost(4096, 4096, 64, Precision::kBF16, g, p);

@@ -8,8 +8,9 @@ namespace switchyard {
 namespace {
 
 // The hand-countable model of core/test_util.h: per GPU with tp = 1 and pp = 1 the dense params are
-// layer 0: attention 192 + norms 16 + FFN 384 = 592; layer 1: 192 + 16 + shared 144 + gate 32 = 384;
-// embedding 80 + LM head 80 + final norm 8 => 1144 (= count_params().dense()). Experts: 4 of 144.
+// layer 0: attention 192 + norms 16 + FFN 384 = 592; layer 1: 192 + 16 + shared 144 + gate 32 =
+// 384; embedding 80 + LM head 80 + final norm 8 => 1144 (= count_params().dense()). Experts: 4 of
+// 144.
 class MemoryTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -25,7 +26,9 @@ class MemoryTest : public ::testing::Test {
     profile_.runtime_reserved_bytes = 1000;
     plan_.grad_bucket_bytes = 100;
   }
-  MemoryBreakdown mem(int stage = 0) { return memory_per_gpu(model_, cluster_, plan_, workload_, profile_, stage); }
+  MemoryBreakdown mem(int stage = 0) {
+    return memory_per_gpu(model_, cluster_, plan_, workload_, profile_, stage);
+  }
 
   ModelSpec model_;
   ClusterSpec cluster_;
@@ -83,14 +86,18 @@ TEST_F(MemoryTest, PlacementMovesClassesOffTheGpu) {
 //   MoE layer: 32 + 28 + fp32 router logits 2*4 = 8 + top-2 rows of (input 8 + 3*6 + output 8) = 68
 //   + the shared expert's 3*6 = 18 => 154 elements.
 TEST_F(MemoryTest, ActivationsPerTokenByHand) {
-  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kBF16, false, 1.0), 2 * 108);
+  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kBF16, false, 1.0),
+                   2 * 108);
   EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kBF16, true, 1.0), 2 * 154);
-  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kFP32, false, 1.0), 4 * 108);
+  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kFP32, false, 1.0),
+                   4 * 108);
   // A rank that receives 1.5x its share keeps 1.5x the expert rows.
-  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kBF16, true, 1.5), 2 * (154 + 34));
+  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kBF16, true, 1.5),
+                   2 * (154 + 34));
   // Selective recompute drops the norm outputs (2h) and activation outputs (f, fe per row, fs).
   plan_.recompute = Recompute::kSelective;
-  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kBF16, false, 1.0), 2 * (108 - 16 - 16));
+  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kBF16, false, 1.0),
+                   2 * (108 - 16 - 16));
 }
 
 TEST_F(MemoryTest, InFlightMicroBatches) {
@@ -100,7 +107,8 @@ TEST_F(MemoryTest, InFlightMicroBatches) {
   EXPECT_DOUBLE_EQ(in_flight_micro_batches(plan_, 2, 0), 2);
   plan_.schedule = Schedule::kGPipe;
   EXPECT_DOUBLE_EQ(in_flight_micro_batches(plan_, 8, 3), 8);
-  // Korthikanti et al.: interleaving costs pp * (1 + (pp - 1) / (pp * vp)) micro-batches on stage 0.
+  // Korthikanti et al.: interleaving costs pp * (1 + (pp - 1) / (pp * vp)) micro-batches on stage
+  // 0.
   plan_.schedule = Schedule::kInterleaved1F1B;
   plan_.vp = 2;
   EXPECT_DOUBLE_EQ(in_flight_micro_batches(plan_, 8, 0), 4 * (1 + 3.0 / 8));
@@ -133,6 +141,17 @@ TEST_F(MemoryTest, SkewRaisesActivationsAndDispatchBuffers) {
   const auto skewed = mem();
   EXPECT_GT(skewed.activations.gpu, balanced.activations.gpu);
   EXPECT_NEAR(skewed.dispatch_buffers.gpu / balanced.dispatch_buffers.gpu, 1.44, 1e-12);
+}
+
+// With a capacity factor the buffers are padded to capacity whatever the routing.
+TEST_F(MemoryTest, CapacityFactorPadsDispatchBuffers) {
+  const auto balanced = mem();
+  plan_.capacity_factor = 1.25;
+  workload_.routing = Routing{RoutingKind::kZipf, 1.0, {}};
+  const auto padded = mem();
+  EXPECT_NEAR(padded.dispatch_buffers.gpu / balanced.dispatch_buffers.gpu, 1.25, 1e-12);
+  workload_.routing = Routing{};
+  EXPECT_DOUBLE_EQ(mem().dispatch_buffers.gpu, padded.dispatch_buffers.gpu);
 }
 
 // Stage 0 holds the embedding and the most micro-batches; the last stage holds the LM head and

@@ -1,8 +1,8 @@
 #include "cost_models/transfers.h"
 
-#include <cmath>
-
 #include <gtest/gtest.h>
+
+#include <cmath>
 
 namespace switchyard {
 namespace {
@@ -46,9 +46,10 @@ TEST(Transfers, SsdIsSharedByTheNode) {
 
 TEST(Transfers, PeerAndHostCopies) {
   const double gb = 1e9;
-  EXPECT_NEAR(transfer_cost(TransferPath::kGpuToGpu, gb, hand_cluster(), hand_profile()).time_s, 2e-6 + gb / 240e9,
-              1e-12);
-  EXPECT_NEAR(transfer_cost(TransferPath::kHostToHost, gb, hand_cluster(), hand_profile()).time_s, gb / 100e9, 1e-12);
+  EXPECT_NEAR(transfer_cost(TransferPath::kGpuToGpu, gb, hand_cluster(), hand_profile()).time_s,
+              2e-6 + gb / 240e9, 1e-12);
+  EXPECT_NEAR(transfer_cost(TransferPath::kHostToHost, gb, hand_cluster(), hand_profile()).time_s,
+              gb / 100e9, 1e-12);
 }
 
 TEST(Transfers, MissingTierNeverWins) {

@@ -2,11 +2,10 @@
 // must agree byte for byte. A distributed search (each rank a slice of the plan space, rank 0
 // merging) keys the store by these hashes, so they must not depend on the process, its address
 // layout or its environment.
+#include <gtest/gtest.h>
 #include <mpi.h>
 
 #include <string>
-
-#include <gtest/gtest.h>
 
 #include "core/config_registry.h"
 
@@ -16,10 +15,14 @@ namespace {
 std::string all_hashes() {
   const ConfigRegistry reg(SWITCHYARD_CONFIG_DIR);
   std::string out;
-  for (const auto& n : reg.list(ConfigKind::kModel)) out += content_hash(semantic_json(reg.load_model(n)));
-  for (const auto& n : reg.list(ConfigKind::kCluster)) out += content_hash(semantic_json(reg.load_cluster(n)));
-  for (const auto& n : reg.list(ConfigKind::kPlan)) out += content_hash(semantic_json(reg.load_plan(n)));
-  for (const auto& n : reg.list(ConfigKind::kWorkload)) out += content_hash(semantic_json(reg.load_workload(n)));
+  for (const auto& n : reg.list(ConfigKind::kModel))
+    out += content_hash(semantic_json(reg.load_model(n)));
+  for (const auto& n : reg.list(ConfigKind::kCluster))
+    out += content_hash(semantic_json(reg.load_cluster(n)));
+  for (const auto& n : reg.list(ConfigKind::kPlan))
+    out += content_hash(semantic_json(reg.load_plan(n)));
+  for (const auto& n : reg.list(ConfigKind::kWorkload))
+    out += content_hash(semantic_json(reg.load_workload(n)));
   return out;
 }
 
@@ -50,8 +53,9 @@ int main(int argc, char** argv) {
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   // Only rank 0 prints gtest's report; every rank's result decides the exit code.
-  if (rank != 0) delete ::testing::UnitTest::GetInstance()->listeners().Release(
-      ::testing::UnitTest::GetInstance()->listeners().default_result_printer());
+  if (rank != 0)
+    delete ::testing::UnitTest::GetInstance()->listeners().Release(
+        ::testing::UnitTest::GetInstance()->listeners().default_result_printer());
   int failed = RUN_ALL_TESTS();
   int any_failed = 0;
   MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);

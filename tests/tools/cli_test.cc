@@ -1,5 +1,6 @@
 // The CLI as a user meets it: bundled names resolve, good plans print "ok", broken ones exit 2 and
 // name every JSON path, unknown flags are refused.
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -7,8 +8,6 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
-
-#include <gtest/gtest.h>
 
 #include "tests/core/test_util.h"
 
@@ -67,48 +66,58 @@ TEST_F(CliTest, EveryBundledPlanValidates) {
 }
 
 TEST_F(CliTest, ExplicitFlagsOverrideThePlansTarget) {
-  const Result r = run("validate --model mixtral-8x7b --cluster dgx-h100 --nodes 8 --plan mixtral-8x7b-megatron "
-                       "--workload mixtral-8x7b-pretrain");
+  const Result r =
+      run("validate --model mixtral-8x7b --cluster dgx-h100 --nodes 8 --plan mixtral-8x7b-megatron "
+          "--workload mixtral-8x7b-pretrain");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("64x H100"), std::string::npos) << r.output;
   // The same plan on 4 nodes has the wrong GPU count.
   const Result bad = run("validate --plan mixtral-8x7b-megatron --nodes 4");
   EXPECT_EQ(bad.exit_code, 2) << bad.output;
-  EXPECT_NE(bad.output.find("plan: dp*tp*pp*cp = 16*1*4*1 = 64 but the cluster has 32 GPUs"), std::string::npos)
+  EXPECT_NE(bad.output.find("plan: dp*tp*pp*cp = 16*1*4*1 = 64 but the cluster has 32 GPUs"),
+            std::string::npos)
       << bad.output;
 }
 
 TEST_F(CliTest, BrokenPlansExitTwoAndNameEveryPath) {
   // Mixtral has 8 experts; the issue's example (ep 6 with 64 experts) is the Qwen-style 64-expert
   // model below.
-  const std::string model = write("m64.json", R"({"schema_version": 1, "name": "m64", "num_layers": 16,
+  const std::string model =
+      write("m64.json", R"({"schema_version": 1, "name": "m64", "num_layers": 16,
       "hidden_size": 1024, "ffn_hidden_size": 4096, "num_attention_heads": 16, "num_kv_heads": 8,
       "vocab_size": 32000, "seq_len": 4096,
       "moe": {"num_experts": 64, "top_k": 2, "expert_ffn_hidden_size": 1024}})");
   const std::string ep6 = write("ep6.json", R"({"schema_version": 1, "dp": 12, "pp": 4, "ep": 6})");
   Result r = run("validate --model " + model + " --cluster dgx-h100 --nodes 6 --plan " + ep6);
   EXPECT_EQ(r.exit_code, 2) << r.output;
-  EXPECT_NE(r.output.find("plan.ep: 6 does not divide model.moe.num_experts 64"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("plan.ep: 6 does not divide model.moe.num_experts 64"), std::string::npos)
+      << r.output;
 
-  const std::string product = write("product.json", R"({"schema_version": 1, "dp": 12, "pp": 4, "ep": 4})");
+  const std::string product =
+      write("product.json", R"({"schema_version": 1, "dp": 12, "pp": 4, "ep": 4})");
   r = run("validate --model " + model + " --cluster dgx-h100 --nodes 8 --plan " + product);
   EXPECT_EQ(r.exit_code, 2) << r.output;
-  EXPECT_NE(r.output.find("plan: dp*tp*pp*cp = 12*1*4*1 = 48 but the cluster has 64 GPUs"), std::string::npos)
+  EXPECT_NE(r.output.find("plan: dp*tp*pp*cp = 12*1*4*1 = 48 but the cluster has 64 GPUs"),
+            std::string::npos)
       << r.output;
 
   // An unknown key and a string where a number belongs: parse errors, both reported, with the file.
-  const std::string typos = write("typos.json", R"({"schema_version": 1, "dp": "sixteen", "pp": 4, "ep": 8,
+  const std::string typos =
+      write("typos.json", R"({"schema_version": 1, "dp": "sixteen", "pp": 4, "ep": 8,
       "zero_stag": 1})");
   r = run("validate --model mixtral-8x7b --cluster dgx-h100 --nodes 8 --plan " + typos);
   EXPECT_EQ(r.exit_code, 2) << r.output;
-  EXPECT_NE(r.output.find("plan.dp: expected an integer, got a string \"sixteen\""), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("plan.dp: expected an integer, got a string \"sixteen\""),
+            std::string::npos)
+      << r.output;
   EXPECT_NE(r.output.find("plan.zero_stag: unknown key"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("typos.json"), std::string::npos) << r.output;
 }
 
 TEST_F(CliTest, JsonOutputForScripts) {
   const std::string bad = write("bad.json", R"({"schema_version": 1, "dp": 16, "pp": 4, "ep": 3})");
-  const Result r = run("validate --plan " + bad + " --model mixtral-8x7b --cluster dgx-h100 --nodes 8 --json");
+  const Result r =
+      run("validate --plan " + bad + " --model mixtral-8x7b --cluster dgx-h100 --nodes 8 --json");
   EXPECT_EQ(r.exit_code, 2);
   const Json j = Json::parse(r.output);
   EXPECT_FALSE(j.at("ok").get<bool>());
@@ -122,7 +131,8 @@ TEST_F(CliTest, BadInputsAreRefused) {
   EXPECT_EQ(r.exit_code, 2) << r.output;
   r = run("validate --plan no-such-plan");
   EXPECT_EQ(r.exit_code, 2) << r.output;
-  EXPECT_NE(r.output.find("no bundled plans named \"no-such-plan\""), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("no bundled plans named \"no-such-plan\""), std::string::npos)
+      << r.output;
   const std::string truncated = write("truncated.json", R"({"schema_version": 1, "dp": )");
   r = run("validate --model mixtral-8x7b --cluster dgx-h100 --plan " + truncated);
   EXPECT_EQ(r.exit_code, 2) << r.output;
@@ -139,7 +149,8 @@ TEST_F(CliTest, InfoShowsDerivedCounts) {
 }
 
 TEST_F(CliTest, CollectiveTable) {
-  const Result r = run("collective --cluster dgx-a100 --nodes 2 --op all_reduce --min-bytes 1G --max-bytes 2G");
+  const Result r =
+      run("collective --cluster dgx-a100 --nodes 2 --op all_reduce --min-bytes 1G --max-bytes 2G");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("1073741824"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("2147483648"), std::string::npos) << r.output;
