@@ -37,15 +37,7 @@ ClusterSpec parse_cluster(const Json& j) {
   ClusterSpec c;
   JsonReader r(j, "cluster", issues);
   if (!r.is_object()) throw ConfigError(std::move(issues));
-  r.required("schema_version", &c.schema_version, 1);
-  if (c.schema_version != 1)
-    r.add_issue(
-        r.path_of("schema_version"),
-        "unsupported version " + std::to_string(c.schema_version) + " (this build reads 1)");
-  r.required("name", &c.name);
-  r.optional("description", &c.description);
-  r.optional("source", &c.source);
-  r.optional("assumptions", &c.assumptions);
+  read_meta(r, c, /*name_required=*/true);
   r.required("num_nodes", &c.num_nodes, 1, kMaxNodes);
   r.required("gpus_per_node", &c.gpus_per_node, 1, kMaxGpusPerNode);
 
@@ -130,11 +122,7 @@ Json semantic_json(const ClusterSpec& c) {
 
 Json to_json(const ClusterSpec& c) {
   Json j = semantic_json(c);
-  j["schema_version"] = c.schema_version;
-  j["name"] = c.name;
-  j["description"] = c.description;
-  j["source"] = c.source;
-  j["assumptions"] = c.assumptions;
+  write_meta(c, j);
   return j;
 }
 

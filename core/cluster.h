@@ -70,13 +70,7 @@ struct InterNodeSpec {
   bool operator==(const InterNodeSpec&) const = default;
 };
 
-struct ClusterSpec {
-  int schema_version = 1;
-  std::string name;
-  std::string description;
-  std::string source;
-  std::vector<std::string> assumptions;
-
+struct ClusterSpec : ConfigMeta {
   int num_nodes = 1;
   int gpus_per_node = 1;
   GpuSpec gpu;

@@ -243,6 +243,29 @@ void JsonReader::finish() {
   }
 }
 
+void read_meta(JsonReader& r, ConfigMeta& meta, bool name_required) {
+  r.required("schema_version", &meta.schema_version, 1);
+  if (meta.schema_version != 1)
+    r.add_issue(
+        r.path_of("schema_version"),
+        "unsupported version " + std::to_string(meta.schema_version) + " (this build reads 1)");
+  if (name_required)
+    r.required("name", &meta.name);
+  else
+    r.optional("name", &meta.name);
+  r.optional("description", &meta.description);
+  r.optional("source", &meta.source);
+  r.optional("assumptions", &meta.assumptions);
+}
+
+void write_meta(const ConfigMeta& meta, Json& j) {
+  j["schema_version"] = meta.schema_version;
+  j["name"] = meta.name;
+  j["description"] = meta.description;
+  j["source"] = meta.source;
+  j["assumptions"] = meta.assumptions;
+}
+
 Json parse_json_text(std::string_view text, const std::string& source) {
   try {
     return Json::parse(text.begin(), text.end());

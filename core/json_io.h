@@ -139,6 +139,20 @@ class JsonReader {
   std::set<std::string, std::less<>> known_;
 };
 
+// What every config file carries besides its content: excluded from the content hash.
+struct ConfigMeta {
+  int schema_version = 1;
+  std::string name;
+  std::string description;
+  std::string source;                    // the public documents its numbers come from
+  std::vector<std::string> assumptions;  // numbers that are estimates, and why
+  bool operator==(const ConfigMeta&) const = default;
+};
+
+// Reads schema_version (must be 1), name, description, source and assumptions.
+void read_meta(JsonReader& r, ConfigMeta& meta, bool name_required);
+void write_meta(const ConfigMeta& meta, Json& j);
+
 // Parses JSON text; syntax errors become a ConfigError naming `source` and the position.
 Json parse_json_text(std::string_view text, const std::string& source);
 // Reads and parses a file; a missing or unreadable file is a ConfigError too.

@@ -150,15 +150,7 @@ ModelSpec parse_model(const Json& j) {
   ModelSpec m;
   JsonReader r(j, "model", issues);
   if (!r.is_object()) throw ConfigError(std::move(issues));
-  r.required("schema_version", &m.schema_version, 1);
-  if (m.schema_version != 1)
-    r.add_issue(
-        r.path_of("schema_version"),
-        "unsupported version " + std::to_string(m.schema_version) + " (this build reads 1)");
-  r.required("name", &m.name);
-  r.optional("description", &m.description);
-  r.optional("source", &m.source);
-  r.optional("assumptions", &m.assumptions);
+  read_meta(r, m, /*name_required=*/true);
 
   r.required("num_layers", &m.num_layers, 1, kMaxLayers);
   r.required("hidden_size", &m.hidden_size, 1, kMaxWidth);
@@ -272,11 +264,7 @@ Json semantic_json(const ModelSpec& m) {
 
 Json to_json(const ModelSpec& m) {
   Json j = semantic_json(m);
-  j["schema_version"] = m.schema_version;
-  j["name"] = m.name;
-  j["description"] = m.description;
-  j["source"] = m.source;
-  j["assumptions"] = m.assumptions;
+  write_meta(m, j);
   if (m.published) {
     Json p = {{"total_params", m.published->total_params}, {"source", m.published->source}};
     if (m.published->active_params > 0) p["active_params"] = m.published->active_params;

@@ -71,13 +71,8 @@ struct PublishedCounts {
   bool operator==(const PublishedCounts&) const = default;
 };
 
-struct ModelSpec {
+struct ModelSpec : ConfigMeta {
   // Metadata (not part of the content hash).
-  int schema_version = 1;
-  std::string name;
-  std::string description;
-  std::string source;
-  std::vector<std::string> assumptions;
   std::optional<PublishedCounts> published;
 
   int64_t num_layers = 0;

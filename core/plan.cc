@@ -71,15 +71,7 @@ Plan parse_plan(const Json& j) {
   Plan p;
   JsonReader r(j, "plan", issues);
   if (!r.is_object()) throw ConfigError(std::move(issues));
-  r.required("schema_version", &p.schema_version, 1);
-  if (p.schema_version != 1)
-    r.add_issue(
-        r.path_of("schema_version"),
-        "unsupported version " + std::to_string(p.schema_version) + " (this build reads 1)");
-  r.optional("name", &p.name);
-  r.optional("description", &p.description);
-  r.optional("source", &p.source);
-  r.optional("assumptions", &p.assumptions);
+  read_meta(r, p, /*name_required=*/false);
   if (const Json* f = r.child("for", false)) {
     PlanTarget t;
     JsonReader fr(*f, r.path_of("for"), issues);
@@ -200,11 +192,7 @@ Json semantic_json(const Plan& p) {
 
 Json to_json(const Plan& p) {
   Json j = semantic_json(p);
-  j["schema_version"] = p.schema_version;
-  j["name"] = p.name;
-  j["description"] = p.description;
-  j["source"] = p.source;
-  j["assumptions"] = p.assumptions;
+  write_meta(p, j);
   if (p.target) {
     j["for"] = {{"model", p.target->model},
                 {"cluster", p.target->cluster},

@@ -94,12 +94,7 @@ struct PlanTarget {
 
 inline constexpr int64_t kDefaultGradBucketBytes = 25'000'000;
 
-struct Plan {
-  int schema_version = 1;
-  std::string name;
-  std::string description;
-  std::string source;
-  std::vector<std::string> assumptions;
+struct Plan : ConfigMeta {
   std::optional<PlanTarget> target;  // JSON key "for"
 
   int dp = 1;

@@ -52,15 +52,7 @@ Workload parse_workload(const Json& j) {
   Workload w;
   JsonReader r(j, "workload", issues);
   if (!r.is_object()) throw ConfigError(std::move(issues));
-  r.required("schema_version", &w.schema_version, 1);
-  if (w.schema_version != 1)
-    r.add_issue(
-        r.path_of("schema_version"),
-        "unsupported version " + std::to_string(w.schema_version) + " (this build reads 1)");
-  r.required("name", &w.name);
-  r.optional("description", &w.description);
-  r.optional("source", &w.source);
-  r.optional("assumptions", &w.assumptions);
+  read_meta(r, w, /*name_required=*/true);
   r.optional_enum("mode", &w.mode);
   r.required("global_batch_size", &w.global_batch_size, 1, int64_t{1} << 40);
   r.optional("seq_len", &w.seq_len, 1, int64_t{1} << 24);
@@ -128,11 +120,7 @@ Json semantic_json(const Workload& w) {
 
 Json to_json(const Workload& w) {
   Json j = semantic_json(w);
-  j["schema_version"] = w.schema_version;
-  j["name"] = w.name;
-  j["description"] = w.description;
-  j["source"] = w.source;
-  j["assumptions"] = w.assumptions;
+  write_meta(w, j);
   return j;
 }
 

@@ -53,13 +53,7 @@ struct InferenceSpec {
   bool operator==(const InferenceSpec&) const = default;
 };
 
-struct Workload {
-  int schema_version = 1;
-  std::string name;
-  std::string description;
-  std::string source;
-  std::vector<std::string> assumptions;
-
+struct Workload : ConfigMeta {
   Mode mode = Mode::kTrain;
   int64_t global_batch_size = 0;
   int64_t seq_len = 0;  // 0 = the model's default
