@@ -126,13 +126,13 @@ Json to_json(const ClusterSpec& c) {
   return j;
 }
 
-ClusterSpec with_nodes(ClusterSpec c, int nodes) {
+ClusterSpec with_nodes(ClusterSpec c, int nodes, const std::string& path) {
   if (nodes < 1 || nodes > kMaxNodes)
-    throw ConfigError("--nodes", "must be in [1, " + std::to_string(kMaxNodes) + "], got " +
-                                     std::to_string(nodes));
+    throw ConfigError(
+        path, "must be in [1, " + std::to_string(kMaxNodes) + "], got " + std::to_string(nodes));
   if (nodes > 1 && (c.inter_node.nics_per_node < 1 || c.inter_node.nic_bw_Bps <= 0))
-    throw ConfigError("--nodes", "cluster \"" + c.name + "\" has no NICs to join " +
-                                     std::to_string(nodes) + " nodes");
+    throw ConfigError(
+        path, "cluster \"" + c.name + "\" has no NICs to join " + std::to_string(nodes) + " nodes");
   c.num_nodes = nodes;
   return c;
 }

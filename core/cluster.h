@@ -86,7 +86,8 @@ struct ClusterSpec : ConfigMeta {
 ClusterSpec parse_cluster(const Json& j);
 Json to_json(const ClusterSpec& c);
 Json semantic_json(const ClusterSpec& c);
-// The same cluster with another node count (the CLI's --nodes); throws ConfigError when nodes < 1.
-ClusterSpec with_nodes(ClusterSpec c, int nodes);
+// The same cluster with another node count (the CLI's --nodes, a plan's for.nodes); throws
+// ConfigError at `path` when the count is out of range or the cluster has no NICs to join nodes.
+ClusterSpec with_nodes(ClusterSpec c, int nodes, const std::string& path = "--nodes");
 
 }  // namespace switchyard

@@ -57,11 +57,14 @@ fs::path ConfigRegistry::resolve(ConfigKind kind, std::string_view name) const {
   const bool is_path = n.find('/') != std::string::npos ||
                        (n.size() > 5 && n.compare(n.size() - 5, 5, ".json") == 0);
   if (is_path) {
-    if (!fs::exists(n)) throw ConfigError(n, "no such file");
+    std::error_code ec;
+    if (!fs::is_regular_file(n, ec))
+      throw ConfigError(n, ec ? "cannot read: " + ec.message() : std::string("no such file"));
     return n;
   }
   fs::path p = root_ / config_kind_dir(kind) / (n + ".json");
-  if (fs::exists(p)) return p;
+  std::error_code ec;
+  if (fs::is_regular_file(p, ec)) return p;
   std::string choices;
   for (const auto& c : list(kind)) choices += (choices.empty() ? "" : ", ") + c;
   throw ConfigError(std::string(config_kind_dir(kind)),
@@ -156,7 +159,9 @@ Inputs load_inputs(const ConfigRegistry& reg, const InputNames& names) {
       in.cluster = reg.load_cluster(cluster);
       const int nodes =
           names.nodes > 0 ? names.nodes : (target && target->nodes > 0 ? target->nodes : 0);
-      if (nodes > 0) in.cluster = with_nodes(std::move(in.cluster), nodes);
+      if (nodes > 0)
+        in.cluster = with_nodes(std::move(in.cluster), nodes,
+                                names.nodes > 0 ? "--nodes" : "plan.for.nodes");
     });
   }
   if (!workload.empty())

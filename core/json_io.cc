@@ -43,7 +43,10 @@ std::string index_path(std::string_view parent, size_t index) {
 
 namespace {
 
+// A short rendering of a value for messages; containers are not walked (they may be deep).
 std::string shown(const Json& j) {
+  if (j.is_object()) return j.empty() ? "{}" : "{...}";
+  if (j.is_array()) return j.empty() ? "[]" : "[...]";
   std::string s = j.dump();
   if (s.size() > 40) s = s.substr(0, 37) + "...";
   return s;
@@ -266,11 +269,48 @@ void write_meta(const ConfigMeta& meta, Json& j) {
   j["assumptions"] = meta.assumptions;
 }
 
+namespace {
+
+// Raised from the parser callback; turned into a ConfigError by parse_json_text.
+struct StructureError {
+  std::string message;
+};
+
+}  // namespace
+
 Json parse_json_text(std::string_view text, const std::string& source) {
+  // Configs are shallow; a deep nesting is an attack or an accident (and would overflow the stack
+  // when printed). Duplicate keys would silently keep the last value, so they are errors too.
+  constexpr int kMaxDepth = 64;
+  std::vector<std::set<std::string>> keys_by_depth;
+  std::string path_hint;
+  auto callback = [&](int depth, Json::parse_event_t event, Json& parsed) {
+    if (depth > kMaxDepth)
+      throw StructureError{"nested deeper than " + std::to_string(kMaxDepth) + " levels"};
+    switch (event) {
+      case Json::parse_event_t::object_start:
+        keys_by_depth.emplace_back();
+        break;
+      case Json::parse_event_t::object_end:
+        if (!keys_by_depth.empty()) keys_by_depth.pop_back();
+        break;
+      case Json::parse_event_t::key:
+        if (!keys_by_depth.empty() &&
+            !keys_by_depth.back().insert(parsed.get<std::string>()).second)
+          throw StructureError{"duplicate key \"" + parsed.get<std::string>() + "\""};
+        break;
+      default:
+        break;
+    }
+    return true;
+  };
   try {
-    return Json::parse(text.begin(), text.end());
-  } catch (const Json::parse_error& e) {
-    // e.what() reads "[json.exception.parse_error.101] parse error at line 3, column 7: ...".
+    return Json::parse(text.begin(), text.end(), callback);
+  } catch (const StructureError& e) {
+    throw ConfigError(source, "invalid JSON: " + e.message);
+  } catch (const Json::exception& e) {
+    // e.what() reads "[json.exception.parse_error.101] parse error at line 3, column 7: ...";
+    // numbers beyond double range raise out_of_range.406.
     std::string what = e.what();
     auto pos = what.find("] ");
     throw ConfigError(source,

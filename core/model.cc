@@ -174,7 +174,8 @@ ModelSpec parse_model(const Json& j) {
     JsonReader pr(*p, r.path_of("published"), issues);
     if (pr.required("total_params", &pc.total_params) && !(pc.total_params > 0))
       pr.add_issue(pr.path_of("total_params"), "must be > 0");
-    pr.optional("active_params", &pc.active_params);
+    if (pr.optional("active_params", &pc.active_params) && pc.active_params < 0)
+      pr.add_issue(pr.path_of("active_params"), "must be >= 0");
     pr.optional("source", &pc.source);
     pr.finish();
     m.published = pc;
@@ -182,7 +183,10 @@ ModelSpec parse_model(const Json& j) {
   r.finish();
 
   if (m.hidden_size > 0 && m.num_attention_heads > 0) {
-    if (!explicit_head_dim) {
+    // MLA heads have their own widths (qk_nope/qk_rope/v_head_dim); head_dim is not used.
+    if (!explicit_head_dim && m.attention == AttentionKind::kMLA) {
+      m.head_dim = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim;
+    } else if (!explicit_head_dim) {
       if (m.hidden_size % m.num_attention_heads != 0)
         r.add_issue(r.path_of("head_dim"), "missing, and hidden_size " +
                                                std::to_string(m.hidden_size) +
@@ -208,7 +212,7 @@ Json semantic_json(const ModelSpec& m) {
   Json j;
   j["num_layers"] = m.num_layers;
   j["hidden_size"] = m.hidden_size;
-  j["ffn_hidden_size"] = m.ffn_hidden_size;
+  if (m.ffn_hidden_size > 0) j["ffn_hidden_size"] = m.ffn_hidden_size;  // 0: every layer is MoE
   j["num_attention_heads"] = m.num_attention_heads;
   j["num_kv_heads"] = m.num_kv_heads;
   j["head_dim"] = m.head_dim;

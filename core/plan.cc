@@ -123,8 +123,9 @@ Plan parse_plan(const Json& j) {
     r.add_issue(r.path_of("ring_sections"), "a ring needs at least 2 sections (0 turns it off)");
   if (const Json* sl = r.child("stage_layers", false)) {
     const std::string path = r.path_of("stage_layers");
-    if (!sl->is_array()) {
-      r.add_issue(path, "expected an array of layer counts, got " + json_type_name(*sl));
+    if (!sl->is_array() || sl->empty()) {
+      r.add_issue(path, "expected a non-empty array of layer counts (or null), got " +
+                            (sl->is_array() ? std::string("[]") : json_type_name(*sl)));
     } else {
       for (size_t i = 0; i < sl->size(); ++i) {
         auto v = read_int((*sl)[i], index_path(path, i), issues);

@@ -28,6 +28,24 @@ bool any_on(const Placement& p, Tier t) {
          p.optimizer_states == t || p.activations == t;
 }
 
+// Plans built in code (the tuner) skip the parser's range checks: everything that divides must be
+// at least 1 before any other rule runs.
+bool check_positive(Checker& c, const Plan& p) {
+  const std::pair<const char*, int> degrees[] = {
+      {"plan.dp", p.dp}, {"plan.tp", p.tp},
+      {"plan.pp", p.pp}, {"plan.cp", p.cp},
+      {"plan.ep", p.ep}, {"plan.expert_tp", p.expert_tp},
+      {"plan.vp", p.vp}, {"plan.micro_batch_size", p.micro_batch_size}};
+  bool ok = true;
+  for (const auto& [path, v] : degrees) {
+    if (v < 1) {
+      c.fail(path, "must be >= 1, got " + s(v));
+      ok = false;
+    }
+  }
+  return ok;
+}
+
 void check_degrees(Checker& c, const Plan& p, const ModelSpec& m, const ClusterSpec& cl) {
   c.require(p.world_size() == cl.total_gpus(), "plan",
             "dp*tp*pp*cp = " + s(p.dp) + "*" + s(p.tp) + "*" + s(p.pp) + "*" + s(p.cp) + " = " +
@@ -39,8 +57,21 @@ void check_degrees(Checker& c, const Plan& p, const ModelSpec& m, const ClusterS
     c.require(m.num_kv_heads % p.tp == 0, "plan.tp",
               s(p.tp) + " does not divide model.num_kv_heads " + s(m.num_kv_heads) +
                   " (each TP rank needs whole key/value groups)");
-  c.require(p.pp * p.vp <= m.num_layers, "plan.pp",
-            "pp*vp = " + s(p.pp * p.vp) + " exceeds model.num_layers " + s(m.num_layers));
+  // Megatron's column-parallel FFNs split their intermediate width over tp.
+  bool has_dense_layer = false;
+  for (int64_t l = 0; l < m.num_layers && !has_dense_layer; ++l)
+    has_dense_layer = !m.is_moe_layer(l);
+  if (has_dense_layer)
+    c.require(m.ffn_hidden_size % p.tp == 0, "plan.tp",
+              s(p.tp) + " does not divide model.ffn_hidden_size " + s(m.ffn_hidden_size));
+  if (m.moe && m.moe->num_shared_experts > 0) {
+    const int64_t shared = m.moe->num_shared_experts * m.moe->shared_expert_ffn_hidden_size;
+    c.require(shared % p.tp == 0, "plan.tp",
+              s(p.tp) + " does not divide the shared experts' width " + s(shared) +
+                  " (num_shared_experts * shared_expert_ffn_hidden_size)");
+  }
+  c.require(int64_t{p.pp} * p.vp <= m.num_layers, "plan.pp",
+            "pp*vp = " + s(int64_t{p.pp} * p.vp) + " exceeds model.num_layers " + s(m.num_layers));
 }
 
 void check_experts(Checker& c, const Plan& p, const ModelSpec& m, const ClusterSpec& cl) {
@@ -50,6 +81,9 @@ void check_experts(Checker& c, const Plan& p, const ModelSpec& m, const ClusterS
               "must be 1 for a dense model, got " + s(p.expert_tp));
     c.require(p.expert_replicas.kind == ExpertReplicas::Kind::kNone, "plan.expert_replicas",
               "a dense model has no experts to replicate");
+    c.require(p.dispatch == Dispatch::kAllToAll, "plan.dispatch",
+              "a dense model dispatches no tokens; leave dispatch at its default");
+    c.require(!p.capacity_factor, "plan.capacity_factor", "a dense model has no expert capacity");
     return;
   }
   const int64_t experts = m.moe->num_experts;
@@ -233,6 +267,7 @@ std::vector<ConfigIssue> validate(const Plan& plan, const ModelSpec& model,
                                   const ClusterSpec& cluster, const Workload& workload) {
   std::vector<ConfigIssue> out;
   Checker c(out);
+  if (!check_positive(c, plan)) return out;
   check_degrees(c, plan, model, cluster);
   check_experts(c, plan, model, cluster);
   check_pipeline(c, plan, model, workload);

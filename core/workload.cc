@@ -73,6 +73,9 @@ Workload parse_workload(const Json& j) {
         if (const Json* rj = er.child("routing", true))
           t.routing = parse_routing(*rj, er.path_of("routing"), issues);
         er.finish();
+        for (const auto& other : w.task_routing)
+          if (!t.task.empty() && other.task == t.task)
+            er.add_issue(er.path_of("task"), "task \"" + t.task + "\" listed twice");
         w.task_routing.push_back(std::move(t));
       }
     }

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <stdexcept>
+#include <string>
 
 #include "cost_models/compute.h"
 
@@ -131,9 +133,11 @@ double activation_bytes_per_token(const ModelSpec& m, const Plan& plan, Precisio
     // Router logits in fp32.
     elems += 2.0 * static_cast<double>(m.moe->num_experts) / sp_div;
     // Rows this rank's experts see per token of its micro-batch share: top_k of them, balanced,
-    // times the load factor of the most loaded rank. PPMoE ranks hold every token but serve 1/ep of
-    // the experts.
-    const double rows = plan.dispatch == Dispatch::kPPMoEIndexSlice ? k / plan.ep : k / sp_div;
+    // times the load factor of the most loaded rank; with expert_tp the rows are all-gathered over
+    // the expert-TP group (each rank computes fe / expert_tp columns of all of them). PPMoE ranks
+    // hold every token but serve 1/ep of the experts.
+    const double rows =
+        (plan.dispatch == Dispatch::kPPMoEIndexSlice ? k / plan.ep : k / sp_div) * etp;
     elems += rows * load_factor * (h + kept * fe / etp + h);  // permuted input, internals, output
     const double fs = static_cast<double>(m.moe->shared_expert_ffn_hidden_size);
     elems += static_cast<double>(m.moe->num_shared_experts) * kept * fs / tp;
@@ -194,7 +198,7 @@ StageParams stage_params(const ModelSpec& m, const Plan& plan, int stage) {
   if (stage == plan.pp - 1) {
     // An untied LM head, or a tied one's copy on the last stage of a pipeline.
     if (!m.tied_embeddings || plan.pp > 1) sp.dense += v * h / tp;
-    sp.dense += h;  // final norm
+    sp.dense += (m.norm == NormKind::kLayerNorm ? 2.0 : 1.0) * h;  // final norm
   }
   return sp;
 }
@@ -210,6 +214,9 @@ TierBytes on(Tier t, double bytes) {
 
 MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& c, const Plan& plan,
                                const Workload& w, const CostProfile& prof, int stage) {
+  if (stage < 0 || stage >= std::max(plan.pp, 1))
+    throw std::out_of_range("memory_per_gpu: stage " + std::to_string(stage) +
+                            " of a plan with pp " + std::to_string(plan.pp));
   MemoryBreakdown mb;
   mb.stage = stage;
   const bool train = w.mode == Mode::kTrain;
@@ -254,11 +261,16 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& c, const P
     const double opt_div_e = plan.zero_stage >= 1 ? expert_shard : 1.0;
     mb.optimizer_states = on(pl.optimizer_states, sp.dense * sb.optimizer / opt_div_d +
                                                       sp.expert * sb.optimizer / opt_div_e);
+    // SSD-resident optimizer states are staged through DRAM a few layers (of this rank's shard)
+    // at a time; host Adam updates them there.
     if (pl.optimizer_states == Tier::kSSD)
-      mb.prefetch_buffers.cpu +=
-          working_layers * (sp.max_layer_dense + sp.max_layer_expert) * sb.optimizer;
-    // Gradient buckets: one being filled, one in flight.
-    mb.comm_buffers.gpu += 2.0 * static_cast<double>(plan.grad_bucket_bytes);
+      mb.prefetch_buffers.cpu += working_layers * sb.optimizer *
+                                 (sp.max_layer_dense / opt_div_d + sp.max_layer_expert / opt_div_e);
+    // Gradient buckets: one being filled, one in flight; offloaded gradients stream out through
+    // them (and through as many host buffers on their way to an SSD).
+    const double buckets = 2.0 * static_cast<double>(plan.grad_bucket_bytes);
+    mb.comm_buffers.gpu += buckets;
+    if (pl.gradients == Tier::kSSD) mb.comm_buffers.cpu += buckets;
   }
 
   // Activations and dispatch buffers.
@@ -291,15 +303,16 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& c, const P
       mb.activations.gpu = act;
     }
     if (m.moe) {
-      const double rows =
-          static_cast<double>(m.moe->top_k) * tokens * load /
-          (plan.dispatch == Dispatch::kPPMoEIndexSlice ? plan.ep
-                                                       : (plan.sequence_parallel ? plan.tp : 1));
-      double buf = 2.0 * rows * h * e_act;  // send and receive
-      if (plan.dispatch == Dispatch::kHierarchicalAllToAll)
-        buf *= 2.0;  // staging for the transforms
-      if (plan.dispatch == Dispatch::kPPMoEIndexSlice)
-        buf = tokens * h * e_act;  // all-reduce buffer
+      double buf = 0;
+      if (plan.dispatch == Dispatch::kPPMoEIndexSlice) {
+        buf = tokens * h * e_act;  // the combine's all-reduce buffer
+      } else {
+        const double rows = static_cast<double>(m.moe->top_k) * tokens * load /
+                            (plan.sequence_parallel ? plan.tp : 1);
+        buf = 2.0 * rows * h * e_act;  // all-to-all send and receive
+        if (plan.dispatch == Dispatch::kHierarchicalAllToAll) buf *= 2.0;  // transform staging
+        if (plan.expert_tp > 1) buf += plan.expert_tp * rows * h * e_act;  // expert-TP all-gather
+      }
       mb.dispatch_buffers.gpu = buf;
     }
   } else if (w.inference) {

@@ -15,10 +15,10 @@
 //    min(2(pp - s - 1) + (vp - 1) pp + 1, m vp) chunks of L_s / vp layers.
 //  - MoE dispatch: dropless, the most loaded EP rank receives load_factor times the balanced token
 //    count (from the workload's routing); with a capacity factor, buffers are padded to capacity.
-//  - A class placed on "cpu" or "ssd" lives there; the GPU keeps (1 + prefetch depth) layers of it
-//  as
-//    working buffers, and an SSD-resident class is staged through the same number of layers in
-//    DRAM.
+//  - A class placed on "cpu" or "ssd" lives there. Offloaded parameters keep (1 + prefetch depth)
+//    layers on the GPU as working buffers (and as many in DRAM when they come from the SSD);
+//    offloaded gradients stream out through the gradient buckets; offloaded optimizer states are
+//    updated on the host (ZeRO-Offload), staged through DRAM layer by layer when on the SSD.
 #pragma once
 
 #include <vector>

@@ -73,7 +73,7 @@ std::optional<double> parse_size(std::string s) {
   try {
     size_t used = 0;
     double v = std::stod(s, &used);
-    if (used != s.size() || !(v > 0)) return std::nullopt;
+    if (used != s.size() || !(v > 0) || !std::isfinite(v)) return std::nullopt;
     return v * mult;
   } catch (...) {
     return std::nullopt;
@@ -220,6 +220,8 @@ int cmd_collective(const Common& common, const std::string& cluster_name, int no
   auto lo = parse_size(min_size), hi = parse_size(max_size);
   if (!lo) throw sy::ConfigError("--min-bytes", "not a size: \"" + min_size + "\"");
   if (!hi) throw sy::ConfigError("--max-bytes", "not a size: \"" + max_size + "\"");
+  if (*lo > *hi)
+    throw sy::ConfigError("--min-bytes", min_size + " exceeds --max-bytes " + max_size);
   if (ranks_per_node <= 0) ranks_per_node = c.gpus_per_node;
   if (ranks_per_node > c.gpus_per_node)
     throw sy::ConfigError("--ranks-per-node", std::to_string(ranks_per_node) + " exceeds the " +
@@ -297,7 +299,8 @@ int main(int argc, char** argv) {
                    "hierarchical_all_to_all, broadcast");
   coll->add_option("--min-bytes", coll_min, "Smallest size (e.g. 1M)");
   coll->add_option("--max-bytes", coll_max, "Largest size (e.g. 8G)");
-  coll->add_option("--ranks-per-node", coll_rpn, "Group members per node (default: every GPU)");
+  coll->add_option("--ranks-per-node", coll_rpn, "Group members per node (default: every GPU)")
+      ->check(CLI::PositiveNumber);
 
   try {
     app.parse(argc, argv);
@@ -322,6 +325,13 @@ int main(int argc, char** argv) {
       return cmd_collective(common, coll_cluster, coll_nodes, coll_op, coll_min, coll_max,
                             coll_rpn);
   } catch (const sy::ConfigError& e) {
+    if (*validate && json) {
+      sy::Json out = {{"ok", false}, {"issues", sy::Json::array()}};
+      for (const auto& i : e.issues())
+        out["issues"].push_back({{"path", i.path}, {"message", i.message}, {"file", i.file}});
+      std::cout << out.dump(2) << "\n";
+      return kExitBadInput;
+    }
     std::cerr << "error: " << e.issues().size() << " problem" << (e.issues().size() > 1 ? "s" : "")
               << " in the input\n";
     print_issues(e.issues());

@@ -86,6 +86,22 @@ TEST(JsonText, SyntaxErrorsNameTheSourceAndPosition) {
   EXPECT_THROW(load_json_file("/nonexistent/file.json"), ConfigError);
 }
 
+TEST(JsonText, DuplicateKeysDeepNestingAndHugeNumbersAreErrors) {
+  auto message = [](const std::string& text) {
+    try {
+      parse_json_text(text, "x.json");
+    } catch (const ConfigError& e) {
+      return e.issues().at(0).message;
+    }
+    return std::string("accepted");
+  };
+  EXPECT_NE(message(R"({"dp": 2, "dp": 4})").find("duplicate key \"dp\""), std::string::npos);
+  EXPECT_EQ(message(R"({"a": {"dp": 2}, "b": {"dp": 4}})"), "accepted");  // same key, other objects
+  EXPECT_NE(message(std::string(100000, '[') + std::string(100000, ']')).find("nested deeper"),
+            std::string::npos);
+  EXPECT_NE(message(R"({"dp": 1e400})").find("invalid JSON"), std::string::npos);
+}
+
 TEST(CanonicalJson, IndependentOfKeyOrderAndWhitespace) {
   Json a = Json::parse(R"({"b": [1, 2], "a": {"y": 1.5, "x": "s"}})");
   Json b = Json::parse("{\"a\":{\"x\":\"s\",\"y\":1.5},\n\n \"b\":[1,2]}");

@@ -116,6 +116,31 @@ TEST(ModelSpec, RejectsInconsistentArchitecture) {
   }
 }
 
+TEST(ModelSpec, AllMoeModelWithoutDenseWidthRoundTrips) {
+  Json j = tiny_model_json();
+  j.erase("ffn_hidden_size");
+  j["moe"]["layers"] = "all";
+  const ModelSpec a = parse_model(j);
+  EXPECT_TRUE(parse_model(to_json(a)) == a);
+}
+
+TEST(ModelSpec, MlaNeedsNoHeadDim) {
+  Json j = tiny_model_json();
+  j["num_attention_heads"] = 3;  // 8 is not a multiple of 3: fine, MLA heads have their own widths
+  j["num_kv_heads"] = 3;
+  j["attention"] = Json::parse(R"({"kind": "mla", "q_lora_rank": 0, "kv_lora_rank": 4,
+                                   "qk_nope_head_dim": 2, "qk_rope_head_dim": 2, "v_head_dim": 2})");
+  EXPECT_EQ(parse_model(j).head_dim, 4);
+}
+
+TEST(ModelSpec, BundledNamesMatchTheirFiles) {
+  const ConfigRegistry reg = bundled();
+  for (const auto& n : reg.list(ConfigKind::kModel)) EXPECT_EQ(reg.load_model(n).name, n);
+  for (const auto& n : reg.list(ConfigKind::kCluster)) EXPECT_EQ(reg.load_cluster(n).name, n);
+  for (const auto& n : reg.list(ConfigKind::kPlan)) EXPECT_EQ(reg.load_plan(n).name, n);
+  for (const auto& n : reg.list(ConfigKind::kWorkload)) EXPECT_EQ(reg.load_workload(n).name, n);
+}
+
 TEST(ModelSpec, DenseModelNeedsFfnHiddenSize) {
   Json j = tiny_model_json();
   j.erase("ffn_hidden_size");

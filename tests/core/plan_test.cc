@@ -82,6 +82,11 @@ TEST(PlanSpec, ReportsEveryProblemWithItsPath) {
   }
 }
 
+TEST(PlanSpec, EmptyStageLayersIsAnError) {
+  EXPECT_THROW(plan_from(R"({"schema_version": 1, "stage_layers": []})"), ConfigError);
+  EXPECT_TRUE(plan_from(R"({"schema_version": 1, "stage_layers": null})").stage_layers.empty());
+}
+
 TEST(PlanSpec, NullCapacityFactorIsDropless) {
   Plan p = plan_from(R"({"schema_version": 1, "capacity_factor": null})");
   EXPECT_FALSE(p.capacity_factor);

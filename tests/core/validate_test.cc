@@ -176,6 +176,35 @@ TEST_F(ValidateTest, DenseModelsHaveNoExperts) {
   expect_issue("plan.ep", "must be 1 for a dense model, got 8");
 }
 
+// Plans built in code skip the parser: zero degrees are reported, never divided by.
+TEST_F(ValidateTest, ZeroDegreesAreReportedNotDividedBy) {
+  plan_.tp = 0;
+  plan_.micro_batch_size = 0;
+  expect_issue("plan.tp", "must be >= 1, got 0");
+  expect_issue("plan.micro_batch_size", "must be >= 1, got 0");
+}
+
+TEST_F(ValidateTest, TensorParallelMustDivideFfnWidths) {
+  model_.ffn_hidden_size = 4098;
+  model_.moe->first_dense_layers = 1;
+  plan_.tp = 4;
+  plan_.dp = 4;
+  plan_.sequence_parallel = true;
+  expect_issue("plan.tp", "4 does not divide model.ffn_hidden_size 4098");
+  model_.moe->num_shared_experts = 1;
+  model_.moe->shared_expert_ffn_hidden_size = 1022;
+  expect_issue("plan.tp", "does not divide the shared experts' width 1022");
+}
+
+TEST_F(ValidateTest, DenseModelsTakeNoDispatchOptions) {
+  model_.moe.reset();
+  plan_.ep = 1;
+  plan_.dispatch = Dispatch::kHierarchicalAllToAll;
+  plan_.capacity_factor = 1.0;
+  expect_issue("plan.dispatch", "a dense model dispatches no tokens");
+  expect_issue("plan.capacity_factor", "a dense model has no expert capacity");
+}
+
 TEST_F(ValidateTest, ReportsEveryViolationAtOnce) {
   plan_.ep = 6;
   plan_.dp = 12;

@@ -84,6 +84,19 @@ TEST(WorkloadSpec, RejectsBadInput) {
   }
 }
 
+TEST(WorkloadSpec, TaskListedTwiceIsAnError) {
+  try {
+    parse_workload(Json::parse(R"({"schema_version": 1, "name": "w", "global_batch_size": 8,
+        "task_routing": [{"task": "a", "routing": {"kind": "uniform"}},
+                         {"task": "a", "routing": {"kind": "zipf", "exponent": 1}}]})"));
+    FAIL() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("workload.task_routing[1].task: task \"a\" listed twice"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(WorkloadSpec, InferenceModeNeedsInferenceShape) {
   EXPECT_THROW(
       parse_workload(Json::parse(R"({"schema_version": 1, "name": "w", "global_batch_size": 1,

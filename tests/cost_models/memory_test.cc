@@ -94,6 +94,12 @@ TEST_F(MemoryTest, ActivationsPerTokenByHand) {
   // A rank that receives 1.5x its share keeps 1.5x the expert rows.
   EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kBF16, true, 1.5),
                    2 * (154 + 34));
+  // Expert-TP 2: the dispatched rows are all-gathered over the pair (4 rows per token) and each
+  // rank keeps half the expert width: 4 * (8 + 3*3 + 8) = 100 instead of 68.
+  plan_.expert_tp = 2;
+  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kBF16, true, 1.0),
+                   2 * (154 - 68 + 100));
+  plan_.expert_tp = 1;
   // Selective recompute drops the norm outputs (2h) and activation outputs (f, fe per row, fs).
   plan_.recompute = Recompute::kSelective;
   EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kBF16, false, 1.0),
@@ -169,6 +175,11 @@ TEST_F(MemoryTest, PipelineStagesDiffer) {
   EXPECT_DOUBLE_EQ(last.in_flight_micro_batches, 1);
   const auto peak = peak_memory_per_gpu(model_, cluster_, plan_, workload_, profile_);
   EXPECT_DOUBLE_EQ(peak.total().gpu, std::max(first.total().gpu, last.total().gpu));
+}
+
+TEST_F(MemoryTest, StageOutOfRangeThrows) {
+  EXPECT_THROW(mem(1), std::out_of_range);
+  EXPECT_THROW(mem(-1), std::out_of_range);
 }
 
 TEST_F(MemoryTest, RingInferenceKeepsTwoSectionsOnTheGpu) {

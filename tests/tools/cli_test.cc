@@ -124,6 +124,26 @@ TEST_F(CliTest, JsonOutputForScripts) {
   ASSERT_FALSE(j.at("issues").empty());
   EXPECT_EQ(j.at("issues")[0].at("path"), "plan.ep");
   EXPECT_EQ(j.at("plan_hash").get<std::string>().size(), 64u);
+  // A file that does not parse is reported as JSON too.
+  const std::string broken = write("broken.json", R"({"schema_version": 1, "dp": "x"})");
+  const Result r2 =
+      run("validate --plan " + broken + " --model mixtral-8x7b --cluster dgx-h100 --json");
+  EXPECT_EQ(r2.exit_code, 2);
+  const Json j2 = Json::parse(r2.output);
+  EXPECT_EQ(j2.at("issues")[0].at("path"), "plan.dp");
+  // A node count the cluster cannot take, from a plan's "for", is reported there, not as a flag.
+  Json cluster = load_json_file(testing::bundled().resolve(ConfigKind::kCluster, "dgx-h100"));
+  cluster["inter_node"]["nics_per_node"] = 0;
+  cluster["inter_node"]["nic_bw_Bps"] = 0;
+  const std::string island = write("island.json", cluster.dump());
+  const std::string nodes = write("nodes.json", R"({"schema_version": 1, "dp": 16,
+      "for": {"model": "llama3-8b", "cluster": ")" + island +
+                                                    R"(", "nodes": 2, "workload": "tiny-train"}})");
+  const Result r3 = run("validate --plan " + nodes);
+  EXPECT_EQ(r3.exit_code, 2) << r3.output;
+  EXPECT_NE(r3.output.find("plan.for.nodes: cluster \"dgx-h100\" has no NICs to join 2 nodes"),
+            std::string::npos)
+      << r3.output;
 }
 
 TEST_F(CliTest, BadInputsAreRefused) {
@@ -155,6 +175,11 @@ TEST_F(CliTest, CollectiveTable) {
   EXPECT_NE(r.output.find("1073741824"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("2147483648"), std::string::npos) << r.output;
   EXPECT_EQ(run("collective --cluster dgx-a100 --op all_reduce --min-bytes lots").exit_code, 2);
+  EXPECT_EQ(run("collective --cluster dgx-a100 --op all_reduce --max-bytes inf").exit_code, 2);
+  EXPECT_EQ(
+      run("collective --cluster dgx-a100 --op all_reduce --min-bytes 2G --max-bytes 1G").exit_code,
+      2);
+  EXPECT_EQ(run("collective --cluster dgx-a100 --op all_reduce --ranks-per-node -3").exit_code, 2);
 }
 
 }  // namespace
