@@ -15,25 +15,12 @@
 #include <string_view>
 
 #include "core/cluster.h"
+#include "core/shapes.h"
 #include "cost_models/profile.h"
 
 namespace switchyard {
 
-enum class Collective { kAllReduce, kAllGather, kReduceScatter, kAllToAll, kBroadcast, kSendRecv };
 enum class AllReduceAlgo { kAuto, kRing, kTree, kNVLS };
-
-std::string_view collective_name(Collective c);
-
-// Where the ranks of one communication group sit.
-struct GroupLayout {
-  int ranks = 1;
-  int ranks_per_node = 1;  // group members in each node (the group is spread evenly)
-  int nodes() const { return (ranks + ranks_per_node - 1) / ranks_per_node; }
-};
-
-// Layout of a group of `size` ranks whose members are `stride` apart in the global rank order
-// (ranks are numbered node by node): a TP group has stride 1, a DP group stride tp*cp*pp...
-GroupLayout group_layout(int size, int stride, int gpus_per_node);
 
 double bus_bandwidth_factor(Collective c, int ranks);
 

@@ -9,19 +9,13 @@
 #include <vector>
 
 #include "core/cluster.h"
+#include "core/shapes.h"
 #include "cost_models/profile.h"
 
 namespace switchyard {
 
 // Bytes of one element in a precision (tf32 is stored as fp32; fp8 as one byte).
 double bytes_per_element(Precision p);
-
-struct GemmShape {
-  int64_t m = 0;  // rows of A and C (tokens)
-  int64_t n = 0;  // columns of B and C
-  int64_t k = 0;  // inner dimension
-  int64_t batch = 1;
-};
 
 double gemm_flops(const GemmShape& s);
 // A, B read once and C written once.
@@ -40,16 +34,6 @@ KernelCost gemm_cost(const GemmShape& s, Precision p, const GpuSpec& gpu, const 
 KernelCost grouped_gemm_cost(const std::vector<int64_t>& m_per_group, int64_t n, int64_t k,
                              Precision p, const GpuSpec& gpu, const CostProfile& prof);
 
-struct AttentionShape {
-  int64_t batch = 0;     // sequences
-  int64_t seq_len = 0;   // query and key length (training / prefill)
-  int64_t kv_len = 0;    // keys attended to; 0 = seq_len
-  int64_t heads = 0;     // query heads on this GPU
-  int64_t kv_heads = 0;  // key/value heads on this GPU
-  int64_t qk_dim = 0;
-  int64_t v_dim = 0;
-  bool causal = true;
-};
 // Fused (flash) attention, forward. FLOPs actually executed: causal masking skips half the score
 // tiles when query and key lengths match.
 KernelCost attention_forward_cost(const AttentionShape& s, Precision p, const GpuSpec& gpu,
