@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/expert_load.h"
 #include "cost_models/compute.h"
 
 namespace switchyard {
@@ -41,47 +42,6 @@ double in_flight_micro_batches(const Plan& plan, int64_t num_micro_batches, int 
     }
   }
   return m;
-}
-
-double expert_rank_load_factor(const ModelSpec& m, const Plan& plan, const Workload& w) {
-  if (!m.moe || plan.ep <= 0) return 1.0;
-  const int64_t experts = m.moe->num_experts;
-  const int ep = plan.ep;
-  const std::vector<double> share = expert_load_fractions(w, m);
-  // Copies of each expert.
-  std::vector<int> copies(static_cast<size_t>(experts), 1);
-  const ExpertReplicas& r = plan.expert_replicas;
-  if (r.kind == ExpertReplicas::Kind::kPerExpert &&
-      static_cast<int64_t>(r.per_expert.size()) == experts) {
-    copies = r.per_expert;
-  } else if (r.kind == ExpertReplicas::Kind::kHot) {
-    std::vector<int64_t> order(static_cast<size_t>(experts));
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t a, int64_t b) { return share[a] > share[b]; });
-    for (int i = 0; i < std::min<int64_t>(r.hot_experts, experts); ++i)
-      copies[order[i]] = r.replicas;
-  }
-  // Capacity caps what one copy of an expert accepts; dropped tokens never reach a rank.
-  const double cap = plan.capacity_factor ? *plan.capacity_factor / static_cast<double>(experts)
-                                          : std::numeric_limits<double>::infinity();
-  // Home copies sit on contiguous ranks; extra copies go to the least loaded rank, hottest first.
-  std::vector<double> rank_load(static_cast<size_t>(ep), 0.0);
-  const int64_t per_rank = std::max<int64_t>(experts / ep, 1);
-  std::vector<std::pair<double, int>> extras;
-  for (int64_t e = 0; e < experts; ++e) {
-    const double per_copy = std::min(share[e] / copies[e], cap);
-    rank_load[static_cast<size_t>(std::min<int64_t>(e / per_rank, ep - 1))] += per_copy;
-    for (int c = 1; c < copies[e]; ++c) extras.emplace_back(per_copy, static_cast<int>(e));
-  }
-  std::stable_sort(extras.begin(), extras.end(),
-                   [](const auto& a, const auto& b) { return a.first > b.first; });
-  for (const auto& [load, e] : extras) {
-    auto it = std::min_element(rank_load.begin(), rank_load.end());
-    *it += load;
-  }
-  const double max_load = *std::max_element(rank_load.begin(), rank_load.end());
-  return std::max(max_load * ep, 0.0);
 }
 
 double expert_buffer_rows_factor(const ModelSpec& m, const Plan& plan, const Workload& w) {
@@ -212,7 +172,32 @@ TierBytes on(Tier t, double bytes) {
 
 }  // namespace
 
-MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& c, const Plan& plan,
+DynamicTensorBytes dynamic_tensor_bytes(const ModelSpec& m, const Plan& plan, const Workload& w) {
+  DynamicTensorBytes d;
+  const double tokens = static_cast<double>(plan.micro_batch_size) *
+                        static_cast<double>(w.effective_seq_len(m)) / plan.cp;
+  const double load = expert_buffer_rows_factor(m, plan, w);
+  const double e = w.precision == Precision::kFP32 ? 4.0 : 2.0;
+  const double h = static_cast<double>(m.hidden_size);
+  d.dense_layer_activations = tokens * activation_bytes_per_token(m, plan, w.precision, false, load);
+  d.moe_layer_activations = tokens * activation_bytes_per_token(m, plan, w.precision, true, load);
+  d.layer_input = e * tokens * h / (plan.sequence_parallel ? plan.tp : 1);
+  d.logits = tokens * static_cast<double>(m.vocab_size) / plan.tp * 4.0;
+  if (m.moe) {
+    if (plan.dispatch == Dispatch::kPPMoEIndexSlice) {
+      d.dispatch = tokens * h * e;  // the combine's all-reduce buffer
+    } else {
+      const double rows =
+          static_cast<double>(m.moe->top_k) * tokens * load / (plan.sequence_parallel ? plan.tp : 1);
+      d.dispatch = 2.0 * rows * h * e;  // all-to-all send and receive
+      if (plan.dispatch == Dispatch::kHierarchicalAllToAll) d.dispatch *= 2.0;  // transform staging
+      if (plan.expert_tp > 1) d.dispatch += plan.expert_tp * rows * h * e;    // expert-TP gather
+    }
+  }
+  return d;
+}
+
+MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*/, const Plan& plan,
                                const Workload& w, const CostProfile& prof, int stage) {
   if (stage < 0 || stage >= std::max(plan.pp, 1))
     throw std::out_of_range("memory_per_gpu: stage " + std::to_string(stage) +
@@ -274,47 +259,29 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& c, const P
   }
 
   // Activations and dispatch buffers.
-  const int64_t seq = w.effective_seq_len(m);
   const double load = expert_buffer_rows_factor(m, plan, w);
   const double e_act = w.precision == Precision::kFP32 ? 4.0 : 2.0;
-  const double h = static_cast<double>(m.hidden_size);
   if (train) {
-    const double tokens =
-        static_cast<double>(plan.micro_batch_size) * static_cast<double>(seq) / plan.cp;
+    const DynamicTensorBytes dyn = dynamic_tensor_bytes(m, plan, w);
     double stack = 0, widest = 0;
     for (bool moe : sp.moe_layers) {
-      const double layer = tokens * activation_bytes_per_token(m, plan, w.precision, moe, load);
+      const double layer = moe ? dyn.moe_layer_activations : dyn.dense_layer_activations;
       widest = std::max(widest, layer);
-      stack += plan.recompute == Recompute::kFull
-                   ? e_act * tokens * h / (plan.sequence_parallel ? plan.tp : 1)
-                   : layer;
+      stack += plan.recompute == Recompute::kFull ? dyn.layer_input : layer;
     }
     const int64_t micro_batches =
         w.global_batch_size / std::max<int64_t>(int64_t{plan.micro_batch_size} * plan.dp, 1);
     mb.in_flight_micro_batches = in_flight_micro_batches(plan, micro_batches, stage);
     double act = stack * mb.in_flight_micro_batches;
     if (plan.recompute == Recompute::kFull) act += widest;  // one layer recomputed at a time
-    // Logits of one micro-batch on the last stage (vocab-parallel).
-    if (stage == plan.pp - 1) act += tokens * static_cast<double>(m.vocab_size) / plan.tp * 4.0;
+    if (stage == plan.pp - 1) act += dyn.logits;  // one micro-batch's logits on the last stage
     if (pl.activations == Tier::kCPU) {
       mb.activations.cpu = act;
       mb.activations.gpu = working_layers * widest;
     } else {
       mb.activations.gpu = act;
     }
-    if (m.moe) {
-      double buf = 0;
-      if (plan.dispatch == Dispatch::kPPMoEIndexSlice) {
-        buf = tokens * h * e_act;  // the combine's all-reduce buffer
-      } else {
-        const double rows = static_cast<double>(m.moe->top_k) * tokens * load /
-                            (plan.sequence_parallel ? plan.tp : 1);
-        buf = 2.0 * rows * h * e_act;  // all-to-all send and receive
-        if (plan.dispatch == Dispatch::kHierarchicalAllToAll) buf *= 2.0;  // transform staging
-        if (plan.expert_tp > 1) buf += plan.expert_tp * rows * h * e_act;  // expert-TP all-gather
-      }
-      mb.dispatch_buffers.gpu = buf;
-    }
+    mb.dispatch_buffers.gpu = dyn.dispatch;
   } else if (w.inference) {
     const InferenceSpec& inf = *w.inference;
     const double batch = static_cast<double>(std::max(inf.prefill_batch, inf.decode_batch));

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "core/cluster.h"
+#include "core/expert_load.h"
 #include "core/model.h"
 #include "core/plan.h"
 #include "core/workload.h"
@@ -71,10 +72,6 @@ StateBytes state_bytes_per_param(Precision p);
 // Micro-batches of activations stage `stage` holds at once (in units of its whole layer stack).
 double in_flight_micro_batches(const Plan& plan, int64_t num_micro_batches, int stage);
 
-// How much more than a balanced share of dispatched rows the most loaded EP rank receives (>= 1),
-// capped by the capacity factor.
-double expert_rank_load_factor(const ModelSpec& m, const Plan& plan, const Workload& w);
-
 // Rows of expert buffers relative to a balanced share: capacity_factor when the plan has one
 // (buffers are padded to capacity), else expert_rank_load_factor (dropless).
 double expert_buffer_rows_factor(const ModelSpec& m, const Plan& plan, const Workload& w);
@@ -83,6 +80,18 @@ double expert_buffer_rows_factor(const ModelSpec& m, const Plan& plan, const Wor
 // the sequence by cp), on one GPU.
 double activation_bytes_per_token(const ModelSpec& m, const Plan& plan, Precision p, bool moe_layer,
                                   double load_factor);
+
+// Bytes of the tensors a step allocates and releases (one micro-batch, one GPU): what one layer
+// keeps for its backward, a layer's input (full recompute), an MoE layer's dispatch buffers, the
+// LM head's logits. The step program marks their lifetimes; the simulator adds them up over time.
+struct DynamicTensorBytes {
+  double dense_layer_activations = 0;
+  double moe_layer_activations = 0;
+  double layer_input = 0;
+  double dispatch = 0;
+  double logits = 0;
+};
+DynamicTensorBytes dynamic_tensor_bytes(const ModelSpec& m, const Plan& plan, const Workload& w);
 
 MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& c, const Plan& plan,
                                const Workload& w, const CostProfile& prof, int stage);

@@ -13,6 +13,8 @@
 #include "cost_models/collectives.h"
 #include "cost_models/memory.h"
 #include "cost_models/profile.h"
+#include "simulator/simulator.h"
+#include "traces/chrome_trace.h"
 
 namespace sy = switchyard;
 
@@ -244,6 +246,90 @@ int cmd_collective(const Common& common, const std::string& cluster_name, int no
   return 0;
 }
 
+std::string pct(double v) { return fmt("%.1f%%", 100.0 * v); }
+
+void print_prediction(const sy::Inputs& in, const sy::Prediction& p) {
+  const double hbm = static_cast<double>(in.cluster.gpu.hbm_bytes);
+  std::cout << in.model.name << " on " << p.gpus << "x " << in.cluster.gpu.name << " (" << in.cluster.num_nodes
+            << " node" << (in.cluster.num_nodes > 1 ? "s" : "") << "), plan " << plan_summary(in.plan) << ", "
+            << sy::enum_name(in.workload.precision) << ", fidelity " << p.fidelity << "\n";
+  std::cout << "  step time        " << fmt("%.3f s", p.step_time_s) << "\n";
+  std::cout << "  throughput       " << fmt("%.0f tokens/s", p.tokens_per_s) << " ("
+            << fmt("%.0f per GPU", p.tokens_per_s_per_gpu) << ")\n";
+  std::cout << "  model TFLOP/s    " << fmt("%.1f per GPU", p.model_tflops_per_gpu) << ", MFU " << pct(p.mfu) << "\n";
+  const sy::TimeBreakdown& t = p.time;
+  const double total = std::max(t.total(), 1e-30);
+  std::cout << "  time (stage " << p.critical_stage << ")\n";
+  const std::pair<const char*, double> parts[] = {
+      {"compute", t.compute_s},        {"exposed TP comm", t.tp_comm_s}, {"exposed CP comm", t.cp_comm_s},
+      {"exposed EP comm", t.ep_comm_s}, {"exposed DP comm", t.dp_comm_s}, {"pipeline p2p", t.pp_comm_s},
+      {"pipeline bubble", t.bubble_s}, {"optimizer", t.optimizer_s},    {"stalls", t.stall_s}};
+  for (const auto& [name, v] : parts)
+    if (v > 0) {
+      std::string label = name;
+      label.resize(18, ' ');
+      std::cout << "    " << label << fmt("%9.3f s", v) << "  " << pct(v / total) << "\n";
+    }
+  std::cout << "  peak memory per GPU (stage " << p.peak_stage << "): gpu " << gib(p.peak.gpu) << " of " << gib(hbm)
+            << ", cpu " << gib(p.peak.cpu) << ", ssd " << gib(p.peak.ssd) << "\n";
+  const sy::MemoryBreakdown& m = p.memory;
+  const std::pair<const char*, const sy::TierBytes*> mparts[] = {
+      {"params", nullptr}, {"gradients", &m.gradients}, {"optimizer", &m.optimizer_states},
+      {"activations", &m.activations}, {"kv cache", &m.kv_cache}, {"dispatch", &m.dispatch_buffers},
+      {"comm buffers", &m.comm_buffers}, {"prefetch", &m.prefetch_buffers}, {"runtime", &m.runtime}};
+  std::cout << "   ";
+  for (const auto& [name, bytes] : mparts) {
+    const double gpu = bytes ? bytes->gpu : m.dense_params.gpu + m.expert_params.gpu;
+    if (gpu > 0) std::cout << " " << name << " " << fmt("%.2f", gpu / double(1ull << 30));
+  }
+  std::cout << " (GiB)\n";
+  for (const auto& n : p.notes) std::cout << "  note: " << n << "\n";
+}
+
+int cmd_simulate(const Common& common, const sy::InputNames& names, const std::string& fidelity,
+                 const std::string& trace, bool json) {
+  const sy::ConfigRegistry reg = common.registry();
+  const sy::Inputs in = sy::load_inputs(reg, names);
+  auto issues = sy::validate(in.plan, in.model, in.cluster, in.workload);
+  if (in.workload.mode != sy::Mode::kTrain)
+    issues.push_back({"workload.mode", "simulate predicts training steps; inference workloads are not simulated yet"});
+  if (!issues.empty()) throw sy::ConfigError(std::move(issues));
+  const sy::CostProfile prof = sy::default_cost_profile(in.cluster);
+  // Memory first: a plan that does not fit is reported with its numbers, not simulated.
+  const sy::MemoryBreakdown mem = sy::peak_memory_per_gpu(in.model, in.cluster, in.plan, in.workload, prof);
+  const double hbm = static_cast<double>(in.cluster.gpu.hbm_bytes);
+  if (mem.total().gpu > hbm) {
+    throw sy::ConfigError("plan", "does not fit: stage " + std::to_string(mem.stage) + " needs " +
+                                      gib(mem.total().gpu) + " per GPU (params " +
+                                      gib(mem.dense_params.gpu + mem.expert_params.gpu) + ", gradients " +
+                                      gib(mem.gradients.gpu) + ", optimizer " + gib(mem.optimizer_states.gpu) +
+                                      ", activations " + gib(mem.activations.gpu) + ") but " +
+                                      in.cluster.gpu.name + " has " + gib(hbm));
+  }
+  sy::SimulateOptions options;
+  options.record_timeline = !trace.empty();
+  const sy::Prediction p = fidelity == "estimate"
+                               ? sy::estimate(in.model, in.cluster, in.plan, in.workload, prof)
+                               : sy::simulate(in.model, in.cluster, in.plan, in.workload, prof, options);
+  if (!trace.empty()) {
+    if (fidelity == "estimate") throw sy::ConfigError("--trace", "needs --fidelity simulate (the estimate has no timeline)");
+    sy::write_chrome_trace(trace, p, in);
+  }
+  if (json) {
+    sy::Json out = sy::to_json(p);
+    out["model"] = in.model.name;
+    out["cluster"] = in.cluster.name;
+    out["nodes"] = in.cluster.num_nodes;
+    out["plan"] = sy::to_json(in.plan);
+    out["workload"] = in.workload.name;
+    std::cout << out.dump(2) << "\n";
+  } else {
+    print_prediction(in, p);
+    if (!trace.empty()) std::cout << "  trace written to " << trace << "\n";
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -271,6 +357,20 @@ int main(int argc, char** argv) {
                        "Workload: bundled name or path (default: the plan's \"for\", "
                        "else training at bf16 with one micro-batch per DP rank)");
   validate->add_flag("--json", json, "Print the result as JSON");
+
+  sy::InputNames sim_names;
+  std::string sim_fidelity = "simulate", sim_trace;
+  bool sim_json = false;
+  auto* simulate = app.add_subcommand("simulate", "Predict one training step: time, throughput, MFU, memory per tier");
+  simulate->add_option("--model", sim_names.model, "Model: bundled name or path (default: the plan's \"for\")");
+  simulate->add_option("--cluster", sim_names.cluster, "Cluster: bundled name or path (default: the plan's \"for\")");
+  simulate->add_option("--nodes", sim_names.nodes, "Override the cluster's node count")->check(CLI::PositiveNumber);
+  simulate->add_option("--plan", sim_names.plan, "Plan: bundled name or path")->required();
+  simulate->add_option("--workload", sim_names.workload, "Workload: bundled name or path (default: the plan's \"for\")");
+  simulate->add_option("--fidelity", sim_fidelity, "estimate (closed form) or simulate (event-driven)")
+      ->check(CLI::IsMember({"estimate", "simulate"}));
+  simulate->add_option("--trace", sim_trace, "Write the timeline as Chrome trace-event JSON (Perfetto)");
+  simulate->add_flag("--json", sim_json, "Print the prediction as JSON");
 
   std::string info_model, info_cluster;
   int info_nodes = 0;
@@ -315,6 +415,7 @@ int main(int argc, char** argv) {
 
   try {
     if (*validate) return cmd_validate(common, names, json);
+    if (*simulate) return cmd_simulate(common, sim_names, sim_fidelity, sim_trace, sim_json);
     if (*info) {
       if (info_model.empty() && info_cluster.empty())
         throw sy::ConfigError("info", "give --model and/or --cluster");
@@ -325,7 +426,7 @@ int main(int argc, char** argv) {
       return cmd_collective(common, coll_cluster, coll_nodes, coll_op, coll_min, coll_max,
                             coll_rpn);
   } catch (const sy::ConfigError& e) {
-    if (*validate && json) {
+    if ((*validate && json) || (*simulate && sim_json)) {
       sy::Json out = {{"ok", false}, {"issues", sy::Json::array()}};
       for (const auto& i : e.issues())
         out["issues"].push_back({{"path", i.path}, {"message", i.message}, {"file", i.file}});

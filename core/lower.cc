@@ -1,0 +1,623 @@
+// lower(): (model, cluster, plan, workload) -> StepProgram. See step_program.h for the contract.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/expert_load.h"
+#include "core/step_program.h"
+
+namespace switchyard {
+namespace {
+
+// Everything the per-layer op lists need, computed once.
+struct Dims {
+  double e = 2;          // bytes per activation element
+  int64_t h = 0;
+  int64_t mbs = 1;
+  int64_t seq = 0;       // full sequence
+  int64_t t = 0;         // tokens per micro-batch on one CP rank (what a TP rank's GEMMs see)
+  int64_t ts = 0;        // tokens a rank holds outside TP regions (t / tp with SP)
+  int tp = 1, cp = 1, ep = 1, etp = 1;
+  bool sp = false;
+  bool ppmoe = false;
+  double grad_bytes = 2;   // per parameter
+  double param_bytes = 2;  // per parameter
+  std::vector<int64_t> expert_rows;  // rows per local expert copy on the most loaded EP rank
+  double dispatch_rows = 0;          // rows this rank sends in the dispatch all-to-all
+};
+
+class Builder {
+ public:
+  Builder(const ModelSpec& m, const Plan& p, const Dims& d, std::vector<OpTemplate>& out)
+      : m_(m), p_(p), d_(d), out_(out) {}
+
+  OpTemplate& add(OpKind kind, std::string_view name, int layer, StreamKind stream = StreamKind::kCompute) {
+    OpTemplate op;
+    op.kind = kind;
+    op.name = name;
+    op.layer = layer;
+    op.stream = stream;
+    op.phase = phase_;
+    out_.push_back(std::move(op));
+    return out_.back();
+  }
+  OpTemplate& gemm(std::string_view name, int layer, int64_t rows, int64_t n, int64_t k) {
+    OpTemplate& op = add(OpKind::kGemm, name, layer);
+    op.gemm = {rows, n, k, 1};
+    op.flops = 2.0 * static_cast<double>(rows) * static_cast<double>(n) * static_cast<double>(k);
+    op.tokens = rows;
+    return op;
+  }
+  OpTemplate& grouped(std::string_view name, int layer, int64_t n, int64_t k) {
+    OpTemplate& op = add(OpKind::kGroupedGemm, name, layer);
+    op.group_rows = d_.expert_rows;
+    op.gemm = {0, n, k, 1};
+    double rows = 0;
+    for (int64_t r : d_.expert_rows) rows += static_cast<double>(r);
+    op.flops = 2.0 * rows * static_cast<double>(n) * static_cast<double>(k);
+    op.tokens = static_cast<int64_t>(rows);
+    return op;
+  }
+  OpTemplate& elementwise(std::string_view name, int layer, double bytes, int64_t tokens) {
+    OpTemplate& op = add(OpKind::kElementwise, name, layer);
+    op.bytes = bytes;
+    op.tokens = tokens;
+    return op;
+  }
+  OpTemplate& comm(Collective c, CommGroup g, std::string_view name, int layer, double bytes) {
+    const StreamKind stream = g == CommGroup::kTp || g == CommGroup::kExpertTp ? StreamKind::kTpComm
+                              : g == CommGroup::kCp                            ? StreamKind::kCpComm
+                              : g == CommGroup::kDp || g == CommGroup::kExpertDp ? StreamKind::kDpComm
+                                                                                 : StreamKind::kEpComm;
+    OpTemplate& op = add(OpKind::kCollective, name, layer, stream);
+    op.collective = c;
+    op.group = g;
+    op.bytes = bytes;
+    return op;
+  }
+
+  // TP collective entering a column-parallel region (SP: all-gather of the sequence shards).
+  void tp_enter(int layer) {
+    if (d_.tp > 1 && d_.sp) comm(Collective::kAllGather, CommGroup::kTp, "tp_all_gather", layer, tok_bytes(d_.t));
+  }
+  // TP collective leaving a row-parallel region: reduce-scatter (SP) or all-reduce.
+  void tp_exit(int layer) {
+    if (d_.tp <= 1) return;
+    if (d_.sp) comm(Collective::kReduceScatter, CommGroup::kTp, "tp_reduce_scatter", layer, tok_bytes(d_.t));
+    else comm(Collective::kAllReduce, CommGroup::kTp, "tp_all_reduce", layer, tok_bytes(d_.t));
+  }
+  double tok_bytes(double tokens) const { return tokens * static_cast<double>(d_.h) * d_.e; }
+
+  void attention(int layer) {
+    const ModelSpec& m = m_;
+    const int64_t h = d_.h, t = d_.t;
+    elementwise("norm1", layer, 2 * tok_bytes(d_.ts), d_.ts);
+    tp_enter(layer);
+    const int64_t heads = m.num_attention_heads / d_.tp;
+    int64_t qk_dim = m.head_dim, v_dim = m.head_dim, kv_heads = std::max<int64_t>(m.num_kv_heads / d_.tp, 1);
+    if (m.attention == AttentionKind::kMLA) {
+      const MlaSpec& a = m.mla;
+      qk_dim = a.qk_nope_head_dim + a.qk_rope_head_dim;
+      v_dim = a.v_head_dim;
+      kv_heads = heads;
+      if (a.q_lora_rank > 0) {
+        gemm("q_down", layer, t, a.q_lora_rank, h);
+        gemm("q_up", layer, t, heads * qk_dim, a.q_lora_rank);
+      } else {
+        gemm("q_proj", layer, t, heads * qk_dim, h);
+      }
+      gemm("kv_down", layer, t, a.kv_lora_rank + a.qk_rope_head_dim, h);
+      gemm("kv_up", layer, t, heads * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank);
+    } else {
+      gemm("qkv", layer, t, (heads + 2 * kv_heads) * m.head_dim, h);
+    }
+    if (d_.cp > 1) {
+      // Ring attention: every CP rank sees the K and V of the whole sequence.
+      const double kv_bytes = static_cast<double>(t) * static_cast<double>(kv_heads * (qk_dim + v_dim)) * d_.e;
+      comm(Collective::kAllGather, CommGroup::kCp, "cp_kv_all_gather", layer, kv_bytes * d_.cp);
+    }
+    OpTemplate& core = add(OpKind::kAttention, "attn_core", layer);
+    core.attention = {d_.mbs, t / d_.mbs, d_.seq, heads, kv_heads, qk_dim, v_dim, true};
+    core.tokens = t;
+    core.flops = 2.0 * static_cast<double>(d_.mbs) * static_cast<double>(heads) * static_cast<double>(t / d_.mbs) *
+                 static_cast<double>(d_.seq) * static_cast<double>(qk_dim + v_dim) * 0.5;
+    gemm("attn_out", layer, t, h, heads * v_dim);
+    tp_exit(layer);
+    elementwise("residual1", layer, 3 * tok_bytes(d_.ts), d_.ts);
+  }
+
+  void dense_mlp(int layer) {
+    const int64_t f = m_.ffn_hidden_size / d_.tp;
+    const int mats = m_.ffn_matrices();
+    elementwise("norm2", layer, 2 * tok_bytes(d_.ts), d_.ts);
+    tp_enter(layer);
+    gemm("fc1", layer, d_.t, (mats - 1) * f, d_.h);
+    elementwise("act", layer, static_cast<double>(d_.t * f * mats) * d_.e, d_.t);
+    gemm("fc2", layer, d_.t, d_.h, f);
+    tp_exit(layer);
+    elementwise("residual2", layer, 3 * tok_bytes(d_.ts), d_.ts);
+  }
+
+  void shared_experts(int layer, int64_t tokens) {
+    if (!m_.moe || m_.moe->num_shared_experts == 0) return;
+    const int64_t fs = m_.moe->num_shared_experts * m_.moe->shared_expert_ffn_hidden_size / d_.tp;
+    const int mats = m_.ffn_matrices();
+    gemm("shared_fc1", layer, tokens, (mats - 1) * fs, d_.h);
+    elementwise("shared_act", layer, static_cast<double>(tokens * fs * mats) * d_.e, tokens);
+    gemm("shared_fc2", layer, tokens, d_.h, fs);
+  }
+
+  void experts(int layer) {
+    const int64_t fe = m_.moe->expert_ffn_hidden_size / d_.etp;
+    const int mats = m_.ffn_matrices();
+    grouped("experts_fc1", layer, (mats - 1) * fe, d_.h);
+    double rows = 0;
+    for (int64_t r : d_.expert_rows) rows += static_cast<double>(r);
+    elementwise("experts_act", layer, rows * static_cast<double>(fe * mats) * d_.e, static_cast<int64_t>(rows));
+    grouped("experts_fc2", layer, d_.h, fe);
+  }
+
+  void moe_mlp(int layer) {
+    const MoeSpec& moe = *m_.moe;
+    elementwise("norm2", layer, 2 * tok_bytes(d_.ts), d_.ts);
+    if (d_.ppmoe) {
+      // Pipeline MoE: every TP rank holds all tokens; the experts of this rank take their rows by
+      // index (no communication) and one all-reduce in the TP group combines the outputs.
+      OpTemplate& gate = add(OpKind::kGateTopK, "router", layer);
+      gate.gemm = {d_.t, moe.num_experts, d_.h, 1};
+      gate.tokens = d_.t;
+      double rows = 0;
+      for (int64_t r : d_.expert_rows) rows += static_cast<double>(r);
+      OpTemplate& slice = add(OpKind::kPermute, "index_slice", layer);
+      slice.bytes = 2 * tok_bytes(rows);
+      slice.tokens = static_cast<int64_t>(rows);
+      experts(layer);
+      OpTemplate& gather = add(OpKind::kPermute, "index_combine", layer);
+      gather.bytes = 2 * tok_bytes(rows);
+      gather.tokens = static_cast<int64_t>(rows);
+      shared_experts(layer, d_.t);
+      if (d_.tp > 1) comm(Collective::kAllReduce, CommGroup::kTp, "combine_all_reduce", layer, tok_bytes(d_.t));
+      elementwise("residual2", layer, 3 * tok_bytes(d_.ts), d_.ts);
+      return;
+    }
+    OpTemplate& gate = add(OpKind::kGateTopK, "router", layer);
+    gate.gemm = {d_.ts, moe.num_experts, d_.h, 1};
+    gate.tokens = d_.ts;
+    OpTemplate& perm = add(OpKind::kPermute, "permute", layer);
+    perm.bytes = 2 * tok_bytes(d_.dispatch_rows);
+    perm.tokens = static_cast<int64_t>(d_.dispatch_rows);
+    exchange(layer, "dispatch", bit(TensorClass::kDispatchBuffer), 0);
+    if (d_.etp > 1) comm(Collective::kAllGather, CommGroup::kExpertTp, "etp_all_gather", layer, rows_bytes() * d_.etp);
+    experts(layer);
+    if (d_.etp > 1) comm(Collective::kReduceScatter, CommGroup::kExpertTp, "etp_reduce_scatter", layer, rows_bytes() * d_.etp);
+    exchange(layer, "combine", 0, bit(TensorClass::kDispatchBuffer));
+    OpTemplate& unperm = add(OpKind::kPermute, "unpermute", layer);
+    unperm.bytes = 2 * tok_bytes(d_.dispatch_rows);
+    unperm.tokens = static_cast<int64_t>(d_.dispatch_rows);
+    if (moe.num_shared_experts > 0) {
+      tp_enter(layer);
+      shared_experts(layer, d_.t);
+      tp_exit(layer);
+    }
+    elementwise("residual2", layer, 3 * tok_bytes(d_.ts), d_.ts);
+  }
+
+  // Rows received by the most loaded rank, as bytes.
+  double rows_bytes() const {
+    double rows = 0;
+    for (int64_t r : d_.expert_rows) rows += static_cast<double>(r);
+    return tok_bytes(rows) / d_.etp;
+  }
+
+  // The dispatch or combine exchange: one flat all-to-all, or SE-MoE's hierarchical exchange
+  // (transform, intra-node all-to-all, inter-node all-to-all of the aggregated buffers, transform).
+  void exchange(int layer, std::string_view what, TensorMask alloc, TensorMask release) {
+    const double bytes = tok_bytes(d_.dispatch_rows);
+    const bool dispatch = what == "dispatch";
+    if (p_.dispatch == Dispatch::kHierarchicalAllToAll && hierarchical_) {
+      OpTemplate& a = elementwise(dispatch ? "dispatch_transform" : "combine_transform", layer, 2 * bytes, 0);
+      a.allocates = alloc;
+      comm(Collective::kAllToAll, CommGroup::kEpIntra, dispatch ? "dispatch_intra" : "combine_intra", layer, bytes);
+      comm(Collective::kAllToAll, CommGroup::kEpInter, dispatch ? "dispatch_inter" : "combine_inter", layer, bytes);
+      OpTemplate& b = elementwise(dispatch ? "dispatch_transform2" : "combine_transform2", layer, 2 * bytes, 0);
+      b.frees = release;
+      return;
+    }
+    OpTemplate& op = comm(Collective::kAllToAll, CommGroup::kEp, what, layer, bytes);
+    op.allocates = alloc;
+    op.frees = release;
+  }
+
+  void set_phase(Phase p) { phase_ = p; }
+  void set_hierarchical(bool h) { hierarchical_ = h; }
+
+ private:
+  const ModelSpec& m_;
+  const Plan& p_;
+  const Dims& d_;
+  std::vector<OpTemplate>& out_;
+  Phase phase_ = Phase::kForward;
+  bool hierarchical_ = false;
+};
+
+// The backward of one forward op list: reverse order; a GEMM becomes its data-gradient and
+// weight-gradient GEMMs; all-gather and reduce-scatter swap (ZeRO-3 parameter gathers stay: the
+// backward needs the parameters again); all-to-all and all-reduce stay. What the forward allocated
+// dies in the backward, and what the forward released the backward needs again.
+void append_backward(const std::vector<OpTemplate>& fwd, std::vector<OpTemplate>& out) {
+  for (auto it = fwd.rbegin(); it != fwd.rend(); ++it) {
+    OpTemplate op = *it;
+    op.phase = Phase::kBackward;
+    op.allocates = it->frees;
+    op.frees = it->allocates;
+    switch (op.kind) {
+      case OpKind::kGemm: {
+        OpTemplate dgrad = op;
+        dgrad.gemm = {it->gemm.m, it->gemm.k, it->gemm.n, 1};
+        dgrad.frees = 0;
+        out.push_back(dgrad);
+        op.allocates = 0;
+        op.gemm = {it->gemm.k, it->gemm.n, it->gemm.m, 1};  // weight gradient: X^T dY
+        break;
+      }
+      case OpKind::kGroupedGemm: {
+        OpTemplate dgrad = op;
+        dgrad.gemm = {0, it->gemm.k, it->gemm.n, 1};
+        dgrad.frees = 0;
+        out.push_back(dgrad);
+        op.allocates = 0;
+        break;  // the weight gradient has the same FLOPs and the same thin dimension
+      }
+      case OpKind::kElementwise:
+      case OpKind::kPermute:
+        op.bytes *= 1.5;  // read the gradient and the saved input, write the gradient
+        break;
+      case OpKind::kAttention:
+        op.flops *= 2.5;  // recomputed scores and five GEMMs against the forward's two
+        break;
+      case OpKind::kCollective:
+        if (it->name.substr(0, 5) == "zero3") break;
+        if (it->collective == Collective::kAllGather) op.collective = Collective::kReduceScatter;
+        else if (it->collective == Collective::kReduceScatter) op.collective = Collective::kAllGather;
+        break;
+      default:
+        break;
+    }
+    out.push_back(std::move(op));
+  }
+}
+
+Dims make_dims(const ModelSpec& m, const Plan& p, const Workload& w, const ClusterSpec& c) {
+  Dims d;
+  d.e = w.precision == Precision::kFP32 ? 4.0 : 2.0;
+  d.param_bytes = w.precision == Precision::kFP32 ? 4.0 : 2.0;
+  d.grad_bytes = d.param_bytes;
+  d.h = m.hidden_size;
+  d.mbs = p.micro_batch_size;
+  d.seq = w.effective_seq_len(m);
+  d.tp = p.tp;
+  d.cp = p.cp;
+  d.ep = p.ep;
+  d.etp = p.expert_tp;
+  d.sp = p.sequence_parallel && p.tp > 1;
+  d.ppmoe = p.dispatch == Dispatch::kPPMoEIndexSlice;
+  d.t = d.mbs * d.seq / d.cp;
+  d.ts = d.sp ? d.t / d.tp : d.t;
+  (void)c;
+  if (m.moe) {
+    const auto ranks = expert_rank_loads(m, p, w);
+    const RankExperts& hot = ranks[static_cast<size_t>(most_loaded_rank(ranks))];
+    const double k = static_cast<double>(m.moe->top_k);
+    const double experts = static_cast<double>(m.moe->num_experts);
+    // Rows routed in the EP group per micro-batch: every EP rank dispatches its tokens' top-k
+    // (PPMoE: the TP group shares one copy of the tokens).
+    const double routed = d.ppmoe ? static_cast<double>(d.t) * k : static_cast<double>(d.ts) * k * p.ep;
+    for (const ExpertCopy& copy : hot.copies) {
+      // Capacity: buffers and expert GEMMs run padded to capacity (GShard, DeepSpeed-MoE).
+      const double rows = p.capacity_factor ? *p.capacity_factor * routed / experts : copy.share * routed;
+      d.expert_rows.push_back(static_cast<int64_t>(std::llround(rows)) * (d.etp > 1 ? d.etp : 1));
+    }
+    d.dispatch_rows = static_cast<double>(d.ts) * k * (p.capacity_factor ? *p.capacity_factor : 1.0);
+  }
+  return d;
+}
+
+// Parameters of one layer on one GPU: dense (split by tp) and expert (this rank's copies).
+struct LayerParams {
+  double dense = 0;
+  double expert = 0;
+};
+
+LayerParams layer_params(const ModelSpec& m, const Plan& p, const Dims& d, int layer) {
+  LayerParams lp;
+  lp.dense = static_cast<double>(attention_params_per_layer(m)) / p.tp + static_cast<double>(norm_params_per_layer(m));
+  if (m.is_moe_layer(layer)) {
+    lp.dense += static_cast<double>(m.moe->num_shared_experts * shared_expert_params(m)) / p.tp +
+                static_cast<double>(m.num_gates() * m.hidden_size * m.moe->num_experts);
+    lp.expert = static_cast<double>(d.expert_rows.size()) * static_cast<double>(expert_params(m)) / p.expert_tp;
+  } else {
+    lp.dense += static_cast<double>(dense_ffn_params(m)) / p.tp;
+  }
+  return lp;
+}
+
+// Gradient reduction for the layers of a chunk, fused into buckets of about grad_bucket_bytes
+// (0: one collective per layer), issued as each layer's weight gradients finish in the backward of
+// the last micro-batch, overlapping the rest of the backward.
+class BucketFiller {
+ public:
+  BucketFiller(const Plan& p, const Dims& d, std::vector<OpTemplate>& out) : p_(p), d_(d), out_(out) {}
+  void add(const LayerParams& lp, int layer) {
+    dense_ += lp.dense * d_.grad_bytes;
+    expert_ += lp.expert * d_.grad_bytes;
+    if (dense_ + expert_ >= static_cast<double>(p_.grad_bucket_bytes)) flush(layer);
+  }
+  void flush(int layer) {
+    const Collective c = p_.zero_stage >= 1 ? Collective::kReduceScatter : Collective::kAllReduce;
+    emit(c, CommGroup::kDp, "dp_grad_bucket", dense_, layer, p_.dp * p_.cp);
+    emit(c, CommGroup::kExpertDp, "edp_grad_bucket", expert_, layer, p_.expert_dp());
+    dense_ = expert_ = 0;
+  }
+
+ private:
+  void emit(Collective c, CommGroup g, std::string_view name, double bytes, int layer, int ranks) {
+    if (bytes <= 0 || ranks <= 1) return;
+    OpTemplate op;
+    op.kind = OpKind::kCollective;
+    op.stream = StreamKind::kDpComm;
+    op.phase = Phase::kBackward;
+    op.name = name;
+    op.layer = layer;
+    op.collective = c;
+    op.group = g;
+    op.bytes = bytes;
+    op.async = true;
+    op.last_micro_batch = true;
+    out_.push_back(std::move(op));
+  }
+  const Plan& p_;
+  const Dims& d_;
+  std::vector<OpTemplate>& out_;
+  double dense_ = 0, expert_ = 0;
+};
+
+ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int first_layer, int layers,
+                         bool embedding, bool head) {
+  ChunkProgram cp;
+  cp.first_layer = first_layer;
+  cp.num_layers = layers;
+  cp.has_embedding = embedding;
+  cp.has_head = head;
+  const double vocab = static_cast<double>(m.vocab_size);
+  const double h = static_cast<double>(d.h);
+
+  // Forward, and per layer the forward ops (to mirror them in the backward and in recompute).
+  std::vector<std::vector<OpTemplate>> layer_fwd;
+  std::vector<OpTemplate> head_fwd, embed_fwd;
+  if (embedding) {
+    Builder b(m, p, d, embed_fwd);
+    b.elementwise("embedding", -1, 2 * static_cast<double>(d.ts) * h * d.e, d.ts);
+    if (d.tp > 1) {
+      // Vocab-parallel embedding: partial rows combine across TP.
+      if (d.sp) b.comm(Collective::kReduceScatter, CommGroup::kTp, "embedding_reduce_scatter", -1, b.tok_bytes(d.t));
+      else b.comm(Collective::kAllReduce, CommGroup::kTp, "embedding_all_reduce", -1, b.tok_bytes(d.t));
+    }
+  }
+  for (int l = first_layer; l < first_layer + layers; ++l) {
+    std::vector<OpTemplate> ops;
+    Builder b(m, p, d, ops);
+    b.set_hierarchical(true);
+    if (p.zero_stage >= 3) {
+      const LayerParams lp = layer_params(m, p, d, l);
+      b.comm(Collective::kAllGather, CommGroup::kDp, "zero3_param_all_gather", l, lp.dense * d.param_bytes);
+      if (lp.expert > 0 && p.expert_dp() > 1)
+        b.comm(Collective::kAllGather, CommGroup::kExpertDp, "zero3_expert_all_gather", l, lp.expert * d.param_bytes);
+    }
+    b.attention(l);
+    if (m.is_moe_layer(l)) b.moe_mlp(l);
+    else b.dense_mlp(l);
+    // The layer's saved activations (full recompute: its input) live from its forward to its
+    // backward.
+    ops.front().allocates |= bit(p.recompute == Recompute::kFull ? TensorClass::kLayerInput
+                                                                 : TensorClass::kLayerActivations);
+    layer_fwd.push_back(std::move(ops));
+  }
+  if (head) {
+    Builder b(m, p, d, head_fwd);
+    b.elementwise("final_norm", -1, 2 * b.tok_bytes(d.ts), d.ts);
+    b.tp_enter(-1);
+    OpTemplate& lm = b.gemm("lm_head", -1, d.t, m.vocab_size / d.tp, d.h);
+    lm.allocates = bit(TensorClass::kLogits);
+    b.elementwise("loss", -1, 3.0 * 4.0 * static_cast<double>(d.t) * vocab / d.tp, d.t);
+    if (d.tp > 1) b.comm(Collective::kAllReduce, CommGroup::kTp, "loss_all_reduce", -1, 8.0 * static_cast<double>(d.t));
+  }
+
+  cp.forward.insert(cp.forward.end(), embed_fwd.begin(), embed_fwd.end());
+  for (const auto& ops : layer_fwd) cp.forward.insert(cp.forward.end(), ops.begin(), ops.end());
+  cp.forward.insert(cp.forward.end(), head_fwd.begin(), head_fwd.end());
+
+  // Backward: head, then layers in reverse (recomputing what the plan recomputes), then embedding.
+  append_backward(head_fwd, cp.backward);
+  BucketFiller buckets(p, d, cp.backward);
+  for (int i = layers - 1; i >= 0; --i) {
+    const int l = first_layer + i;
+    const std::vector<OpTemplate>& fwd = layer_fwd[static_cast<size_t>(i)];
+    if (p.recompute == Recompute::kFull) {
+      // Re-run the layer's forward from its saved input; its activations live until the layer's
+      // backward ends.
+      for (size_t j = 0; j < fwd.size(); ++j) {
+        OpTemplate op = fwd[j];
+        op.phase = Phase::kRecompute;
+        if (j == 0) op.allocates = bit(TensorClass::kRecomputeWorkspace);
+        cp.backward.push_back(std::move(op));
+      }
+    } else if (p.recompute == Recompute::kSelective) {
+      // Re-run the cheap elementwise ops whose outputs were not kept (norms, activations).
+      for (OpTemplate op : fwd) {
+        const bool cheap = op.name == "norm1" || op.name == "norm2" || op.name == "act" ||
+                           op.name == "experts_act" || op.name == "shared_act";
+        if (!cheap) continue;
+        op.phase = Phase::kRecompute;
+        op.allocates = op.frees = 0;
+        cp.backward.push_back(std::move(op));
+      }
+    }
+    append_backward(fwd, cp.backward);
+    if (p.recompute == Recompute::kFull) cp.backward.back().frees |= bit(TensorClass::kRecomputeWorkspace);
+    buckets.add(layer_params(m, p, d, l), l);
+  }
+  buckets.flush(first_layer);
+  append_backward(embed_fwd, cp.backward);
+  return cp;
+}
+
+// The optimizer step over this stage's parameters (all its chunks), and the distributed
+// optimizer's parameter all-gather.
+std::vector<OpTemplate> lower_step_ops(const ModelSpec& m, const Plan& p, const Dims& d, const Workload& w,
+                                       const std::vector<ChunkProgram>& chunks, int stage) {
+  std::vector<OpTemplate> ops;
+  LayerParams total;
+  for (const ChunkProgram& chunk : chunks)
+    for (int l = chunk.first_layer; l < chunk.first_layer + chunk.num_layers; ++l) {
+      const LayerParams lp = layer_params(m, p, d, l);
+      total.dense += lp.dense;
+      total.expert += lp.expert;
+    }
+  const double vh = static_cast<double>(m.vocab_size) * static_cast<double>(m.hidden_size) / p.tp;
+  if (stage == 0) total.dense += vh;
+  if (stage == p.pp - 1 && (!m.tied_embeddings || p.pp > 1)) total.dense += vh;
+  const double dense_shard = p.zero_stage >= 1 ? static_cast<double>(p.dp) * p.cp : 1.0;
+  const double expert_shard = p.zero_stage >= 1 ? std::max(p.expert_dp(), 1) : 1.0;
+  // Adam reads param, grad, master, m, v and writes master, m, v, param: 30 bytes per parameter in
+  // mixed precision, 28 in fp32.
+  const double bytes_per_param = w.precision == Precision::kFP32 ? 28.0 : 30.0;
+  OpTemplate opt;
+  opt.kind = OpKind::kOptimizer;
+  opt.phase = Phase::kStep;
+  opt.name = "optimizer";
+  opt.bytes = (total.dense / dense_shard + total.expert / expert_shard) * bytes_per_param;
+  opt.flops = (total.dense / dense_shard + total.expert / expert_shard) * 12.0;  // ~12 FLOPs/param
+  opt.on_cpu = p.placement.optimizer_states != Tier::kGPU;
+  ops.push_back(opt);
+  if (p.zero_stage >= 1 && p.zero_stage < 3) {
+    // The distributed optimizer gathers the updated parameter shards.
+    auto gather = [&](CommGroup g, std::string_view name, double params, int ranks) {
+      if (params <= 0 || ranks <= 1) return;
+      OpTemplate op;
+      op.kind = OpKind::kCollective;
+      op.stream = StreamKind::kDpComm;
+      op.phase = Phase::kStep;
+      op.name = name;
+      op.collective = Collective::kAllGather;
+      op.group = g;
+      op.bytes = params * d.param_bytes;
+      ops.push_back(op);
+    };
+    gather(CommGroup::kDp, "dp_param_all_gather", total.dense, p.dp * p.cp);
+    gather(CommGroup::kExpertDp, "edp_param_all_gather", total.expert, p.expert_dp());
+  }
+  return ops;
+}
+
+}  // namespace
+
+StepProgram lower_frame(const ModelSpec& m, const ClusterSpec& c, const Plan& p, const Workload& w) {
+  StepProgram prog;
+  const int64_t seq = w.effective_seq_len(m);
+  const bool sp = p.sequence_parallel && p.tp > 1;
+  const double e = w.precision == Precision::kFP32 ? 4.0 : 2.0;
+  prog.pp = std::max(p.pp, 1);
+  prog.vp = p.schedule == Schedule::kInterleaved1F1B ? std::max(p.vp, 1) : 1;
+  prog.num_micro_batches = static_cast<int>(
+      std::max<int64_t>(w.global_batch_size / std::max<int64_t>(int64_t{p.micro_batch_size} * p.dp, 1), 1));
+  prog.tokens_per_micro_batch = p.micro_batch_size * seq;
+  const int64_t t = p.micro_batch_size * seq / p.cp;
+  prog.p2p_bytes = static_cast<double>(sp ? t / p.tp : t) * static_cast<double>(m.hidden_size) * e;
+
+  const int gpn = c.gpus_per_node;
+  auto set = [&](CommGroup g, GroupLayout layout) { prog.groups[static_cast<size_t>(g)] = layout; };
+  set(CommGroup::kTp, group_layout(p.tp, 1, gpn));
+  set(CommGroup::kCp, group_layout(p.cp, p.tp, gpn));
+  set(CommGroup::kDp, group_layout(p.dp * p.cp, p.tp, gpn));
+  const bool ppmoe = p.dispatch == Dispatch::kPPMoEIndexSlice;
+  const GroupLayout ep = ppmoe ? group_layout(p.ep, 1, gpn) : group_layout(p.ep, p.expert_tp, gpn);
+  set(CommGroup::kEp, ep);
+  set(CommGroup::kEpIntra, {ep.ranks_per_node, ep.ranks_per_node});
+  set(CommGroup::kEpInter, {ep.nodes(), 1});
+  set(CommGroup::kExpertTp, group_layout(p.expert_tp, 1, gpn));
+  set(CommGroup::kExpertDp, group_layout(std::max(p.expert_dp(), 1), p.expert_tp * p.ep, gpn));
+  const int stage_stride = p.tp * p.cp * p.dp;
+  set(CommGroup::kPp, group_layout(p.pp, stage_stride, gpn));
+  auto node_of_stage = [&](int s) { return static_cast<int64_t>(s) * stage_stride / gpn; };
+  prog.p2p_wraps_same_node = node_of_stage(prog.pp - 1) == node_of_stage(0);
+  prog.stages.resize(static_cast<size_t>(prog.pp));
+  for (int s = 0; s < prog.pp; ++s) {
+    prog.stages[static_cast<size_t>(s)].stage = s;
+    prog.stages[static_cast<size_t>(s)].sends_to_next_same_node = s + 1 < prog.pp && node_of_stage(s) == node_of_stage(s + 1);
+  }
+  return prog;
+}
+
+// Layer ranges of each stage's chunks: virtual stage (chunk c, stage s) holds stage_layers[s] / vp
+// layers, and virtual stages are ordered chunk-major, so a layer index grows along (c, s).
+std::vector<std::vector<std::pair<int, int>>> chunk_ranges(const ModelSpec& m, const Plan& p, int pp, int vp) {
+  const std::vector<int> stage_layers = resolve_stage_layers(p, m);
+  std::vector<std::vector<std::pair<int, int>>> ranges(static_cast<size_t>(pp));
+  int next = 0;
+  for (int ch = 0; ch < vp; ++ch)
+    for (int s = 0; s < pp; ++s) {
+      const int n = stage_layers[static_cast<size_t>(s)] / vp;
+      ranges[static_cast<size_t>(s)].emplace_back(next, n);
+      next += n;
+    }
+  return ranges;
+}
+
+LayerKindsProgram lower_layer_kinds(const ModelSpec& m, const ClusterSpec& c, const Plan& p, const Workload& w) {
+  LayerKindsProgram out;
+  const Dims d = make_dims(m, p, w, c);
+  for (int l = 0; l < m.num_layers; ++l) {
+    int& slot = m.is_moe_layer(l) ? out.moe_layer : out.dense_layer;
+    if (slot < 0) slot = l;
+  }
+  if (out.dense_layer >= 0) out.dense = lower_chunk(m, p, d, out.dense_layer, 1, false, false);
+  if (out.moe_layer >= 0) out.moe = lower_chunk(m, p, d, out.moe_layer, 1, false, false);
+  out.embedding = lower_chunk(m, p, d, 0, 0, true, false);
+  out.head = lower_chunk(m, p, d, 0, 0, false, true);
+  const int pp = std::max(p.pp, 1);
+  const int vp = p.schedule == Schedule::kInterleaved1F1B ? std::max(p.vp, 1) : 1;
+  const auto ranges = chunk_ranges(m, p, pp, vp);
+  out.dense_layers_per_stage.assign(static_cast<size_t>(pp), 0);
+  out.moe_layers_per_stage.assign(static_cast<size_t>(pp), 0);
+  for (int s = 0; s < pp; ++s) {
+    std::vector<ChunkProgram> chunks;
+    for (const auto& [first, n] : ranges[static_cast<size_t>(s)]) {
+      ChunkProgram range;
+      range.first_layer = first;
+      range.num_layers = n;
+      for (int l = first; l < first + n; ++l)
+        ++(m.is_moe_layer(l) ? out.moe_layers_per_stage : out.dense_layers_per_stage)[static_cast<size_t>(s)];
+      chunks.push_back(std::move(range));
+    }
+    out.step_ops.push_back(lower_step_ops(m, p, d, w, chunks, s));
+  }
+  return out;
+}
+
+StepProgram lower(const ModelSpec& m, const ClusterSpec& c, const Plan& p, const Workload& w) {
+  StepProgram prog = lower_frame(m, c, p, w);
+  const Dims d = make_dims(m, p, w, c);
+  const auto ranges = chunk_ranges(m, p, prog.pp, prog.vp);
+  for (int s = 0; s < prog.pp; ++s) {
+    StageProgram& st = prog.stages[static_cast<size_t>(s)];
+    for (int ch = 0; ch < prog.vp; ++ch) {
+      const auto& [first, n] = ranges[static_cast<size_t>(s)][static_cast<size_t>(ch)];
+      st.chunks.push_back(lower_chunk(m, p, d, first, n, s == 0 && ch == 0, s == prog.pp - 1 && ch == prog.vp - 1));
+    }
+    st.order = schedule_order(p.schedule, prog.pp, prog.vp, prog.num_micro_batches, s);
+    st.step_ops = lower_step_ops(m, p, d, w, st.chunks, s);
+  }
+  return prog;
+}
+
+}  // namespace switchyard

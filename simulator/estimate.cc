@@ -1,0 +1,159 @@
+#include <algorithm>
+#include <cmath>
+
+#include "cost_models/memory.h"
+#include "simulator/op_cost.h"
+#include "simulator/simulator.h"
+
+namespace switchyard {
+
+void fill_throughput(Prediction& p, const ModelSpec& m, const ClusterSpec& c, const Plan& plan, const Workload& w) {
+  const int64_t seq = w.effective_seq_len(m);
+  p.gpus = plan.world_size();
+  p.tokens_per_step = static_cast<double>(w.global_batch_size) * static_cast<double>(seq);
+  if (p.step_time_s <= 0) return;
+  p.tokens_per_s = p.tokens_per_step / p.step_time_s;
+  p.tokens_per_s_per_gpu = p.tokens_per_s / p.gpus;
+  const double flops = flops_per_token(m, seq).total() * p.tokens_per_s_per_gpu;
+  p.model_tflops_per_gpu = flops / 1e12;
+  const double peak = c.gpu.peak_flops(w.precision);
+  p.mfu = peak > 0 ? flops / peak : 0;
+}
+
+namespace {
+
+// Time sums of one op list, split the way the breakdown reports them.
+struct ListTime {
+  double sync_s = 0;  // everything the unit waits for
+  double compute_s = 0;
+  double comm_s[kNumStreams] = {};
+  double async_s = 0;  // gradient buckets (issued in the last micro-batch only)
+  double last_bucket_s = 0;
+};
+
+ListTime sum_ops(const std::vector<OpTemplate>& ops, const StepProgram& frame, const ClusterSpec& c,
+                 const CostProfile& prof, Precision prec) {
+  ListTime t;
+  for (const OpTemplate& op : ops) {
+    const double s = op_cost(op, frame, c, prof, prec).time_s;
+    if (op.async) {
+      t.async_s += s;
+      t.last_bucket_s = s;
+      continue;
+    }
+    t.sync_s += s;
+    if (op.stream == StreamKind::kCompute) t.compute_s += s;
+    else t.comm_s[static_cast<int>(op.stream)] += s;
+  }
+  return t;
+}
+
+struct UnitTime {
+  double fwd = 0, bwd = 0, compute = 0, async = 0, last_bucket = 0;
+  double comm[kNumStreams] = {};
+  void add(const ListTime& f, const ListTime& b, double times) {
+    fwd += times * f.sync_s;
+    bwd += times * b.sync_s;
+    compute += times * (f.compute_s + b.compute_s);
+    for (int i = 0; i < kNumStreams; ++i) comm[i] += times * (f.comm_s[i] + b.comm_s[i]);
+    async += times * (f.async_s + b.async_s);
+    if (b.last_bucket_s > 0) last_bucket = b.last_bucket_s;
+  }
+};
+
+}  // namespace
+
+Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, const Workload& w,
+                    const CostProfile& prof) {
+  Prediction p;
+  p.fidelity = "estimate";
+  const StepProgram frame = lower_frame(m, c, plan, w);
+  const Precision prec = w.precision;
+  const int pp = frame.pp, vp = frame.vp, mbs = frame.num_micro_batches;
+
+  // One representative layer of each kind, the embedding and the head, costed once.
+  const LayerKindsProgram kinds = lower_layer_kinds(m, c, plan, w);
+  const ListTime dense_f = sum_ops(kinds.dense.forward, frame, c, prof, prec);
+  const ListTime dense_b = sum_ops(kinds.dense.backward, frame, c, prof, prec);
+  const ListTime moe_f = sum_ops(kinds.moe.forward, frame, c, prof, prec);
+  const ListTime moe_b = sum_ops(kinds.moe.backward, frame, c, prof, prec);
+  const ListTime embed_f = sum_ops(kinds.embedding.forward, frame, c, prof, prec);
+  const ListTime embed_b = sum_ops(kinds.embedding.backward, frame, c, prof, prec);
+  const ListTime head_f = sum_ops(kinds.head.forward, frame, c, prof, prec);
+  const ListTime head_b = sum_ops(kinds.head.backward, frame, c, prof, prec);
+  std::vector<UnitTime> stage(static_cast<size_t>(pp));
+  std::vector<double> step_s(static_cast<size_t>(pp), 0.0);
+  for (int s = 0; s < pp; ++s) {
+    UnitTime& u = stage[static_cast<size_t>(s)];
+    u.add(dense_f, dense_b, kinds.dense_layers_per_stage[static_cast<size_t>(s)]);
+    u.add(moe_f, moe_b, kinds.moe_layers_per_stage[static_cast<size_t>(s)]);
+    if (s == 0) u.add(embed_f, embed_b, 1);
+    if (s == pp - 1) u.add(head_f, head_b, 1);
+    for (const OpTemplate& op : kinds.step_ops[static_cast<size_t>(s)])
+      step_s[static_cast<size_t>(s)] += op_cost(op, frame, c, prof, prec).time_s;
+  }
+
+  // Pipeline: m units of the slowest stage, plus the fill and drain of the others (divided by vp
+  // with interleaving), plus one send per virtual-stage boundary on the way in and out.
+  double tau_max = 0, tau_sum = 0;
+  int slowest = 0;
+  for (int s = 0; s < pp; ++s) {
+    const double tau = stage[static_cast<size_t>(s)].fwd + stage[static_cast<size_t>(s)].bwd;
+    tau_sum += tau;
+    if (tau > tau_max) {
+      tau_max = tau;
+      slowest = s;
+    }
+  }
+  const double p2p = pp > 1 ? p2p_cost(frame, frame.stages[0].sends_to_next_same_node, c, prof).time_s : 0.0;
+  const double fill = (tau_sum - tau_max) / vp;
+  const double pipe = mbs * tau_max + fill + 2.0 * (pp - 1) * p2p;
+
+  // Each stage ends its last backward earlier the further it is from stage 0; gradient buckets
+  // overlap that last backward unit; the optimizer step follows.
+  double step_time = 0;
+  int critical = 0;
+  double critical_dp = 0;
+  for (int s = 0; s < pp; ++s) {
+    const UnitTime& u = stage[static_cast<size_t>(s)];
+    const double last_bwd_unit = u.bwd / vp;
+    const double end = pipe - s * (stage[static_cast<size_t>(slowest)].bwd / vp);
+    const double dp_exposed = std::max(u.async - last_bwd_unit, u.async > 0 ? u.last_bucket : 0.0);
+    const double total = end + dp_exposed + step_s[static_cast<size_t>(s)];
+    if (total > step_time) {
+      step_time = total;
+      critical = s;
+      critical_dp = dp_exposed;
+    }
+  }
+  p.step_time_s = step_time;
+  p.critical_stage = critical;
+  const UnitTime& u = stage[static_cast<size_t>(slowest)];
+  p.time.compute_s = mbs * u.compute;
+  p.time.tp_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kTpComm)];
+  p.time.cp_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kCpComm)];
+  p.time.ep_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kEpComm)];
+  p.time.dp_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kDpComm)] + critical_dp;
+  p.time.pp_comm_s = 2.0 * (pp - 1) * p2p;
+  p.time.optimizer_s = step_s[static_cast<size_t>(critical)];
+  p.time.bubble_s = std::max(0.0, step_time - (p.time.compute_s + p.time.tp_comm_s + p.time.cp_comm_s +
+                                                p.time.ep_comm_s + p.time.dp_comm_s + p.time.pp_comm_s +
+                                                p.time.optimizer_s));
+
+  double best = -1;
+  for (int s = 0; s < pp; ++s) {
+    const MemoryBreakdown mb = memory_per_gpu(m, c, plan, w, prof, s);
+    const double gpu = mb.total().gpu;
+    p.stage_peak_gpu_bytes.push_back(gpu);
+    if (gpu > best) {
+      best = gpu;
+      p.memory = mb;
+    }
+  }
+  p.peak = p.memory.total();
+  p.peak_stage = p.memory.stage;
+  fill_throughput(p, m, c, plan, w);
+  return p;
+}
+
+}  // namespace switchyard

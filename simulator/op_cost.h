@@ -1,0 +1,34 @@
+// The time of one op of a StepProgram on a cluster: the bridge between the program (core) and the
+// cost models. Costs depend only on the op's template, so callers evaluate each template once and
+// reuse the result for every micro-batch.
+#pragma once
+
+#include <vector>
+
+#include "core/step_program.h"
+#include "cost_models/profile.h"
+
+namespace switchyard {
+
+enum class Link : uint8_t { kNone, kIntraNode, kInterNode };
+
+struct OpCost {
+  double time_s = 0;
+  Link link = Link::kNone;  // the link a communication op loads (shared with concurrent ones)
+};
+
+OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec& cluster,
+               const CostProfile& prof, Precision precision);
+// Pipeline send/recv of one unit's activation or gradient.
+OpCost p2p_cost(const StepProgram& prog, bool same_node, const ClusterSpec& cluster, const CostProfile& prof);
+
+// Costs of every template of a stage: [chunk][forward ops..., backward ops...] and step ops.
+struct StageCosts {
+  std::vector<std::vector<OpCost>> forward;   // per chunk
+  std::vector<std::vector<OpCost>> backward;  // per chunk
+  std::vector<OpCost> step;
+};
+std::vector<StageCosts> program_costs(const StepProgram& prog, const ClusterSpec& cluster,
+                                      const CostProfile& prof, Precision precision);
+
+}  // namespace switchyard

@@ -1,0 +1,402 @@
+// Discrete-event simulation of a StepProgram. See simulator.h for the model.
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <queue>
+
+#include "cost_models/memory.h"
+#include "simulator/op_cost.h"
+#include "simulator/simulator.h"
+
+namespace switchyard {
+namespace {
+
+constexpr int kNoInst = -1;
+
+struct Inst {
+  const OpTemplate* op = nullptr;  // nullptr: pipeline send of a unit's output
+  OpCost cost;
+  int32_t stage = 0;
+  int32_t micro_batch = 0;
+  int16_t chunk = 0;
+  StreamKind stream = StreamKind::kCompute;
+  int32_t pending = 0;     // unfinished dependencies
+  int32_t dep_begin = 0;   // dependents: [dep_begin, dep_end) of the CSR array
+  int32_t dep_end = 0;
+  int32_t last_dep = kNoInst;  // the dependency that finished last
+  uint32_t version = 0;        // bumps when a shared link reschedules the op's end
+  double start = -1;
+  double end = -1;
+  double remaining = 0;  // work left at full link bandwidth (shared links)
+};
+
+struct Event {
+  double time;
+  int32_t inst;
+  uint32_t version;
+  bool operator>(const Event& o) const { return time > o.time || (time == o.time && inst > o.inst); }
+};
+
+// Processor sharing on one link of one stage: k concurrent ops each progress at 1/k.
+struct LinkState {
+  std::vector<int32_t> active;
+  double last_t = 0;
+};
+
+struct UnitRef {
+  int32_t first = kNoInst;
+  int32_t last = kNoInst;  // last synchronous op
+  int32_t send = kNoInst;  // its send to the neighbouring virtual stage
+};
+
+class Simulation {
+ public:
+  Simulation(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, const Workload& w, const CostProfile& prof)
+      : m_(m), c_(c), plan_(plan), w_(w), prof_(prof), owned_(std::make_shared<StepProgram>(lower(m, c, plan, w))), prog_(*owned_) {}
+
+  Prediction run(const SimulateOptions& options) {
+    build();
+    loop();
+    return report(options);
+  }
+
+ private:
+  size_t unit_index(int stage, int chunk, int mb, bool backward) const {
+    return ((static_cast<size_t>(stage) * prog_.vp + static_cast<size_t>(chunk)) * prog_.num_micro_batches +
+            static_cast<size_t>(mb)) * 2 + (backward ? 1 : 0);
+  }
+
+  int32_t add(const OpTemplate* op, OpCost cost, int stage, int mb, int chunk, StreamKind stream) {
+    Inst in;
+    in.op = op;
+    in.cost = cost;
+    in.stage = stage;
+    in.micro_batch = mb;
+    in.chunk = static_cast<int16_t>(chunk);
+    in.stream = stream;
+    insts_.push_back(in);
+    const int32_t id = static_cast<int32_t>(insts_.size() - 1);
+    queues_[static_cast<size_t>(stage) * kNumStreams + static_cast<size_t>(stream)].push_back(id);
+    return id;
+  }
+  void edge(int32_t from, int32_t to) {
+    if (from == kNoInst || to == kNoInst) return;
+    edges_.emplace_back(from, to);
+  }
+
+  void build() {
+    const int pp = prog_.pp, vp = prog_.vp, m = prog_.num_micro_batches;
+    costs_ = program_costs(prog_, c_, prof_, w_.precision);
+    queues_.assign(static_cast<size_t>(pp) * kNumStreams, {});
+    units_.assign(static_cast<size_t>(pp) * vp * m * 2, {});
+    heads_.assign(queues_.size(), 0);
+    size_t estimate = 0;
+    for (const StageProgram& st : prog_.stages)
+      for (const ChunkProgram& ch : st.chunks) estimate += (ch.forward.size() + ch.backward.size() + 2) * m;
+    insts_.reserve(estimate);
+    edges_.reserve(estimate * 2);
+
+    for (int s = 0; s < pp; ++s) {
+      const StageProgram& st = prog_.stages[static_cast<size_t>(s)];
+      const StageCosts& sc = costs_[static_cast<size_t>(s)];
+      int32_t prev_unit_last = kNoInst;
+      std::vector<int32_t> async_ops;
+      for (const ScheduleItem& item : st.order) {
+        const ChunkProgram& chunk = st.chunks[static_cast<size_t>(item.chunk)];
+        const auto& ops = item.backward ? chunk.backward : chunk.forward;
+        const auto& costs = item.backward ? sc.backward[static_cast<size_t>(item.chunk)]
+                                          : sc.forward[static_cast<size_t>(item.chunk)];
+        const bool last_mb = item.micro_batch == m - 1;
+        UnitRef& unit = units_[unit_index(s, item.chunk, item.micro_batch, item.backward)];
+        int32_t prev = prev_unit_last;
+        for (size_t i = 0; i < ops.size(); ++i) {
+          const OpTemplate& op = ops[i];
+          if (op.last_micro_batch && !(item.backward && last_mb)) continue;
+          const int32_t id = add(&op, costs[i], s, item.micro_batch, item.chunk, op.stream);
+          edge(prev, id);
+          if (unit.first == kNoInst) unit.first = id;
+          if (op.async) async_ops.push_back(id);
+          else prev = id;
+        }
+        unit.last = prev;
+        // The unit's output travels to the next virtual stage (forward) or the previous one
+        // (backward), if there is one.
+        const int v = item.chunk * pp + s;
+        const bool has_consumer = item.backward ? v > 0 : v < pp * vp - 1;
+        if (has_consumer && pp > 1) {
+          const bool same_node = item.backward ? (s > 0 ? prog_.stages[static_cast<size_t>(s - 1)].sends_to_next_same_node
+                                                         : prog_.p2p_wraps_same_node)
+                                               : (s < pp - 1 ? st.sends_to_next_same_node : prog_.p2p_wraps_same_node);
+          unit.send = add(nullptr, p2p_cost(prog_, same_node, c_, prof_), s, item.micro_batch, item.chunk,
+                          StreamKind::kPpComm);
+          edge(prev, unit.send);
+        }
+        prev_unit_last = prev;
+      }
+      // The step: after the last unit and every gradient bucket.
+      int32_t prev = prev_unit_last;
+      for (size_t i = 0; i < st.step_ops.size(); ++i) {
+        const OpTemplate& op = st.step_ops[i];
+        const int32_t id = add(&op, sc.step[i], s, -1, 0, op.stream);
+        edge(prev, id);
+        if (i == 0)
+          for (int32_t a : async_ops) edge(a, id);
+        prev = id;
+      }
+    }
+    // Cross-stage: a unit starts after its input arrives.
+    for (int s = 0; s < pp; ++s)
+      for (int ch = 0; ch < vp; ++ch)
+        for (int mb = 0; mb < m; ++mb)
+          for (bool backward : {false, true}) {
+            const UnitRef& unit = units_[unit_index(s, ch, mb, backward)];
+            const int v = ch * pp + s;
+            const int from = backward ? v + 1 : v - 1;
+            if (from < 0 || from >= pp * vp) continue;
+            const UnitRef& producer = units_[unit_index(from % pp, from / pp, mb, backward)];
+            edge(producer.send, unit.first);
+          }
+
+    // Dependents in CSR form.
+    std::vector<int32_t> count(insts_.size() + 1, 0);
+    for (const auto& [from, to] : edges_) {
+      ++count[static_cast<size_t>(from)];
+      ++insts_[static_cast<size_t>(to)].pending;
+    }
+    int32_t offset = 0;
+    for (size_t i = 0; i < insts_.size(); ++i) {
+      insts_[i].dep_begin = offset;
+      offset += count[i];
+      insts_[i].dep_end = insts_[i].dep_begin;
+    }
+    dependents_.assign(edges_.size(), 0);
+    for (const auto& [from, to] : edges_) dependents_[static_cast<size_t>(insts_[static_cast<size_t>(from)].dep_end++)] = to;
+    edges_.clear();
+    edges_.shrink_to_fit();
+  }
+
+  void try_start(size_t queue, double now) {
+    std::vector<int32_t>& q = queues_[queue];
+    if (heads_[queue] >= q.size()) return;
+    Inst& in = insts_[static_cast<size_t>(q[heads_[queue]])];
+    if (in.pending == 0 && in.start < 0) start(q[heads_[queue]], now);
+  }
+
+  LinkState& link_of(const Inst& in) {
+    return links_[static_cast<size_t>(in.stage) * 3 + static_cast<size_t>(in.cost.link)];
+  }
+
+  // Advances the shared link's ops to `now`, then reschedules their ends.
+  void settle(LinkState& link, double now) {
+    const double k = static_cast<double>(link.active.size());
+    if (k > 0)
+      for (int32_t a : link.active) insts_[static_cast<size_t>(a)].remaining -= (now - link.last_t) / k;
+    link.last_t = now;
+  }
+  void reschedule(LinkState& link, double now) {
+    const double k = static_cast<double>(link.active.size());
+    for (int32_t a : link.active) {
+      Inst& in = insts_[static_cast<size_t>(a)];
+      ++in.version;
+      events_.push({now + std::max(in.remaining, 0.0) * k, a, in.version});
+    }
+  }
+
+  void start(int32_t id, double now) {
+    Inst& in = insts_[static_cast<size_t>(id)];
+    in.start = now;
+    if (in.op && in.op->allocates) memory_event(in, in.op->allocates, +1.0, now);
+    if (in.cost.link == Link::kNone || in.cost.time_s <= 0) {
+      events_.push({now + in.cost.time_s, id, in.version});
+      return;
+    }
+    LinkState& link = link_of(in);
+    settle(link, now);
+    in.remaining = in.cost.time_s;
+    link.active.push_back(id);
+    reschedule(link, now);
+  }
+
+  void finish(int32_t id, double now) {
+    Inst& in = insts_[static_cast<size_t>(id)];
+    in.end = now;
+    if (in.cost.link != Link::kNone && in.cost.time_s > 0) {
+      LinkState& link = link_of(in);
+      settle(link, now);
+      link.active.erase(std::find(link.active.begin(), link.active.end(), id));
+      reschedule(link, now);
+    }
+    if (in.op && in.op->frees) memory_event(in, in.op->frees, -1.0, now);
+    for (int32_t d = in.dep_begin; d < in.dep_end; ++d) {
+      Inst& dep = insts_[static_cast<size_t>(dependents_[static_cast<size_t>(d)])];
+      dep.last_dep = id;
+      if (--dep.pending == 0) try_start(static_cast<size_t>(dep.stage) * kNumStreams + static_cast<size_t>(dep.stream), now);
+    }
+    const size_t queue = static_cast<size_t>(in.stage) * kNumStreams + static_cast<size_t>(in.stream);
+    ++heads_[queue];
+    try_start(queue, now);
+  }
+
+  void loop() {
+    links_.assign(static_cast<size_t>(prog_.pp) * 3, {});
+    dyn_.assign(static_cast<size_t>(prog_.pp), {});
+    sizes_ = dynamic_tensor_bytes(m_, plan_, w_);
+    for (size_t q = 0; q < queues_.size(); ++q) try_start(q, 0.0);
+    while (!events_.empty()) {
+      const Event ev = events_.top();
+      events_.pop();
+      Inst& in = insts_[static_cast<size_t>(ev.inst)];
+      if (ev.version != in.version || in.end >= 0) continue;
+      finish(ev.inst, ev.time);
+    }
+  }
+
+  // --- Memory over time.
+  struct StageMemory {
+    double current = 0;
+    double peak = 0;
+    double activations_at_peak = 0;
+    double dispatch_at_peak = 0;
+    double dispatch_current = 0;
+  };
+  double tensor_bytes(TensorClass cls, const Inst& in) const {
+    const bool moe = in.op->layer >= 0 && m_.is_moe_layer(in.op->layer);
+    switch (cls) {
+      case TensorClass::kLayerActivations:
+      case TensorClass::kRecomputeWorkspace:
+        return moe ? sizes_.moe_layer_activations : sizes_.dense_layer_activations;
+      case TensorClass::kLayerInput: return sizes_.layer_input;
+      case TensorClass::kDispatchBuffer: return sizes_.dispatch;
+      case TensorClass::kLogits: return sizes_.logits;
+    }
+    return 0;
+  }
+  void memory_event(const Inst& in, TensorMask mask, double sign, double /*now*/) {
+    StageMemory& mem = dyn_[static_cast<size_t>(in.stage)];
+    for (TensorClass cls : kTensorClasses) {
+      if (!(mask & bit(cls))) continue;
+      const double bytes = sign * tensor_bytes(cls, in);
+      mem.current += bytes;
+      if (cls == TensorClass::kDispatchBuffer) mem.dispatch_current += bytes;
+    }
+    if (mem.current > mem.peak) {
+      mem.peak = mem.current;
+      mem.dispatch_at_peak = mem.dispatch_current;
+      mem.activations_at_peak = mem.current - mem.dispatch_current;
+    }
+  }
+
+  // --- Results.
+  Prediction report(const SimulateOptions& options) {
+    Prediction p;
+    p.fidelity = "simulate";
+    p.ops = static_cast<int64_t>(insts_.size());
+    const int pp = prog_.pp;
+    std::vector<double> stage_end(static_cast<size_t>(pp), 0.0);
+    std::vector<TimeBreakdown> br(static_cast<size_t>(pp));
+    std::vector<double> compute_prev_end(static_cast<size_t>(pp), 0.0);
+    // Walk each stage's compute stream in order: its busy time, and what every gap waited for.
+    for (int s = 0; s < pp; ++s) {
+      const auto& q = queues_[static_cast<size_t>(s) * kNumStreams + static_cast<size_t>(StreamKind::kCompute)];
+      TimeBreakdown& b = br[static_cast<size_t>(s)];
+      double prev_end = 0;
+      for (int32_t id : q) {
+        const Inst& in = insts_[static_cast<size_t>(id)];
+        const double gap = in.start - prev_end;
+        if (gap > 0) attribute(b, gap, in.last_dep);
+        const double busy = in.end - in.start;
+        if (in.op && in.op->kind == OpKind::kOptimizer) b.optimizer_s += busy;
+        else b.compute_s += busy;
+        prev_end = in.end;
+      }
+      compute_prev_end[static_cast<size_t>(s)] = prev_end;
+    }
+    for (const Inst& in : insts_) stage_end[static_cast<size_t>(in.stage)] = std::max(stage_end[static_cast<size_t>(in.stage)], in.end);
+    int critical = 0;
+    for (int s = 1; s < pp; ++s)
+      if (stage_end[static_cast<size_t>(s)] > stage_end[static_cast<size_t>(critical)]) critical = s;
+    // After the last compute op: the parameter all-gathers of the distributed optimizer.
+    for (int s = 0; s < pp; ++s)
+      br[static_cast<size_t>(s)].dp_comm_s += std::max(0.0, stage_end[static_cast<size_t>(s)] - compute_prev_end[static_cast<size_t>(s)]);
+    p.step_time_s = stage_end[static_cast<size_t>(critical)];
+    p.critical_stage = critical;
+    p.time = br[static_cast<size_t>(critical)];
+
+    // Memory: static bytes of the memory model plus the peak of the dynamic curve, per stage.
+    double best = -1;
+    for (int s = 0; s < pp; ++s) {
+      MemoryBreakdown mb = memory_per_gpu(m_, c_, plan_, w_, prof_, s);
+      const StageMemory& dm = dyn_[static_cast<size_t>(s)];
+      mb.activations.gpu = plan_.placement.activations == Tier::kCPU ? mb.activations.gpu : dm.activations_at_peak;
+      mb.dispatch_buffers.gpu = dm.dispatch_at_peak;
+      const double gpu = mb.total().gpu;
+      p.stage_peak_gpu_bytes.push_back(gpu);
+      if (gpu > best) {
+        best = gpu;
+        p.memory = mb;
+        p.peak_stage = s;
+      }
+    }
+    p.peak = p.memory.total();
+    if (options.record_timeline) {
+      p.program = owned_;
+      p.timeline.reserve(insts_.size());
+      for (const Inst& in : insts_)
+        p.timeline.push_back({in.stage, in.stream, in.op, in.micro_batch, in.chunk, in.start, in.end});
+    }
+    fill_throughput(p, m_, c_, plan_, w_);
+    return p;
+  }
+
+  void attribute(TimeBreakdown& b, double gap, int32_t dep) const {
+    if (dep == kNoInst) {
+      b.bubble_s += gap;
+      return;
+    }
+    const Inst& d = insts_[static_cast<size_t>(dep)];
+    switch (d.stream) {
+      case StreamKind::kTpComm: b.tp_comm_s += gap; break;
+      case StreamKind::kCpComm: b.cp_comm_s += gap; break;
+      case StreamKind::kEpComm: b.ep_comm_s += gap; break;
+      case StreamKind::kDpComm: b.dp_comm_s += gap; break;
+      case StreamKind::kCopy: b.stall_s += gap; break;
+      case StreamKind::kPpComm: {
+        // The transfer itself is pipeline communication; waiting for the producer is bubble.
+        const double transfer = std::min(gap, d.end - d.start);
+        b.pp_comm_s += transfer;
+        b.bubble_s += gap - transfer;
+        break;
+      }
+      case StreamKind::kCompute: b.bubble_s += gap; break;
+    }
+  }
+
+  const ModelSpec& m_;
+  const ClusterSpec& c_;
+  const Plan& plan_;
+  const Workload& w_;
+  const CostProfile& prof_;
+  std::shared_ptr<const StepProgram> owned_;
+  const StepProgram& prog_;
+  std::vector<StageCosts> costs_;
+  std::vector<Inst> insts_;
+  std::vector<std::pair<int32_t, int32_t>> edges_;
+  std::vector<int32_t> dependents_;
+  std::vector<std::vector<int32_t>> queues_;
+  std::vector<size_t> heads_;
+  std::vector<UnitRef> units_;
+  std::vector<LinkState> links_;
+  std::vector<StageMemory> dyn_;
+  DynamicTensorBytes sizes_;
+  std::priority_queue<Event, std::vector<Event>, std::greater<Event>> events_;
+};
+
+}  // namespace
+
+Prediction simulate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, const Workload& w,
+                    const CostProfile& prof, const SimulateOptions& options) {
+  Simulation sim(m, c, plan, w, prof);
+  return sim.run(options);
+}
+
+}  // namespace switchyard

@@ -1,0 +1,20 @@
+// Trace format shared by predictions and measurements: Chrome trace-event JSON that Perfetto and
+// chrome://tracing open (traceEvents of ph "X", ts/dur in microseconds, pid = pipeline stage (the
+// rank role), tid = stream, one track per stream), plus a "switchyard" object with the content
+// hashes of model, cluster, plan and workload so a trace can be matched to its inputs and replayed.
+// Each event's args carry the op's id in the step program, layer, micro-batch, chunk, bytes, FLOPs
+// and tokens.
+#pragma once
+
+#include <string>
+
+#include "core/config_registry.h"
+#include "simulator/prediction.h"
+
+namespace switchyard {
+
+// Writes the prediction's timeline (simulate with record_timeline). Throws std::runtime_error when
+// the file cannot be written.
+void write_chrome_trace(const std::string& path, const Prediction& p, const Inputs& in);
+
+}  // namespace switchyard
