@@ -12,6 +12,7 @@ namespace {
 // Everything the per-layer op lists need, computed once.
 struct Dims {
   double e = 2;          // bytes per activation element
+  bool fp8 = false;      // FP8 GEMMs (and FP8 token dispatch)
   int64_t h = 0;
   int64_t mbs = 1;
   int64_t seq = 0;       // full sequence
@@ -212,8 +213,9 @@ class Builder {
   // The dispatch or combine exchange: one flat all-to-all, or SE-MoE's hierarchical exchange
   // (transform, intra-node all-to-all, inter-node all-to-all of the aggregated buffers, transform).
   void exchange(int layer, std::string_view what, TensorMask alloc, TensorMask release) {
-    const double bytes = tok_bytes(d_.dispatch_rows);
     const bool dispatch = what == "dispatch";
+    // FP8 training dispatches FP8 tokens (DeepSeek-V3 section 3.3); the combine returns bf16.
+    const double bytes = tok_bytes(d_.dispatch_rows) * (dispatch && d_.fp8 ? 0.5 : 1.0);
     if (p_.dispatch == Dispatch::kHierarchicalAllToAll && hierarchical_) {
       OpTemplate& a = elementwise(dispatch ? "dispatch_transform" : "combine_transform", layer, 2 * bytes, 0);
       a.allocates = alloc;
@@ -239,6 +241,17 @@ class Builder {
   Phase phase_ = Phase::kForward;
   bool hierarchical_ = false;
 };
+
+// Names of the swapped collectives in the backward.
+std::string_view backward_name(std::string_view forward) {
+  static constexpr std::pair<std::string_view, std::string_view> kSwaps[] = {
+      {"tp_all_gather", "tp_reduce_scatter"}, {"tp_reduce_scatter", "tp_all_gather"},
+      {"etp_all_gather", "etp_reduce_scatter"}, {"etp_reduce_scatter", "etp_all_gather"},
+      {"embedding_reduce_scatter", "embedding_all_gather"}, {"cp_kv_all_gather", "cp_kv_reduce_scatter"}};
+  for (const auto& [f, b] : kSwaps)
+    if (f == forward) return b;
+  return forward;
+}
 
 // The backward of one forward op list: reverse order; a GEMM becomes its data-gradient and
 // weight-gradient GEMMs; all-gather and reduce-scatter swap (ZeRO-3 parameter gathers stay: the
@@ -279,6 +292,7 @@ void append_backward(const std::vector<OpTemplate>& fwd, std::vector<OpTemplate>
         if (it->name.substr(0, 5) == "zero3") break;
         if (it->collective == Collective::kAllGather) op.collective = Collective::kReduceScatter;
         else if (it->collective == Collective::kReduceScatter) op.collective = Collective::kAllGather;
+        op.name = backward_name(it->name);
         break;
       default:
         break;
@@ -290,6 +304,7 @@ void append_backward(const std::vector<OpTemplate>& fwd, std::vector<OpTemplate>
 Dims make_dims(const ModelSpec& m, const Plan& p, const Workload& w, const ClusterSpec& c) {
   Dims d;
   d.e = w.precision == Precision::kFP32 ? 4.0 : 2.0;
+  d.fp8 = w.precision == Precision::kFP8;
   d.param_bytes = w.precision == Precision::kFP32 ? 4.0 : 2.0;
   d.grad_bytes = d.param_bytes;
   d.h = m.hidden_size;
@@ -452,10 +467,12 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
         cp.backward.push_back(std::move(op));
       }
     } else if (p.recompute == Recompute::kSelective) {
-      // Re-run the cheap elementwise ops whose outputs were not kept (norms, activations).
+      // Re-run what selective recompute does not keep: norms, activation functions and MLA's
+      // up-projections.
       for (OpTemplate op : fwd) {
         const bool cheap = op.name == "norm1" || op.name == "norm2" || op.name == "act" ||
-                           op.name == "experts_act" || op.name == "shared_act";
+                           op.name == "experts_act" || op.name == "shared_act" || op.name == "q_up" ||
+                           op.name == "kv_up";
         if (!cheap) continue;
         op.phase = Phase::kRecompute;
         op.allocates = op.frees = 0;

@@ -56,55 +56,62 @@ namespace {
 
 double activation_element_bytes(Precision p) { return p == Precision::kFP32 ? 4.0 : 2.0; }
 
-// Widths (in elements per token) of what attention keeps: Q, K, V and the core's output.
-double attention_internal_width(const ModelSpec& m) {
-  const double heads = static_cast<double>(m.num_attention_heads);
-  if (m.attention == AttentionKind::kMLA) {
-    const MlaSpec& a = m.mla;
-    const double qk = static_cast<double>(a.qk_nope_head_dim + a.qk_rope_head_dim);
-    return static_cast<double>(a.q_lora_rank + a.kv_lora_rank + a.qk_rope_head_dim) +
-           heads * qk * 2 + heads * static_cast<double>(a.v_head_dim) * 2;
-  }
-  const double hd = static_cast<double>(m.head_dim);
-  return heads * hd + 2.0 * static_cast<double>(m.num_kv_heads) * hd + heads * hd;
-}
-
 }  // namespace
 
 double activation_bytes_per_token(const ModelSpec& m, const Plan& plan, Precision p, bool moe_layer,
                                   double load_factor) {
-  const double e = activation_element_bytes(p);
+  // a: bytes of an activation; g: bytes of a saved GEMM input (FP8 training keeps the FP8 copy
+  // its GEMMs consumed: Transformer Engine, DeepSeek-V3 section 3.3).
+  const double a = activation_element_bytes(p);
+  const double g = p == Precision::kFP8 ? 1.0 : a;
   const double h = static_cast<double>(m.hidden_size);
   const double tp = plan.tp;
   const double sp_div = plan.sequence_parallel ? tp : 1.0;
   const bool selective = plan.recompute == Recompute::kSelective;
-  // Residual inputs of the two sub-blocks and the two norm outputs (the latter recomputed under
+  const double heads = static_cast<double>(m.num_attention_heads);
+  // Residual inputs of the two sub-blocks; the two norm outputs feed GEMMs (recomputed under
   // selective recompute).
-  double elems = (2.0 * h + (selective ? 0.0 : 2.0 * h)) / sp_div;
-  // Attention: Q, K, V, core output, and the fp32 log-sum-exp per head flash attention keeps.
-  elems += (attention_internal_width(m) + 2.0 * static_cast<double>(m.num_attention_heads)) / tp;
-  // FFN internals: SwiGLU keeps gate and up outputs (+ the activation output), GeLU/ReLU keeps the
-  // FC1 output (+ the activation output).
-  const double kept = (m.ffn_matrices() == 3 ? 2.0 : 1.0) + (selective ? 0.0 : 1.0);
+  double bytes = (2.0 * h * a + (selective ? 0.0 : 2.0 * h * g)) / sp_div;
+  // Attention keeps what flash attention's backward reads (Q, K, V, the fp32 log-sum-exp per head)
+  // and the core's output, the input of the output projection. MLA keeps its latents (inputs of the
+  // up-projections); selective recompute re-runs the up-projections instead of keeping Q, K, V
+  // (DeepSeek-V3, Megatron-Core recompute_modules "mla_up_proj").
+  double attn = 4.0 * heads;
+  if (m.attention == AttentionKind::kMLA) {
+    const MlaSpec& ml = m.mla;
+    const double qk = static_cast<double>(ml.qk_nope_head_dim + ml.qk_rope_head_dim);
+    const double v = static_cast<double>(ml.v_head_dim);
+    attn += static_cast<double>(ml.q_lora_rank + ml.kv_lora_rank + ml.qk_rope_head_dim) * g * tp;  // replicated
+    if (!selective) attn += heads * (2.0 * qk + v) * a;
+    attn += heads * v * g;
+  } else {
+    const double hd = static_cast<double>(m.head_dim);
+    attn += (heads + 2.0 * static_cast<double>(m.num_kv_heads)) * hd * a + heads * hd * g;
+  }
+  bytes += attn / tp;
+  // FFNs: SwiGLU keeps gate and up outputs (GeLU/ReLU the FC1 output) and the activation output
+  // (the FC2 input; recomputed under selective recompute).
+  const double fc1_out = m.ffn_matrices() == 3 ? 2.0 : 1.0;
+  auto ffn_row = [&](double width) { return width * (fc1_out * a + (selective ? 0.0 : g)); };
   if (moe_layer && m.moe) {
     const double k = static_cast<double>(m.moe->top_k);
     const double fe = static_cast<double>(m.moe->expert_ffn_hidden_size);
     const double etp = plan.expert_tp;
-    // Router logits in fp32.
-    elems += 2.0 * static_cast<double>(m.moe->num_experts) / sp_div;
+    bytes += 4.0 * static_cast<double>(m.moe->num_experts) / sp_div;  // router logits, fp32
     // Rows this rank's experts see per token of its micro-batch share: top_k of them, balanced,
     // times the load factor of the most loaded rank; with expert_tp the rows are all-gathered over
     // the expert-TP group (each rank computes fe / expert_tp columns of all of them). PPMoE ranks
-    // hold every token but serve 1/ep of the experts.
+    // hold every token but serve 1/ep of the experts. Each row keeps its permuted input (an FC1
+    // input), the FFN internals and the expert's output (the combine's backward needs it).
     const double rows =
         (plan.dispatch == Dispatch::kPPMoEIndexSlice ? k / plan.ep : k / sp_div) * etp;
-    elems += rows * load_factor * (h + kept * fe / etp + h);  // permuted input, internals, output
+    bytes += rows * load_factor * (h * g + ffn_row(fe / etp) + h * a);
     const double fs = static_cast<double>(m.moe->shared_expert_ffn_hidden_size);
-    elems += static_cast<double>(m.moe->num_shared_experts) * kept * fs / tp;
+    bytes += static_cast<double>(m.moe->num_shared_experts) * ffn_row(fs / tp);
   } else {
-    elems += kept * static_cast<double>(m.ffn_hidden_size) / tp;
+    bytes += ffn_row(static_cast<double>(m.ffn_hidden_size) / tp);
   }
-  return e * elems;
+  return bytes;
 }
 
 namespace {
@@ -189,7 +196,7 @@ DynamicTensorBytes dynamic_tensor_bytes(const ModelSpec& m, const Plan& plan, co
     } else {
       const double rows =
           static_cast<double>(m.moe->top_k) * tokens * load / (plan.sequence_parallel ? plan.tp : 1);
-      d.dispatch = 2.0 * rows * h * e;  // all-to-all send and receive
+      d.dispatch = 2.0 * rows * h * e;  // all-to-all send and receive (the bf16 combine's)
       if (plan.dispatch == Dispatch::kHierarchicalAllToAll) d.dispatch *= 2.0;  // transform staging
       if (plan.expert_tp > 1) d.dispatch += plan.expert_tp * rows * h * e;    // expert-TP gather
     }

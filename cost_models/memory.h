@@ -8,8 +8,9 @@
 //    sharded over expert_dp. Stage 1 shards optimizer states, 2 also gradients, 3 also parameters.
 //  - Activations per layer follow Korthikanti et al. (arXiv 2205.05198), re-derived for flash
 //    attention (no s^2 scores kept), no dropout, gated FFNs, GQA/MLA and MoE layers; sequence
-//    parallelism splits the h-sized terms over tp. Recompute: selective drops the outputs of
-//    activation functions and norms (Megatron-Core recompute_modules "moe_act", "layernorm");
+//    parallelism splits the h-sized terms over tp; FP8 training keeps GEMM inputs in FP8.
+//    Recompute: selective drops the outputs of activation functions and norms and MLA's
+//    up-projections (Megatron-Core recompute_modules "moe_act", "layernorm", "mla_up_proj");
 //    full keeps only each layer's input plus one layer's working set.
 //  - Micro-batches in flight on stage s: GPipe m; 1F1B min(pp - s, m); interleaved 1F1B
 //    min(2(pp - s - 1) + (vp - 1) pp + 1, m vp) chunks of L_s / vp layers.

@@ -128,7 +128,8 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   }
   p.step_time_s = step_time;
   p.critical_stage = critical;
-  const UnitTime& u = stage[static_cast<size_t>(slowest)];
+  // The breakdown is the critical stage's: its own units, the bubble of waiting for the others.
+  const UnitTime& u = stage[static_cast<size_t>(critical)];
   p.time.compute_s = mbs * u.compute;
   p.time.tp_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kTpComm)];
   p.time.cp_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kCpComm)];

@@ -1,0 +1,151 @@
+#include <gtest/gtest.h>
+
+#include "core/step_program.h"
+#include "tests/simulator/sim_test_util.h"
+
+namespace switchyard {
+namespace {
+
+using namespace testing;
+
+int count(const std::vector<OpTemplate>& ops, std::string_view name) {
+  int n = 0;
+  for (const auto& op : ops) n += op.name == name ? 1 : 0;
+  return n;
+}
+
+const OpTemplate* find(const std::vector<OpTemplate>& ops, std::string_view name) {
+  for (const auto& op : ops)
+    if (op.name == name) return &op;
+  return nullptr;
+}
+
+class LowerTest : public ::testing::Test {
+ protected:
+  ModelSpec model_ = moe_model();
+  ClusterSpec cluster_ = a100_nodes(4);
+  Workload work_ = train(64, 2048);
+};
+
+// all_to_all: one all-to-all over the EP group before and after the experts, forward and backward.
+TEST_F(LowerTest, AllToAllDispatch) {
+  const Plan p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32})");
+  expect_valid(p, model_, cluster_, work_);
+  const StepProgram prog = lower(model_, cluster_, p, work_);
+  const ChunkProgram& ch = prog.stages[0].chunks[0];
+  EXPECT_EQ(count(ch.forward, "dispatch"), 8);
+  EXPECT_EQ(count(ch.forward, "combine"), 8);
+  EXPECT_EQ(count(ch.backward, "dispatch"), 8);
+  const OpTemplate* d = find(ch.forward, "dispatch");
+  ASSERT_NE(d, nullptr);
+  EXPECT_EQ(d->collective, Collective::kAllToAll);
+  EXPECT_EQ(d->group, CommGroup::kEp);
+  // 2048 tokens x top-2 rows of 2048 bf16 values.
+  EXPECT_DOUBLE_EQ(d->bytes, 2048.0 * 2 * 2048 * 2);
+  EXPECT_EQ(prog.layout(CommGroup::kEp).ranks, 32);
+  EXPECT_EQ(prog.layout(CommGroup::kEp).nodes(), 4);
+}
+
+// Hierarchical: intra-node exchange, then the inter-node exchange of the aggregated buffers.
+TEST_F(LowerTest, HierarchicalDispatch) {
+  const Plan p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "dispatch": "hierarchical_all_to_all"})");
+  const StepProgram prog = lower(model_, cluster_, p, work_);
+  const auto& fwd = prog.stages[0].chunks[0].forward;
+  EXPECT_EQ(count(fwd, "dispatch"), 0);
+  EXPECT_EQ(count(fwd, "dispatch_intra"), 8);
+  EXPECT_EQ(count(fwd, "dispatch_inter"), 8);
+  EXPECT_EQ(count(fwd, "combine_inter"), 8);
+  EXPECT_EQ(prog.layout(CommGroup::kEpIntra).ranks, 8);
+  EXPECT_EQ(prog.layout(CommGroup::kEpInter).ranks, 4);
+  EXPECT_EQ(prog.layout(CommGroup::kEpInter).ranks_per_node, 1);
+}
+
+// Pipeline MoE: no all-to-all; a local index slice and one all-reduce in the TP group.
+TEST_F(LowerTest, PpmoeIndexSlice) {
+  const Plan p = plan_of(R"({"schema_version": 1, "tp": 8, "ep": 8, "pp": 4, "dispatch": "ppmoe_index_slice"})");
+  expect_valid(p, model_, cluster_, work_);
+  const StepProgram prog = lower(model_, cluster_, p, work_);
+  const auto& fwd = prog.stages[0].chunks[0].forward;
+  EXPECT_EQ(count(fwd, "dispatch"), 0);
+  EXPECT_EQ(count(fwd, "index_slice"), 2);  // 2 layers per stage
+  const OpTemplate* ar = find(fwd, "combine_all_reduce");
+  ASSERT_NE(ar, nullptr);
+  EXPECT_EQ(ar->group, CommGroup::kTp);
+  EXPECT_EQ(ar->collective, Collective::kAllReduce);
+  for (const auto& op : fwd) EXPECT_NE(op.group, CommGroup::kEp) << op.name;
+  // Each TP rank serves 32 / 8 = 4 experts with its share of all 2048 x 2 rows.
+  const OpTemplate* fc1 = find(fwd, "experts_fc1");
+  ASSERT_NE(fc1, nullptr);
+  ASSERT_EQ(fc1->group_rows.size(), 4u);
+  EXPECT_EQ(fc1->group_rows[0], 2048 * 2 / 32);
+}
+
+TEST_F(LowerTest, RecomputeAndZeroStages) {
+  Plan p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "recompute": "full"})");
+  StepProgram prog = lower(model_, cluster_, p, work_);
+  const ChunkProgram& ch = prog.stages[0].chunks[0];
+  int recomputed = 0;
+  for (const auto& op : ch.backward) recomputed += op.phase == Phase::kRecompute ? 1 : 0;
+  // Every layer's forward runs again (the embedding and head are not recomputed).
+  int layer_fwd = 0;
+  for (const auto& op : ch.forward) layer_fwd += op.layer >= 0 ? 1 : 0;
+  EXPECT_EQ(recomputed, layer_fwd);
+
+  p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "zero_stage": 3})");
+  prog = lower(model_, cluster_, p, work_);
+  EXPECT_EQ(count(prog.stages[0].chunks[0].forward, "zero3_param_all_gather"), 8);
+  EXPECT_EQ(count(prog.stages[0].chunks[0].backward, "zero3_param_all_gather"), 8);  // gathered again
+  EXPECT_EQ(count(prog.stages[0].step_ops, "dp_param_all_gather"), 0);
+  p.zero_stage = 1;
+  prog = lower(model_, cluster_, p, work_);
+  EXPECT_EQ(count(prog.stages[0].step_ops, "dp_param_all_gather"), 1);
+  const OpTemplate* rs = find(prog.stages[0].chunks[0].backward, "dp_grad_bucket");
+  ASSERT_NE(rs, nullptr);
+  EXPECT_EQ(rs->collective, Collective::kReduceScatter);
+  EXPECT_TRUE(rs->async);
+  EXPECT_TRUE(rs->last_micro_batch);
+}
+
+// Bucket size decides how many gradient collectives the backward issues.
+TEST_F(LowerTest, GradientBuckets) {
+  Plan p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "grad_bucket_bytes": 0})");
+  EXPECT_EQ(count(lower(model_, cluster_, p, work_).stages[0].chunks[0].backward, "dp_grad_bucket"), 8);
+  p.grad_bucket_bytes = int64_t{1} << 40;
+  EXPECT_EQ(count(lower(model_, cluster_, p, work_).stages[0].chunks[0].backward, "dp_grad_bucket"), 1);
+}
+
+// Megatron TP: with sequence parallelism every TP region is entered by an all-gather and left by a
+// reduce-scatter; the backward swaps them.
+TEST_F(LowerTest, TensorParallelCollectives) {
+  ModelSpec dense = bundled().load_model("llama3-8b");
+  const Plan p = plan_of(R"({"schema_version": 1, "tp": 4, "dp": 8, "sequence_parallel": true})");
+  const Workload w = train(64, 8192);
+  expect_valid(p, dense, cluster_, w);
+  const StepProgram prog = lower(dense, cluster_, p, w);
+  const ChunkProgram& ch = prog.stages[0].chunks[0];
+  EXPECT_EQ(count(ch.forward, "tp_all_gather"), 2 * 32 + 1);  // 2 per layer + before the LM head
+  EXPECT_EQ(count(ch.forward, "tp_reduce_scatter"), 2 * 32);
+  int ag_in_backward = 0;
+  for (const auto& op : ch.backward)
+    ag_in_backward += op.name == "tp_all_gather" && op.collective == Collective::kAllGather ? 1 : 0;
+  EXPECT_EQ(ag_in_backward, 2 * 32);  // the backward of each reduce-scatter
+}
+
+// Interleaving: stage s chunk c holds the layers of virtual stage c * pp + s; the embedding sits on
+// the first virtual stage and the LM head on the last.
+TEST_F(LowerTest, InterleavedChunksHoldTheirLayers) {
+  const Plan p = plan_of(R"({"schema_version": 1, "dp": 8, "pp": 4, "vp": 2, "ep": 8, "schedule": "interleaved_1f1b"})");
+  expect_valid(p, model_, cluster_, work_);
+  const StepProgram prog = lower(model_, cluster_, p, work_);
+  EXPECT_EQ(prog.stages[0].chunks[0].first_layer, 0);
+  EXPECT_EQ(prog.stages[1].chunks[0].first_layer, 1);
+  EXPECT_EQ(prog.stages[0].chunks[1].first_layer, 4);
+  EXPECT_EQ(prog.stages[3].chunks[1].first_layer, 7);
+  EXPECT_TRUE(prog.stages[0].chunks[0].has_embedding);
+  EXPECT_FALSE(prog.stages[0].chunks[1].has_embedding);
+  EXPECT_TRUE(prog.stages[3].chunks[1].has_head);
+  EXPECT_EQ(prog.num_micro_batches, 8);
+}
+
+}  // namespace
+}  // namespace switchyard

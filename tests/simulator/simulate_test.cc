@@ -1,0 +1,188 @@
+#include <cmath>
+#include <map>
+
+#include <gtest/gtest.h>
+
+#include "cost_models/memory.h"
+#include "tests/simulator/sim_test_util.h"
+
+namespace switchyard {
+namespace {
+
+using namespace testing;
+
+double rel_diff(double a, double b) { return std::fabs(a - b) / b; }
+
+ClusterSpec small_node(int gpus) {
+  ClusterSpec c = a100_nodes(1);
+  c.gpus_per_node = gpus;
+  return c;
+}
+
+// Where overlap does not matter (no data parallelism: no gradient buckets to hide; one pipeline
+// stage or a pipeline whose sends are tiny), the closed form and the event simulation agree.
+TEST(EstimateVsSimulate, AgreeWithinTenPercentWhereOverlapDoesNotMatter) {
+  const ModelSpec m = moe_model(8);
+  const struct {
+    const char* plan;
+    int gpus;
+  } cases[] = {
+      {R"({"schema_version": 1})", 1},
+      {R"({"schema_version": 1, "tp": 4, "ep": 4, "dispatch": "ppmoe_index_slice"})", 4},
+      {R"({"schema_version": 1, "pp": 4})", 4},
+      {R"({"schema_version": 1, "pp": 4, "schedule": "gpipe"})", 4},
+      {R"({"schema_version": 1, "pp": 2, "vp": 2, "schedule": "interleaved_1f1b"})", 2},
+      {R"({"schema_version": 1, "pp": 2, "recompute": "full"})", 2},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.plan);
+    const ClusterSpec cl = small_node(c.gpus);
+    const Plan p = plan_of(c.plan);
+    const Workload w = train(16, 2048);
+    expect_valid(p, m, cl, w);
+    const CostProfile prof = default_cost_profile(cl);
+    const Prediction e = estimate(m, cl, p, w, prof);
+    const Prediction s = simulate(m, cl, p, w, prof);
+    EXPECT_LE(rel_diff(e.step_time_s, s.step_time_s), 0.10) << "estimate " << e.step_time_s << " s, simulate "
+                                                          << s.step_time_s << " s";
+    EXPECT_NEAR(e.time.compute_s, s.time.compute_s, 0.10 * s.time.compute_s);
+  }
+}
+
+// The parts of the breakdown add up to the step time, and throughput follows from it.
+TEST(Simulate, BreakdownSumsToStepTimeAndThroughputFollows) {
+  const ModelSpec m = moe_model();
+  const ClusterSpec cl = a100_nodes(4);
+  const Plan p = plan_of(R"({"schema_version": 1, "dp": 8, "pp": 4, "ep": 8, "zero_stage": 1})");
+  const Workload w = train(64, 2048);
+  expect_valid(p, m, cl, w);
+  const Prediction s = simulate(m, cl, p, w, default_cost_profile(cl));
+  EXPECT_NEAR(s.time.total(), s.step_time_s, 1e-6 * s.step_time_s);
+  EXPECT_GT(s.time.bubble_s, 0);  // 4 stages, 8 micro-batches
+  EXPECT_GT(s.time.ep_comm_s, 0);
+  EXPECT_DOUBLE_EQ(s.tokens_per_step, 64.0 * 2048);
+  EXPECT_NEAR(s.tokens_per_s, s.tokens_per_step / s.step_time_s, 1e-9 * s.tokens_per_s);
+  EXPECT_NEAR(s.tokens_per_s_per_gpu * 32, s.tokens_per_s, 1e-9 * s.tokens_per_s);
+  const double flops = flops_per_token(m, 2048).total() * s.tokens_per_s_per_gpu;
+  EXPECT_NEAR(s.mfu, flops / cl.gpu.peak_bf16_flops, 1e-12);
+  EXPECT_GT(s.mfu, 0.05);
+  EXPECT_LT(s.mfu, 0.9);
+}
+
+// Ops of one stream never overlap, and nothing starts before time 0 or ends after the step.
+TEST(Simulate, TimelineIsConsistent) {
+  const ModelSpec m = moe_model();
+  const ClusterSpec cl = a100_nodes(2);
+  const Plan p = plan_of(R"({"schema_version": 1, "dp": 4, "pp": 2, "vp": 2, "ep": 4, "tp": 2,
+                             "sequence_parallel": true, "schedule": "interleaved_1f1b"})");
+  const Workload w = train(16, 2048);
+  expect_valid(p, m, cl, w);
+  SimulateOptions o;
+  o.record_timeline = true;
+  const Prediction s = simulate(m, cl, p, w, default_cost_profile(cl), o);
+  ASSERT_EQ(static_cast<int64_t>(s.timeline.size()), s.ops);
+  std::map<std::pair<int, int>, double> stream_end;
+  std::vector<TimelineEvent> events = s.timeline;
+  std::sort(events.begin(), events.end(), [](const auto& a, const auto& b) { return a.start_s < b.start_s; });
+  for (const auto& e : events) {
+    ASSERT_GE(e.start_s, 0);
+    ASSERT_GE(e.end_s, e.start_s);
+    ASSERT_LE(e.end_s, s.step_time_s * (1 + 1e-12));
+    if (e.stream == StreamKind::kDpComm || e.stream == StreamKind::kEpComm) continue;  // shared links
+    auto& end = stream_end[{e.stage, static_cast<int>(e.stream)}];
+    EXPECT_GE(e.start_s, end - 1e-12) << "overlap on stage " << e.stage << " stream " << stream_name(e.stream);
+    end = e.end_s;
+  }
+}
+
+// A hot expert decides its MoE layers: an expert with twice the others' tokens shows in the step.
+TEST(Simulate, HotExpertShowsInStepTime) {
+  const ModelSpec m = moe_model();
+  const ClusterSpec cl = a100_nodes(4);
+  const Plan p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32})");
+  Workload w = train(64, 2048);
+  const CostProfile prof = default_cost_profile(cl);
+  const double uniform = simulate(m, cl, p, w, prof).step_time_s;
+  std::vector<double> hist(32, 1.0);
+  hist[0] = 2.0;
+  w.routing = Routing{RoutingKind::kHistogram, 0, hist};
+  expect_valid(p, m, cl, w);
+  const double hot = simulate(m, cl, p, w, prof).step_time_s;
+  EXPECT_GT(hot, uniform * 1.05) << "uniform " << uniform << " s, hot expert " << hot << " s";
+  EXPECT_GT(estimate(m, cl, p, w, prof).step_time_s, estimate(m, cl, p, train(64, 2048), prof).step_time_s * 1.05);
+}
+
+// Pipeline MoE (experts over the TP group of a node, pipeline across nodes) against all-to-all
+// expert parallelism over all GPUs, at 200 and 100 Gb/s per node: PPMoE wins, and wins by more when
+// the network is slower.
+TEST(Simulate, PpmoeBeatsAllToAllAndMoreSoOnSlowNetworks) {
+  const ModelSpec m = moe_model();
+  const Workload w = train(64, 2048);
+  const Plan ppmoe = plan_of(R"({"schema_version": 1, "tp": 8, "ep": 8, "pp": 4, "dispatch": "ppmoe_index_slice"})");
+  const Plan a2a = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "zero_stage": 1})");
+  double ratio[2];
+  int i = 0;
+  for (double gbps : {200.0, 100.0}) {
+    const ClusterSpec cl = a100_nodes(4, gbps / 8 * 1e9, 1);
+    expect_valid(ppmoe, m, cl, w);
+    expect_valid(a2a, m, cl, w);
+    const CostProfile prof = default_cost_profile(cl);
+    const double t_ppmoe = simulate(m, cl, ppmoe, w, prof).step_time_s;
+    const double t_a2a = simulate(m, cl, a2a, w, prof).step_time_s;
+    ratio[i++] = t_a2a / t_ppmoe;  // throughput of PPMoE over all-to-all
+    EXPECT_GT(t_a2a, t_ppmoe) << gbps << " Gb/s";
+  }
+  EXPECT_GT(ratio[1], ratio[0]);
+}
+
+// SE-MoE's hierarchical all-to-all pays off when EP spans 4+ nodes with small per-peer messages,
+// and not inside one node.
+TEST(Simulate, HierarchicalAllToAllWinsAcrossNodesNotInside) {
+  const ModelSpec m = moe_model(64, 2);
+  const Workload w = train(64, 512);
+  {
+    const ClusterSpec cl = a100_nodes(8);
+    const Plan flat = plan_of(R"({"schema_version": 1, "dp": 64, "ep": 64})");
+    Plan hier = flat;
+    hier.dispatch = Dispatch::kHierarchicalAllToAll;
+    expect_valid(hier, m, cl, w);
+    const CostProfile prof = default_cost_profile(cl);
+    EXPECT_LT(simulate(m, cl, hier, w, prof).step_time_s, simulate(m, cl, flat, w, prof).step_time_s);
+  }
+  {
+    const ClusterSpec cl = a100_nodes(1);
+    const Plan flat = plan_of(R"({"schema_version": 1, "dp": 8, "ep": 8})");
+    Plan hier = flat;
+    hier.dispatch = Dispatch::kHierarchicalAllToAll;
+    const CostProfile prof = default_cost_profile(cl);
+    EXPECT_GE(simulate(m, cl, hier, w, prof).step_time_s, simulate(m, cl, flat, w, prof).step_time_s);
+  }
+}
+
+// The simulated memory curve's peak against the memory model's closed form for 1F1B and
+// interleaved schedules: the peak is the maximum of the curve, not a sum of worst cases.
+TEST(Simulate, MemoryCurvePeakMatchesClosedForm) {
+  const ModelSpec m = moe_model();
+  const ClusterSpec cl = a100_nodes(4);
+  for (const char* json : {R"({"schema_version": 1, "dp": 8, "pp": 4, "ep": 8})",
+                           R"({"schema_version": 1, "dp": 8, "pp": 4, "ep": 8, "recompute": "full"})",
+                           R"({"schema_version": 1, "dp": 8, "pp": 4, "vp": 2, "ep": 8, "schedule": "interleaved_1f1b"})"}) {
+    SCOPED_TRACE(json);
+    const Plan p = plan_of(json);
+    const Workload w = train(64, 2048);
+    expect_valid(p, m, cl, w);
+    const CostProfile prof = default_cost_profile(cl);
+    const Prediction s = simulate(m, cl, p, w, prof);
+    for (int stage = 0; stage < 4; ++stage) {
+      const MemoryBreakdown closed = memory_per_gpu(m, cl, p, w, prof, stage);
+      // The curve never exceeds the closed form's sum of worst cases, and comes within 5% of it
+      // (full recompute: the last stage's logits are gone before a layer is recomputed).
+      const double simulated = s.stage_peak_gpu_bytes[static_cast<size_t>(stage)];
+      EXPECT_LE(simulated, closed.total().gpu * 1.001) << "stage " << stage;
+      EXPECT_GE(simulated, closed.total().gpu * 0.95) << "stage " << stage;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace switchyard
