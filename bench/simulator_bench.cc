@@ -21,23 +21,29 @@ sy::Inputs load(const char* plan) {
 void BM_EstimateMixtral64(benchmark::State& state) {
   const sy::Inputs in = load("mixtral-8x7b-megatron");
   const sy::CostProfile prof = sy::default_cost_profile(in.cluster);
-  for (auto _ : state) benchmark::DoNotOptimize(sy::estimate(in.model, in.cluster, in.plan, in.workload, prof));
-  state.counters["plans_per_s"] = benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  for (auto _ : state)
+    benchmark::DoNotOptimize(sy::estimate(in.model, in.cluster, in.plan, in.workload, prof));
+  state.counters["plans_per_s"] =
+      benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_EstimateMixtral64);
 
 void BM_SimulateMixtral64(benchmark::State& state) {
   const sy::Inputs in = load("mixtral-8x7b-megatron");
   const sy::CostProfile prof = sy::default_cost_profile(in.cluster);
-  for (auto _ : state) benchmark::DoNotOptimize(sy::simulate(in.model, in.cluster, in.plan, in.workload, prof));
-  state.SetLabel("ops per step: " + std::to_string(sy::simulate(in.model, in.cluster, in.plan, in.workload, prof).ops));
+  for (auto _ : state)
+    benchmark::DoNotOptimize(sy::simulate(in.model, in.cluster, in.plan, in.workload, prof));
+  state.SetLabel(
+      "ops per step: " +
+      std::to_string(sy::simulate(in.model, in.cluster, in.plan, in.workload, prof).ops));
 }
 BENCHMARK(BM_SimulateMixtral64)->Unit(benchmark::kMillisecond);
 
 // DeepSeek-V3's published mapping (PP16, EP64, ZeRO-1) moved to 1,024 H100s: dp 64.
 void BM_SimulateDeepSeekV3_1024(benchmark::State& state) {
   sy::Inputs in = load("deepseek-v3-paper");
-  in.cluster = sy::with_nodes(sy::ConfigRegistry(SWITCHYARD_CONFIG_DIR).load_cluster("dgx-h100"), 128);
+  in.cluster =
+      sy::with_nodes(sy::ConfigRegistry(SWITCHYARD_CONFIG_DIR).load_cluster("dgx-h100"), 128);
   in.plan.dp = 64;
   in.workload.global_batch_size = 64 * 64;  // 64 micro-batches per replica
   const sy::CostProfile prof = sy::default_cost_profile(in.cluster);
@@ -49,7 +55,8 @@ void BM_SimulateDeepSeekV3_1024(benchmark::State& state) {
   }
   state.SetLabel("ops per step: " + std::to_string(ops));
   state.counters["ops_per_s"] =
-      benchmark::Counter(static_cast<double>(state.iterations()) * static_cast<double>(ops), benchmark::Counter::kIsRate);
+      benchmark::Counter(static_cast<double>(state.iterations()) * static_cast<double>(ops),
+                         benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_SimulateDeepSeekV3_1024)->Unit(benchmark::kMillisecond);
 

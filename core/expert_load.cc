@@ -6,7 +6,8 @@
 
 namespace switchyard {
 
-std::vector<RankExperts> expert_rank_loads(const ModelSpec& m, const Plan& plan, const Workload& w) {
+std::vector<RankExperts> expert_rank_loads(const ModelSpec& m, const Plan& plan,
+                                           const Workload& w) {
   if (!m.moe || plan.ep <= 0) return {};
   const int64_t experts = m.moe->num_experts;
   const int ep = plan.ep;
@@ -39,8 +40,9 @@ std::vector<RankExperts> expert_rank_loads(const ModelSpec& m, const Plan& plan,
   std::stable_sort(extras.begin(), extras.end(),
                    [](const ExpertCopy& a, const ExpertCopy& b) { return a.share > b.share; });
   for (const ExpertCopy& copy : extras) {
-    auto it = std::min_element(ranks.begin(), ranks.end(),
-                               [](const RankExperts& a, const RankExperts& b) { return a.share < b.share; });
+    auto it = std::min_element(
+        ranks.begin(), ranks.end(),
+        [](const RankExperts& a, const RankExperts& b) { return a.share < b.share; });
     it->copies.push_back(copy);
     it->share += copy.share;
   }

@@ -11,18 +11,18 @@ namespace {
 
 // Everything the per-layer op lists need, computed once.
 struct Dims {
-  double e = 2;          // bytes per activation element
-  bool fp8 = false;      // FP8 GEMMs (and FP8 token dispatch)
+  double e = 2;      // bytes per activation element
+  bool fp8 = false;  // FP8 GEMMs (and FP8 token dispatch)
   int64_t h = 0;
   int64_t mbs = 1;
-  int64_t seq = 0;       // full sequence
-  int64_t t = 0;         // tokens per micro-batch on one CP rank (what a TP rank's GEMMs see)
-  int64_t ts = 0;        // tokens a rank holds outside TP regions (t / tp with SP)
+  int64_t seq = 0;  // full sequence
+  int64_t t = 0;    // tokens per micro-batch on one CP rank (what a TP rank's GEMMs see)
+  int64_t ts = 0;   // tokens a rank holds outside TP regions (t / tp with SP)
   int tp = 1, cp = 1, ep = 1, etp = 1;
   bool sp = false;
   bool ppmoe = false;
-  double grad_bytes = 2;   // per parameter
-  double param_bytes = 2;  // per parameter
+  double grad_bytes = 2;             // per parameter
+  double param_bytes = 2;            // per parameter
   std::vector<int64_t> expert_rows;  // rows per local expert copy on the most loaded EP rank
   double dispatch_rows = 0;          // rows this rank sends in the dispatch all-to-all
 };
@@ -32,7 +32,8 @@ class Builder {
   Builder(const ModelSpec& m, const Plan& p, const Dims& d, std::vector<OpTemplate>& out)
       : m_(m), p_(p), d_(d), out_(out) {}
 
-  OpTemplate& add(OpKind kind, std::string_view name, int layer, StreamKind stream = StreamKind::kCompute) {
+  OpTemplate& add(OpKind kind, std::string_view name, int layer,
+                  StreamKind stream = StreamKind::kCompute) {
     OpTemplate op;
     op.kind = kind;
     op.name = name;
@@ -68,8 +69,9 @@ class Builder {
   OpTemplate& comm(Collective c, CommGroup g, std::string_view name, int layer, double bytes) {
     const StreamKind stream = g == CommGroup::kTp || g == CommGroup::kExpertTp ? StreamKind::kTpComm
                               : g == CommGroup::kCp                            ? StreamKind::kCpComm
-                              : g == CommGroup::kDp || g == CommGroup::kExpertDp ? StreamKind::kDpComm
-                                                                                 : StreamKind::kEpComm;
+                              : g == CommGroup::kDp || g == CommGroup::kExpertDp
+                                  ? StreamKind::kDpComm
+                                  : StreamKind::kEpComm;
     OpTemplate& op = add(OpKind::kCollective, name, layer, stream);
     op.collective = c;
     op.group = g;
@@ -79,13 +81,16 @@ class Builder {
 
   // TP collective entering a column-parallel region (SP: all-gather of the sequence shards).
   void tp_enter(int layer) {
-    if (d_.tp > 1 && d_.sp) comm(Collective::kAllGather, CommGroup::kTp, "tp_all_gather", layer, tok_bytes(d_.t));
+    if (d_.tp > 1 && d_.sp)
+      comm(Collective::kAllGather, CommGroup::kTp, "tp_all_gather", layer, tok_bytes(d_.t));
   }
   // TP collective leaving a row-parallel region: reduce-scatter (SP) or all-reduce.
   void tp_exit(int layer) {
     if (d_.tp <= 1) return;
-    if (d_.sp) comm(Collective::kReduceScatter, CommGroup::kTp, "tp_reduce_scatter", layer, tok_bytes(d_.t));
-    else comm(Collective::kAllReduce, CommGroup::kTp, "tp_all_reduce", layer, tok_bytes(d_.t));
+    if (d_.sp)
+      comm(Collective::kReduceScatter, CommGroup::kTp, "tp_reduce_scatter", layer, tok_bytes(d_.t));
+    else
+      comm(Collective::kAllReduce, CommGroup::kTp, "tp_all_reduce", layer, tok_bytes(d_.t));
   }
   double tok_bytes(double tokens) const { return tokens * static_cast<double>(d_.h) * d_.e; }
 
@@ -95,7 +100,8 @@ class Builder {
     elementwise("norm1", layer, 2 * tok_bytes(d_.ts), d_.ts);
     tp_enter(layer);
     const int64_t heads = m.num_attention_heads / d_.tp;
-    int64_t qk_dim = m.head_dim, v_dim = m.head_dim, kv_heads = std::max<int64_t>(m.num_kv_heads / d_.tp, 1);
+    int64_t qk_dim = m.head_dim, v_dim = m.head_dim,
+            kv_heads = std::max<int64_t>(m.num_kv_heads / d_.tp, 1);
     if (m.attention == AttentionKind::kMLA) {
       const MlaSpec& a = m.mla;
       qk_dim = a.qk_nope_head_dim + a.qk_rope_head_dim;
@@ -114,14 +120,16 @@ class Builder {
     }
     if (d_.cp > 1) {
       // Ring attention: every CP rank sees the K and V of the whole sequence.
-      const double kv_bytes = static_cast<double>(t) * static_cast<double>(kv_heads * (qk_dim + v_dim)) * d_.e;
+      const double kv_bytes =
+          static_cast<double>(t) * static_cast<double>(kv_heads * (qk_dim + v_dim)) * d_.e;
       comm(Collective::kAllGather, CommGroup::kCp, "cp_kv_all_gather", layer, kv_bytes * d_.cp);
     }
     OpTemplate& core = add(OpKind::kAttention, "attn_core", layer);
     core.attention = {d_.mbs, t / d_.mbs, d_.seq, heads, kv_heads, qk_dim, v_dim, true};
     core.tokens = t;
-    core.flops = 2.0 * static_cast<double>(d_.mbs) * static_cast<double>(heads) * static_cast<double>(t / d_.mbs) *
-                 static_cast<double>(d_.seq) * static_cast<double>(qk_dim + v_dim) * 0.5;
+    core.flops = 2.0 * static_cast<double>(d_.mbs) * static_cast<double>(heads) *
+                 static_cast<double>(t / d_.mbs) * static_cast<double>(d_.seq) *
+                 static_cast<double>(qk_dim + v_dim) * 0.5;
     gemm("attn_out", layer, t, h, heads * v_dim);
     tp_exit(layer);
     elementwise("residual1", layer, 3 * tok_bytes(d_.ts), d_.ts);
@@ -154,7 +162,8 @@ class Builder {
     grouped("experts_fc1", layer, (mats - 1) * fe, d_.h);
     double rows = 0;
     for (int64_t r : d_.expert_rows) rows += static_cast<double>(r);
-    elementwise("experts_act", layer, rows * static_cast<double>(fe * mats) * d_.e, static_cast<int64_t>(rows));
+    elementwise("experts_act", layer, rows * static_cast<double>(fe * mats) * d_.e,
+                static_cast<int64_t>(rows));
     grouped("experts_fc2", layer, d_.h, fe);
   }
 
@@ -177,7 +186,8 @@ class Builder {
       gather.bytes = 2 * tok_bytes(rows);
       gather.tokens = static_cast<int64_t>(rows);
       shared_experts(layer, d_.t);
-      if (d_.tp > 1) comm(Collective::kAllReduce, CommGroup::kTp, "combine_all_reduce", layer, tok_bytes(d_.t));
+      if (d_.tp > 1)
+        comm(Collective::kAllReduce, CommGroup::kTp, "combine_all_reduce", layer, tok_bytes(d_.t));
       elementwise("residual2", layer, 3 * tok_bytes(d_.ts), d_.ts);
       return;
     }
@@ -188,9 +198,13 @@ class Builder {
     perm.bytes = 2 * tok_bytes(d_.dispatch_rows);
     perm.tokens = static_cast<int64_t>(d_.dispatch_rows);
     exchange(layer, "dispatch", bit(TensorClass::kDispatchBuffer), 0);
-    if (d_.etp > 1) comm(Collective::kAllGather, CommGroup::kExpertTp, "etp_all_gather", layer, rows_bytes() * d_.etp);
+    if (d_.etp > 1)
+      comm(Collective::kAllGather, CommGroup::kExpertTp, "etp_all_gather", layer,
+           rows_bytes() * d_.etp);
     experts(layer);
-    if (d_.etp > 1) comm(Collective::kReduceScatter, CommGroup::kExpertTp, "etp_reduce_scatter", layer, rows_bytes() * d_.etp);
+    if (d_.etp > 1)
+      comm(Collective::kReduceScatter, CommGroup::kExpertTp, "etp_reduce_scatter", layer,
+           rows_bytes() * d_.etp);
     exchange(layer, "combine", 0, bit(TensorClass::kDispatchBuffer));
     OpTemplate& unperm = add(OpKind::kPermute, "unpermute", layer);
     unperm.bytes = 2 * tok_bytes(d_.dispatch_rows);
@@ -217,11 +231,15 @@ class Builder {
     // FP8 training dispatches FP8 tokens (DeepSeek-V3 section 3.3); the combine returns bf16.
     const double bytes = tok_bytes(d_.dispatch_rows) * (dispatch && d_.fp8 ? 0.5 : 1.0);
     if (p_.dispatch == Dispatch::kHierarchicalAllToAll && hierarchical_) {
-      OpTemplate& a = elementwise(dispatch ? "dispatch_transform" : "combine_transform", layer, 2 * bytes, 0);
+      OpTemplate& a =
+          elementwise(dispatch ? "dispatch_transform" : "combine_transform", layer, 2 * bytes, 0);
       a.allocates = alloc;
-      comm(Collective::kAllToAll, CommGroup::kEpIntra, dispatch ? "dispatch_intra" : "combine_intra", layer, bytes);
-      comm(Collective::kAllToAll, CommGroup::kEpInter, dispatch ? "dispatch_inter" : "combine_inter", layer, bytes);
-      OpTemplate& b = elementwise(dispatch ? "dispatch_transform2" : "combine_transform2", layer, 2 * bytes, 0);
+      comm(Collective::kAllToAll, CommGroup::kEpIntra,
+           dispatch ? "dispatch_intra" : "combine_intra", layer, bytes);
+      comm(Collective::kAllToAll, CommGroup::kEpInter,
+           dispatch ? "dispatch_inter" : "combine_inter", layer, bytes);
+      OpTemplate& b =
+          elementwise(dispatch ? "dispatch_transform2" : "combine_transform2", layer, 2 * bytes, 0);
       b.frees = release;
       return;
     }
@@ -245,9 +263,12 @@ class Builder {
 // Names of the swapped collectives in the backward.
 std::string_view backward_name(std::string_view forward) {
   static constexpr std::pair<std::string_view, std::string_view> kSwaps[] = {
-      {"tp_all_gather", "tp_reduce_scatter"}, {"tp_reduce_scatter", "tp_all_gather"},
-      {"etp_all_gather", "etp_reduce_scatter"}, {"etp_reduce_scatter", "etp_all_gather"},
-      {"embedding_reduce_scatter", "embedding_all_gather"}, {"cp_kv_all_gather", "cp_kv_reduce_scatter"}};
+      {"tp_all_gather", "tp_reduce_scatter"},
+      {"tp_reduce_scatter", "tp_all_gather"},
+      {"etp_all_gather", "etp_reduce_scatter"},
+      {"etp_reduce_scatter", "etp_all_gather"},
+      {"embedding_reduce_scatter", "embedding_all_gather"},
+      {"cp_kv_all_gather", "cp_kv_reduce_scatter"}};
   for (const auto& [f, b] : kSwaps)
     if (f == forward) return b;
   return forward;
@@ -290,8 +311,10 @@ void append_backward(const std::vector<OpTemplate>& fwd, std::vector<OpTemplate>
         break;
       case OpKind::kCollective:
         if (it->name.substr(0, 5) == "zero3") break;
-        if (it->collective == Collective::kAllGather) op.collective = Collective::kReduceScatter;
-        else if (it->collective == Collective::kReduceScatter) op.collective = Collective::kAllGather;
+        if (it->collective == Collective::kAllGather)
+          op.collective = Collective::kReduceScatter;
+        else if (it->collective == Collective::kReduceScatter)
+          op.collective = Collective::kAllGather;
         op.name = backward_name(it->name);
         break;
       default:
@@ -326,13 +349,16 @@ Dims make_dims(const ModelSpec& m, const Plan& p, const Workload& w, const Clust
     const double experts = static_cast<double>(m.moe->num_experts);
     // Rows routed in the EP group per micro-batch: every EP rank dispatches its tokens' top-k
     // (PPMoE: the TP group shares one copy of the tokens).
-    const double routed = d.ppmoe ? static_cast<double>(d.t) * k : static_cast<double>(d.ts) * k * p.ep;
+    const double routed =
+        d.ppmoe ? static_cast<double>(d.t) * k : static_cast<double>(d.ts) * k * p.ep;
     for (const ExpertCopy& copy : hot.copies) {
       // Capacity: buffers and expert GEMMs run padded to capacity (GShard, DeepSpeed-MoE).
-      const double rows = p.capacity_factor ? *p.capacity_factor * routed / experts : copy.share * routed;
+      const double rows =
+          p.capacity_factor ? *p.capacity_factor * routed / experts : copy.share * routed;
       d.expert_rows.push_back(static_cast<int64_t>(std::llround(rows)) * (d.etp > 1 ? d.etp : 1));
     }
-    d.dispatch_rows = static_cast<double>(d.ts) * k * (p.capacity_factor ? *p.capacity_factor : 1.0);
+    d.dispatch_rows =
+        static_cast<double>(d.ts) * k * (p.capacity_factor ? *p.capacity_factor : 1.0);
   }
   return d;
 }
@@ -345,11 +371,13 @@ struct LayerParams {
 
 LayerParams layer_params(const ModelSpec& m, const Plan& p, const Dims& d, int layer) {
   LayerParams lp;
-  lp.dense = static_cast<double>(attention_params_per_layer(m)) / p.tp + static_cast<double>(norm_params_per_layer(m));
+  lp.dense = static_cast<double>(attention_params_per_layer(m)) / p.tp +
+             static_cast<double>(norm_params_per_layer(m));
   if (m.is_moe_layer(layer)) {
     lp.dense += static_cast<double>(m.moe->num_shared_experts * shared_expert_params(m)) / p.tp +
                 static_cast<double>(m.num_gates() * m.hidden_size * m.moe->num_experts);
-    lp.expert = static_cast<double>(d.expert_rows.size()) * static_cast<double>(expert_params(m)) / p.expert_tp;
+    lp.expert = static_cast<double>(d.expert_rows.size()) * static_cast<double>(expert_params(m)) /
+                p.expert_tp;
   } else {
     lp.dense += static_cast<double>(dense_ffn_params(m)) / p.tp;
   }
@@ -361,7 +389,8 @@ LayerParams layer_params(const ModelSpec& m, const Plan& p, const Dims& d, int l
 // the last micro-batch, overlapping the rest of the backward.
 class BucketFiller {
  public:
-  BucketFiller(const Plan& p, const Dims& d, std::vector<OpTemplate>& out) : p_(p), d_(d), out_(out) {}
+  BucketFiller(const Plan& p, const Dims& d, std::vector<OpTemplate>& out)
+      : p_(p), d_(d), out_(out) {}
   void add(const LayerParams& lp, int layer) {
     dense_ += lp.dense * d_.grad_bytes;
     expert_ += lp.expert * d_.grad_bytes;
@@ -396,8 +425,8 @@ class BucketFiller {
   double dense_ = 0, expert_ = 0;
 };
 
-ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int first_layer, int layers,
-                         bool embedding, bool head) {
+ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int first_layer,
+                         int layers, bool embedding, bool head) {
   ChunkProgram cp;
   cp.first_layer = first_layer;
   cp.num_layers = layers;
@@ -414,8 +443,12 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
     b.elementwise("embedding", -1, 2 * static_cast<double>(d.ts) * h * d.e, d.ts);
     if (d.tp > 1) {
       // Vocab-parallel embedding: partial rows combine across TP.
-      if (d.sp) b.comm(Collective::kReduceScatter, CommGroup::kTp, "embedding_reduce_scatter", -1, b.tok_bytes(d.t));
-      else b.comm(Collective::kAllReduce, CommGroup::kTp, "embedding_all_reduce", -1, b.tok_bytes(d.t));
+      if (d.sp)
+        b.comm(Collective::kReduceScatter, CommGroup::kTp, "embedding_reduce_scatter", -1,
+               b.tok_bytes(d.t));
+      else
+        b.comm(Collective::kAllReduce, CommGroup::kTp, "embedding_all_reduce", -1,
+               b.tok_bytes(d.t));
     }
   }
   for (int l = first_layer; l < first_layer + layers; ++l) {
@@ -424,13 +457,17 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
     b.set_hierarchical(true);
     if (p.zero_stage >= 3) {
       const LayerParams lp = layer_params(m, p, d, l);
-      b.comm(Collective::kAllGather, CommGroup::kDp, "zero3_param_all_gather", l, lp.dense * d.param_bytes);
+      b.comm(Collective::kAllGather, CommGroup::kDp, "zero3_param_all_gather", l,
+             lp.dense * d.param_bytes);
       if (lp.expert > 0 && p.expert_dp() > 1)
-        b.comm(Collective::kAllGather, CommGroup::kExpertDp, "zero3_expert_all_gather", l, lp.expert * d.param_bytes);
+        b.comm(Collective::kAllGather, CommGroup::kExpertDp, "zero3_expert_all_gather", l,
+               lp.expert * d.param_bytes);
     }
     b.attention(l);
-    if (m.is_moe_layer(l)) b.moe_mlp(l);
-    else b.dense_mlp(l);
+    if (m.is_moe_layer(l))
+      b.moe_mlp(l);
+    else
+      b.dense_mlp(l);
     // The layer's saved activations (full recompute: its input) live from its forward to its
     // backward.
     ops.front().allocates |= bit(p.recompute == Recompute::kFull ? TensorClass::kLayerInput
@@ -444,7 +481,9 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
     OpTemplate& lm = b.gemm("lm_head", -1, d.t, m.vocab_size / d.tp, d.h);
     lm.allocates = bit(TensorClass::kLogits);
     b.elementwise("loss", -1, 3.0 * 4.0 * static_cast<double>(d.t) * vocab / d.tp, d.t);
-    if (d.tp > 1) b.comm(Collective::kAllReduce, CommGroup::kTp, "loss_all_reduce", -1, 8.0 * static_cast<double>(d.t));
+    if (d.tp > 1)
+      b.comm(Collective::kAllReduce, CommGroup::kTp, "loss_all_reduce", -1,
+             8.0 * static_cast<double>(d.t));
   }
 
   cp.forward.insert(cp.forward.end(), embed_fwd.begin(), embed_fwd.end());
@@ -471,8 +510,8 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
       // up-projections.
       for (OpTemplate op : fwd) {
         const bool cheap = op.name == "norm1" || op.name == "norm2" || op.name == "act" ||
-                           op.name == "experts_act" || op.name == "shared_act" || op.name == "q_up" ||
-                           op.name == "kv_up";
+                           op.name == "experts_act" || op.name == "shared_act" ||
+                           op.name == "q_up" || op.name == "kv_up";
         if (!cheap) continue;
         op.phase = Phase::kRecompute;
         op.allocates = op.frees = 0;
@@ -480,7 +519,8 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
       }
     }
     append_backward(fwd, cp.backward);
-    if (p.recompute == Recompute::kFull) cp.backward.back().frees |= bit(TensorClass::kRecomputeWorkspace);
+    if (p.recompute == Recompute::kFull)
+      cp.backward.back().frees |= bit(TensorClass::kRecomputeWorkspace);
     buckets.add(layer_params(m, p, d, l), l);
   }
   buckets.flush(first_layer);
@@ -490,8 +530,9 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
 
 // The optimizer step over this stage's parameters (all its chunks), and the distributed
 // optimizer's parameter all-gather.
-std::vector<OpTemplate> lower_step_ops(const ModelSpec& m, const Plan& p, const Dims& d, const Workload& w,
-                                       const std::vector<ChunkProgram>& chunks, int stage) {
+std::vector<OpTemplate> lower_step_ops(const ModelSpec& m, const Plan& p, const Dims& d,
+                                       const Workload& w, const std::vector<ChunkProgram>& chunks,
+                                       int stage) {
   std::vector<OpTemplate> ops;
   LayerParams total;
   for (const ChunkProgram& chunk : chunks)
@@ -538,15 +579,16 @@ std::vector<OpTemplate> lower_step_ops(const ModelSpec& m, const Plan& p, const 
 
 }  // namespace
 
-StepProgram lower_frame(const ModelSpec& m, const ClusterSpec& c, const Plan& p, const Workload& w) {
+StepProgram lower_frame(const ModelSpec& m, const ClusterSpec& c, const Plan& p,
+                        const Workload& w) {
   StepProgram prog;
   const int64_t seq = w.effective_seq_len(m);
   const bool sp = p.sequence_parallel && p.tp > 1;
   const double e = w.precision == Precision::kFP32 ? 4.0 : 2.0;
   prog.pp = std::max(p.pp, 1);
   prog.vp = p.schedule == Schedule::kInterleaved1F1B ? std::max(p.vp, 1) : 1;
-  prog.num_micro_batches = static_cast<int>(
-      std::max<int64_t>(w.global_batch_size / std::max<int64_t>(int64_t{p.micro_batch_size} * p.dp, 1), 1));
+  prog.num_micro_batches = static_cast<int>(std::max<int64_t>(
+      w.global_batch_size / std::max<int64_t>(int64_t{p.micro_batch_size} * p.dp, 1), 1));
   prog.tokens_per_micro_batch = p.micro_batch_size * seq;
   const int64_t t = p.micro_batch_size * seq / p.cp;
   prog.p2p_bytes = static_cast<double>(sp ? t / p.tp : t) * static_cast<double>(m.hidden_size) * e;
@@ -570,14 +612,16 @@ StepProgram lower_frame(const ModelSpec& m, const ClusterSpec& c, const Plan& p,
   prog.stages.resize(static_cast<size_t>(prog.pp));
   for (int s = 0; s < prog.pp; ++s) {
     prog.stages[static_cast<size_t>(s)].stage = s;
-    prog.stages[static_cast<size_t>(s)].sends_to_next_same_node = s + 1 < prog.pp && node_of_stage(s) == node_of_stage(s + 1);
+    prog.stages[static_cast<size_t>(s)].sends_to_next_same_node =
+        s + 1 < prog.pp && node_of_stage(s) == node_of_stage(s + 1);
   }
   return prog;
 }
 
 // Layer ranges of each stage's chunks: virtual stage (chunk c, stage s) holds stage_layers[s] / vp
 // layers, and virtual stages are ordered chunk-major, so a layer index grows along (c, s).
-std::vector<std::vector<std::pair<int, int>>> chunk_ranges(const ModelSpec& m, const Plan& p, int pp, int vp) {
+std::vector<std::vector<std::pair<int, int>>> chunk_ranges(const ModelSpec& m, const Plan& p,
+                                                           int pp, int vp) {
   const std::vector<int> stage_layers = resolve_stage_layers(p, m);
   std::vector<std::vector<std::pair<int, int>>> ranges(static_cast<size_t>(pp));
   int next = 0;
@@ -590,7 +634,8 @@ std::vector<std::vector<std::pair<int, int>>> chunk_ranges(const ModelSpec& m, c
   return ranges;
 }
 
-LayerKindsProgram lower_layer_kinds(const ModelSpec& m, const ClusterSpec& c, const Plan& p, const Workload& w) {
+LayerKindsProgram lower_layer_kinds(const ModelSpec& m, const ClusterSpec& c, const Plan& p,
+                                    const Workload& w) {
   LayerKindsProgram out;
   const Dims d = make_dims(m, p, w, c);
   for (int l = 0; l < m.num_layers; ++l) {
@@ -613,7 +658,8 @@ LayerKindsProgram lower_layer_kinds(const ModelSpec& m, const ClusterSpec& c, co
       range.first_layer = first;
       range.num_layers = n;
       for (int l = first; l < first + n; ++l)
-        ++(m.is_moe_layer(l) ? out.moe_layers_per_stage : out.dense_layers_per_stage)[static_cast<size_t>(s)];
+        ++(m.is_moe_layer(l) ? out.moe_layers_per_stage
+                             : out.dense_layers_per_stage)[static_cast<size_t>(s)];
       chunks.push_back(std::move(range));
     }
     out.step_ops.push_back(lower_step_ops(m, p, d, w, chunks, s));
@@ -629,7 +675,8 @@ StepProgram lower(const ModelSpec& m, const ClusterSpec& c, const Plan& p, const
     StageProgram& st = prog.stages[static_cast<size_t>(s)];
     for (int ch = 0; ch < prog.vp; ++ch) {
       const auto& [first, n] = ranges[static_cast<size_t>(s)][static_cast<size_t>(ch)];
-      st.chunks.push_back(lower_chunk(m, p, d, first, n, s == 0 && ch == 0, s == prog.pp - 1 && ch == prog.vp - 1));
+      st.chunks.push_back(
+          lower_chunk(m, p, d, first, n, s == 0 && ch == 0, s == prog.pp - 1 && ch == prog.vp - 1));
     }
     st.order = schedule_order(p.schedule, prog.pp, prog.vp, prog.num_micro_batches, s);
     st.step_ops = lower_step_ops(m, p, d, w, st.chunks, s);

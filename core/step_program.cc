@@ -6,29 +6,46 @@ namespace switchyard {
 
 std::string_view stream_name(StreamKind s) {
   switch (s) {
-    case StreamKind::kCompute: return "compute";
-    case StreamKind::kTpComm: return "tp_comm";
-    case StreamKind::kCpComm: return "cp_comm";
-    case StreamKind::kEpComm: return "ep_comm";
-    case StreamKind::kDpComm: return "dp_comm";
-    case StreamKind::kPpComm: return "pp_comm";
-    case StreamKind::kCopy: return "copy";
+    case StreamKind::kCompute:
+      return "compute";
+    case StreamKind::kTpComm:
+      return "tp_comm";
+    case StreamKind::kCpComm:
+      return "cp_comm";
+    case StreamKind::kEpComm:
+      return "ep_comm";
+    case StreamKind::kDpComm:
+      return "dp_comm";
+    case StreamKind::kPpComm:
+      return "pp_comm";
+    case StreamKind::kCopy:
+      return "copy";
   }
   return "?";
 }
 
 std::string_view group_name(CommGroup g) {
   switch (g) {
-    case CommGroup::kNone: return "none";
-    case CommGroup::kTp: return "tp";
-    case CommGroup::kCp: return "cp";
-    case CommGroup::kEp: return "ep";
-    case CommGroup::kEpIntra: return "ep_intra";
-    case CommGroup::kEpInter: return "ep_inter";
-    case CommGroup::kExpertTp: return "expert_tp";
-    case CommGroup::kDp: return "dp";
-    case CommGroup::kExpertDp: return "expert_dp";
-    case CommGroup::kPp: return "pp";
+    case CommGroup::kNone:
+      return "none";
+    case CommGroup::kTp:
+      return "tp";
+    case CommGroup::kCp:
+      return "cp";
+    case CommGroup::kEp:
+      return "ep";
+    case CommGroup::kEpIntra:
+      return "ep_intra";
+    case CommGroup::kEpInter:
+      return "ep_inter";
+    case CommGroup::kExpertTp:
+      return "expert_tp";
+    case CommGroup::kDp:
+      return "dp";
+    case CommGroup::kExpertDp:
+      return "expert_dp";
+    case CommGroup::kPp:
+      return "pp";
   }
   return "?";
 }

@@ -4,12 +4,12 @@
 // loaded expert rank, which decides the stage's time.
 //
 // A stage's program is compact: per model chunk (vp of them per stage) a forward and a backward op
-// sequence, and the schedule that orders (micro-batch, chunk, direction) units on that stage. Inside
-// a sequence every op depends on the last synchronous op before it; `async` ops (gradient buckets)
-// depend on it too but nothing waits for them until the step's end. Across units: a unit starts
-// after the previous unit of its stage, and after the activation (forward) or gradient (backward)
-// it receives from the neighbouring virtual stage. Rank order is Megatron's: tp fastest, then cp,
-// then dp, then pp; expert layers refold tp*cp*dp as expert_tp (fastest), ep, expert_dp.
+// sequence, and the schedule that orders (micro-batch, chunk, direction) units on that stage.
+// Inside a sequence every op depends on the last synchronous op before it; `async` ops (gradient
+// buckets) depend on it too but nothing waits for them until the step's end. Across units: a unit
+// starts after the previous unit of its stage, and after the activation (forward) or gradient
+// (backward) it receives from the neighbouring virtual stage. Rank order is Megatron's: tp fastest,
+// then cp, then dp, then pp; expert layers refold tp*cp*dp as expert_tp (fastest), ep, expert_dp.
 #pragma once
 
 #include <array>
@@ -57,9 +57,9 @@ enum class TensorClass : uint8_t {
 };
 using TensorMask = uint8_t;
 constexpr TensorMask bit(TensorClass c) { return static_cast<TensorMask>(c); }
-inline constexpr TensorClass kTensorClasses[] = {TensorClass::kLayerActivations, TensorClass::kLayerInput,
-                                                 TensorClass::kDispatchBuffer, TensorClass::kRecomputeWorkspace,
-                                                 TensorClass::kLogits};
+inline constexpr TensorClass kTensorClasses[] = {
+    TensorClass::kLayerActivations, TensorClass::kLayerInput, TensorClass::kDispatchBuffer,
+    TensorClass::kRecomputeWorkspace, TensorClass::kLogits};
 
 struct OpTemplate {
   OpKind kind = OpKind::kElementwise;
@@ -78,8 +78,8 @@ struct OpTemplate {
   bool async = false;             // nothing in the unit waits for it (gradient buckets)
   bool last_micro_batch = false;  // issued only in the unit of the last micro-batch (grad sync)
   int64_t tokens = 0;             // tokens (or rows) the op processes
-  TensorMask allocates = 0;  // tensors that come to life when the op starts
-  TensorMask frees = 0;      // tensors released when the op ends
+  TensorMask allocates = 0;       // tensors that come to life when the op starts
+  TensorMask frees = 0;           // tensors released when the op ends
 };
 
 struct ChunkProgram {
@@ -100,9 +100,9 @@ struct ScheduleItem {
 
 struct StageProgram {
   int stage = 0;
-  std::vector<ChunkProgram> chunks;  // vp of them
-  std::vector<ScheduleItem> order;   // the compute order of this stage's units
-  std::vector<OpTemplate> step_ops;  // after the last unit: optimizer step, parameter all-gather
+  std::vector<ChunkProgram> chunks;     // vp of them
+  std::vector<ScheduleItem> order;      // the compute order of this stage's units
+  std::vector<OpTemplate> step_ops;     // after the last unit: optimizer step, parameter all-gather
   bool sends_to_next_same_node = true;  // the p2p link to stage + 1 stays inside a node
 };
 
@@ -135,8 +135,8 @@ struct LayerKindsProgram {
   std::vector<int> dense_layers_per_stage, moe_layers_per_stage;
   std::vector<std::vector<OpTemplate>> step_ops;  // per stage
 };
-LayerKindsProgram lower_layer_kinds(const ModelSpec& model, const ClusterSpec& cluster, const Plan& plan,
-                                    const Workload& workload);
+LayerKindsProgram lower_layer_kinds(const ModelSpec& model, const ClusterSpec& cluster,
+                                    const Plan& plan, const Workload& workload);
 // The process-wide communication groups and pipeline facts of lower(), without any op.
 StepProgram lower_frame(const ModelSpec& model, const ClusterSpec& cluster, const Plan& plan,
                         const Workload& workload);

@@ -81,7 +81,8 @@ double activation_bytes_per_token(const ModelSpec& m, const Plan& plan, Precisio
     const MlaSpec& ml = m.mla;
     const double qk = static_cast<double>(ml.qk_nope_head_dim + ml.qk_rope_head_dim);
     const double v = static_cast<double>(ml.v_head_dim);
-    attn += static_cast<double>(ml.q_lora_rank + ml.kv_lora_rank + ml.qk_rope_head_dim) * g * tp;  // replicated
+    attn += static_cast<double>(ml.q_lora_rank + ml.kv_lora_rank + ml.qk_rope_head_dim) * g *
+            tp;  // replicated
     if (!selective) attn += heads * (2.0 * qk + v) * a;
     attn += heads * v * g;
   } else {
@@ -186,7 +187,8 @@ DynamicTensorBytes dynamic_tensor_bytes(const ModelSpec& m, const Plan& plan, co
   const double load = expert_buffer_rows_factor(m, plan, w);
   const double e = w.precision == Precision::kFP32 ? 4.0 : 2.0;
   const double h = static_cast<double>(m.hidden_size);
-  d.dense_layer_activations = tokens * activation_bytes_per_token(m, plan, w.precision, false, load);
+  d.dense_layer_activations =
+      tokens * activation_bytes_per_token(m, plan, w.precision, false, load);
   d.moe_layer_activations = tokens * activation_bytes_per_token(m, plan, w.precision, true, load);
   d.layer_input = e * tokens * h / (plan.sequence_parallel ? plan.tp : 1);
   d.logits = tokens * static_cast<double>(m.vocab_size) / plan.tp * 4.0;
@@ -194,11 +196,11 @@ DynamicTensorBytes dynamic_tensor_bytes(const ModelSpec& m, const Plan& plan, co
     if (plan.dispatch == Dispatch::kPPMoEIndexSlice) {
       d.dispatch = tokens * h * e;  // the combine's all-reduce buffer
     } else {
-      const double rows =
-          static_cast<double>(m.moe->top_k) * tokens * load / (plan.sequence_parallel ? plan.tp : 1);
+      const double rows = static_cast<double>(m.moe->top_k) * tokens * load /
+                          (plan.sequence_parallel ? plan.tp : 1);
       d.dispatch = 2.0 * rows * h * e;  // all-to-all send and receive (the bf16 combine's)
       if (plan.dispatch == Dispatch::kHierarchicalAllToAll) d.dispatch *= 2.0;  // transform staging
-      if (plan.expert_tp > 1) d.dispatch += plan.expert_tp * rows * h * e;    // expert-TP gather
+      if (plan.expert_tp > 1) d.dispatch += plan.expert_tp * rows * h * e;      // expert-TP gather
     }
   }
   return d;

@@ -39,6 +39,9 @@ CostProfile default_cost_profile(const ClusterSpec& cluster) {
   // STREAM-like kernels reach ~90% of HBM bandwidth on A100/H100 (assumption within that range).
   p.hbm_efficiency = 0.85;
   p.kernel_launch_s = 4e-6;  // assumption: launch + tail of a kernel in a stream
+  // Assumption: eager PyTorch dispatch plus the launch call costs ~10 us of host time per op
+  // (Megatron/Transformer Engine modules issue several kernels per op; CUDA graphs cut this).
+  p.host_issue_s = 10e-6;
 
   // Intra-node: nccl-tests busbw inside one node, 8 GPUs, >= 1 GiB: A100 all_reduce 228-232 GB/s,
   // all_gather 254, all_to_all 255 over 300 GB/s NVLink3; H100 all_reduce without NVLS ~370 GB/s,

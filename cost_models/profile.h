@@ -30,6 +30,9 @@ struct CostProfile {
   double attention_efficiency = 0;  // fused (flash) attention, fraction of peak
   double hbm_efficiency = 0;        // achievable fraction of HBM bandwidth (elementwise kernels)
   double kernel_launch_s = 0;       // launch + tail of one kernel
+  // Host time to issue one op (framework dispatch, launch call). The host runs ahead of the GPU,
+  // so an op takes at least this long: tiny ops make a step host-bound.
+  double host_issue_s = 0;
 
   // --- Communication (fractions of the ClusterSpec's nominal per-direction bandwidths).
   double intra_node_efficiency = 0;      // NVLink / NVSwitch / PCIe P2P, ring and all-to-all

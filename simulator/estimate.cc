@@ -7,7 +7,8 @@
 
 namespace switchyard {
 
-void fill_throughput(Prediction& p, const ModelSpec& m, const ClusterSpec& c, const Plan& plan, const Workload& w) {
+void fill_throughput(Prediction& p, const ModelSpec& m, const ClusterSpec& c, const Plan& plan,
+                     const Workload& w) {
   const int64_t seq = w.effective_seq_len(m);
   p.gpus = plan.world_size();
   p.tokens_per_step = static_cast<double>(w.global_batch_size) * static_cast<double>(seq);
@@ -42,8 +43,10 @@ ListTime sum_ops(const std::vector<OpTemplate>& ops, const StepProgram& frame, c
       continue;
     }
     t.sync_s += s;
-    if (op.stream == StreamKind::kCompute) t.compute_s += s;
-    else t.comm_s[static_cast<int>(op.stream)] += s;
+    if (op.stream == StreamKind::kCompute)
+      t.compute_s += s;
+    else
+      t.comm_s[static_cast<int>(op.stream)] += s;
   }
   return t;
 }
@@ -105,7 +108,8 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
       slowest = s;
     }
   }
-  const double p2p = pp > 1 ? p2p_cost(frame, frame.stages[0].sends_to_next_same_node, c, prof).time_s : 0.0;
+  const double p2p =
+      pp > 1 ? p2p_cost(frame, frame.stages[0].sends_to_next_same_node, c, prof).time_s : 0.0;
   const double fill = (tau_sum - tau_max) / vp;
   const double pipe = mbs * tau_max + fill + 2.0 * (pp - 1) * p2p;
 
@@ -137,9 +141,9 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   p.time.dp_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kDpComm)] + critical_dp;
   p.time.pp_comm_s = 2.0 * (pp - 1) * p2p;
   p.time.optimizer_s = step_s[static_cast<size_t>(critical)];
-  p.time.bubble_s = std::max(0.0, step_time - (p.time.compute_s + p.time.tp_comm_s + p.time.cp_comm_s +
-                                                p.time.ep_comm_s + p.time.dp_comm_s + p.time.pp_comm_s +
-                                                p.time.optimizer_s));
+  p.time.bubble_s = std::max(
+      0.0, step_time - (p.time.compute_s + p.time.tp_comm_s + p.time.cp_comm_s + p.time.ep_comm_s +
+                        p.time.dp_comm_s + p.time.pp_comm_s + p.time.optimizer_s));
 
   double best = -1;
   for (int s = 0; s < pp; ++s) {

@@ -15,8 +15,8 @@ Precision attention_precision(Precision p) { return p == Precision::kFP8 ? Preci
 
 }  // namespace
 
-OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec& c, const CostProfile& prof,
-               Precision precision) {
+OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec& c,
+               const CostProfile& prof, Precision precision) {
   OpCost out;
   const GpuSpec& gpu = c.gpu;
   switch (op.kind) {
@@ -24,12 +24,16 @@ OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec&
       out.time_s = gemm_cost(op.gemm, precision, gpu, prof).time_s;
       break;
     case OpKind::kGroupedGemm:
-      out.time_s = grouped_gemm_cost(op.group_rows, op.gemm.n, op.gemm.k, precision, gpu, prof).time_s;
+      out.time_s =
+          grouped_gemm_cost(op.group_rows, op.gemm.n, op.gemm.k, precision, gpu, prof).time_s;
       break;
     case OpKind::kAttention:
-      out.time_s = op.phase == Phase::kBackward
-                       ? attention_backward_cost(op.attention, attention_precision(precision), gpu, prof).time_s
-                       : attention_forward_cost(op.attention, attention_precision(precision), gpu, prof).time_s;
+      out.time_s =
+          op.phase == Phase::kBackward
+              ? attention_backward_cost(op.attention, attention_precision(precision), gpu, prof)
+                    .time_s
+              : attention_forward_cost(op.attention, attention_precision(precision), gpu, prof)
+                    .time_s;
       break;
     case OpKind::kElementwise:
     case OpKind::kPermute:
@@ -49,10 +53,12 @@ OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec&
       // shared by its GPUs' ranks.
       const double params = op.bytes / 30.0;
       const int sharers = c.gpus_per_node;
-      const double host_s = std::max(op.bytes / (c.host.dram_bw_Bps * prof.dram_efficiency / sharers),
-                                     op.flops / (c.host.cpu_flops / sharers));
-      const double pcie_s = transfer_cost(TransferPath::kGpuToHost, params * 2, c, prof, sharers).time_s +
-                            transfer_cost(TransferPath::kHostToGpu, params * 2, c, prof, sharers).time_s;
+      const double host_s =
+          std::max(op.bytes / (c.host.dram_bw_Bps * prof.dram_efficiency / sharers),
+                   op.flops / (c.host.cpu_flops / sharers));
+      const double pcie_s =
+          transfer_cost(TransferPath::kGpuToHost, params * 2, c, prof, sharers).time_s +
+          transfer_cost(TransferPath::kHostToGpu, params * 2, c, prof, sharers).time_s;
       out.time_s = host_s + pcie_s;
       break;
     }
@@ -67,10 +73,13 @@ OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec&
       out.link = Link::kIntraNode;
       break;
   }
+  // The host issues one op at a time: no op completes faster than its issue (host-bound steps).
+  if (!op.on_cpu) out.time_s = std::max(out.time_s, prof.host_issue_s);
   return out;
 }
 
-OpCost p2p_cost(const StepProgram& prog, bool same_node, const ClusterSpec& c, const CostProfile& prof) {
+OpCost p2p_cost(const StepProgram& prog, bool same_node, const ClusterSpec& c,
+                const CostProfile& prof) {
   OpCost out;
   if (prog.pp <= 1) return out;
   out.time_s = send_recv_cost(prog.p2p_bytes, same_node, c, prof).time_s;
@@ -78,8 +87,8 @@ OpCost p2p_cost(const StepProgram& prog, bool same_node, const ClusterSpec& c, c
   return out;
 }
 
-std::vector<StageCosts> program_costs(const StepProgram& prog, const ClusterSpec& c, const CostProfile& prof,
-                                      Precision precision) {
+std::vector<StageCosts> program_costs(const StepProgram& prog, const ClusterSpec& c,
+                                      const CostProfile& prof, Precision precision) {
   std::vector<StageCosts> out;
   out.reserve(prog.stages.size());
   for (const StageProgram& st : prog.stages) {
@@ -93,7 +102,8 @@ std::vector<StageCosts> program_costs(const StepProgram& prog, const ClusterSpec
       sc.forward.push_back(std::move(f));
       sc.backward.push_back(std::move(b));
     }
-    for (const OpTemplate& op : st.step_ops) sc.step.push_back(op_cost(op, prog, c, prof, precision));
+    for (const OpTemplate& op : st.step_ops)
+      sc.step.push_back(op_cost(op, prog, c, prof, precision));
     out.push_back(std::move(sc));
   }
   return out;

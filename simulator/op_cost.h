@@ -20,7 +20,8 @@ struct OpCost {
 OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec& cluster,
                const CostProfile& prof, Precision precision);
 // Pipeline send/recv of one unit's activation or gradient.
-OpCost p2p_cost(const StepProgram& prog, bool same_node, const ClusterSpec& cluster, const CostProfile& prof);
+OpCost p2p_cost(const StepProgram& prog, bool same_node, const ClusterSpec& cluster,
+                const CostProfile& prof);
 
 // Costs of every template of a stage: [chunk][forward ops..., backward ops...] and step ops.
 struct StageCosts {

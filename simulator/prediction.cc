@@ -19,13 +19,14 @@ Json to_json(const Prediction& p) {
   j["mfu"] = p.mfu;
   j["gpus"] = p.gpus;
   j["critical_stage"] = p.critical_stage;
-  j["time_breakdown"] = {{"compute_s", p.time.compute_s},     {"tp_comm_s", p.time.tp_comm_s},
-                         {"cp_comm_s", p.time.cp_comm_s},     {"ep_comm_s", p.time.ep_comm_s},
-                         {"dp_comm_s", p.time.dp_comm_s},     {"pp_comm_s", p.time.pp_comm_s},
-                         {"bubble_s", p.time.bubble_s},       {"optimizer_s", p.time.optimizer_s},
+  j["time_breakdown"] = {{"compute_s", p.time.compute_s}, {"tp_comm_s", p.time.tp_comm_s},
+                         {"cp_comm_s", p.time.cp_comm_s}, {"ep_comm_s", p.time.ep_comm_s},
+                         {"dp_comm_s", p.time.dp_comm_s}, {"pp_comm_s", p.time.pp_comm_s},
+                         {"bubble_s", p.time.bubble_s},   {"optimizer_s", p.time.optimizer_s},
                          {"stall_s", p.time.stall_s}};
   const MemoryBreakdown& m = p.memory;
-  j["memory"] = {{"peak_bytes", tier_json(p.peak)}, {"peak_stage", p.peak_stage},
+  j["memory"] = {{"peak_bytes", tier_json(p.peak)},
+                 {"peak_stage", p.peak_stage},
                  {"stage_peak_gpu_bytes", p.stage_peak_gpu_bytes}};
   j["memory_breakdown"] = {{"dense_params", tier_json(m.dense_params)},
                            {"expert_params", tier_json(m.expert_params)},

@@ -25,7 +25,8 @@ struct TimeBreakdown {
   double optimizer_s = 0;
   double stall_s = 0;  // waiting on copies between tiers
   double total() const {
-    return compute_s + tp_comm_s + cp_comm_s + ep_comm_s + dp_comm_s + pp_comm_s + bubble_s + optimizer_s + stall_s;
+    return compute_s + tp_comm_s + cp_comm_s + ep_comm_s + dp_comm_s + pp_comm_s + bubble_s +
+           optimizer_s + stall_s;
   }
 };
 
@@ -57,7 +58,7 @@ struct Prediction {
   std::vector<double> stage_peak_gpu_bytes;
   int64_t ops = 0;  // op instances timed (simulate)
   std::vector<std::string> notes;
-  std::vector<TimelineEvent> timeline;  // filled by simulate when asked
+  std::vector<TimelineEvent> timeline;         // filled by simulate when asked
   std::shared_ptr<const StepProgram> program;  // what the timeline's ops point into
 };
 

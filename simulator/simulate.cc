@@ -20,8 +20,8 @@ struct Inst {
   int32_t micro_batch = 0;
   int16_t chunk = 0;
   StreamKind stream = StreamKind::kCompute;
-  int32_t pending = 0;     // unfinished dependencies
-  int32_t dep_begin = 0;   // dependents: [dep_begin, dep_end) of the CSR array
+  int32_t pending = 0;    // unfinished dependencies
+  int32_t dep_begin = 0;  // dependents: [dep_begin, dep_end) of the CSR array
   int32_t dep_end = 0;
   int32_t last_dep = kNoInst;  // the dependency that finished last
   uint32_t version = 0;        // bumps when a shared link reschedules the op's end
@@ -34,7 +34,9 @@ struct Event {
   double time;
   int32_t inst;
   uint32_t version;
-  bool operator>(const Event& o) const { return time > o.time || (time == o.time && inst > o.inst); }
+  bool operator>(const Event& o) const {
+    return time > o.time || (time == o.time && inst > o.inst);
+  }
 };
 
 // Processor sharing on one link of one stage: k concurrent ops each progress at 1/k.
@@ -51,8 +53,15 @@ struct UnitRef {
 
 class Simulation {
  public:
-  Simulation(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, const Workload& w, const CostProfile& prof)
-      : m_(m), c_(c), plan_(plan), w_(w), prof_(prof), owned_(std::make_shared<StepProgram>(lower(m, c, plan, w))), prog_(*owned_) {}
+  Simulation(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, const Workload& w,
+             const CostProfile& prof)
+      : m_(m),
+        c_(c),
+        plan_(plan),
+        w_(w),
+        prof_(prof),
+        owned_(std::make_shared<StepProgram>(lower(m, c, plan, w))),
+        prog_(*owned_) {}
 
   Prediction run(const SimulateOptions& options) {
     build();
@@ -62,8 +71,11 @@ class Simulation {
 
  private:
   size_t unit_index(int stage, int chunk, int mb, bool backward) const {
-    return ((static_cast<size_t>(stage) * prog_.vp + static_cast<size_t>(chunk)) * prog_.num_micro_batches +
-            static_cast<size_t>(mb)) * 2 + (backward ? 1 : 0);
+    return ((static_cast<size_t>(stage) * prog_.vp + static_cast<size_t>(chunk)) *
+                prog_.num_micro_batches +
+            static_cast<size_t>(mb)) *
+               2 +
+           (backward ? 1 : 0);
   }
 
   int32_t add(const OpTemplate* op, OpCost cost, int stage, int mb, int chunk, StreamKind stream) {
@@ -92,7 +104,8 @@ class Simulation {
     heads_.assign(queues_.size(), 0);
     size_t estimate = 0;
     for (const StageProgram& st : prog_.stages)
-      for (const ChunkProgram& ch : st.chunks) estimate += (ch.forward.size() + ch.backward.size() + 2) * m;
+      for (const ChunkProgram& ch : st.chunks)
+        estimate += (ch.forward.size() + ch.backward.size() + 2) * m;
     insts_.reserve(estimate);
     edges_.reserve(estimate * 2);
 
@@ -115,8 +128,10 @@ class Simulation {
           const int32_t id = add(&op, costs[i], s, item.micro_batch, item.chunk, op.stream);
           edge(prev, id);
           if (unit.first == kNoInst) unit.first = id;
-          if (op.async) async_ops.push_back(id);
-          else prev = id;
+          if (op.async)
+            async_ops.push_back(id);
+          else
+            prev = id;
         }
         unit.last = prev;
         // The unit's output travels to the next virtual stage (forward) or the previous one
@@ -124,11 +139,13 @@ class Simulation {
         const int v = item.chunk * pp + s;
         const bool has_consumer = item.backward ? v > 0 : v < pp * vp - 1;
         if (has_consumer && pp > 1) {
-          const bool same_node = item.backward ? (s > 0 ? prog_.stages[static_cast<size_t>(s - 1)].sends_to_next_same_node
-                                                         : prog_.p2p_wraps_same_node)
-                                               : (s < pp - 1 ? st.sends_to_next_same_node : prog_.p2p_wraps_same_node);
-          unit.send = add(nullptr, p2p_cost(prog_, same_node, c_, prof_), s, item.micro_batch, item.chunk,
-                          StreamKind::kPpComm);
+          const bool same_node =
+              item.backward
+                  ? (s > 0 ? prog_.stages[static_cast<size_t>(s - 1)].sends_to_next_same_node
+                           : prog_.p2p_wraps_same_node)
+                  : (s < pp - 1 ? st.sends_to_next_same_node : prog_.p2p_wraps_same_node);
+          unit.send = add(nullptr, p2p_cost(prog_, same_node, c_, prof_), s, item.micro_batch,
+                          item.chunk, StreamKind::kPpComm);
           edge(prev, unit.send);
         }
         prev_unit_last = prev;
@@ -170,7 +187,8 @@ class Simulation {
       insts_[i].dep_end = insts_[i].dep_begin;
     }
     dependents_.assign(edges_.size(), 0);
-    for (const auto& [from, to] : edges_) dependents_[static_cast<size_t>(insts_[static_cast<size_t>(from)].dep_end++)] = to;
+    for (const auto& [from, to] : edges_)
+      dependents_[static_cast<size_t>(insts_[static_cast<size_t>(from)].dep_end++)] = to;
     edges_.clear();
     edges_.shrink_to_fit();
   }
@@ -190,7 +208,8 @@ class Simulation {
   void settle(LinkState& link, double now) {
     const double k = static_cast<double>(link.active.size());
     if (k > 0)
-      for (int32_t a : link.active) insts_[static_cast<size_t>(a)].remaining -= (now - link.last_t) / k;
+      for (int32_t a : link.active)
+        insts_[static_cast<size_t>(a)].remaining -= (now - link.last_t) / k;
     link.last_t = now;
   }
   void reschedule(LinkState& link, double now) {
@@ -230,9 +249,12 @@ class Simulation {
     for (int32_t d = in.dep_begin; d < in.dep_end; ++d) {
       Inst& dep = insts_[static_cast<size_t>(dependents_[static_cast<size_t>(d)])];
       dep.last_dep = id;
-      if (--dep.pending == 0) try_start(static_cast<size_t>(dep.stage) * kNumStreams + static_cast<size_t>(dep.stream), now);
+      if (--dep.pending == 0)
+        try_start(static_cast<size_t>(dep.stage) * kNumStreams + static_cast<size_t>(dep.stream),
+                  now);
     }
-    const size_t queue = static_cast<size_t>(in.stage) * kNumStreams + static_cast<size_t>(in.stream);
+    const size_t queue =
+        static_cast<size_t>(in.stage) * kNumStreams + static_cast<size_t>(in.stream);
     ++heads_[queue];
     try_start(queue, now);
   }
@@ -265,9 +287,12 @@ class Simulation {
       case TensorClass::kLayerActivations:
       case TensorClass::kRecomputeWorkspace:
         return moe ? sizes_.moe_layer_activations : sizes_.dense_layer_activations;
-      case TensorClass::kLayerInput: return sizes_.layer_input;
-      case TensorClass::kDispatchBuffer: return sizes_.dispatch;
-      case TensorClass::kLogits: return sizes_.logits;
+      case TensorClass::kLayerInput:
+        return sizes_.layer_input;
+      case TensorClass::kDispatchBuffer:
+        return sizes_.dispatch;
+      case TensorClass::kLogits:
+        return sizes_.logits;
     }
     return 0;
   }
@@ -297,7 +322,8 @@ class Simulation {
     std::vector<double> compute_prev_end(static_cast<size_t>(pp), 0.0);
     // Walk each stage's compute stream in order: its busy time, and what every gap waited for.
     for (int s = 0; s < pp; ++s) {
-      const auto& q = queues_[static_cast<size_t>(s) * kNumStreams + static_cast<size_t>(StreamKind::kCompute)];
+      const auto& q =
+          queues_[static_cast<size_t>(s) * kNumStreams + static_cast<size_t>(StreamKind::kCompute)];
       TimeBreakdown& b = br[static_cast<size_t>(s)];
       double prev_end = 0;
       for (int32_t id : q) {
@@ -305,19 +331,25 @@ class Simulation {
         const double gap = in.start - prev_end;
         if (gap > 0) attribute(b, gap, in.last_dep);
         const double busy = in.end - in.start;
-        if (in.op && in.op->kind == OpKind::kOptimizer) b.optimizer_s += busy;
-        else b.compute_s += busy;
+        if (in.op && in.op->kind == OpKind::kOptimizer)
+          b.optimizer_s += busy;
+        else
+          b.compute_s += busy;
         prev_end = in.end;
       }
       compute_prev_end[static_cast<size_t>(s)] = prev_end;
     }
-    for (const Inst& in : insts_) stage_end[static_cast<size_t>(in.stage)] = std::max(stage_end[static_cast<size_t>(in.stage)], in.end);
+    for (const Inst& in : insts_)
+      stage_end[static_cast<size_t>(in.stage)] =
+          std::max(stage_end[static_cast<size_t>(in.stage)], in.end);
     int critical = 0;
     for (int s = 1; s < pp; ++s)
-      if (stage_end[static_cast<size_t>(s)] > stage_end[static_cast<size_t>(critical)]) critical = s;
+      if (stage_end[static_cast<size_t>(s)] > stage_end[static_cast<size_t>(critical)])
+        critical = s;
     // After the last compute op: the parameter all-gathers of the distributed optimizer.
     for (int s = 0; s < pp; ++s)
-      br[static_cast<size_t>(s)].dp_comm_s += std::max(0.0, stage_end[static_cast<size_t>(s)] - compute_prev_end[static_cast<size_t>(s)]);
+      br[static_cast<size_t>(s)].dp_comm_s += std::max(
+          0.0, stage_end[static_cast<size_t>(s)] - compute_prev_end[static_cast<size_t>(s)]);
     p.step_time_s = stage_end[static_cast<size_t>(critical)];
     p.critical_stage = critical;
     p.time = br[static_cast<size_t>(critical)];
@@ -327,7 +359,8 @@ class Simulation {
     for (int s = 0; s < pp; ++s) {
       MemoryBreakdown mb = memory_per_gpu(m_, c_, plan_, w_, prof_, s);
       const StageMemory& dm = dyn_[static_cast<size_t>(s)];
-      mb.activations.gpu = plan_.placement.activations == Tier::kCPU ? mb.activations.gpu : dm.activations_at_peak;
+      mb.activations.gpu =
+          plan_.placement.activations == Tier::kCPU ? mb.activations.gpu : dm.activations_at_peak;
       mb.dispatch_buffers.gpu = dm.dispatch_at_peak;
       const double gpu = mb.total().gpu;
       p.stage_peak_gpu_bytes.push_back(gpu);
@@ -342,7 +375,8 @@ class Simulation {
       p.program = owned_;
       p.timeline.reserve(insts_.size());
       for (const Inst& in : insts_)
-        p.timeline.push_back({in.stage, in.stream, in.op, in.micro_batch, in.chunk, in.start, in.end});
+        p.timeline.push_back(
+            {in.stage, in.stream, in.op, in.micro_batch, in.chunk, in.start, in.end});
     }
     fill_throughput(p, m_, c_, plan_, w_);
     return p;
@@ -355,11 +389,21 @@ class Simulation {
     }
     const Inst& d = insts_[static_cast<size_t>(dep)];
     switch (d.stream) {
-      case StreamKind::kTpComm: b.tp_comm_s += gap; break;
-      case StreamKind::kCpComm: b.cp_comm_s += gap; break;
-      case StreamKind::kEpComm: b.ep_comm_s += gap; break;
-      case StreamKind::kDpComm: b.dp_comm_s += gap; break;
-      case StreamKind::kCopy: b.stall_s += gap; break;
+      case StreamKind::kTpComm:
+        b.tp_comm_s += gap;
+        break;
+      case StreamKind::kCpComm:
+        b.cp_comm_s += gap;
+        break;
+      case StreamKind::kEpComm:
+        b.ep_comm_s += gap;
+        break;
+      case StreamKind::kDpComm:
+        b.dp_comm_s += gap;
+        break;
+      case StreamKind::kCopy:
+        b.stall_s += gap;
+        break;
       case StreamKind::kPpComm: {
         // The transfer itself is pipeline communication; waiting for the producer is bubble.
         const double transfer = std::min(gap, d.end - d.start);
@@ -367,7 +411,9 @@ class Simulation {
         b.bubble_s += gap - transfer;
         break;
       }
-      case StreamKind::kCompute: b.bubble_s += gap; break;
+      case StreamKind::kCompute:
+        b.bubble_s += gap;
+        break;
     }
   }
 

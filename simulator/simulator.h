@@ -25,12 +25,13 @@ struct SimulateOptions {
 Prediction estimate(const ModelSpec& model, const ClusterSpec& cluster, const Plan& plan,
                     const Workload& workload, const CostProfile& prof);
 Prediction simulate(const ModelSpec& model, const ClusterSpec& cluster, const Plan& plan,
-                    const Workload& workload, const CostProfile& prof, const SimulateOptions& options = {});
+                    const Workload& workload, const CostProfile& prof,
+                    const SimulateOptions& options = {});
 
 // Throughput figures of a step time: tokens/s (total, per GPU), model TFLOP/s per GPU (the
 // PaLM/Megatron model-FLOPs convention of flops_per_token) and MFU against the dense peak of the
 // workload's precision.
-void fill_throughput(Prediction& p, const ModelSpec& model, const ClusterSpec& cluster, const Plan& plan,
-                     const Workload& workload);
+void fill_throughput(Prediction& p, const ModelSpec& model, const ClusterSpec& cluster,
+                     const Plan& plan, const Workload& workload);
 
 }  // namespace switchyard

@@ -250,33 +250,46 @@ std::string pct(double v) { return fmt("%.1f%%", 100.0 * v); }
 
 void print_prediction(const sy::Inputs& in, const sy::Prediction& p) {
   const double hbm = static_cast<double>(in.cluster.gpu.hbm_bytes);
-  std::cout << in.model.name << " on " << p.gpus << "x " << in.cluster.gpu.name << " (" << in.cluster.num_nodes
-            << " node" << (in.cluster.num_nodes > 1 ? "s" : "") << "), plan " << plan_summary(in.plan) << ", "
-            << sy::enum_name(in.workload.precision) << ", fidelity " << p.fidelity << "\n";
+  std::cout << in.model.name << " on " << p.gpus << "x " << in.cluster.gpu.name << " ("
+            << in.cluster.num_nodes << " node" << (in.cluster.num_nodes > 1 ? "s" : "")
+            << "), plan " << plan_summary(in.plan) << ", " << sy::enum_name(in.workload.precision)
+            << ", fidelity " << p.fidelity << "\n";
   std::cout << "  step time        " << fmt("%.3f s", p.step_time_s) << "\n";
   std::cout << "  throughput       " << fmt("%.0f tokens/s", p.tokens_per_s) << " ("
             << fmt("%.0f per GPU", p.tokens_per_s_per_gpu) << ")\n";
-  std::cout << "  model TFLOP/s    " << fmt("%.1f per GPU", p.model_tflops_per_gpu) << ", MFU " << pct(p.mfu) << "\n";
+  std::cout << "  model TFLOP/s    " << fmt("%.1f per GPU", p.model_tflops_per_gpu) << ", MFU "
+            << pct(p.mfu) << "\n";
   const sy::TimeBreakdown& t = p.time;
   const double total = std::max(t.total(), 1e-30);
   std::cout << "  time (stage " << p.critical_stage << ")\n";
-  const std::pair<const char*, double> parts[] = {
-      {"compute", t.compute_s},        {"exposed TP comm", t.tp_comm_s}, {"exposed CP comm", t.cp_comm_s},
-      {"exposed EP comm", t.ep_comm_s}, {"exposed DP comm", t.dp_comm_s}, {"pipeline p2p", t.pp_comm_s},
-      {"pipeline bubble", t.bubble_s}, {"optimizer", t.optimizer_s},    {"stalls", t.stall_s}};
+  const std::pair<const char*, double> parts[] = {{"compute", t.compute_s},
+                                                  {"exposed TP comm", t.tp_comm_s},
+                                                  {"exposed CP comm", t.cp_comm_s},
+                                                  {"exposed EP comm", t.ep_comm_s},
+                                                  {"exposed DP comm", t.dp_comm_s},
+                                                  {"pipeline p2p", t.pp_comm_s},
+                                                  {"pipeline bubble", t.bubble_s},
+                                                  {"optimizer", t.optimizer_s},
+                                                  {"stalls", t.stall_s}};
   for (const auto& [name, v] : parts)
     if (v > 0) {
       std::string label = name;
       label.resize(18, ' ');
       std::cout << "    " << label << fmt("%9.3f s", v) << "  " << pct(v / total) << "\n";
     }
-  std::cout << "  peak memory per GPU (stage " << p.peak_stage << "): gpu " << gib(p.peak.gpu) << " of " << gib(hbm)
-            << ", cpu " << gib(p.peak.cpu) << ", ssd " << gib(p.peak.ssd) << "\n";
+  std::cout << "  peak memory per GPU (stage " << p.peak_stage << "): gpu " << gib(p.peak.gpu)
+            << " of " << gib(hbm) << ", cpu " << gib(p.peak.cpu) << ", ssd " << gib(p.peak.ssd)
+            << "\n";
   const sy::MemoryBreakdown& m = p.memory;
-  const std::pair<const char*, const sy::TierBytes*> mparts[] = {
-      {"params", nullptr}, {"gradients", &m.gradients}, {"optimizer", &m.optimizer_states},
-      {"activations", &m.activations}, {"kv cache", &m.kv_cache}, {"dispatch", &m.dispatch_buffers},
-      {"comm buffers", &m.comm_buffers}, {"prefetch", &m.prefetch_buffers}, {"runtime", &m.runtime}};
+  const std::pair<const char*, const sy::TierBytes*> mparts[] = {{"params", nullptr},
+                                                                 {"gradients", &m.gradients},
+                                                                 {"optimizer", &m.optimizer_states},
+                                                                 {"activations", &m.activations},
+                                                                 {"kv cache", &m.kv_cache},
+                                                                 {"dispatch", &m.dispatch_buffers},
+                                                                 {"comm buffers", &m.comm_buffers},
+                                                                 {"prefetch", &m.prefetch_buffers},
+                                                                 {"runtime", &m.runtime}};
   std::cout << "   ";
   for (const auto& [name, bytes] : mparts) {
     const double gpu = bytes ? bytes->gpu : m.dense_params.gpu + m.expert_params.gpu;
@@ -292,27 +305,33 @@ int cmd_simulate(const Common& common, const sy::InputNames& names, const std::s
   const sy::Inputs in = sy::load_inputs(reg, names);
   auto issues = sy::validate(in.plan, in.model, in.cluster, in.workload);
   if (in.workload.mode != sy::Mode::kTrain)
-    issues.push_back({"workload.mode", "simulate predicts training steps; inference workloads are not simulated yet"});
+    issues.push_back(
+        {"workload.mode",
+         "simulate predicts training steps; inference workloads are not simulated yet"});
   if (!issues.empty()) throw sy::ConfigError(std::move(issues));
   const sy::CostProfile prof = sy::default_cost_profile(in.cluster);
   // Memory first: a plan that does not fit is reported with its numbers, not simulated.
-  const sy::MemoryBreakdown mem = sy::peak_memory_per_gpu(in.model, in.cluster, in.plan, in.workload, prof);
+  const sy::MemoryBreakdown mem =
+      sy::peak_memory_per_gpu(in.model, in.cluster, in.plan, in.workload, prof);
   const double hbm = static_cast<double>(in.cluster.gpu.hbm_bytes);
   if (mem.total().gpu > hbm) {
     throw sy::ConfigError("plan", "does not fit: stage " + std::to_string(mem.stage) + " needs " +
                                       gib(mem.total().gpu) + " per GPU (params " +
-                                      gib(mem.dense_params.gpu + mem.expert_params.gpu) + ", gradients " +
-                                      gib(mem.gradients.gpu) + ", optimizer " + gib(mem.optimizer_states.gpu) +
-                                      ", activations " + gib(mem.activations.gpu) + ") but " +
-                                      in.cluster.gpu.name + " has " + gib(hbm));
+                                      gib(mem.dense_params.gpu + mem.expert_params.gpu) +
+                                      ", gradients " + gib(mem.gradients.gpu) + ", optimizer " +
+                                      gib(mem.optimizer_states.gpu) + ", activations " +
+                                      gib(mem.activations.gpu) + ") but " + in.cluster.gpu.name +
+                                      " has " + gib(hbm));
   }
   sy::SimulateOptions options;
   options.record_timeline = !trace.empty();
-  const sy::Prediction p = fidelity == "estimate"
-                               ? sy::estimate(in.model, in.cluster, in.plan, in.workload, prof)
-                               : sy::simulate(in.model, in.cluster, in.plan, in.workload, prof, options);
+  const sy::Prediction p =
+      fidelity == "estimate"
+          ? sy::estimate(in.model, in.cluster, in.plan, in.workload, prof)
+          : sy::simulate(in.model, in.cluster, in.plan, in.workload, prof, options);
   if (!trace.empty()) {
-    if (fidelity == "estimate") throw sy::ConfigError("--trace", "needs --fidelity simulate (the estimate has no timeline)");
+    if (fidelity == "estimate")
+      throw sy::ConfigError("--trace", "needs --fidelity simulate (the estimate has no timeline)");
     sy::write_chrome_trace(trace, p, in);
   }
   if (json) {
@@ -361,15 +380,22 @@ int main(int argc, char** argv) {
   sy::InputNames sim_names;
   std::string sim_fidelity = "simulate", sim_trace;
   bool sim_json = false;
-  auto* simulate = app.add_subcommand("simulate", "Predict one training step: time, throughput, MFU, memory per tier");
-  simulate->add_option("--model", sim_names.model, "Model: bundled name or path (default: the plan's \"for\")");
-  simulate->add_option("--cluster", sim_names.cluster, "Cluster: bundled name or path (default: the plan's \"for\")");
-  simulate->add_option("--nodes", sim_names.nodes, "Override the cluster's node count")->check(CLI::PositiveNumber);
+  auto* simulate = app.add_subcommand(
+      "simulate", "Predict one training step: time, throughput, MFU, memory per tier");
+  simulate->add_option("--model", sim_names.model,
+                       "Model: bundled name or path (default: the plan's \"for\")");
+  simulate->add_option("--cluster", sim_names.cluster,
+                       "Cluster: bundled name or path (default: the plan's \"for\")");
+  simulate->add_option("--nodes", sim_names.nodes, "Override the cluster's node count")
+      ->check(CLI::PositiveNumber);
   simulate->add_option("--plan", sim_names.plan, "Plan: bundled name or path")->required();
-  simulate->add_option("--workload", sim_names.workload, "Workload: bundled name or path (default: the plan's \"for\")");
-  simulate->add_option("--fidelity", sim_fidelity, "estimate (closed form) or simulate (event-driven)")
+  simulate->add_option("--workload", sim_names.workload,
+                       "Workload: bundled name or path (default: the plan's \"for\")");
+  simulate
+      ->add_option("--fidelity", sim_fidelity, "estimate (closed form) or simulate (event-driven)")
       ->check(CLI::IsMember({"estimate", "simulate"}));
-  simulate->add_option("--trace", sim_trace, "Write the timeline as Chrome trace-event JSON (Perfetto)");
+  simulate->add_option("--trace", sim_trace,
+                       "Write the timeline as Chrome trace-event JSON (Perfetto)");
   simulate->add_flag("--json", sim_json, "Print the prediction as JSON");
 
   std::string info_model, info_cluster;

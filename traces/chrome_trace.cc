@@ -10,10 +10,14 @@ namespace {
 
 std::string_view phase_name(Phase p) {
   switch (p) {
-    case Phase::kForward: return "forward";
-    case Phase::kBackward: return "backward";
-    case Phase::kRecompute: return "recompute";
-    case Phase::kStep: return "step";
+    case Phase::kForward:
+      return "forward";
+    case Phase::kBackward:
+      return "backward";
+    case Phase::kRecompute:
+      return "recompute";
+    case Phase::kStep:
+      return "step";
   }
   return "?";
 }
@@ -37,7 +41,8 @@ void write_chrome_trace(const std::string& path, const Prediction& p, const Inpu
                {"plan_hash", content_hash(semantic_json(in.plan))},
                {"workload_hash", content_hash(semantic_json(in.workload))},
                {"step_time_s", p.step_time_s}};
-  std::fprintf(f.get(), "{\"displayTimeUnit\":\"ms\",\"switchyard\":%s,\"traceEvents\":[\n", meta.dump().c_str());
+  std::fprintf(f.get(), "{\"displayTimeUnit\":\"ms\",\"switchyard\":%s,\"traceEvents\":[\n",
+               meta.dump().c_str());
   bool first = true;
   auto sep = [&] {
     if (!first) std::fputs(",\n", f.get());
@@ -47,11 +52,13 @@ void write_chrome_trace(const std::string& path, const Prediction& p, const Inpu
   for (const TimelineEvent& e : p.timeline) stages = std::max(stages, e.stage + 1);
   for (int s = 0; s < stages; ++s) {
     sep();
-    std::fprintf(f.get(), R"({"ph":"M","name":"process_name","pid":%d,"args":{"name":"stage %d"}})", s, s);
+    std::fprintf(f.get(), R"({"ph":"M","name":"process_name","pid":%d,"args":{"name":"stage %d"}})",
+                 s, s);
     for (int t = 0; t < kNumStreams; ++t) {
       sep();
-      std::fprintf(f.get(), R"({"ph":"M","name":"thread_name","pid":%d,"tid":%d,"args":{"name":"%s"}})", s, t,
-                   std::string(stream_name(static_cast<StreamKind>(t))).c_str());
+      std::fprintf(f.get(),
+                   R"({"ph":"M","name":"thread_name","pid":%d,"tid":%d,"args":{"name":"%s"}})", s,
+                   t, std::string(stream_name(static_cast<StreamKind>(t))).c_str());
     }
   }
   for (size_t i = 0; i < p.timeline.size(); ++i) {
@@ -59,15 +66,17 @@ void write_chrome_trace(const std::string& path, const Prediction& p, const Inpu
     const OpTemplate* op = e.op;
     sep();
     const std::string name = op ? std::string(op->name) : std::string("p2p_send");
-    std::fprintf(f.get(),
-                 R"({"ph":"X","name":"%s","cat":"%s","pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"args":{"op_id":%zu,)"
-                 R"("micro_batch":%d,"chunk":%d,"layer":%d,"bytes":%.0f,"flops":%.0f,"tokens":%lld)",
-                 name.c_str(), op ? std::string(phase_name(op->phase)).c_str() : "p2p", e.stage,
-                 static_cast<int>(e.stream), e.start_s * 1e6, (e.end_s - e.start_s) * 1e6, i, e.micro_batch, e.chunk,
-                 op ? op->layer : -1, op ? op->bytes : 0.0, op ? op->flops : 0.0,
-                 static_cast<long long>(op ? op->tokens : 0));
+    std::fprintf(
+        f.get(),
+        R"({"ph":"X","name":"%s","cat":"%s","pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"args":{"op_id":%zu,)"
+        R"("micro_batch":%d,"chunk":%d,"layer":%d,"bytes":%.0f,"flops":%.0f,"tokens":%lld)",
+        name.c_str(), op ? std::string(phase_name(op->phase)).c_str() : "p2p", e.stage,
+        static_cast<int>(e.stream), e.start_s * 1e6, (e.end_s - e.start_s) * 1e6, i, e.micro_batch,
+        e.chunk, op ? op->layer : -1, op ? op->bytes : 0.0, op ? op->flops : 0.0,
+        static_cast<long long>(op ? op->tokens : 0));
     if (op && op->kind == OpKind::kCollective)
-      std::fprintf(f.get(), R"(,"collective":"%s","group":"%s")", std::string(collective_name(op->collective)).c_str(),
+      std::fprintf(f.get(), R"(,"collective":"%s","group":"%s")",
+                   std::string(collective_name(op->collective)).c_str(),
                    std::string(group_name(op->group)).c_str());
     std::fputs("}}", f.get());
   }

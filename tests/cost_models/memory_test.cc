@@ -90,7 +90,8 @@ TEST_F(MemoryTest, ActivationsPerTokenByHand) {
                    2 * 108);
   EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kBF16, true, 1.0), 2 * 154);
   // fp32: 4 bytes per element, but the log-sum-exp is fp32 at any precision (2 heads x 4 bytes).
-  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kFP32, false, 1.0), 4 * 104 + 8);
+  EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kFP32, false, 1.0),
+                   4 * 104 + 8);
   // FP8 keeps GEMM inputs (norm outputs 16, attention output 8, activation output 16) in one byte:
   // residuals 32 + norms 16 + LSE 8 + Q,K,V 32 + O 8 + gate/up 64 + act 16 = 176.
   EXPECT_DOUBLE_EQ(activation_bytes_per_token(model_, plan_, Precision::kFP8, false, 1.0), 176);

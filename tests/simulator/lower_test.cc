@@ -48,7 +48,8 @@ TEST_F(LowerTest, AllToAllDispatch) {
 
 // Hierarchical: intra-node exchange, then the inter-node exchange of the aggregated buffers.
 TEST_F(LowerTest, HierarchicalDispatch) {
-  const Plan p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "dispatch": "hierarchical_all_to_all"})");
+  const Plan p = plan_of(
+      R"({"schema_version": 1, "dp": 32, "ep": 32, "dispatch": "hierarchical_all_to_all"})");
   const StepProgram prog = lower(model_, cluster_, p, work_);
   const auto& fwd = prog.stages[0].chunks[0].forward;
   EXPECT_EQ(count(fwd, "dispatch"), 0);
@@ -62,7 +63,8 @@ TEST_F(LowerTest, HierarchicalDispatch) {
 
 // Pipeline MoE: no all-to-all; a local index slice and one all-reduce in the TP group.
 TEST_F(LowerTest, PpmoeIndexSlice) {
-  const Plan p = plan_of(R"({"schema_version": 1, "tp": 8, "ep": 8, "pp": 4, "dispatch": "ppmoe_index_slice"})");
+  const Plan p = plan_of(
+      R"({"schema_version": 1, "tp": 8, "ep": 8, "pp": 4, "dispatch": "ppmoe_index_slice"})");
   expect_valid(p, model_, cluster_, work_);
   const StepProgram prog = lower(model_, cluster_, p, work_);
   const auto& fwd = prog.stages[0].chunks[0].forward;
@@ -94,7 +96,8 @@ TEST_F(LowerTest, RecomputeAndZeroStages) {
   p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "zero_stage": 3})");
   prog = lower(model_, cluster_, p, work_);
   EXPECT_EQ(count(prog.stages[0].chunks[0].forward, "zero3_param_all_gather"), 8);
-  EXPECT_EQ(count(prog.stages[0].chunks[0].backward, "zero3_param_all_gather"), 8);  // gathered again
+  EXPECT_EQ(count(prog.stages[0].chunks[0].backward, "zero3_param_all_gather"),
+            8);  // gathered again
   EXPECT_EQ(count(prog.stages[0].step_ops, "dp_param_all_gather"), 0);
   p.zero_stage = 1;
   prog = lower(model_, cluster_, p, work_);
@@ -109,9 +112,11 @@ TEST_F(LowerTest, RecomputeAndZeroStages) {
 // Bucket size decides how many gradient collectives the backward issues.
 TEST_F(LowerTest, GradientBuckets) {
   Plan p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "grad_bucket_bytes": 0})");
-  EXPECT_EQ(count(lower(model_, cluster_, p, work_).stages[0].chunks[0].backward, "dp_grad_bucket"), 8);
+  EXPECT_EQ(count(lower(model_, cluster_, p, work_).stages[0].chunks[0].backward, "dp_grad_bucket"),
+            8);
   p.grad_bucket_bytes = int64_t{1} << 40;
-  EXPECT_EQ(count(lower(model_, cluster_, p, work_).stages[0].chunks[0].backward, "dp_grad_bucket"), 1);
+  EXPECT_EQ(count(lower(model_, cluster_, p, work_).stages[0].chunks[0].backward, "dp_grad_bucket"),
+            1);
 }
 
 // Megatron TP: with sequence parallelism every TP region is entered by an all-gather and left by a
@@ -134,7 +139,8 @@ TEST_F(LowerTest, TensorParallelCollectives) {
 // Interleaving: stage s chunk c holds the layers of virtual stage c * pp + s; the embedding sits on
 // the first virtual stage and the LM head on the last.
 TEST_F(LowerTest, InterleavedChunksHoldTheirLayers) {
-  const Plan p = plan_of(R"({"schema_version": 1, "dp": 8, "pp": 4, "vp": 2, "ep": 8, "schedule": "interleaved_1f1b"})");
+  const Plan p = plan_of(
+      R"({"schema_version": 1, "dp": 8, "pp": 4, "vp": 2, "ep": 8, "schedule": "interleaved_1f1b"})");
   expect_valid(p, model_, cluster_, work_);
   const StepProgram prog = lower(model_, cluster_, p, work_);
   EXPECT_EQ(prog.stages[0].chunks[0].first_layer, 0);

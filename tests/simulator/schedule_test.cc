@@ -1,6 +1,6 @@
-#include <set>
-
 #include <gtest/gtest.h>
+
+#include <set>
 
 #include "core/step_program.h"
 
@@ -19,7 +19,8 @@ std::string text(const std::vector<ScheduleItem>& order) {
 
 TEST(Schedule, OneFOneBOrderByHand) {
   // Stage 0 of 4: three warm-up forwards, then one forward one backward, then the cool-down.
-  EXPECT_EQ(text(schedule_order(Schedule::k1F1B, 4, 1, 8, 0)), "F0 F1 F2 F3 B0 F4 B1 F5 B2 F6 B3 F7 B4 B5 B6 B7");
+  EXPECT_EQ(text(schedule_order(Schedule::k1F1B, 4, 1, 8, 0)),
+            "F0 F1 F2 F3 B0 F4 B1 F5 B2 F6 B3 F7 B4 B5 B6 B7");
   // The last stage alternates from the start.
   EXPECT_EQ(text(schedule_order(Schedule::k1F1B, 4, 1, 4, 3)), "F0 B0 F1 B1 F2 B2 F3 B3");
   // Fewer micro-batches than stages: all forwards first.

@@ -38,7 +38,8 @@ inline Workload train(int64_t global_batch, int64_t seq, Precision p = Precision
 inline Plan plan_of(const char* json) { return parse_plan(Json::parse(json)); }
 
 // Fails the test when the combination is invalid.
-inline void expect_valid(const Plan& p, const ModelSpec& m, const ClusterSpec& c, const Workload& w) {
+inline void expect_valid(const Plan& p, const ModelSpec& m, const ClusterSpec& c,
+                         const Workload& w) {
   const auto issues = validate(p, m, c, w);
   std::string got;
   for (const auto& i : issues) got += "\n  " + i.to_string();

@@ -1,7 +1,7 @@
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <map>
-
-#include <gtest/gtest.h>
 
 #include "cost_models/memory.h"
 #include "tests/simulator/sim_test_util.h"
@@ -43,8 +43,8 @@ TEST(EstimateVsSimulate, AgreeWithinTenPercentWhereOverlapDoesNotMatter) {
     const CostProfile prof = default_cost_profile(cl);
     const Prediction e = estimate(m, cl, p, w, prof);
     const Prediction s = simulate(m, cl, p, w, prof);
-    EXPECT_LE(rel_diff(e.step_time_s, s.step_time_s), 0.10) << "estimate " << e.step_time_s << " s, simulate "
-                                                          << s.step_time_s << " s";
+    EXPECT_LE(rel_diff(e.step_time_s, s.step_time_s), 0.10)
+        << "estimate " << e.step_time_s << " s, simulate " << s.step_time_s << " s";
     EXPECT_NEAR(e.time.compute_s, s.time.compute_s, 0.10 * s.time.compute_s);
   }
 }
@@ -83,14 +83,17 @@ TEST(Simulate, TimelineIsConsistent) {
   ASSERT_EQ(static_cast<int64_t>(s.timeline.size()), s.ops);
   std::map<std::pair<int, int>, double> stream_end;
   std::vector<TimelineEvent> events = s.timeline;
-  std::sort(events.begin(), events.end(), [](const auto& a, const auto& b) { return a.start_s < b.start_s; });
+  std::sort(events.begin(), events.end(),
+            [](const auto& a, const auto& b) { return a.start_s < b.start_s; });
   for (const auto& e : events) {
     ASSERT_GE(e.start_s, 0);
     ASSERT_GE(e.end_s, e.start_s);
     ASSERT_LE(e.end_s, s.step_time_s * (1 + 1e-12));
-    if (e.stream == StreamKind::kDpComm || e.stream == StreamKind::kEpComm) continue;  // shared links
+    if (e.stream == StreamKind::kDpComm || e.stream == StreamKind::kEpComm)
+      continue;  // shared links
     auto& end = stream_end[{e.stage, static_cast<int>(e.stream)}];
-    EXPECT_GE(e.start_s, end - 1e-12) << "overlap on stage " << e.stage << " stream " << stream_name(e.stream);
+    EXPECT_GE(e.start_s, end - 1e-12)
+        << "overlap on stage " << e.stage << " stream " << stream_name(e.stream);
     end = e.end_s;
   }
 }
@@ -109,7 +112,8 @@ TEST(Simulate, HotExpertShowsInStepTime) {
   expect_valid(p, m, cl, w);
   const double hot = simulate(m, cl, p, w, prof).step_time_s;
   EXPECT_GT(hot, uniform * 1.05) << "uniform " << uniform << " s, hot expert " << hot << " s";
-  EXPECT_GT(estimate(m, cl, p, w, prof).step_time_s, estimate(m, cl, p, train(64, 2048), prof).step_time_s * 1.05);
+  EXPECT_GT(estimate(m, cl, p, w, prof).step_time_s,
+            estimate(m, cl, p, train(64, 2048), prof).step_time_s * 1.05);
 }
 
 // Pipeline MoE (experts over the TP group of a node, pipeline across nodes) against all-to-all
@@ -118,7 +122,8 @@ TEST(Simulate, HotExpertShowsInStepTime) {
 TEST(Simulate, PpmoeBeatsAllToAllAndMoreSoOnSlowNetworks) {
   const ModelSpec m = moe_model();
   const Workload w = train(64, 2048);
-  const Plan ppmoe = plan_of(R"({"schema_version": 1, "tp": 8, "ep": 8, "pp": 4, "dispatch": "ppmoe_index_slice"})");
+  const Plan ppmoe = plan_of(
+      R"({"schema_version": 1, "tp": 8, "ep": 8, "pp": 4, "dispatch": "ppmoe_index_slice"})");
   const Plan a2a = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "zero_stage": 1})");
   double ratio[2];
   int i = 0;
@@ -147,7 +152,8 @@ TEST(Simulate, HierarchicalAllToAllWinsAcrossNodesNotInside) {
     hier.dispatch = Dispatch::kHierarchicalAllToAll;
     expect_valid(hier, m, cl, w);
     const CostProfile prof = default_cost_profile(cl);
-    EXPECT_LT(simulate(m, cl, hier, w, prof).step_time_s, simulate(m, cl, flat, w, prof).step_time_s);
+    EXPECT_LT(simulate(m, cl, hier, w, prof).step_time_s,
+              simulate(m, cl, flat, w, prof).step_time_s);
   }
   {
     const ClusterSpec cl = a100_nodes(1);
@@ -155,7 +161,8 @@ TEST(Simulate, HierarchicalAllToAllWinsAcrossNodesNotInside) {
     Plan hier = flat;
     hier.dispatch = Dispatch::kHierarchicalAllToAll;
     const CostProfile prof = default_cost_profile(cl);
-    EXPECT_GE(simulate(m, cl, hier, w, prof).step_time_s, simulate(m, cl, flat, w, prof).step_time_s);
+    EXPECT_GE(simulate(m, cl, hier, w, prof).step_time_s,
+              simulate(m, cl, flat, w, prof).step_time_s);
   }
 }
 
@@ -164,9 +171,11 @@ TEST(Simulate, HierarchicalAllToAllWinsAcrossNodesNotInside) {
 TEST(Simulate, MemoryCurvePeakMatchesClosedForm) {
   const ModelSpec m = moe_model();
   const ClusterSpec cl = a100_nodes(4);
-  for (const char* json : {R"({"schema_version": 1, "dp": 8, "pp": 4, "ep": 8})",
-                           R"({"schema_version": 1, "dp": 8, "pp": 4, "ep": 8, "recompute": "full"})",
-                           R"({"schema_version": 1, "dp": 8, "pp": 4, "vp": 2, "ep": 8, "schedule": "interleaved_1f1b"})"}) {
+  for (
+      const char* json :
+      {R"({"schema_version": 1, "dp": 8, "pp": 4, "ep": 8})",
+       R"({"schema_version": 1, "dp": 8, "pp": 4, "ep": 8, "recompute": "full"})",
+       R"({"schema_version": 1, "dp": 8, "pp": 4, "vp": 2, "ep": 8, "schedule": "interleaved_1f1b"})"}) {
     SCOPED_TRACE(json);
     const Plan p = plan_of(json);
     const Workload w = train(64, 2048);

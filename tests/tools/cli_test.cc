@@ -182,5 +182,56 @@ TEST_F(CliTest, CollectiveTable) {
   EXPECT_EQ(run("collective --cluster dgx-a100 --op all_reduce --ranks-per-node -3").exit_code, 2);
 }
 
+TEST_F(CliTest, SimulatePrintsSummaryJsonAndTrace) {
+  Result r = run("simulate --plan mixtral-8x7b-megatron");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  for (const char* line :
+       {"step time", "tokens/s", "MFU", "peak memory per GPU", "compute", "pipeline bubble"})
+    EXPECT_NE(r.output.find(line), std::string::npos) << line << "\n" << r.output;
+
+  r = run("simulate --plan mixtral-8x7b-megatron --json --fidelity estimate");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  const Json j = Json::parse(r.output);
+  for (const char* key :
+       {"step_time_s", "tokens_per_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu", "mfu"})
+    EXPECT_GT(j.at(key).get<double>(), 0) << key;
+  for (const char* tier : {"gpu", "cpu", "ssd"})
+    EXPECT_TRUE(j.at("memory").at("peak_bytes").contains(tier));
+  EXPECT_TRUE(j.at("time_breakdown").contains("bubble_s"));
+  EXPECT_TRUE(j.at("memory_breakdown").contains("activations"));
+  EXPECT_EQ(j.at("fidelity"), "estimate");
+
+  const std::string trace = (dir_ / "trace.json").string();
+  r = run("simulate --plan mixtral-8x7b-megatron --trace " + trace);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  const Json t = load_json_file(trace);
+  ASSERT_TRUE(t.at("traceEvents").is_array());
+  EXPECT_EQ(t.at("switchyard").at("plan_hash").get<std::string>().size(), 64u);
+  int complete = 0, stages = 0;
+  for (const auto& e : t.at("traceEvents")) {
+    if (e.at("ph") == "X") {
+      ++complete;
+      EXPECT_GE(e.at("dur").get<double>(), 0);
+      ASSERT_TRUE(e.at("args").contains("op_id"));
+      stages = std::max(stages, e.at("pid").get<int>() + 1);
+    }
+  }
+  EXPECT_GT(complete, 1000);
+  EXPECT_EQ(stages, 4);  // one process per pipeline stage
+}
+
+TEST_F(CliTest, SimulateRefusesInvalidAndOversizedPlans) {
+  Result r = run("simulate --plan mixtral-8x7b-megatron --nodes 4");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("plan: dp*tp*pp*cp"), std::string::npos) << r.output;
+  // Mixtral-8x7B on one GPU of a node does not fit: the numbers are reported, nothing simulated.
+  const std::string one = write("one.json", R"({"schema_version": 1, "dp": 8, "ep": 8,
+      "for": {"model": "mixtral-8x7b", "cluster": "dgx-h100", "nodes": 1, "workload": "mixtral-8x7b-pretrain"}})");
+  r = run("simulate --plan " + one);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("does not fit"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("GiB per GPU"), std::string::npos) << r.output;
+}
+
 }  // namespace
 }  // namespace switchyard
