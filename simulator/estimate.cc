@@ -157,6 +157,11 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   }
   p.peak = p.memory.total();
   p.peak_stage = p.memory.stage;
+  // Where the closed form departs from the event simulation.
+  p.notes.push_back(
+      "estimate: pipeline time = micro-batches x slowest stage + the other stages' fill and drain "
+      "(divided by vp); gradient buckets are assumed to overlap the last backward unit; concurrent "
+      "collectives do not share links; --fidelity simulate times every op");
   fill_throughput(p, m, c, plan, w);
   return p;
 }

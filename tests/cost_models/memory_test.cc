@@ -181,6 +181,41 @@ TEST_F(MemoryTest, PipelineStagesDiffer) {
   EXPECT_DOUBLE_EQ(peak.total().gpu, std::max(first.total().gpu, last.total().gpu));
 }
 
+// Expert parallelism folded differently from TP (expert_tp * ep != tp): dense weights split over
+// tp, experts over ep * expert_tp. tp 2: layer 0 = attention 96 + norms 16 + FFN 192 = 304; layer 1
+// = 96 + 16 + shared 72 + gate 32 = 216; embedding 40 + LM head 40 + final norm 8 => 608 dense.
+TEST_F(MemoryTest, ExpertFoldingDiffersFromTensorParallel) {
+  plan_.tp = 2;
+  plan_.dp = 2;
+  plan_.ep = 4;  // one expert per rank, whole
+  plan_.zero_stage = 0;
+  auto m = mem();
+  EXPECT_DOUBLE_EQ(m.dense_params.gpu, 608 * 2);
+  EXPECT_DOUBLE_EQ(m.expert_params.gpu, 144 * 2);
+  plan_.ep = 2;
+  plan_.expert_tp = 2;  // two experts per rank, each split in two
+  m = mem();
+  EXPECT_DOUBLE_EQ(m.expert_params.gpu, 2 * 144 / 2 * 2);
+  EXPECT_DOUBLE_EQ(m.dense_params.gpu, 608 * 2);
+  // ZeRO-1 shards expert optimizer states over expert_dp = tp*cp*dp / (expert_tp*ep) = 1, dense
+  // ones over dp*cp = 2.
+  plan_.zero_stage = 1;
+  EXPECT_DOUBLE_EQ(mem().optimizer_states.gpu, 608 * 12 / 2.0 + 144 * 12);
+}
+
+// Full recompute keeps each layer's input (h per token, split over tp with SP) for every
+// micro-batch in flight, plus one layer's activations being recomputed.
+TEST_F(MemoryTest, FullRecomputeKeepsLayerInputs) {
+  plan_.recompute = Recompute::kFull;
+  const double tokens = 6;  // micro-batch 1 x seq 6
+  const auto m = mem();
+  const double inputs = 2 * (2.0 * 8 * tokens);  // 2 layers x bf16 x h x tokens
+  const double widest =
+      tokens * activation_bytes_per_token(model_, plan_, Precision::kBF16, true, 1.0);
+  const double logits = tokens * 10 * 4.0;
+  EXPECT_DOUBLE_EQ(m.activations.gpu, inputs * m.in_flight_micro_batches + widest + logits);
+}
+
 TEST_F(MemoryTest, StageOutOfRangeThrows) {
   EXPECT_THROW(mem(1), std::out_of_range);
   EXPECT_THROW(mem(-1), std::out_of_range);

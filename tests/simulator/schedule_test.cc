@@ -50,7 +50,9 @@ TEST(Schedule, EveryUnitOnceAndBackwardAfterForward) {
           std::set<std::tuple<int, int, bool>> seen;
           for (const auto& u : order) {
             EXPECT_TRUE(seen.insert({u.micro_batch, u.chunk, u.backward}).second);
-            if (u.backward) EXPECT_TRUE(seen.count({u.micro_batch, u.chunk, false})) << text(order);
+            if (u.backward) {
+              EXPECT_TRUE(seen.count({u.micro_batch, u.chunk, false})) << text(order);
+            }
           }
         }
       }
