@@ -384,6 +384,20 @@ LayerParams layer_params(const ModelSpec& m, const Plan& p, const Dims& d, int l
   return lp;
 }
 
+// A collective on the data-parallel stream (gradient buckets, parameter gathers).
+OpTemplate dp_collective(Collective c, CommGroup g, std::string_view name, Phase phase,
+                         double bytes) {
+  OpTemplate op;
+  op.kind = OpKind::kCollective;
+  op.stream = StreamKind::kDpComm;
+  op.phase = phase;
+  op.name = name;
+  op.collective = c;
+  op.group = g;
+  op.bytes = bytes;
+  return op;
+}
+
 // Gradient reduction for the layers of a chunk, fused into buckets of about grad_bucket_bytes
 // (0: one collective per layer), issued as each layer's weight gradients finish in the backward of
 // the last micro-batch, overlapping the rest of the backward.
@@ -406,15 +420,8 @@ class BucketFiller {
  private:
   void emit(Collective c, CommGroup g, std::string_view name, double bytes, int layer, int ranks) {
     if (bytes <= 0 || ranks <= 1) return;
-    OpTemplate op;
-    op.kind = OpKind::kCollective;
-    op.stream = StreamKind::kDpComm;
-    op.phase = Phase::kBackward;
-    op.name = name;
+    OpTemplate op = dp_collective(c, g, name, Phase::kBackward, bytes);
     op.layer = layer;
-    op.collective = c;
-    op.group = g;
-    op.bytes = bytes;
     op.async = true;
     op.last_micro_batch = true;
     out_.push_back(std::move(op));
@@ -561,15 +568,8 @@ std::vector<OpTemplate> lower_step_ops(const ModelSpec& m, const Plan& p, const 
     // The distributed optimizer gathers the updated parameter shards.
     auto gather = [&](CommGroup g, std::string_view name, double params, int ranks) {
       if (params <= 0 || ranks <= 1) return;
-      OpTemplate op;
-      op.kind = OpKind::kCollective;
-      op.stream = StreamKind::kDpComm;
-      op.phase = Phase::kStep;
-      op.name = name;
-      op.collective = Collective::kAllGather;
-      op.group = g;
-      op.bytes = params * d.param_bytes;
-      ops.push_back(op);
+      ops.push_back(
+          dp_collective(Collective::kAllGather, g, name, Phase::kStep, params * d.param_bytes));
     };
     gather(CommGroup::kDp, "dp_param_all_gather", total.dense, p.dp * p.cp);
     gather(CommGroup::kExpertDp, "edp_param_all_gather", total.expert, p.expert_dp());

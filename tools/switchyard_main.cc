@@ -349,6 +349,21 @@ int cmd_simulate(const Common& common, const sy::InputNames& names, const std::s
   return 0;
 }
 
+// The four inputs of a plan, named the same way by every subcommand that takes them.
+void add_input_options(CLI::App* cmd, sy::InputNames& names) {
+  cmd->add_option("--model", names.model,
+                  "Model: bundled name or path (default: the plan's \"for\")");
+  cmd->add_option("--cluster", names.cluster,
+                  "Cluster: bundled name or path (default: the plan's \"for\")");
+  cmd->add_option("--nodes", names.nodes, "Override the cluster's node count")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--plan", names.plan, "Plan: bundled name or path")->required();
+  cmd->add_option(
+      "--workload", names.workload,
+      "Workload: bundled name or path (default: the plan's \"for\", else training at bf16 "
+      "with one micro-batch per DP rank and pipeline stage)");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -365,16 +380,7 @@ int main(int argc, char** argv) {
   bool json = false;
   auto* validate =
       app.add_subcommand("validate", "Check a plan against its model, cluster and workload");
-  validate->add_option("--model", names.model,
-                       "Model: bundled name or path (default: the plan's \"for\")");
-  validate->add_option("--cluster", names.cluster,
-                       "Cluster: bundled name or path (default: the plan's \"for\")");
-  validate->add_option("--nodes", names.nodes, "Override the cluster's node count")
-      ->check(CLI::PositiveNumber);
-  validate->add_option("--plan", names.plan, "Plan: bundled name or path")->required();
-  validate->add_option("--workload", names.workload,
-                       "Workload: bundled name or path (default: the plan's \"for\", "
-                       "else training at bf16 with one micro-batch per DP rank)");
+  add_input_options(validate, names);
   validate->add_flag("--json", json, "Print the result as JSON");
 
   sy::InputNames sim_names;
@@ -382,15 +388,7 @@ int main(int argc, char** argv) {
   bool sim_json = false;
   auto* simulate = app.add_subcommand(
       "simulate", "Predict one training step: time, throughput, MFU, memory per tier");
-  simulate->add_option("--model", sim_names.model,
-                       "Model: bundled name or path (default: the plan's \"for\")");
-  simulate->add_option("--cluster", sim_names.cluster,
-                       "Cluster: bundled name or path (default: the plan's \"for\")");
-  simulate->add_option("--nodes", sim_names.nodes, "Override the cluster's node count")
-      ->check(CLI::PositiveNumber);
-  simulate->add_option("--plan", sim_names.plan, "Plan: bundled name or path")->required();
-  simulate->add_option("--workload", sim_names.workload,
-                       "Workload: bundled name or path (default: the plan's \"for\")");
+  add_input_options(simulate, sim_names);
   simulate
       ->add_option("--fidelity", sim_fidelity, "estimate (closed form) or simulate (event-driven)")
       ->check(CLI::IsMember({"estimate", "simulate"}));
