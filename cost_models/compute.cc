@@ -30,6 +30,12 @@ double gemm_bytes(const GemmShape& s, Precision p) {
 
 namespace {
 
+// GEMM efficiency at a shape and precision.
+double gemm_efficiency(double min_dim, Precision p, const CostProfile& prof) {
+  const double e = prof.gemm_efficiency_at(min_dim);
+  return p == Precision::kFP8 ? e * prof.fp8_gemm_efficiency_scale : e;
+}
+
 // Roofline of one piece of work without the launch.
 KernelCost roofline(double flops, double bytes, double compute_efficiency, Precision p,
                     const GpuSpec& gpu, const CostProfile& prof) {
@@ -50,7 +56,7 @@ KernelCost gemm_cost(const GemmShape& s, Precision p, const GpuSpec& gpu, const 
   if (s.m <= 0 || s.n <= 0 || s.k <= 0 || s.batch <= 0) return {};
   const double min_dim = static_cast<double>(std::min({s.m, s.n, s.k}));
   KernelCost c =
-      roofline(gemm_flops(s), gemm_bytes(s, p), prof.gemm_efficiency_at(min_dim), p, gpu, prof);
+      roofline(gemm_flops(s), gemm_bytes(s, p), gemm_efficiency(min_dim, p, prof), p, gpu, prof);
   c.time_s += prof.kernel_launch_s;
   return c;
 }
@@ -63,7 +69,7 @@ KernelCost grouped_gemm_cost(const std::vector<int64_t>& m_per_group, int64_t n,
     GemmShape s{m, n, k, 1};
     const double min_dim = static_cast<double>(std::min({m, n, k}));
     KernelCost c =
-        roofline(gemm_flops(s), gemm_bytes(s, p), prof.gemm_efficiency_at(min_dim), p, gpu, prof);
+        roofline(gemm_flops(s), gemm_bytes(s, p), gemm_efficiency(min_dim, p, prof), p, gpu, prof);
     total.time_s += c.time_s;
     total.flops += c.flops;
     total.bytes += c.bytes;

@@ -28,11 +28,15 @@ double CostProfile::gemm_efficiency_at(double min_dim) const {
 CostProfile default_cost_profile(const ClusterSpec& cluster) {
   CostProfile p;
   p.name = "default";
-  // GEMM: large bf16 GEMMs in cuBLAS reach ~75-80% of dense peak on A100/H100 (NVIDIA's "Matrix
-  // Multiplication Background" guide discusses tile and wave quantisation); the fall-off for thin
-  // GEMMs is an assumption until `switchyard calibrate` measures the curve.
+  // GEMM: the best bf16 matmul shapes reach 80.3% of dense peak on H100 SXM (794.5 of 989 TFLOP/s)
+  // and 86.9% on A100 SXM (the "Maximum Achievable Matmul FLOPS" table of stas00/ml-engineering,
+  // compute/accelerator/README.md, torch 2.6-2.7); the table's top uses that. The fall-off for thin
+  // GEMMs (tile and wave quantisation) is an assumption until `switchyard calibrate` measures it.
   p.gemm_efficiency = {{16, 0.05},  {32, 0.10},   {64, 0.20},   {128, 0.38}, {256, 0.55},
                        {512, 0.68}, {1024, 0.75}, {2048, 0.78}, {4096, 0.80}};
+  // FP8: the same table measures H100 SXM at 1402.6 of 1979 TFLOP/s (70.9%) against 80.3% for
+  // bf16, so FP8 GEMMs get 0.709 / 0.803 = 0.883 of the bf16 efficiency.
+  p.fp8_gemm_efficiency_scale = 0.883;
   // FlashAttention-2 reaches 50-73% of A100 peak forward and less backward (arXiv 2307.08691);
   // 0.55 over forward and backward is our assumption.
   p.attention_efficiency = 0.55;

@@ -26,7 +26,8 @@ struct CostProfile {
   std::string name;  // "default" or the calibration it came from
 
   // --- Compute.
-  std::vector<EfficiencyPoint> gemm_efficiency;
+  std::vector<EfficiencyPoint> gemm_efficiency;  // at bf16 (and fp32/tf32)
+  double fp8_gemm_efficiency_scale = 1;  // FP8 GEMMs reach this fraction of the bf16 efficiency
   double attention_efficiency = 0;  // fused (flash) attention, fraction of peak
   double hbm_efficiency = 0;        // achievable fraction of HBM bandwidth (elementwise kernels)
   double kernel_launch_s = 0;       // launch + tail of one kernel

@@ -46,6 +46,16 @@ TEST(Gemm, ComputeBoundByHand) {
   EXPECT_NEAR(c.time_s, 4e-6 + flops / 0.8e15, 1e-15);
 }
 
+// FP8 runs at the FP8 peak times the bf16 efficiency times the FP8 scale.
+TEST(Gemm, Fp8EfficiencyScale) {
+  GpuSpec g = hand_gpu();
+  g.peak_fp8_flops = 2e15;
+  CostProfile p = hand_profile();
+  p.fp8_gemm_efficiency_scale = 0.9;
+  const KernelCost c = gemm_cost({4096, 4096, 4096, 1}, Precision::kFP8, g, p);
+  EXPECT_NEAR(c.time_s, 4e-6 + 2.0 * 4096.0 * 4096 * 4096 / (2e15 * 0.8 * 0.9), 1e-15);
+}
+
 // A GEMV-like shape is memory bound: 8 x 8192 x 8192 reads the whole weight.
 TEST(Gemm, MemoryBoundByHand) {
   const KernelCost c = gemm_cost({8, 8192, 8192, 1}, Precision::kBF16, hand_gpu(), hand_profile());
