@@ -553,9 +553,11 @@ std::vector<OpTemplate> lower_step_ops(const ModelSpec& m, const Plan& p, const 
   if (stage == p.pp - 1 && (!m.tied_embeddings || p.pp > 1)) total.dense += vh;
   const double dense_shard = p.zero_stage >= 1 ? static_cast<double>(p.dp) * p.cp : 1.0;
   const double expert_shard = p.zero_stage >= 1 ? std::max(p.expert_dp(), 1) : 1.0;
-  // Adam reads param, grad, master, m, v and writes master, m, v, param: 30 bytes per parameter in
-  // mixed precision, 28 in fp32.
-  const double bytes_per_param = w.precision == Precision::kFP32 ? 28.0 : 30.0;
+  // Adam reads param, grad, (master,) m, v and writes them back: 14 + 4 * moment bytes per
+  // parameter in mixed precision (bf16 param and grad, fp32 master), 12 + 4 * moment bytes in fp32.
+  const double moment_bytes = w.optimizer_moments == Precision::kBF16 ? 2.0 : 4.0;
+  const double bytes_per_param =
+      (w.precision == Precision::kFP32 ? 12.0 : 14.0) + 4.0 * moment_bytes;
   OpTemplate opt;
   opt.kind = OpKind::kOptimizer;
   opt.phase = Phase::kStep;

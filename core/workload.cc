@@ -59,6 +59,9 @@ Workload parse_workload(const Json& j) {
   r.optional_enum("precision", &w.precision);
   if (w.precision == Precision::kTF32)
     r.add_issue(r.path_of("precision"), "tf32 is a GEMM mode, not a training precision; use fp32");
+  if (r.optional_enum("optimizer_moments", &w.optimizer_moments) &&
+      w.optimizer_moments != Precision::kFP32 && w.optimizer_moments != Precision::kBF16)
+    r.add_issue(r.path_of("optimizer_moments"), "must be \"fp32\" or \"bf16\"");
   if (const Json* rt = r.child("routing", false))
     w.routing = parse_routing(*rt, r.path_of("routing"), issues);
   if (const Json* tr = r.child("task_routing", false)) {
@@ -105,6 +108,7 @@ Json semantic_json(const Workload& w) {
   j["global_batch_size"] = w.global_batch_size;
   j["seq_len"] = w.seq_len > 0 ? Json(w.seq_len) : Json(nullptr);  // null: the model's default
   j["precision"] = enum_name(w.precision);
+  j["optimizer_moments"] = enum_name(w.optimizer_moments);
   j["routing"] = routing_json(w.routing);
   if (!w.task_routing.empty()) {
     Json tr = Json::array();

@@ -58,6 +58,8 @@ struct Workload : ConfigMeta {
   int64_t global_batch_size = 0;
   int64_t seq_len = 0;  // 0 = the model's default
   Precision precision = Precision::kBF16;
+  // Adam's momentum and variance: fp32 (default) or bf16 (DeepSeek-V3 keeps them in bf16).
+  Precision optimizer_moments = Precision::kFP32;
   Routing routing;
   std::vector<TaskRouting> task_routing;
   std::optional<InferenceSpec> inference;

@@ -20,11 +20,12 @@ TierBytes MemoryBreakdown::total() const {
   return t;
 }
 
-StateBytes state_bytes_per_param(Precision p) {
-  if (p == Precision::kFP32 || p == Precision::kTF32) return {4, 4, 8};
-  // bf16 and fp8 training keep bf16 weights and gradients (fp8 copies are transient) and fp32
-  // master weights, momentum and variance.
-  return {2, 2, 12};
+StateBytes state_bytes_per_param(Precision p, Precision moments) {
+  const double moment_bytes = moments == Precision::kBF16 ? 2.0 : 4.0;
+  if (p == Precision::kFP32 || p == Precision::kTF32) return {4, 4, 2 * moment_bytes};
+  // bf16 and fp8 training keep bf16 weights and gradients (fp8 copies are transient), fp32 master
+  // weights, and the moments in their own precision.
+  return {2, 2, 4 + 2 * moment_bytes};
 }
 
 double in_flight_micro_batches(const Plan& plan, int64_t num_micro_batches, int stage) {
@@ -215,7 +216,7 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
   mb.stage = stage;
   const bool train = w.mode == Mode::kTrain;
   const StageParams sp = stage_params(m, plan, stage);
-  const StateBytes sb = state_bytes_per_param(w.precision);
+  const StateBytes sb = state_bytes_per_param(w.precision, w.optimizer_moments);
   const double dense_shard = static_cast<double>(plan.dp) * plan.cp;
   const double expert_shard = std::max(plan.expert_dp(), 1);
   const Placement& pl = plan.placement;

@@ -62,13 +62,13 @@ struct MemoryBreakdown {
   TierBytes total() const;
 };
 
-// Bytes per parameter of each class for a training precision.
+// Bytes per parameter of each class for a training precision and Adam moment precision.
 struct StateBytes {
   double param = 0;
   double grad = 0;
   double optimizer = 0;
 };
-StateBytes state_bytes_per_param(Precision p);
+StateBytes state_bytes_per_param(Precision p, Precision moments = Precision::kFP32);
 
 // Micro-batches of activations stage `stage` holds at once (in units of its whole layer stack).
 double in_flight_micro_batches(const Plan& plan, int64_t num_micro_batches, int stage);

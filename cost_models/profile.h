@@ -28,9 +28,9 @@ struct CostProfile {
   // --- Compute.
   std::vector<EfficiencyPoint> gemm_efficiency;  // at bf16 (and fp32/tf32)
   double fp8_gemm_efficiency_scale = 1;  // FP8 GEMMs reach this fraction of the bf16 efficiency
-  double attention_efficiency = 0;  // fused (flash) attention, fraction of peak
-  double hbm_efficiency = 0;        // achievable fraction of HBM bandwidth (elementwise kernels)
-  double kernel_launch_s = 0;       // launch + tail of one kernel
+  double attention_efficiency = 0;       // fused (flash) attention, fraction of peak
+  double hbm_efficiency = 0;   // achievable fraction of HBM bandwidth (elementwise kernels)
+  double kernel_launch_s = 0;  // launch + tail of one kernel
   // Host time to issue one op (framework dispatch, launch call). The host runs ahead of the GPU,
   // so an op takes at least this long: tiny ops make a step host-bound.
   double host_issue_s = 0;

@@ -116,31 +116,27 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   // Each stage ends its last backward earlier the further it is from stage 0; gradient buckets
   // overlap that last backward unit; the optimizer step follows.
   double step_time = 0;
-  int critical = 0;
-  double critical_dp = 0;
+  std::vector<double> dp_exposed_s(static_cast<size_t>(pp), 0.0);
   for (int s = 0; s < pp; ++s) {
     const UnitTime& u = stage[static_cast<size_t>(s)];
     const double last_bwd_unit = u.bwd / vp;
     const double end = pipe - s * (stage[static_cast<size_t>(slowest)].bwd / vp);
     const double dp_exposed = std::max(u.async - last_bwd_unit, u.async > 0 ? u.last_bucket : 0.0);
-    const double total = end + dp_exposed + step_s[static_cast<size_t>(s)];
-    if (total > step_time) {
-      step_time = total;
-      critical = s;
-      critical_dp = dp_exposed;
-    }
+    dp_exposed_s[static_cast<size_t>(s)] = dp_exposed;
+    step_time = std::max(step_time, end + dp_exposed + step_s[static_cast<size_t>(s)]);
   }
   p.step_time_s = step_time;
-  p.critical_stage = critical;
-  // The breakdown is the critical stage's: its own units, the bubble of waiting for the others.
-  const UnitTime& u = stage[static_cast<size_t>(critical)];
+  p.critical_stage = slowest;
+  // The breakdown is the busiest stage's: its own units; the rest of the step is its bubble.
+  const UnitTime& u = stage[static_cast<size_t>(slowest)];
   p.time.compute_s = mbs * u.compute;
   p.time.tp_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kTpComm)];
   p.time.cp_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kCpComm)];
   p.time.ep_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kEpComm)];
-  p.time.dp_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kDpComm)] + critical_dp;
+  p.time.dp_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kDpComm)] +
+                     dp_exposed_s[static_cast<size_t>(slowest)];
   p.time.pp_comm_s = 2.0 * (pp - 1) * p2p;
-  p.time.optimizer_s = step_s[static_cast<size_t>(critical)];
+  p.time.optimizer_s = step_s[static_cast<size_t>(slowest)];
   p.time.bubble_s = std::max(
       0.0, step_time - (p.time.compute_s + p.time.tp_comm_s + p.time.cp_comm_s + p.time.ep_comm_s +
                         p.time.dp_comm_s + p.time.pp_comm_s + p.time.optimizer_s));

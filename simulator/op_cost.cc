@@ -51,7 +51,7 @@ OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec&
       }
       // ZeRO-Offload: gradients down and parameters up over PCIe; Adam on the node's CPUs and DRAM,
       // shared by its GPUs' ranks.
-      const double params = op.bytes / 30.0;
+      const double params = op.flops / 12.0;  // the optimizer op counts 12 FLOPs per parameter
       const int sharers = c.gpus_per_node;
       const double host_s =
           std::max(op.bytes / (c.host.dram_bw_Bps * prof.dram_efficiency / sharers),

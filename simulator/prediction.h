@@ -11,9 +11,9 @@
 
 namespace switchyard {
 
-// Where the critical stage's step time goes. The parts sum to the step time: compute-stream busy
+// Where the busiest stage's step time goes. The parts sum to the step time: compute-stream busy
 // time, the time it waited on each kind of communication, the pipeline bubble (waiting on another
-// stage's work), and the optimizer step.
+// stage's work, including for the step's end), and the optimizer step.
 struct TimeBreakdown {
   double compute_s = 0;
   double tp_comm_s = 0;  // exposed (not overlapped) communication, per group kind
@@ -50,7 +50,7 @@ struct Prediction {
   double model_tflops_per_gpu = 0;
   double mfu = 0;
   int gpus = 0;
-  int critical_stage = 0;
+  int critical_stage = 0;  // the busiest pipeline stage (least waiting); `time` is its breakdown
   TimeBreakdown time;
   MemoryBreakdown memory;  // of the stage with the highest GPU peak
   TierBytes peak;          // per tier, that stage

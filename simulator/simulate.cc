@@ -342,15 +342,21 @@ class Simulation {
     for (const Inst& in : insts_)
       stage_end[static_cast<size_t>(in.stage)] =
           std::max(stage_end[static_cast<size_t>(in.stage)], in.end);
+    const double step_time = *std::max_element(stage_end.begin(), stage_end.end());
+    // After the last compute op: the parameter all-gathers of the distributed optimizer; after the
+    // stage's end, waiting for the other stages to finish the step.
+    for (int s = 0; s < pp; ++s) {
+      TimeBreakdown& b = br[static_cast<size_t>(s)];
+      b.dp_comm_s += std::max(
+          0.0, stage_end[static_cast<size_t>(s)] - compute_prev_end[static_cast<size_t>(s)]);
+      b.bubble_s += step_time - stage_end[static_cast<size_t>(s)];
+    }
+    // Report the busiest stage: the one that waits least decides the step.
     int critical = 0;
     for (int s = 1; s < pp; ++s)
-      if (stage_end[static_cast<size_t>(s)] > stage_end[static_cast<size_t>(critical)])
+      if (br[static_cast<size_t>(s)].bubble_s < br[static_cast<size_t>(critical)].bubble_s)
         critical = s;
-    // After the last compute op: the parameter all-gathers of the distributed optimizer.
-    for (int s = 0; s < pp; ++s)
-      br[static_cast<size_t>(s)].dp_comm_s += std::max(
-          0.0, stage_end[static_cast<size_t>(s)] - compute_prev_end[static_cast<size_t>(s)]);
-    p.step_time_s = stage_end[static_cast<size_t>(critical)];
+    p.step_time_s = step_time;
     p.critical_stage = critical;
     p.time = br[static_cast<size_t>(critical)];
 
