@@ -43,7 +43,13 @@ class Builder {
     out_.push_back(std::move(op));
     return out_.back();
   }
+  // FP8 GEMMs take FP8 inputs: Transformer Engine casts each activation input (amax + cast: read
+  // bf16, write fp8) before the GEMM; the backward mirrors it for the incoming gradient.
+  void fp8_cast(int layer, double rows, double k) {
+    if (d_.fp8) elementwise("fp8_cast", layer, 3.0 * rows * k, static_cast<int64_t>(rows));
+  }
   OpTemplate& gemm(std::string_view name, int layer, int64_t rows, int64_t n, int64_t k) {
+    fp8_cast(layer, static_cast<double>(rows), static_cast<double>(k));
     OpTemplate& op = add(OpKind::kGemm, name, layer);
     op.gemm = {rows, n, k, 1};
     op.flops = 2.0 * static_cast<double>(rows) * static_cast<double>(n) * static_cast<double>(k);
@@ -51,6 +57,9 @@ class Builder {
     return op;
   }
   OpTemplate& grouped(std::string_view name, int layer, int64_t n, int64_t k) {
+    double all_rows = 0;
+    for (int64_t r : d_.expert_rows) all_rows += static_cast<double>(r);
+    fp8_cast(layer, all_rows, static_cast<double>(k));
     OpTemplate& op = add(OpKind::kGroupedGemm, name, layer);
     op.group_rows = d_.expert_rows;
     op.gemm = {0, n, k, 1};

@@ -97,6 +97,18 @@ TEST(WorkloadSpec, TaskListedTwiceIsAnError) {
   }
 }
 
+TEST(WorkloadSpec, OptimizerMomentsAreFp32OrBf16) {
+  const char* base =
+      R"({"schema_version": 1, "name": "w", "global_batch_size": 8, "optimizer_moments": )";
+  EXPECT_EQ(parse_workload(Json::parse(std::string(base) + R"("bf16"})")).optimizer_moments,
+            Precision::kBF16);
+  EXPECT_THROW(parse_workload(Json::parse(std::string(base) + R"("fp8"})")), ConfigError);
+  EXPECT_EQ(
+      parse_workload(Json::parse(R"({"schema_version": 1, "name": "w", "global_batch_size": 8})"))
+          .optimizer_moments,
+      Precision::kFP32);
+}
+
 TEST(WorkloadSpec, InferenceModeNeedsInferenceShape) {
   EXPECT_THROW(
       parse_workload(Json::parse(R"({"schema_version": 1, "name": "w", "global_batch_size": 1,

@@ -49,6 +49,14 @@ TEST_F(MemoryTest, ZeroOneByHand) {
   EXPECT_DOUBLE_EQ(m.runtime.gpu, 1000);
 }
 
+// Adam moments in bf16 (DeepSeek-V3): fp32 master 4 + two 2-byte moments = 8 bytes per parameter.
+TEST_F(MemoryTest, Bf16OptimizerMoments) {
+  EXPECT_DOUBLE_EQ(state_bytes_per_param(Precision::kBF16, Precision::kBF16).optimizer, 8);
+  EXPECT_DOUBLE_EQ(state_bytes_per_param(Precision::kFP32, Precision::kBF16).optimizer, 4);
+  workload_.optimizer_moments = Precision::kBF16;
+  EXPECT_DOUBLE_EQ(mem().optimizer_states.gpu, 1144 * 8 / 2.0 + 288 * 8);
+}
+
 TEST_F(MemoryTest, ZeroStagesShardMore) {
   plan_.zero_stage = 2;
   EXPECT_DOUBLE_EQ(mem().gradients.gpu, 1144 * 2 / 2.0 + 288 * 2);

@@ -136,6 +136,21 @@ TEST_F(LowerTest, TensorParallelCollectives) {
   EXPECT_EQ(ag_in_backward, 2 * 32);  // the backward of each reduce-scatter
 }
 
+// FP8 training casts every GEMM's activation input first (one cast per GEMM, forward and backward).
+TEST_F(LowerTest, Fp8CastsBeforeGemms) {
+  const Plan p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32})");
+  const auto bf16 = lower(model_, cluster_, p, work_).stages[0].chunks[0].forward;
+  EXPECT_EQ(count(bf16, "fp8_cast"), 0);
+  const auto fp8 =
+      lower(model_, cluster_, p, train(64, 2048, Precision::kFP8)).stages[0].chunks[0].forward;
+  int gemms = 0;
+  for (const auto& op : fp8)
+    gemms += op.kind == OpKind::kGemm || op.kind == OpKind::kGroupedGemm ? 1 : 0;
+  EXPECT_EQ(count(fp8, "fp8_cast"), gemms);
+  // The FP8 dispatch sends one byte per element; the combine returns bf16.
+  EXPECT_DOUBLE_EQ(find(fp8, "dispatch")->bytes * 2, find(fp8, "combine")->bytes);
+}
+
 // Interleaving: stage s chunk c holds the layers of virtual stage c * pp + s; the embedding sits on
 // the first virtual stage and the LM head on the last.
 TEST_F(LowerTest, InterleavedChunksHoldTheirLayers) {
