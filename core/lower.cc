@@ -333,7 +333,7 @@ void append_backward(const std::vector<OpTemplate>& fwd, std::vector<OpTemplate>
   }
 }
 
-Dims make_dims(const ModelSpec& m, const Plan& p, const Workload& w, const ClusterSpec& c) {
+Dims make_dims(const ModelSpec& m, const Plan& p, const Workload& w) {
   Dims d;
   d.e = w.precision == Precision::kFP32 ? 4.0 : 2.0;
   d.fp8 = w.precision == Precision::kFP8;
@@ -350,7 +350,6 @@ Dims make_dims(const ModelSpec& m, const Plan& p, const Workload& w, const Clust
   d.ppmoe = p.dispatch == Dispatch::kPPMoEIndexSlice;
   d.t = d.mbs * d.seq / d.cp;
   d.ts = d.sp ? d.t / d.tp : d.t;
-  (void)c;
   if (m.moe) {
     const auto ranks = expert_rank_loads(m, p, w);
     const RankExperts& hot = ranks[static_cast<size_t>(most_loaded_rank(ranks))];
@@ -645,10 +644,10 @@ std::vector<std::vector<std::pair<int, int>>> chunk_ranges(const ModelSpec& m, c
   return ranges;
 }
 
-LayerKindsProgram lower_layer_kinds(const ModelSpec& m, const ClusterSpec& c, const Plan& p,
-                                    const Workload& w) {
+LayerKindsProgram lower_layer_kinds(const ModelSpec& m, const ClusterSpec& /*cluster*/,
+                                    const Plan& p, const Workload& w) {
   LayerKindsProgram out;
-  const Dims d = make_dims(m, p, w, c);
+  const Dims d = make_dims(m, p, w);
   for (int l = 0; l < m.num_layers; ++l) {
     int& slot = m.is_moe_layer(l) ? out.moe_layer : out.dense_layer;
     if (slot < 0) slot = l;
@@ -680,7 +679,7 @@ LayerKindsProgram lower_layer_kinds(const ModelSpec& m, const ClusterSpec& c, co
 
 StepProgram lower(const ModelSpec& m, const ClusterSpec& c, const Plan& p, const Workload& w) {
   StepProgram prog = lower_frame(m, c, p, w);
-  const Dims d = make_dims(m, p, w, c);
+  const Dims d = make_dims(m, p, w);
   const auto ranges = chunk_ranges(m, p, prog.pp, prog.vp);
   for (int s = 0; s < prog.pp; ++s) {
     StageProgram& st = prog.stages[static_cast<size_t>(s)];
