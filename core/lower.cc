@@ -39,7 +39,6 @@ class Builder {
     op.name = name;
     op.layer = layer;
     op.stream = stream;
-    op.phase = phase_;
     out_.push_back(std::move(op));
     return out_.back();
   }
@@ -239,7 +238,7 @@ class Builder {
     const bool dispatch = what == "dispatch";
     // FP8 training dispatches FP8 tokens (DeepSeek-V3 section 3.3); the combine returns bf16.
     const double bytes = tok_bytes(d_.dispatch_rows) * (dispatch && d_.fp8 ? 0.5 : 1.0);
-    if (p_.dispatch == Dispatch::kHierarchicalAllToAll && hierarchical_) {
+    if (p_.dispatch == Dispatch::kHierarchicalAllToAll) {
       OpTemplate& a =
           elementwise(dispatch ? "dispatch_transform" : "combine_transform", layer, 2 * bytes, 0);
       a.allocates = alloc;
@@ -257,16 +256,11 @@ class Builder {
     op.frees = release;
   }
 
-  void set_phase(Phase p) { phase_ = p; }
-  void set_hierarchical(bool h) { hierarchical_ = h; }
-
  private:
   const ModelSpec& m_;
   const Plan& p_;
   const Dims& d_;
   std::vector<OpTemplate>& out_;
-  Phase phase_ = Phase::kForward;
-  bool hierarchical_ = false;
 };
 
 // Names of the swapped collectives in the backward.
@@ -469,7 +463,6 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   for (int l = first_layer; l < first_layer + layers; ++l) {
     std::vector<OpTemplate> ops;
     Builder b(m, p, d, ops);
-    b.set_hierarchical(true);
     if (p.zero_stage >= 3) {
       const LayerParams lp = layer_params(m, p, d, l);
       b.comm(Collective::kAllGather, CommGroup::kDp, "zero3_param_all_gather", l,
