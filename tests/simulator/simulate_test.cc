@@ -4,6 +4,7 @@
 #include <map>
 
 #include "cost_models/memory.h"
+#include "simulator/op_cost.h"
 #include "tests/simulator/sim_test_util.h"
 
 namespace switchyard {
@@ -96,6 +97,46 @@ TEST(Simulate, TimelineIsConsistent) {
         << "overlap on stage " << e.stage << " stream " << stream_name(e.stream);
     end = e.end_s;
   }
+}
+
+// Collectives of one stage that load the same link at the same time share its bandwidth: a gradient
+// bucket overlapping an expert all-to-all on the NICs takes longer than alone; a collective that
+// runs alone takes exactly its cost.
+TEST(Simulate, ConcurrentCollectivesShareTheLink) {
+  const ModelSpec m = moe_model();
+  const ClusterSpec cl = a100_nodes(4);
+  Plan p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "zero_stage": 1})");
+  p.grad_bucket_bytes = 1 << 20;
+  const Workload w = train(64, 2048);
+  expect_valid(p, m, cl, w);
+  const CostProfile prof = default_cost_profile(cl);
+  SimulateOptions o;
+  o.record_timeline = true;
+  const Prediction s = simulate(m, cl, p, w, prof, o);
+  std::vector<const TimelineEvent*> nic;
+  for (const auto& e : s.timeline)
+    if (e.op && e.op->kind == OpKind::kCollective &&
+        op_cost(*e.op, *s.program, cl, prof, w.precision).link == Link::kInterNode)
+      nic.push_back(&e);
+  int stretched = 0, alone_exact = 0;
+  for (const TimelineEvent* e : nic) {
+    bool overlaps = false;
+    for (const TimelineEvent* f : nic)
+      if (f != e && f->stage == e->stage && f->start_s < e->end_s - 1e-12 &&
+          e->start_s < f->end_s - 1e-12)
+        overlaps = true;
+    const double alone = op_cost(*e->op, *s.program, cl, prof, w.precision).time_s;
+    const double took = e->end_s - e->start_s;
+    if (overlaps) {
+      EXPECT_GE(took, alone * (1 - 1e-9)) << e->op->name;
+      stretched += took > alone * 1.01 ? 1 : 0;
+    } else {
+      EXPECT_NEAR(took, alone, 1e-9 * alone + 1e-15) << e->op->name;
+      ++alone_exact;
+    }
+  }
+  EXPECT_GT(stretched, 0) << "no gradient bucket overlapped an all-to-all";
+  EXPECT_GT(alone_exact, 0);
 }
 
 // A hot expert decides its MoE layers: an expert with twice the others' tokens shows in the step.
