@@ -28,6 +28,7 @@ double CostProfile::gemm_efficiency_at(double min_dim) const {
 CostProfile default_cost_profile(const ClusterSpec& cluster) {
   CostProfile p;
   p.name = "default";
+  p.source = "published measurements and stated assumptions (cost_models/profile.cc)";
   // GEMM: the best bf16 matmul shapes reach 80.3% of dense peak on H100 SXM (794.5 of 989 TFLOP/s)
   // and 86.9% on A100 SXM (the "Maximum Achievable Matmul FLOPS" table of stas00/ml-engineering,
   // compute/accelerator/README.md, torch 2.6-2.7); the table's top uses that. The fall-off for thin
@@ -71,6 +72,95 @@ CostProfile default_cost_profile(const ClusterSpec& cluster) {
 
   // CUDA context (~0.5 GiB) + NCCL communicators' buffers + allocator fragmentation: assumption.
   p.runtime_reserved_bytes = int64_t{3} << 29;  // 1.5 GiB
+  return p;
+}
+
+namespace {
+
+// The scalar members, once, for both directions.
+template <typename F>
+void for_each_scalar(CostProfile& p, F&& f) {
+  f("fp8_gemm_efficiency_scale", p.fp8_gemm_efficiency_scale, 0.0, 1.5);
+  f("attention_efficiency", p.attention_efficiency, 0.0, 1.0);
+  f("hbm_efficiency", p.hbm_efficiency, 0.0, 1.0);
+  f("kernel_launch_s", p.kernel_launch_s, -1.0, 1.0);
+  f("host_issue_s", p.host_issue_s, -1.0, 1.0);
+  f("intra_node_efficiency", p.intra_node_efficiency, 0.0, 1.0);
+  f("nvls_efficiency", p.nvls_efficiency, 0.0, 1.0);
+  f("nic_ring_efficiency", p.nic_ring_efficiency, 0.0, 1.0);
+  f("nic_all_to_all_efficiency", p.nic_all_to_all_efficiency, 0.0, 1.0);
+  f("nic_half_bw_message_bytes", p.nic_half_bw_message_bytes, -1.0, 1e12);
+  f("collective_base_s", p.collective_base_s, -1.0, 1.0);
+  f("p2p_issue_s", p.p2p_issue_s, -1.0, 1.0);
+  f("pcie_efficiency", p.pcie_efficiency, 0.0, 1.0);
+  f("pcie_latency_s", p.pcie_latency_s, -1.0, 1.0);
+  f("dram_efficiency", p.dram_efficiency, 0.0, 1.0);
+  f("ssd_efficiency", p.ssd_efficiency, 0.0, 1.0);
+  f("ssd_latency_s", p.ssd_latency_s, -1.0, 1.0);
+}
+
+}  // namespace
+
+Json to_json(const CostProfile& p) {
+  Json j = {{"name", p.name}, {"source", p.source}};
+  Json table = Json::array();
+  for (const auto& pt : p.gemm_efficiency) table.push_back({pt.min_dim, pt.efficiency});
+  j["gemm_efficiency"] = table;
+  CostProfile copy = p;
+  for_each_scalar(copy, [&](const char* key, double& v, double, double) { j[key] = v; });
+  j["runtime_reserved_bytes"] = p.runtime_reserved_bytes;
+  return j;
+}
+
+CostProfile apply_profile_json(const Json& j, CostProfile p) {
+  std::vector<ConfigIssue> issues;
+  JsonReader r(j, "profile", issues);
+  if (!r.is_object()) throw ConfigError(std::move(issues));
+  r.optional("name", &p.name);
+  r.optional("source", &p.source);
+  // Efficiencies must be in (lo, hi]; times and sizes (lo = -1) in [0, hi].
+  for_each_scalar(p, [&](const char* key, double& v, double lo, double hi) {
+    double x = 0;
+    if (!r.optional(key, &x)) return;
+    const bool fraction = lo >= 0;
+    if ((fraction && !(x > lo && x <= hi)) || (!fraction && !(x >= 0 && x <= hi))) {
+      r.add_issue(r.path_of(key), std::string("must be in ") + (fraction ? "(0, " : "[0, ") +
+                                      Json(hi).dump() + "], got " + Json(x).dump());
+      return;
+    }
+    v = x;
+  });
+  r.optional("runtime_reserved_bytes", &p.runtime_reserved_bytes, 0);
+  if (const Json* t = r.child("gemm_efficiency", false)) {
+    const std::string path = r.path_of("gemm_efficiency");
+    std::vector<EfficiencyPoint> table;
+    if (!t->is_array() || t->empty()) {
+      r.add_issue(path, "expected a non-empty array of [min_dim, efficiency] pairs");
+    } else {
+      for (size_t i = 0; i < t->size(); ++i) {
+        const Json& pt = (*t)[i];
+        const std::string ip = index_path(path, i);
+        if (!pt.is_array() || pt.size() != 2) {
+          r.add_issue(ip, "expected [min_dim, efficiency]");
+          continue;
+        }
+        auto dim = read_number(pt[0], ip + "[0]", issues);
+        auto eff = read_number(pt[1], ip + "[1]", issues);
+        if (!dim || !eff) continue;
+        if (!(*dim >= 1))
+          r.add_issue(ip + "[0]", "must be >= 1");
+        else if (!(*eff > 0 && *eff <= 1))
+          r.add_issue(ip + "[1]", "must be in (0, 1]");
+        else if (!table.empty() && *dim <= table.back().min_dim)
+          r.add_issue(ip + "[0]", "min_dim must increase along the table");
+        else
+          table.push_back({*dim, *eff});
+      }
+      if (table.size() == t->size()) p.gemm_efficiency = std::move(table);
+    }
+  }
+  r.finish();
+  throw_if_any(std::move(issues));
   return p;
 }
 

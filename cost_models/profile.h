@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/cluster.h"
+#include "core/json_io.h"
 
 namespace switchyard {
 
@@ -23,7 +24,8 @@ struct EfficiencyPoint {
 };
 
 struct CostProfile {
-  std::string name;  // "default" or the calibration it came from
+  std::string name;    // "default" or the calibration it came from
+  std::string source;  // where the constants come from (a calibration run, a paper)
 
   // --- Compute.
   std::vector<EfficiencyPoint> gemm_efficiency;  // at bf16 (and fp32/tf32)
@@ -60,5 +62,12 @@ struct CostProfile {
 
 // The default profile for a cluster: published-measurement-based fractions (see profile.cc).
 CostProfile default_cost_profile(const ClusterSpec& cluster);
+
+// JSON form of a profile (the keys are the member names). Reading applies a profile file over a
+// base profile: a calibration names only what it measured and the rest keeps the base's values.
+// Unknown keys, wrong types and values out of range are ConfigErrors with their path under
+// `profile`.
+Json to_json(const CostProfile& p);
+CostProfile apply_profile_json(const Json& j, CostProfile base);
 
 }  // namespace switchyard

@@ -198,9 +198,20 @@ int cmd_list(const Common& common, const std::string& what) {
   return 0;
 }
 
+// The default profile for a cluster, with a calibration file's constants over it when given.
+sy::CostProfile load_profile(const sy::ClusterSpec& cluster, const std::string& path) {
+  sy::CostProfile prof = sy::default_cost_profile(cluster);
+  if (path.empty()) return prof;
+  try {
+    return sy::apply_profile_json(sy::load_json_file(path), std::move(prof));
+  } catch (const sy::ConfigError& e) {
+    throw sy::with_file(e, path);
+  }
+}
+
 int cmd_collective(const Common& common, const std::string& cluster_name, int nodes,
-                   const std::string& op_name, const std::string& min_size,
-                   const std::string& max_size, int ranks_per_node) {
+                   const std::string& profile, const std::string& op_name,
+                   const std::string& min_size, const std::string& max_size, int ranks_per_node) {
   const sy::ConfigRegistry reg = common.registry();
   sy::ClusterSpec c = reg.load_cluster(cluster_name);
   if (nodes > 0) c = sy::with_nodes(std::move(c), nodes);
@@ -230,7 +241,7 @@ int cmd_collective(const Common& common, const std::string& cluster_name, int no
                                                   std::to_string(c.gpus_per_node) +
                                                   " GPUs of a node");
   const sy::GroupLayout g{ranks_per_node * c.num_nodes, ranks_per_node};
-  const sy::CostProfile prof = sy::default_cost_profile(c);
+  const sy::CostProfile prof = load_profile(c, profile);
   std::cout << "# predicted " << op_name << " on " << c.name << ": " << c.num_nodes << " node(s) x "
             << ranks_per_node << " ranks, cost profile \"" << prof.name << "\"\n";
   std::cout
@@ -248,12 +259,12 @@ int cmd_collective(const Common& common, const std::string& cluster_name, int no
 
 std::string pct(double v) { return fmt("%.1f%%", 100.0 * v); }
 
-void print_prediction(const sy::Inputs& in, const sy::Prediction& p) {
+void print_prediction(const sy::Inputs& in, const sy::Prediction& p, const sy::CostProfile& prof) {
   const double hbm = static_cast<double>(in.cluster.gpu.hbm_bytes);
   std::cout << in.model.name << " on " << p.gpus << "x " << in.cluster.gpu.name << " ("
             << in.cluster.num_nodes << " node" << (in.cluster.num_nodes > 1 ? "s" : "")
             << "), plan " << plan_summary(in.plan) << ", " << sy::enum_name(in.workload.precision)
-            << ", fidelity " << p.fidelity << "\n";
+            << ", fidelity " << p.fidelity << ", cost profile \"" << prof.name << "\"\n";
   std::cout << "  step time        " << fmt("%.3f s", p.step_time_s) << "\n";
   std::cout << "  throughput       " << fmt("%.0f tokens/s", p.tokens_per_s) << " ("
             << fmt("%.0f per GPU", p.tokens_per_s_per_gpu) << ")\n";
@@ -300,7 +311,7 @@ void print_prediction(const sy::Inputs& in, const sy::Prediction& p) {
 }
 
 int cmd_simulate(const Common& common, const sy::InputNames& names, const std::string& fidelity,
-                 const std::string& trace, bool json) {
+                 const std::string& trace, const std::string& profile, bool json) {
   const sy::ConfigRegistry reg = common.registry();
   const sy::Inputs in = sy::load_inputs(reg, names);
   auto issues = sy::validate(in.plan, in.model, in.cluster, in.workload);
@@ -309,7 +320,7 @@ int cmd_simulate(const Common& common, const sy::InputNames& names, const std::s
         {"workload.mode",
          "simulate predicts training steps; inference workloads are not simulated yet"});
   if (!issues.empty()) throw sy::ConfigError(std::move(issues));
-  const sy::CostProfile prof = sy::default_cost_profile(in.cluster);
+  const sy::CostProfile prof = load_profile(in.cluster, profile);
   // Memory first: a plan that does not fit is reported with its numbers, not simulated.
   const sy::MemoryBreakdown mem =
       sy::peak_memory_per_gpu(in.model, in.cluster, in.plan, in.workload, prof);
@@ -341,9 +352,10 @@ int cmd_simulate(const Common& common, const sy::InputNames& names, const std::s
     out["nodes"] = in.cluster.num_nodes;
     out["plan"] = sy::to_json(in.plan);
     out["workload"] = in.workload.name;
+    out["profile"] = prof.name;
     std::cout << out.dump(2) << "\n";
   } else {
-    print_prediction(in, p);
+    print_prediction(in, p, prof);
     if (!trace.empty()) std::cout << "  trace written to " << trace << "\n";
   }
   return 0;
@@ -384,7 +396,7 @@ int main(int argc, char** argv) {
   validate->add_flag("--json", json, "Print the result as JSON");
 
   sy::InputNames sim_names;
-  std::string sim_fidelity = "simulate", sim_trace;
+  std::string sim_fidelity = "simulate", sim_trace, sim_profile;
   bool sim_json = false;
   auto* simulate = app.add_subcommand(
       "simulate", "Predict one training step: time, throughput, MFU, memory per tier");
@@ -394,6 +406,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"estimate", "simulate"}));
   simulate->add_option("--trace", sim_trace,
                        "Write the timeline as Chrome trace-event JSON (Perfetto)");
+  simulate->add_option(
+      "--profile", sim_profile,
+      "Cost-model constants (JSON) over the defaults, e.g. a calibration's output");
   simulate->add_flag("--json", sim_json, "Print the prediction as JSON");
 
   std::string info_model, info_cluster;
@@ -410,7 +425,7 @@ int main(int argc, char** argv) {
   list->add_option("kind", list_what, "models, clusters, plans or workloads (default: all)")
       ->check(CLI::IsMember({"models", "clusters", "plans", "workloads"}));
 
-  std::string coll_cluster, coll_op = "all_reduce", coll_min = "1M", coll_max = "8G";
+  std::string coll_cluster, coll_op = "all_reduce", coll_min = "1M", coll_max = "8G", coll_profile;
   int coll_nodes = 0, coll_rpn = 0;
   auto* coll = app.add_subcommand("collective",
                                   "Predicted time and bus bandwidth of a collective over sizes "
@@ -423,6 +438,7 @@ int main(int argc, char** argv) {
                    "hierarchical_all_to_all, broadcast");
   coll->add_option("--min-bytes", coll_min, "Smallest size (e.g. 1M)");
   coll->add_option("--max-bytes", coll_max, "Largest size (e.g. 8G)");
+  coll->add_option("--profile", coll_profile, "Cost-model constants (JSON) over the defaults");
   coll->add_option("--ranks-per-node", coll_rpn, "Group members per node (default: every GPU)")
       ->check(CLI::PositiveNumber);
 
@@ -439,7 +455,8 @@ int main(int argc, char** argv) {
 
   try {
     if (*validate) return cmd_validate(common, names, json);
-    if (*simulate) return cmd_simulate(common, sim_names, sim_fidelity, sim_trace, sim_json);
+    if (*simulate)
+      return cmd_simulate(common, sim_names, sim_fidelity, sim_trace, sim_profile, sim_json);
     if (*info) {
       if (info_model.empty() && info_cluster.empty())
         throw sy::ConfigError("info", "give --model and/or --cluster");
@@ -447,8 +464,8 @@ int main(int argc, char** argv) {
     }
     if (*list) return cmd_list(common, list_what);
     if (*coll)
-      return cmd_collective(common, coll_cluster, coll_nodes, coll_op, coll_min, coll_max,
-                            coll_rpn);
+      return cmd_collective(common, coll_cluster, coll_nodes, coll_profile, coll_op, coll_min,
+                            coll_max, coll_rpn);
   } catch (const sy::ConfigError& e) {
     if ((*validate && json) || (*simulate && sim_json)) {
       sy::Json out = {{"ok", false}, {"issues", sy::Json::array()}};

@@ -220,6 +220,23 @@ TEST_F(CliTest, SimulatePrintsSummaryJsonAndTrace) {
   EXPECT_EQ(stages, 4);  // one process per pipeline stage
 }
 
+// A calibration profile over the defaults changes the prediction: half the GEMM efficiency, slower.
+TEST_F(CliTest, SimulateTakesACostProfile) {
+  const Json base = Json::parse(run("simulate --plan llama3-70b-nemo --json").output);
+  const std::string slow =
+      write("slow.json", R"({"name": "half", "gemm_efficiency": [[16, 0.025], [4096, 0.4]]})");
+  const Result r = run("simulate --plan llama3-70b-nemo --json --profile " + slow);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const Json j = Json::parse(r.output);
+  EXPECT_EQ(j.at("profile"), "half");
+  EXPECT_GT(j.at("step_time_s").get<double>(), 1.3 * base.at("step_time_s").get<double>());
+  const std::string bad = write("bad_profile.json", R"({"gemm_efficiency": "fast"})");
+  const Result b = run("simulate --plan llama3-70b-nemo --profile " + bad);
+  EXPECT_EQ(b.exit_code, 2) << b.output;
+  EXPECT_NE(b.output.find("profile.gemm_efficiency"), std::string::npos) << b.output;
+  EXPECT_NE(b.output.find("bad_profile.json"), std::string::npos) << b.output;
+}
+
 TEST_F(CliTest, SimulateRefusesInvalidAndOversizedPlans) {
   Result r = run("simulate --plan mixtral-8x7b-megatron --nodes 4");
   EXPECT_EQ(r.exit_code, 2) << r.output;

@@ -1,0 +1,56 @@
+#include "cost_models/profile.h"
+
+#include <gtest/gtest.h>
+
+#include "tests/core/test_util.h"
+
+namespace switchyard {
+namespace {
+
+CostProfile base() { return default_cost_profile(testing::bundled().load_cluster("dgx-h100")); }
+
+TEST(Profile, JsonRoundTrip) {
+  CostProfile p = base();
+  p.name = "calibrated";
+  p.gemm_efficiency = {{64, 0.3}, {4096, 0.7}};
+  p.nic_ring_efficiency = 0.85;
+  const CostProfile q = apply_profile_json(to_json(p), default_cost_profile(ClusterSpec{}));
+  EXPECT_EQ(q.name, "calibrated");
+  ASSERT_EQ(q.gemm_efficiency.size(), 2u);
+  EXPECT_DOUBLE_EQ(q.gemm_efficiency[1].efficiency, 0.7);
+  EXPECT_DOUBLE_EQ(q.nic_ring_efficiency, 0.85);
+  EXPECT_DOUBLE_EQ(q.host_issue_s, p.host_issue_s);
+  EXPECT_EQ(q.runtime_reserved_bytes, p.runtime_reserved_bytes);
+}
+
+// A calibration names only what it measured; the rest keeps the base's values.
+TEST(Profile, PartialOverride) {
+  const CostProfile b = base();
+  const CostProfile q =
+      apply_profile_json(Json::parse(R"({"name": "h100-lab", "attention_efficiency": 0.42})"), b);
+  EXPECT_EQ(q.name, "h100-lab");
+  EXPECT_DOUBLE_EQ(q.attention_efficiency, 0.42);
+  EXPECT_DOUBLE_EQ(q.hbm_efficiency, b.hbm_efficiency);
+  EXPECT_EQ(q.gemm_efficiency.size(), b.gemm_efficiency.size());
+}
+
+TEST(Profile, RejectsUnknownKeysAndValuesOutOfRange) {
+  try {
+    apply_profile_json(
+        Json::parse(R"({"hbm_efficency": 0.9, "nvls_efficiency": 1.5, "kernel_launch_s": -1,
+                                       "gemm_efficiency": [[128, 0.5], [64, 0.6], [256, 2]]})"),
+        base());
+    FAIL() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    const std::string all = e.what();
+    for (const char* expected :
+         {"profile.hbm_efficency: unknown key", "profile.nvls_efficiency: must be in (0, 1",
+          "profile.kernel_launch_s: must be in [0, 1",
+          "profile.gemm_efficiency[1][0]: min_dim must increase",
+          "profile.gemm_efficiency[2][1]: must be in (0, 1]"})
+      EXPECT_NE(all.find(expected), std::string::npos) << expected << "\n" << all;
+  }
+}
+
+}  // namespace
+}  // namespace switchyard
