@@ -434,6 +434,97 @@ class BucketFiller {
   double dense_ = 0, expert_ = 0;
 };
 
+OpTemplate copy_op(std::string_view name, CopyPath path, double bytes, int layer, Phase phase) {
+  OpTemplate op;
+  op.kind = OpKind::kCopy;
+  op.stream = StreamKind::kCopy;
+  op.phase = phase;
+  op.name = name;
+  op.layer = layer;
+  op.copy = path;
+  op.bytes = bytes;
+  op.async = true;
+  return op;
+}
+
+// The copies that bring a layer's offloaded parameters to the GPU: down the levels, SSD -> host
+// -> GPU (the GPU copy waits for the SSD read, set by with_prefetches).
+std::vector<OpTemplate> param_fetches(const ModelSpec& m, const Plan& p, const Dims& d, int layer,
+                                      Phase phase) {
+  const LayerParams lp = layer_params(m, p, d, layer);
+  double host = 0, ssd = 0;
+  for (const auto& [tier, params] : {std::pair{p.placement.dense_params, lp.dense},
+                                     std::pair{p.placement.expert_params, lp.expert}}) {
+    if (tier == Tier::kCPU) host += params * d.param_bytes;
+    if (tier == Tier::kSSD) ssd += params * d.param_bytes;
+  }
+  std::vector<OpTemplate> out;
+  if (ssd > 0) out.push_back(copy_op("param_ssd_read", CopyPath::kSsdToHost, ssd, layer, phase));
+  if (host + ssd > 0)
+    out.push_back(copy_op("param_fetch", CopyPath::kHostToGpu, host + ssd, layer, phase));
+  return out;
+}
+
+// Offloaded gradients leave the GPU as the layer's backward produces them (and go on to the SSD).
+void grad_offload(const ModelSpec& m, const Plan& p, const Dims& d, int layer,
+                  std::vector<OpTemplate>& out) {
+  if (p.placement.gradients == Tier::kGPU) return;
+  const LayerParams lp = layer_params(m, p, d, layer);
+  const double bytes = (lp.dense + lp.expert) * d.grad_bytes;
+  out.push_back(copy_op("grad_offload", CopyPath::kGpuToHost, bytes, layer, Phase::kBackward));
+  if (p.placement.gradients == Tier::kSSD) {
+    OpTemplate w = copy_op("grad_ssd_write", CopyPath::kHostToSsd, bytes, layer, Phase::kBackward);
+    w.wait_for = static_cast<int>(out.size()) - 1;
+    out.push_back(std::move(w));
+  }
+}
+
+// Rebuilds `ops` with each layer's fetches issued `depth` layers ahead of its use. begins[i] is
+// where the i-th layer in order of use starts in `ops`, fetches[i] its copies; the layer's first op
+// waits for its last copy. Indices in wait_for are remapped to the new list.
+std::vector<OpTemplate> with_prefetches(const std::vector<OpTemplate>& ops,
+                                        const std::vector<size_t>& begins,
+                                        std::vector<std::vector<OpTemplate>> fetches, int depth) {
+  bool any = false;
+  for (const auto& f : fetches) any = any || !f.empty();
+  if (!any) return ops;
+  const size_t n = begins.size();
+  std::vector<OpTemplate> out;
+  std::vector<int> new_index(ops.size(), -1);
+  std::vector<int> ready(n, -1);
+  auto issue = [&](size_t i) {
+    int prev = -1;
+    for (OpTemplate& f : fetches[i]) {
+      if (prev >= 0) f.wait_for = prev;  // the GPU copy waits for the SSD read
+      out.push_back(std::move(f));
+      prev = static_cast<int>(out.size()) - 1;
+    }
+    ready[i] = prev;
+  };
+  size_t next = 0;
+  int pending = -1;
+  for (size_t pos = 0; pos <= ops.size(); ++pos) {
+    while (next < n && begins[next] == pos) {
+      if (next == 0)
+        for (size_t i = 0; i < n && i <= static_cast<size_t>(depth); ++i) issue(i);
+      else if (next + static_cast<size_t>(depth) < n)
+        issue(next + static_cast<size_t>(depth));
+      pending = ready[next];
+      ++next;
+    }
+    if (pos == ops.size()) break;
+    OpTemplate op = ops[pos];
+    if (op.wait_for >= 0) op.wait_for = new_index[static_cast<size_t>(op.wait_for)];
+    if (pending >= 0) {
+      op.wait_for = pending;
+      pending = -1;
+    }
+    new_index[pos] = static_cast<int>(out.size());
+    out.push_back(std::move(op));
+  }
+  return out;
+}
+
 ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int first_layer,
                          int layers, bool embedding, bool head) {
   ChunkProgram cp;
@@ -494,16 +585,33 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
              8.0 * static_cast<double>(d.t));
   }
 
+  // Offloaded parameters come to the GPU before each use, `depth` layers ahead when the plan
+  // prefetches ahead in time (SE-MoE's 2D prefetch), right before the layer otherwise.
+  const bool ahead = p.prefetch.direction == PrefetchDirection::kAhead ||
+                     p.prefetch.direction == PrefetchDirection::k2D;
+  const int depth = ahead ? p.prefetch.depth : 0;
+  std::vector<size_t> fwd_begins;
+  std::vector<std::vector<OpTemplate>> fwd_fetches;
   cp.forward.insert(cp.forward.end(), embed_fwd.begin(), embed_fwd.end());
-  for (const auto& ops : layer_fwd) cp.forward.insert(cp.forward.end(), ops.begin(), ops.end());
+  for (int i = 0; i < layers; ++i) {
+    fwd_begins.push_back(cp.forward.size());
+    fwd_fetches.push_back(param_fetches(m, p, d, first_layer + i, Phase::kForward));
+    const auto& ops = layer_fwd[static_cast<size_t>(i)];
+    cp.forward.insert(cp.forward.end(), ops.begin(), ops.end());
+  }
   cp.forward.insert(cp.forward.end(), head_fwd.begin(), head_fwd.end());
+  cp.forward = with_prefetches(cp.forward, fwd_begins, std::move(fwd_fetches), depth);
 
   // Backward: head, then layers in reverse (recomputing what the plan recomputes), then embedding.
   append_backward(head_fwd, cp.backward);
   BucketFiller buckets(p, d, cp.backward);
+  std::vector<size_t> bwd_begins;
+  std::vector<std::vector<OpTemplate>> bwd_fetches;
   for (int i = layers - 1; i >= 0; --i) {
     const int l = first_layer + i;
     const std::vector<OpTemplate>& fwd = layer_fwd[static_cast<size_t>(i)];
+    bwd_begins.push_back(cp.backward.size());
+    bwd_fetches.push_back(param_fetches(m, p, d, l, Phase::kBackward));
     if (p.recompute == Recompute::kFull) {
       // Re-run the layer's forward from its saved input; its activations live until the layer's
       // backward ends.
@@ -529,10 +637,12 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
     append_backward(fwd, cp.backward);
     if (p.recompute == Recompute::kFull)
       cp.backward.back().frees |= bit(TensorClass::kRecomputeWorkspace);
+    grad_offload(m, p, d, l, cp.backward);
     buckets.add(layer_params(m, p, d, l), l);
   }
   buckets.flush(first_layer);
   append_backward(embed_fwd, cp.backward);
+  cp.backward = with_prefetches(cp.backward, bwd_begins, std::move(bwd_fetches), depth);
   return cp;
 }
 

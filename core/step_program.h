@@ -39,7 +39,10 @@ enum class OpKind {
   kOptimizer,    // Adam over `bytes` of state on the GPU (or `cpu`: on the host)
   kCollective,   // `collective` over `group`, nccl-tests size `bytes`
   kSendRecv,     // pipeline activation or gradient to the neighbouring stage
+  kCopy,         // `bytes` between storage tiers along `copy` (offloaded params, grads)
 };
+
+enum class CopyPath { kHostToGpu, kGpuToHost, kSsdToHost, kHostToSsd };
 
 enum class CommGroup { kNone, kTp, kCp, kEp, kEpIntra, kEpInter, kExpertTp, kDp, kExpertDp, kPp };
 inline constexpr int kNumGroups = 10;
@@ -75,7 +78,10 @@ struct OpTemplate {
   Collective collective = Collective::kAllReduce;
   CommGroup group = CommGroup::kNone;
   bool on_cpu = false;            // kOptimizer: host Adam (ZeRO-Offload)
-  bool async = false;             // nothing in the unit waits for it (gradient buckets)
+  CopyPath copy = CopyPath::kHostToGpu;  // kCopy
+  bool async = false;             // nothing in the unit waits for it (gradient buckets, prefetches)
+  int wait_for = -1;              // index (same op list) of one more op this one waits for: the
+                                  // prefetch of its layer's parameters
   bool last_micro_batch = false;  // issued only in the unit of the last micro-batch (grad sync)
   int64_t tokens = 0;             // tokens (or rows) the op processes
   TensorMask allocates = 0;       // tensors that come to life when the op starts

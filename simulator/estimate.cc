@@ -30,6 +30,7 @@ struct ListTime {
   double comm_s[kNumStreams] = {};
   double async_s = 0;  // gradient buckets (issued in the last micro-batch only)
   double last_bucket_s = 0;
+  double copy_s = 0;  // moves between storage tiers (offloaded parameters and gradients)
 };
 
 ListTime sum_ops(const std::vector<OpTemplate>& ops, const StepProgram& frame, const ClusterSpec& c,
@@ -37,6 +38,10 @@ ListTime sum_ops(const std::vector<OpTemplate>& ops, const StepProgram& frame, c
   ListTime t;
   for (const OpTemplate& op : ops) {
     const double s = op_cost(op, frame, c, prof, prec).time_s;
+    if (op.kind == OpKind::kCopy) {
+      t.copy_s += s;
+      continue;
+    }
     if (op.async) {
       t.async_s += s;
       t.last_bucket_s = s;
@@ -51,12 +56,21 @@ ListTime sum_ops(const std::vector<OpTemplate>& ops, const StepProgram& frame, c
   return t;
 }
 
+// Copy time a layer cannot hide: all of it without prefetching ahead; with `depth` layers of
+// prefetch, what the previous `depth` layers' compute does not cover.
+double exposed_copy(const ListTime& t, int depth) {
+  return depth == 0 ? t.copy_s : std::max(0.0, t.copy_s - depth * t.sync_s);
+}
+
 struct UnitTime {
-  double fwd = 0, bwd = 0, compute = 0, async = 0, last_bucket = 0;
+  double fwd = 0, bwd = 0, compute = 0, async = 0, last_bucket = 0, stall = 0;
   double comm[kNumStreams] = {};
+  int depth = 0;
   void add(const ListTime& f, const ListTime& b, double times) {
-    fwd += times * f.sync_s;
-    bwd += times * b.sync_s;
+    const double stall_f = exposed_copy(f, depth), stall_b = exposed_copy(b, depth);
+    fwd += times * (f.sync_s + stall_f);
+    bwd += times * (b.sync_s + stall_b);
+    stall += times * (stall_f + stall_b);
     compute += times * (f.compute_s + b.compute_s);
     for (int i = 0; i < kNumStreams; ++i) comm[i] += times * (f.comm_s[i] + b.comm_s[i]);
     async += times * (f.async_s + b.async_s);
@@ -86,8 +100,11 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   const ListTime head_b = sum_ops(kinds.head.backward, frame, c, prof, prec);
   std::vector<UnitTime> stage(static_cast<size_t>(pp));
   std::vector<double> step_s(static_cast<size_t>(pp), 0.0);
+  const bool ahead = plan.prefetch.direction == PrefetchDirection::kAhead ||
+                     plan.prefetch.direction == PrefetchDirection::k2D;
   for (int s = 0; s < pp; ++s) {
     UnitTime& u = stage[static_cast<size_t>(s)];
+    u.depth = ahead ? plan.prefetch.depth : 0;
     u.add(dense_f, dense_b, kinds.dense_layers_per_stage[static_cast<size_t>(s)]);
     u.add(moe_f, moe_b, kinds.moe_layers_per_stage[static_cast<size_t>(s)]);
     if (s == 0) u.add(embed_f, embed_b, 1);
@@ -137,9 +154,10 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
                      dp_exposed_s[static_cast<size_t>(slowest)];
   p.time.pp_comm_s = 2.0 * (pp - 1) * p2p;
   p.time.optimizer_s = step_s[static_cast<size_t>(slowest)];
+  p.time.stall_s = mbs * u.stall;
   p.time.bubble_s = std::max(
       0.0, step_time - (p.time.compute_s + p.time.tp_comm_s + p.time.cp_comm_s + p.time.ep_comm_s +
-                        p.time.dp_comm_s + p.time.pp_comm_s + p.time.optimizer_s));
+                        p.time.dp_comm_s + p.time.pp_comm_s + p.time.optimizer_s + p.time.stall_s));
 
   double best = -1;
   for (int s = 0; s < pp; ++s) {
@@ -157,7 +175,8 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   p.notes.push_back(
       "estimate: pipeline time = micro-batches x slowest stage + the other stages' fill and drain "
       "(divided by vp); gradient buckets are assumed to overlap the last backward unit; concurrent "
-      "collectives do not share links; --fidelity simulate times every op");
+      "collectives do not share links; a layer's parameter copy hides behind the compute of the "
+      "`depth` layers before it; --fidelity simulate times every op");
   fill_throughput(p, m, c, plan, w);
   return p;
 }

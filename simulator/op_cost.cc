@@ -72,6 +72,17 @@ OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec&
       out.time_s = send_recv_cost(op.bytes, true, c, prof).time_s;
       out.link = Link::kIntraNode;
       break;
+    case OpKind::kCopy: {
+      // Every GPU of the node moves its share at once: DRAM and the SSDs are shared.
+      static constexpr TransferPath kPaths[] = {TransferPath::kHostToGpu, TransferPath::kGpuToHost,
+                                                TransferPath::kSsdToHost, TransferPath::kHostToSsd};
+      out.time_s =
+          transfer_cost(kPaths[static_cast<int>(op.copy)], op.bytes, c, prof, c.gpus_per_node)
+              .time_s;
+      out.link = op.copy == CopyPath::kSsdToHost || op.copy == CopyPath::kHostToSsd ? Link::kSsd
+                                                                                    : Link::kPcie;
+      break;
+    }
   }
   // The host issues one op at a time: no op completes faster than its issue (host-bound steps).
   if (!op.on_cpu) out.time_s = std::max(out.time_s, prof.host_issue_s);

@@ -10,7 +10,8 @@
 
 namespace switchyard {
 
-enum class Link : uint8_t { kNone, kIntraNode, kInterNode };
+enum class Link : uint8_t { kNone, kIntraNode, kInterNode, kPcie, kSsd };
+inline constexpr int kNumLinks = 5;
 
 struct OpCost {
   double time_s = 0;

@@ -122,11 +122,14 @@ class Simulation {
         const bool last_mb = item.micro_batch == m - 1;
         UnitRef& unit = units_[unit_index(s, item.chunk, item.micro_batch, item.backward)];
         int32_t prev = prev_unit_last;
+        local_.assign(ops.size(), kNoInst);
         for (size_t i = 0; i < ops.size(); ++i) {
           const OpTemplate& op = ops[i];
           if (op.last_micro_batch && !(item.backward && last_mb)) continue;
           const int32_t id = add(&op, costs[i], s, item.micro_batch, item.chunk, op.stream);
+          local_[i] = id;
           edge(prev, id);
+          if (op.wait_for >= 0) edge(local_[static_cast<size_t>(op.wait_for)], id);
           if (unit.first == kNoInst) unit.first = id;
           if (op.async)
             async_ops.push_back(id);
@@ -201,7 +204,7 @@ class Simulation {
   }
 
   LinkState& link_of(const Inst& in) {
-    return links_[static_cast<size_t>(in.stage) * 3 + static_cast<size_t>(in.cost.link)];
+    return links_[static_cast<size_t>(in.stage) * kNumLinks + static_cast<size_t>(in.cost.link)];
   }
 
   // Advances the shared link's ops to `now`, then reschedules their ends.
@@ -260,7 +263,7 @@ class Simulation {
   }
 
   void loop() {
-    links_.assign(static_cast<size_t>(prog_.pp) * 3, {});
+    links_.assign(static_cast<size_t>(prog_.pp) * kNumLinks, {});
     dyn_.assign(static_cast<size_t>(prog_.pp), {});
     sizes_ = dynamic_tensor_bytes(m_, plan_, w_);
     for (size_t q = 0; q < queues_.size(); ++q) try_start(q, 0.0);
@@ -437,6 +440,7 @@ class Simulation {
   std::vector<std::vector<int32_t>> queues_;
   std::vector<size_t> heads_;
   std::vector<UnitRef> units_;
+  std::vector<int32_t> local_;  // template index -> instance of the unit being built
   std::vector<LinkState> links_;
   std::vector<StageMemory> dyn_;
   DynamicTensorBytes sizes_;

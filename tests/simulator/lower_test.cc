@@ -151,6 +151,48 @@ TEST_F(LowerTest, Fp8CastsBeforeGemms) {
   EXPECT_DOUBLE_EQ(find(fp8, "dispatch")->bytes * 2, find(fp8, "combine")->bytes);
 }
 
+// Offloaded parameters are fetched before each use: right before the layer without prefetching,
+// `depth` layers ahead with it; the layer's first op waits for its fetch. SSD-resident ones come
+// down the levels (SSD -> host -> GPU).
+TEST_F(LowerTest, OffloadedParametersAreFetchedAhead) {
+  Plan p = plan_of(
+      R"({"schema_version": 1, "dp": 32, "ep": 32, "placement": {"expert_params": "cpu"}})");
+  auto fwd = lower(model_, cluster_, p, work_).stages[0].chunks[0].forward;
+  ASSERT_EQ(count(fwd, "param_fetch"), 8);
+  // Without prefetch the fetch of layer 3 sits right before layer 3's first op, which waits for it.
+  for (size_t i = 0; i < fwd.size(); ++i)
+    if (fwd[i].name == "param_fetch" && fwd[i].layer == 3) {
+      EXPECT_TRUE(fwd[i].async);
+      EXPECT_EQ(fwd[i + 1].layer, 3);
+      EXPECT_EQ(fwd[i + 1].wait_for, static_cast<int>(i));
+    }
+  p.prefetch = {2, PrefetchDirection::kAhead};
+  fwd = lower(model_, cluster_, p, work_).stages[0].chunks[0].forward;
+  // Layers 0..2 are fetched before layer 0 starts; layer 3's fetch is issued where layer 1 starts.
+  std::vector<int> fetched_before_layer0;
+  for (const auto& op : fwd) {
+    if (op.layer == 0 && op.name != "param_fetch") break;
+    if (op.name == "param_fetch") fetched_before_layer0.push_back(op.layer);
+  }
+  EXPECT_EQ(fetched_before_layer0, (std::vector<int>{0, 1, 2}));
+  for (size_t i = 0; i < fwd.size(); ++i)
+    if (fwd[i].name == "param_fetch" && fwd[i].layer == 3) {
+      EXPECT_EQ(fwd[i + 1].layer, 1);
+    }
+
+  p.placement.expert_params = Tier::kSSD;
+  p.prefetch = {1, PrefetchDirection::k2D};
+  fwd = lower(model_, cluster_, p, work_).stages[0].chunks[0].forward;
+  for (size_t i = 0; i < fwd.size(); ++i)
+    if (fwd[i].name == "param_fetch") {
+      ASSERT_GE(fwd[i].wait_for, 0);
+      EXPECT_EQ(fwd[static_cast<size_t>(fwd[i].wait_for)].name, "param_ssd_read");
+    }
+  p.placement.gradients = Tier::kCPU;
+  EXPECT_EQ(count(lower(model_, cluster_, p, work_).stages[0].chunks[0].backward, "grad_offload"),
+            8);
+}
+
 // Interleaving: stage s chunk c holds the layers of virtual stage c * pp + s; the embedding sits on
 // the first virtual stage and the LM head on the last.
 TEST_F(LowerTest, InterleavedChunksHoldTheirLayers) {

@@ -139,6 +139,28 @@ TEST(Simulate, ConcurrentCollectivesShareTheLink) {
   EXPECT_GT(alone_exact, 0);
 }
 
+// Offloaded expert parameters stall the compute while they load; prefetching layers ahead hides
+// most of it; the stall shows in the breakdown.
+TEST(Simulate, PrefetchHidesParameterCopies) {
+  const ModelSpec m = moe_model(8);
+  const ClusterSpec cl = a100_nodes(1);
+  const Workload w = train(16, 2048);
+  const CostProfile prof = default_cost_profile(cl);
+  Plan p = plan_of(R"({"schema_version": 1, "dp": 8, "ep": 8})");
+  const Prediction on_gpu = simulate(m, cl, p, w, prof);
+  EXPECT_EQ(on_gpu.time.stall_s, 0);
+  p.placement.expert_params = Tier::kCPU;
+  const Prediction blocking = simulate(m, cl, p, w, prof);
+  p.prefetch = {2, PrefetchDirection::kAhead};
+  expect_valid(p, m, cl, w);
+  const Prediction ahead = simulate(m, cl, p, w, prof);
+  EXPECT_GT(blocking.time.stall_s, 0);
+  EXPECT_GT(blocking.step_time_s, on_gpu.step_time_s);
+  EXPECT_LT(ahead.time.stall_s, 0.5 * blocking.time.stall_s);
+  EXPECT_LT(ahead.step_time_s, blocking.step_time_s);
+  EXPECT_NEAR(blocking.time.total(), blocking.step_time_s, 1e-6 * blocking.step_time_s);
+}
+
 // A hot expert decides its MoE layers: an expert with twice the others' tokens shows in the step.
 TEST(Simulate, HotExpertShowsInStepTime) {
   const ModelSpec m = moe_model();
