@@ -25,6 +25,8 @@ struct Dims {
   double param_bytes = 2;            // per parameter
   std::vector<int64_t> expert_rows;  // rows per local expert copy on the most loaded EP rank
   double dispatch_rows = 0;          // rows this rank sends in the dispatch all-to-all
+  int replicated_copies = 0;         // copies on the most loaded rank of experts that have replicas
+  int max_replicas = 1;              // most copies of any expert
 };
 
 class Builder {
@@ -361,6 +363,14 @@ Dims make_dims(const ModelSpec& m, const Plan& p, const Workload& w) {
     }
     d.dispatch_rows =
         static_cast<double>(d.ts) * k * (p.capacity_factor ? *p.capacity_factor : 1.0);
+    // Elastic replicas: how many copies each expert has, and how many of the hot rank's copies
+    // belong to replicated experts (their gradients are all-reduced among the copies).
+    std::vector<int> copies(static_cast<size_t>(m.moe->num_experts), 0);
+    for (const RankExperts& r : ranks)
+      for (const ExpertCopy& c : r.copies) ++copies[static_cast<size_t>(c.expert)];
+    for (int c : copies) d.max_replicas = std::max(d.max_replicas, c);
+    for (const ExpertCopy& c : hot.copies)
+      d.replicated_copies += copies[static_cast<size_t>(c.expert)] > 1 ? 1 : 0;
   }
   return d;
 }
@@ -638,6 +648,16 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
     if (p.recompute == Recompute::kFull)
       cp.backward.back().frees |= bit(TensorClass::kRecomputeWorkspace);
     grad_offload(m, p, d, l, cp.backward);
+    if (m.is_moe_layer(l) && d.replicated_copies > 0) {
+      // Elastic replicas: the copies of a replicated expert sum their gradients before the update.
+      OpTemplate ar = dp_collective(
+          Collective::kAllReduce, CommGroup::kReplicas, "replica_grad_all_reduce", Phase::kBackward,
+          d.replicated_copies * static_cast<double>(expert_params(m)) / p.expert_tp * d.grad_bytes);
+      ar.layer = l;
+      ar.async = true;
+      ar.last_micro_batch = true;
+      cp.backward.push_back(std::move(ar));
+    }
     buckets.add(layer_params(m, p, d, l), l);
   }
   buckets.flush(first_layer);
@@ -717,6 +737,14 @@ StepProgram lower_frame(const ModelSpec& m, const ClusterSpec& c, const Plan& p,
   set(CommGroup::kEpIntra, {ep.ranks_per_node, ep.ranks_per_node});
   set(CommGroup::kEpInter, {ep.nodes(), 1});
   set(CommGroup::kExpertTp, group_layout(p.expert_tp, 1, gpn));
+  // Copies of a replicated expert sit on EP ranks spread over the EP group's nodes.
+  {
+    int replicas = 1;
+    if (p.expert_replicas.kind == ExpertReplicas::Kind::kHot) replicas = p.expert_replicas.replicas;
+    for (int c : p.expert_replicas.per_expert) replicas = std::max(replicas, c);
+    replicas = std::min(replicas, p.ep);
+    set(CommGroup::kReplicas, {replicas, std::max(1, replicas / ep.nodes())});
+  }
   set(CommGroup::kExpertDp, group_layout(std::max(p.expert_dp(), 1), p.expert_tp * p.ep, gpn));
   const int stage_stride = p.tp * p.cp * p.dp;
   set(CommGroup::kPp, group_layout(p.pp, stage_stride, gpn));

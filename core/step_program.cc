@@ -46,6 +46,8 @@ std::string_view group_name(CommGroup g) {
       return "expert_dp";
     case CommGroup::kPp:
       return "pp";
+    case CommGroup::kReplicas:
+      return "replicas";
   }
   return "?";
 }

@@ -44,8 +44,11 @@ enum class OpKind {
 
 enum class CopyPath { kHostToGpu, kGpuToHost, kSsdToHost, kHostToSsd };
 
-enum class CommGroup { kNone, kTp, kCp, kEp, kEpIntra, kEpInter, kExpertTp, kDp, kExpertDp, kPp };
-inline constexpr int kNumGroups = 10;
+enum class CommGroup {
+  kNone, kTp, kCp, kEp, kEpIntra, kEpInter, kExpertTp, kDp, kExpertDp, kPp,
+  kReplicas,  // the copies of a replicated (elastic) expert
+};
+inline constexpr int kNumGroups = 11;
 std::string_view group_name(CommGroup g);
 
 enum class Phase { kForward, kBackward, kRecompute, kStep };

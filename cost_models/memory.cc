@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -332,6 +333,54 @@ MemoryBreakdown peak_memory_per_gpu(const ModelSpec& m, const ClusterSpec& c, co
     }
   }
   return best;
+}
+
+namespace {
+
+std::string gib(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / double(int64_t{1} << 30));
+  return buf;
+}
+
+}  // namespace
+
+std::vector<ConfigIssue> capacity_issues(const ModelSpec& m, const ClusterSpec& c, const Plan& plan,
+                                         const Workload& w, const CostProfile& prof) {
+  std::vector<ConfigIssue> out;
+  MemoryBreakdown worst_gpu, worst_cpu, worst_ssd;
+  double gpu = -1, cpu = -1, ssd = -1;
+  for (int s = 0; s < std::max(plan.pp, 1); ++s) {
+    const MemoryBreakdown mb = memory_per_gpu(m, c, plan, w, prof, s);
+    const TierBytes t = mb.total();
+    if (t.gpu > gpu) gpu = t.gpu, worst_gpu = mb;
+    if (t.cpu > cpu) cpu = t.cpu, worst_cpu = mb;
+    if (t.ssd > ssd) ssd = t.ssd, worst_ssd = mb;
+  }
+  const double hbm = static_cast<double>(c.gpu.hbm_bytes);
+  if (gpu > hbm) {
+    const MemoryBreakdown& mb = worst_gpu;
+    out.push_back(
+        {"plan", "does not fit: stage " + std::to_string(mb.stage) + " needs " + gib(gpu) +
+                     " per GPU (params " + gib(mb.dense_params.gpu + mb.expert_params.gpu) +
+                     ", gradients " + gib(mb.gradients.gpu) + ", optimizer " +
+                     gib(mb.optimizer_states.gpu) + ", activations " + gib(mb.activations.gpu) +
+                     ") but " + c.gpu.name + " has " + gib(hbm)});
+  }
+  const double per_node = c.gpus_per_node;
+  if (cpu * per_node > static_cast<double>(c.host.dram_bytes))
+    out.push_back({"plan.placement",
+                   "host memory does not fit: " + std::to_string(c.gpus_per_node) + " GPUs x " +
+                       gib(cpu) + " (stage " + std::to_string(worst_cpu.stage) +
+                       ") = " + gib(cpu * per_node) + " but a node has " +
+                       gib(static_cast<double>(c.host.dram_bytes)) + " of DRAM"});
+  if (ssd * per_node > static_cast<double>(c.host.ssd_bytes))
+    out.push_back({"plan.placement", "SSD does not fit: " + std::to_string(c.gpus_per_node) +
+                                         " GPUs x " + gib(ssd) + " (stage " +
+                                         std::to_string(worst_ssd.stage) +
+                                         ") = " + gib(ssd * per_node) + " but a node has " +
+                                         gib(static_cast<double>(c.host.ssd_bytes)) + " of SSD"});
+  return out;
 }
 
 }  // namespace switchyard

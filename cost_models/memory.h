@@ -24,6 +24,8 @@
 
 #include <vector>
 
+#include "core/error.h"
+
 #include "core/cluster.h"
 #include "core/expert_load.h"
 #include "core/model.h"
@@ -96,6 +98,12 @@ DynamicTensorBytes dynamic_tensor_bytes(const ModelSpec& m, const Plan& plan, co
 
 MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& c, const Plan& plan,
                                const Workload& w, const CostProfile& prof, int stage);
+// Every tier a plan overflows, with the numbers: a GPU's HBM, the node's DRAM (its GPUs' host
+// shares together) and the node's SSD. Empty when the plan fits. Paths: "plan.placement" for the
+// host tiers, "plan" for HBM.
+std::vector<ConfigIssue> capacity_issues(const ModelSpec& m, const ClusterSpec& c, const Plan& plan,
+                                         const Workload& w, const CostProfile& prof);
+
 // The stage whose GPUs hold the most HBM.
 MemoryBreakdown peak_memory_per_gpu(const ModelSpec& m, const ClusterSpec& c, const Plan& plan,
                                     const Workload& w, const CostProfile& prof);

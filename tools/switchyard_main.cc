@@ -321,19 +321,9 @@ int cmd_simulate(const Common& common, const sy::InputNames& names, const std::s
          "simulate predicts training steps; inference workloads are not simulated yet"});
   if (!issues.empty()) throw sy::ConfigError(std::move(issues));
   const sy::CostProfile prof = load_profile(in.cluster, profile);
-  // Memory first: a plan that does not fit is reported with its numbers, not simulated.
-  const sy::MemoryBreakdown mem =
-      sy::peak_memory_per_gpu(in.model, in.cluster, in.plan, in.workload, prof);
-  const double hbm = static_cast<double>(in.cluster.gpu.hbm_bytes);
-  if (mem.total().gpu > hbm) {
-    throw sy::ConfigError("plan", "does not fit: stage " + std::to_string(mem.stage) + " needs " +
-                                      gib(mem.total().gpu) + " per GPU (params " +
-                                      gib(mem.dense_params.gpu + mem.expert_params.gpu) +
-                                      ", gradients " + gib(mem.gradients.gpu) + ", optimizer " +
-                                      gib(mem.optimizer_states.gpu) + ", activations " +
-                                      gib(mem.activations.gpu) + ") but " + in.cluster.gpu.name +
-                                      " has " + gib(hbm));
-  }
+  // Memory first: a plan that does not fit a tier is reported with its numbers, not simulated.
+  auto fit = sy::capacity_issues(in.model, in.cluster, in.plan, in.workload, prof);
+  if (!fit.empty()) throw sy::ConfigError(std::move(fit));
   sy::SimulateOptions options;
   options.record_timeline = !trace.empty();
   const sy::Prediction p =

@@ -224,6 +224,24 @@ TEST_F(MemoryTest, FullRecomputeKeepsLayerInputs) {
   EXPECT_DOUBLE_EQ(m.activations.gpu, inputs * m.in_flight_micro_batches + widest + logits);
 }
 
+// A plan that overflows a tier is reported per tier with the numbers.
+TEST_F(MemoryTest, CapacityIssuesPerTier) {
+  EXPECT_TRUE(capacity_issues(model_, cluster_, plan_, workload_, profile_).empty());
+  plan_.placement.optimizer_states = Tier::kCPU;
+  plan_.placement.expert_params = Tier::kSSD;
+  cluster_.gpu.hbm_bytes = 1000;
+  cluster_.host.dram_bytes = 100;
+  cluster_.host.ssd_bytes = 100;
+  const auto issues = capacity_issues(model_, cluster_, plan_, workload_, profile_);
+  ASSERT_EQ(issues.size(), 3u);
+  EXPECT_EQ(issues[0].path, "plan");
+  EXPECT_NE(issues[0].message.find("does not fit: stage 0 needs"), std::string::npos)
+      << issues[0].message;
+  EXPECT_NE(issues[1].message.find("host memory does not fit: 2 GPUs x"), std::string::npos)
+      << issues[1].message;
+  EXPECT_NE(issues[2].message.find("SSD does not fit"), std::string::npos) << issues[2].message;
+}
+
 TEST_F(MemoryTest, StageOutOfRangeThrows) {
   EXPECT_THROW(mem(1), std::out_of_range);
   EXPECT_THROW(mem(-1), std::out_of_range);

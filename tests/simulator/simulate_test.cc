@@ -179,6 +179,33 @@ TEST(Simulate, HotExpertShowsInStepTime) {
             estimate(m, cl, p, train(64, 2048), prof).step_time_s * 1.05);
 }
 
+// Elastic replication (SE-MoE): under zipf routing the hottest experts make their rank the
+// straggler; copies of them on the least loaded ranks split their tokens and remove most of the
+// straggler cost, at the price of all-reducing their gradients.
+TEST(Simulate, ReplicatingHotExpertsRemovesTheStraggler) {
+  const ModelSpec m = moe_model(32);
+  const ClusterSpec cl = a100_nodes(4);
+  Workload w = train(64, 2048);
+  const CostProfile prof = default_cost_profile(cl);
+  Plan p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "zero_stage": 1})");
+  const double balanced = simulate(m, cl, p, w, prof).step_time_s;
+  w.routing = Routing{RoutingKind::kZipf, 1.2, {}};
+  const double skewed = simulate(m, cl, p, w, prof).step_time_s;
+  p.expert_replicas.kind = ExpertReplicas::Kind::kHot;
+  p.expert_replicas.hot_experts = 4;
+  p.expert_replicas.replicas = 4;
+  expect_valid(p, m, cl, w);
+  const StepProgram prog = lower(m, cl, p, w);
+  int replica_ops = 0;
+  for (const auto& op : prog.stages[0].chunks[0].backward)
+    replica_ops += op.name == "replica_grad_all_reduce" ? 1 : 0;
+  EXPECT_EQ(replica_ops, 8);
+  const double replicated = simulate(m, cl, p, w, prof).step_time_s;
+  EXPECT_GT(skewed, balanced * 1.2) << "balanced " << balanced << " s, skewed " << skewed << " s";
+  EXPECT_LT(replicated, skewed) << "replicated " << replicated << " s";
+  EXPECT_LT(replicated - balanced, 0.5 * (skewed - balanced));
+}
+
 // Pipeline MoE (experts over the TP group of a node, pipeline across nodes) against all-to-all
 // expert parallelism over all GPUs, at 200 and 100 Gb/s per node: PPMoE wins, and wins by more when
 // the network is slower.
