@@ -3,6 +3,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "core/error.h"
 #include "core/expert_load.h"
 #include "core/step_program.h"
 
@@ -10,14 +11,20 @@ namespace switchyard {
 namespace {
 
 // Everything the per-layer op lists need, computed once.
+// Which pass a chunk describes: a training step, or an inference prefill or decode step.
+enum class Pass { kTrain, kPrefill, kDecode };
+
 struct Dims {
   double e = 2;      // bytes per activation element
   bool fp8 = false;  // FP8 GEMMs (and FP8 token dispatch)
   int64_t h = 0;
   int64_t mbs = 1;
-  int64_t seq = 0;  // full sequence
-  int64_t t = 0;    // tokens per micro-batch on one CP rank (what a TP rank's GEMMs see)
-  int64_t ts = 0;   // tokens a rank holds outside TP regions (t / tp with SP)
+  int64_t seq = 0;    // keys each query attends to (training, prefill: the sequence; decode: cache)
+  int64_t q_len = 0;  // queries per sequence on one rank (seq / cp; decode: 1)
+  int64_t head_rows = 0;  // tokens through the LM head (prefill: the last of each prompt)
+  bool causal = true;
+  int64_t t = 0;   // tokens per micro-batch on one CP rank (what a TP rank's GEMMs see)
+  int64_t ts = 0;  // tokens a rank holds outside TP regions (t / tp with SP)
   int tp = 1, cp = 1, ep = 1, etp = 1;
   bool sp = false;
   bool ppmoe = false;
@@ -135,11 +142,11 @@ class Builder {
       comm(Collective::kAllGather, CommGroup::kCp, "cp_kv_all_gather", layer, kv_bytes * d_.cp);
     }
     OpTemplate& core = add(OpKind::kAttention, "attn_core", layer);
-    core.attention = {d_.mbs, t / d_.mbs, d_.seq, heads, kv_heads, qk_dim, v_dim, true};
+    core.attention = {d_.mbs, d_.q_len, d_.seq, heads, kv_heads, qk_dim, v_dim, d_.causal};
     core.tokens = t;
     core.flops = 2.0 * static_cast<double>(d_.mbs) * static_cast<double>(heads) *
-                 static_cast<double>(t / d_.mbs) * static_cast<double>(d_.seq) *
-                 static_cast<double>(qk_dim + v_dim) * 0.5;
+                 static_cast<double>(d_.q_len) * static_cast<double>(d_.seq) *
+                 static_cast<double>(qk_dim + v_dim) * (d_.causal ? 0.5 : 1.0);
     gemm("attn_out", layer, t, h, heads * v_dim);
     tp_exit(layer);
     elementwise("residual1", layer, 3 * tok_bytes(d_.ts), d_.ts);
@@ -329,7 +336,7 @@ void append_backward(const std::vector<OpTemplate>& fwd, std::vector<OpTemplate>
   }
 }
 
-Dims make_dims(const ModelSpec& m, const Plan& p, const Workload& w) {
+Dims make_dims(const ModelSpec& m, const Plan& p, const Workload& w, Pass pass = Pass::kTrain) {
   Dims d;
   d.e = w.precision == Precision::kFP32 ? 4.0 : 2.0;
   d.fp8 = w.precision == Precision::kFP8;
@@ -338,14 +345,25 @@ Dims make_dims(const ModelSpec& m, const Plan& p, const Workload& w) {
   d.h = m.hidden_size;
   d.mbs = p.micro_batch_size;
   d.seq = w.effective_seq_len(m);
+  if (pass != Pass::kTrain && w.inference) {
+    // Inference: each DP replica serves its share of the batch; a decode step attends to the
+    // prompt and, on average, half of the generated tokens.
+    const InferenceSpec& inf = *w.inference;
+    const bool prefill = pass == Pass::kPrefill;
+    d.mbs = std::max<int64_t>((prefill ? inf.prefill_batch : inf.decode_batch) / p.dp, 1);
+    d.seq = prefill ? inf.prompt_len : inf.prompt_len + inf.decode_tokens / 2;
+  }
   d.tp = p.tp;
   d.cp = p.cp;
   d.ep = p.ep;
   d.etp = p.expert_tp;
   d.sp = p.sequence_parallel && p.tp > 1;
   d.ppmoe = p.dispatch == Dispatch::kPPMoEIndexSlice;
-  d.t = d.mbs * d.seq / d.cp;
-  d.ts = d.sp ? d.t / d.tp : d.t;
+  d.q_len = pass == Pass::kDecode ? 1 : d.seq / d.cp;
+  d.causal = pass != Pass::kDecode;
+  d.t = d.mbs * d.q_len;
+  d.ts = d.sp ? std::max<int64_t>(d.t / d.tp, 1) : d.t;
+  d.head_rows = pass == Pass::kPrefill ? d.mbs : d.t;
   if (m.moe) {
     const auto ranks = expert_rank_loads(m, p, w);
     const RankExperts& hot = ranks[static_cast<size_t>(most_loaded_rank(ranks))];
@@ -463,6 +481,11 @@ std::vector<OpTemplate> param_fetches(const ModelSpec& m, const Plan& p, const D
                                       Phase phase) {
   const LayerParams lp = layer_params(m, p, d, layer);
   double host = 0, ssd = 0;
+  if (p.ring_sections > 0) {
+    // Ring-memory inference: every layer's parameters come from host memory.
+    host = (lp.dense + lp.expert) * d.param_bytes;
+    return {copy_op("param_fetch", CopyPath::kHostToGpu, host, layer, phase)};
+  }
   for (const auto& [tier, params] : {std::pair{p.placement.dense_params, lp.dense},
                                      std::pair{p.placement.expert_params, lp.expert}}) {
     if (tier == Tier::kCPU) host += params * d.param_bytes;
@@ -536,7 +559,7 @@ std::vector<OpTemplate> with_prefetches(const std::vector<OpTemplate>& ops,
 }
 
 ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int first_layer,
-                         int layers, bool embedding, bool head) {
+                         int layers, bool embedding, bool head, bool backward = true) {
   ChunkProgram cp;
   cp.first_layer = first_layer;
   cp.num_layers = layers;
@@ -587,9 +610,10 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
     Builder b(m, p, d, head_fwd);
     b.elementwise("final_norm", -1, 2 * b.tok_bytes(d.ts), d.ts);
     b.tp_enter(-1);
-    OpTemplate& lm = b.gemm("lm_head", -1, d.t, m.vocab_size / d.tp, d.h);
+    OpTemplate& lm = b.gemm("lm_head", -1, d.head_rows, m.vocab_size / d.tp, d.h);
     lm.allocates = bit(TensorClass::kLogits);
-    b.elementwise("loss", -1, 3.0 * 4.0 * static_cast<double>(d.t) * vocab / d.tp, d.t);
+    b.elementwise("loss", -1, 3.0 * 4.0 * static_cast<double>(d.head_rows) * vocab / d.tp,
+                  d.head_rows);
     if (d.tp > 1)
       b.comm(Collective::kAllReduce, CommGroup::kTp, "loss_all_reduce", -1,
              8.0 * static_cast<double>(d.t));
@@ -597,9 +621,15 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
 
   // Offloaded parameters come to the GPU before each use, `depth` layers ahead when the plan
   // prefetches ahead in time (SE-MoE's 2D prefetch), right before the layer otherwise.
+  // Ring-memory inference loads section i+1 (about L / sections layers) while section i computes,
+  // unless the plan turns prefetching off (the naive load-then-compute alternative).
   const bool ahead = p.prefetch.direction == PrefetchDirection::kAhead ||
                      p.prefetch.direction == PrefetchDirection::k2D;
-  const int depth = ahead ? p.prefetch.depth : 0;
+  int depth = ahead ? p.prefetch.depth : 0;
+  if (p.ring_sections > 0)
+    depth = p.prefetch.direction == PrefetchDirection::kNone
+                ? 0
+                : static_cast<int>((m.num_layers + p.ring_sections - 1) / p.ring_sections);
   std::vector<size_t> fwd_begins;
   std::vector<std::vector<OpTemplate>> fwd_fetches;
   cp.forward.insert(cp.forward.end(), embed_fwd.begin(), embed_fwd.end());
@@ -611,6 +641,14 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   }
   cp.forward.insert(cp.forward.end(), head_fwd.begin(), head_fwd.end());
   cp.forward = with_prefetches(cp.forward, fwd_begins, std::move(fwd_fetches), depth);
+  if (!backward) {
+    // Forward only (inference): nothing is kept for a backward; a layer's working set is freed as
+    // it goes (the memory model counts one layer's).
+    const TensorMask kept = bit(TensorClass::kLayerActivations) | bit(TensorClass::kLayerInput) |
+                            bit(TensorClass::kLogits);
+    for (OpTemplate& op : cp.forward) op.allocates &= static_cast<TensorMask>(~kept);
+    return cp;
+  }
 
   // Backward: head, then layers in reverse (recomputing what the plan recomputes), then embedding.
   append_backward(head_fwd, cp.backward);
@@ -808,7 +846,30 @@ LayerKindsProgram lower_layer_kinds(const ModelSpec& m, const ClusterSpec& /*clu
   return out;
 }
 
+// Inference: one stage whose two chunks are the prefill of the prompts and one decode step at the
+// average context; the schedule runs the prefill, then the decode step.
+StepProgram lower_inference(const ModelSpec& m, const ClusterSpec& c, const Plan& p,
+                            const Workload& w) {
+  if (p.pp > 1)
+    throw ConfigError(
+        "plan.pp", "inference is lowered for pp = 1 (tensor, expert and data parallelism), got " +
+                       std::to_string(p.pp));
+  StepProgram prog = lower_frame(m, c, p, w);
+  prog.vp = 2;
+  prog.num_micro_batches = 1;
+  prog.stages.resize(1);
+  StageProgram& st = prog.stages[0];
+  const int layers = static_cast<int>(m.num_layers);
+  st.chunks.push_back(
+      lower_chunk(m, p, make_dims(m, p, w, Pass::kPrefill), 0, layers, true, true, false));
+  st.chunks.push_back(
+      lower_chunk(m, p, make_dims(m, p, w, Pass::kDecode), 0, layers, true, true, false));
+  st.order = {{0, 0, false}, {0, 1, false}};
+  return prog;
+}
+
 StepProgram lower(const ModelSpec& m, const ClusterSpec& c, const Plan& p, const Workload& w) {
+  if (w.mode == Mode::kInference) return lower_inference(m, c, p, w);
   StepProgram prog = lower_frame(m, c, p, w);
   const Dims d = make_dims(m, p, w);
   const auto ranges = chunk_ranges(m, p, prog.pp, prog.vp);

@@ -134,6 +134,8 @@ std::vector<ScheduleItem> schedule_order(Schedule schedule, int pp, int vp, int 
                                          int stage);
 
 // Lowers a validated combination (call validate() first: the lowering assumes its rules hold).
+// Inference workloads (pp = 1) lower to one stage with two forward-only chunks: the prefill of the
+// prompts and one decode step at the average context, run in that order.
 // For closed-form estimates: the ops of one representative layer of each kind (layers of a kind
 // cost alike), of the embedding and of the LM head, each as a chunk, and each stage's step ops —
 // what lower() would put in the program, without instantiating every layer.

@@ -208,10 +208,12 @@ void check_storage(Checker& c, const Plan& p, const ModelSpec& m, const ClusterS
     c.fail("plan.placement.expert_params", "a dense model has no expert parameters to place");
 
   if (p.prefetch.direction != PrefetchDirection::kNone) {
-    const bool off_gpu = any_on(p.placement, Tier::kCPU) || any_on(p.placement, Tier::kSSD);
-    c.require(
-        off_gpu, "plan.prefetch",
-        "prefetch needs a tensor class placed on \"cpu\" or \"ssd\"; everything is on the GPU");
+    // Ring-memory inference keeps every parameter in host memory: prefetching overlaps the ring.
+    const bool off_gpu =
+        any_on(p.placement, Tier::kCPU) || any_on(p.placement, Tier::kSSD) || p.ring_sections > 0;
+    c.require(off_gpu, "plan.prefetch",
+              "prefetch needs a tensor class placed on \"cpu\" or \"ssd\" (or ring sections); "
+              "everything is on the GPU");
     const bool down = p.prefetch.direction == PrefetchDirection::kDown ||
                       p.prefetch.direction == PrefetchDirection::k2D;
     if (down)

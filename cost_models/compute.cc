@@ -87,7 +87,7 @@ double attention_forward_flops(const AttentionShape& s) {
   double flops = 2.0 * static_cast<double>(s.batch) * static_cast<double>(s.heads) * q * kv *
                  static_cast<double>(s.qk_dim + s.v_dim);
   // Causal masking with equal query and key lengths skips the upper triangle of score tiles.
-  if (s.causal && (s.kv_len == 0 || s.kv_len == s.seq_len)) flops *= 0.5;
+  if (s.causal) flops *= 0.5;
   return flops;
 }
 

@@ -34,8 +34,9 @@ KernelCost gemm_cost(const GemmShape& s, Precision p, const GpuSpec& gpu, const 
 KernelCost grouped_gemm_cost(const std::vector<int64_t>& m_per_group, int64_t n, int64_t k,
                              Precision p, const GpuSpec& gpu, const CostProfile& prof);
 
-// Fused (flash) attention, forward. FLOPs actually executed: causal masking skips half the score
-// tiles when query and key lengths match.
+// Fused (flash) attention, forward. FLOPs actually executed: a causal mask skips half the score
+// tiles (training, prefill, and load-balanced context parallelism, where each rank's queries see
+// half of the keys on average); a decode step attends to its whole cache (causal = false).
 KernelCost attention_forward_cost(const AttentionShape& s, Precision p, const GpuSpec& gpu,
                                   const CostProfile& prof);
 // Backward recomputes the scores and runs 5 GEMMs against the forward's 2: 2.5x its FLOPs.

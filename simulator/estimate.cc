@@ -7,10 +7,41 @@
 
 namespace switchyard {
 
+void fill_inference_times(Prediction& p, const Workload& w, double prefill_s,
+                          double decode_step_s) {
+  const InferenceSpec& inf = *w.inference;
+  InferenceTimes t;
+  t.prefill_s = prefill_s;
+  t.decode_step_s = decode_step_s;
+  t.latency_s = prefill_s + static_cast<double>(inf.decode_tokens) * decode_step_s;
+  if (prefill_s > 0)
+    t.prefill_tokens_per_s = static_cast<double>(inf.prefill_batch * inf.prompt_len) / prefill_s;
+  if (t.latency_s > 0)
+    t.generated_tokens_per_s =
+        static_cast<double>(inf.decode_batch * inf.decode_tokens) / t.latency_s;
+  p.inference = t;
+  p.step_time_s = t.latency_s;
+}
+
 void fill_throughput(Prediction& p, const ModelSpec& m, const ClusterSpec& c, const Plan& plan,
                      const Workload& w) {
-  const int64_t seq = w.effective_seq_len(m);
   p.gpus = plan.world_size();
+  if (p.inference && w.inference) {
+    // Inference: every token of the prompts and every generated one, forward only.
+    const InferenceSpec& inf = *w.inference;
+    p.tokens_per_step = static_cast<double>(inf.prefill_batch * inf.prompt_len +
+                                            inf.decode_batch * inf.decode_tokens);
+    if (p.step_time_s <= 0) return;
+    p.tokens_per_s = p.inference->generated_tokens_per_s;
+    p.tokens_per_s_per_gpu = p.tokens_per_s / p.gpus;
+    const double flops = flops_per_token(m, inf.prompt_len + inf.decode_tokens / 2).forward *
+                         p.tokens_per_step / p.step_time_s / p.gpus;
+    p.model_tflops_per_gpu = flops / 1e12;
+    const double peak = c.gpu.peak_flops(w.precision);
+    p.mfu = peak > 0 ? flops / peak : 0;
+    return;
+  }
+  const int64_t seq = w.effective_seq_len(m);
   p.tokens_per_step = static_cast<double>(w.global_batch_size) * static_cast<double>(seq);
   if (p.step_time_s <= 0) return;
   p.tokens_per_s = p.tokens_per_step / p.step_time_s;
@@ -80,8 +111,45 @@ struct UnitTime {
 
 }  // namespace
 
+namespace {
+
+// Inference: the prefill chunk and one decode step, each its synchronous ops plus the parameter
+// copies it cannot hide (all of them without prefetch; what exceeds the compute with it).
+Prediction estimate_inference(const ModelSpec& m, const ClusterSpec& c, const Plan& plan,
+                              const Workload& w, const CostProfile& prof) {
+  Prediction p;
+  p.fidelity = "estimate";
+  const StepProgram prog = lower(m, c, plan, w);
+  const bool overlap = plan.prefetch.direction != PrefetchDirection::kNone;
+  double chunk_s[2] = {0, 0};
+  for (int ch = 0; ch < 2; ++ch) {
+    const ListTime t =
+        sum_ops(prog.stages[0].chunks[static_cast<size_t>(ch)].forward, prog, c, prof, w.precision);
+    chunk_s[ch] = overlap ? std::max(t.sync_s, t.copy_s) : t.sync_s + t.copy_s;
+    const double times = ch == 0 ? 1.0 : static_cast<double>(w.inference->decode_tokens);
+    p.time.compute_s += times * t.compute_s;
+    p.time.tp_comm_s += times * t.comm_s[static_cast<int>(StreamKind::kTpComm)];
+    p.time.ep_comm_s += times * t.comm_s[static_cast<int>(StreamKind::kEpComm)];
+    p.time.cp_comm_s += times * t.comm_s[static_cast<int>(StreamKind::kCpComm)];
+    p.time.stall_s += times * (chunk_s[ch] - t.sync_s);
+  }
+  fill_inference_times(p, w, chunk_s[0], chunk_s[1]);
+  p.memory = peak_memory_per_gpu(m, c, plan, w, prof);
+  p.peak = p.memory.total();
+  p.peak_stage = 0;
+  p.stage_peak_gpu_bytes = {p.peak.gpu};
+  p.notes.push_back(
+      "estimate: prefill and one decode step at the average context, each its ops in sequence; "
+      "parameter copies overlap the compute entirely when the plan prefetches");
+  fill_throughput(p, m, c, plan, w);
+  return p;
+}
+
+}  // namespace
+
 Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, const Workload& w,
                     const CostProfile& prof) {
+  if (w.mode == Mode::kInference) return estimate_inference(m, c, plan, w, prof);
   Prediction p;
   p.fidelity = "estimate";
   const StepProgram frame = lower_frame(m, c, plan, w);

@@ -38,6 +38,14 @@ Json to_json(const Prediction& p) {
                            {"comm_buffers", tier_json(m.comm_buffers)},
                            {"prefetch_buffers", tier_json(m.prefetch_buffers)},
                            {"runtime", tier_json(m.runtime)}};
+  if (p.inference) {
+    const InferenceTimes& t = *p.inference;
+    j["inference"] = {{"prefill_s", t.prefill_s},
+                      {"decode_step_s", t.decode_step_s},
+                      {"latency_s", t.latency_s},
+                      {"prefill_tokens_per_s", t.prefill_tokens_per_s},
+                      {"generated_tokens_per_s", t.generated_tokens_per_s}};
+  }
   j["ops"] = p.ops;
   j["notes"] = p.notes;
   return j;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -41,8 +42,18 @@ struct TimelineEvent {
   double end_s = 0;
 };
 
+// Inference workloads: one batch of requests, prefilled then decoded token by token.
+struct InferenceTimes {
+  double prefill_s = 0;      // all prompts through the model
+  double decode_step_s = 0;  // one generated token for every sequence of the decode batch
+  double latency_s = 0;      // prefill + decode_tokens decode steps
+  double prefill_tokens_per_s = 0;
+  double generated_tokens_per_s = 0;
+};
+
 struct Prediction {
-  std::string fidelity;  // "estimate" or "simulate"
+  std::string fidelity;                     // "estimate" or "simulate"
+  std::optional<InferenceTimes> inference;  // set for inference workloads
   double step_time_s = 0;
   double tokens_per_step = 0;
   double tokens_per_s = 0;

@@ -55,7 +55,8 @@ class Simulation {
  public:
   Simulation(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, const Workload& w,
              const CostProfile& prof)
-      : m_(m),
+      : inference_(w.mode == Mode::kInference),
+        m_(m),
         c_(c),
         plan_(plan),
         w_(w),
@@ -331,9 +332,12 @@ class Simulation {
       double prev_end = 0;
       for (int32_t id : q) {
         const Inst& in = insts_[static_cast<size_t>(id)];
+        // Inference: the decode chunk stands for every generated token.
+        const double times =
+            inference_ && in.chunk == 1 ? static_cast<double>(w_.inference->decode_tokens) : 1.0;
         const double gap = in.start - prev_end;
-        if (gap > 0) attribute(b, gap, in.last_dep);
-        const double busy = in.end - in.start;
+        if (gap > 0) attribute(b, times * gap, in.last_dep);
+        const double busy = times * (in.end - in.start);
         if (in.op && in.op->kind == OpKind::kOptimizer)
           b.optimizer_s += busy;
         else
@@ -362,15 +366,30 @@ class Simulation {
     p.step_time_s = step_time;
     p.critical_stage = critical;
     p.time = br[static_cast<size_t>(critical)];
+    if (inference_) {
+      const double prefill_end =
+          insts_[static_cast<size_t>(units_[unit_index(0, 0, 0, false)].last)].end;
+      const double decode_end =
+          insts_[static_cast<size_t>(units_[unit_index(0, 1, 0, false)].last)].end;
+      fill_inference_times(p, w_, prefill_end, decode_end - prefill_end);
+      // The step-end bookkeeping above counted the decode step once: rebase the breakdown on the
+      // latency of the whole batch.
+      p.time.dp_comm_s = 0;
+      p.time.bubble_s = 0;
+      p.time.bubble_s = std::max(0.0, p.step_time_s - p.time.total());
+    }
 
     // Memory: static bytes of the memory model plus the peak of the dynamic curve, per stage.
     double best = -1;
     for (int s = 0; s < pp; ++s) {
       MemoryBreakdown mb = memory_per_gpu(m_, c_, plan_, w_, prof_, s);
       const StageMemory& dm = dyn_[static_cast<size_t>(s)];
-      mb.activations.gpu =
-          plan_.placement.activations == Tier::kCPU ? mb.activations.gpu : dm.activations_at_peak;
-      mb.dispatch_buffers.gpu = dm.dispatch_at_peak;
+      // Training: the curve's peak replaces the closed form's sum; inference keeps the memory
+      // model's working set (nothing is held across layers).
+      if (!inference_) {
+        if (plan_.placement.activations != Tier::kCPU) mb.activations.gpu = dm.activations_at_peak;
+        mb.dispatch_buffers.gpu = dm.dispatch_at_peak;
+      }
       const double gpu = mb.total().gpu;
       p.stage_peak_gpu_bytes.push_back(gpu);
       if (gpu > best) {
@@ -426,6 +445,7 @@ class Simulation {
     }
   }
 
+  const bool inference_;
   const ModelSpec& m_;
   const ClusterSpec& c_;
   const Plan& plan_;

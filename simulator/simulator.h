@@ -28,9 +28,12 @@ Prediction simulate(const ModelSpec& model, const ClusterSpec& cluster, const Pl
                     const Workload& workload, const CostProfile& prof,
                     const SimulateOptions& options = {});
 
-// Throughput figures of a step time: tokens/s (total, per GPU), model TFLOP/s per GPU (the
-// PaLM/Megatron model-FLOPs convention of flops_per_token) and MFU against the dense peak of the
-// workload's precision.
+// Inference times from the prefill's time and one decode step's.
+void fill_inference_times(Prediction& p, const Workload& w, double prefill_s, double decode_step_s);
+
+// Throughput figures of a step time (inference: of the batch's latency, forward FLOPs): tokens/s
+// (total, per GPU), model TFLOP/s per GPU (the PaLM/Megatron model-FLOPs convention of
+// flops_per_token) and MFU against the dense peak of the workload's precision.
 void fill_throughput(Prediction& p, const ModelSpec& model, const ClusterSpec& cluster,
                      const Plan& plan, const Workload& workload);
 

@@ -265,7 +265,19 @@ void print_prediction(const sy::Inputs& in, const sy::Prediction& p, const sy::C
             << in.cluster.num_nodes << " node" << (in.cluster.num_nodes > 1 ? "s" : "")
             << "), plan " << plan_summary(in.plan) << ", " << sy::enum_name(in.workload.precision)
             << ", fidelity " << p.fidelity << ", cost profile \"" << prof.name << "\"\n";
-  std::cout << "  step time        " << fmt("%.3f s", p.step_time_s) << "\n";
+  if (p.inference) {
+    const sy::InferenceTimes& t = *p.inference;
+    const sy::InferenceSpec& inf = *in.workload.inference;
+    std::cout << "  prefill          " << fmt("%.3f s", t.prefill_s) << " for " << inf.prefill_batch
+              << " x " << inf.prompt_len << " tokens ("
+              << fmt("%.0f tokens/s", t.prefill_tokens_per_s) << ")\n";
+    std::cout << "  decode step      " << fmt("%.2f ms", t.decode_step_s * 1e3) << " per token for "
+              << inf.decode_batch << " sequences\n";
+    std::cout << "  batch latency    " << fmt("%.3f s", t.latency_s) << " (" << inf.decode_tokens
+              << " tokens generated, " << fmt("%.0f tokens/s", t.generated_tokens_per_s) << ")\n";
+  } else {
+    std::cout << "  step time        " << fmt("%.3f s", p.step_time_s) << "\n";
+  }
   std::cout << "  throughput       " << fmt("%.0f tokens/s", p.tokens_per_s) << " ("
             << fmt("%.0f per GPU", p.tokens_per_s_per_gpu) << ")\n";
   std::cout << "  model TFLOP/s    " << fmt("%.1f per GPU", p.model_tflops_per_gpu) << ", MFU "
@@ -315,10 +327,9 @@ int cmd_simulate(const Common& common, const sy::InputNames& names, const std::s
   const sy::ConfigRegistry reg = common.registry();
   const sy::Inputs in = sy::load_inputs(reg, names);
   auto issues = sy::validate(in.plan, in.model, in.cluster, in.workload);
-  if (in.workload.mode != sy::Mode::kTrain)
+  if (in.workload.mode == sy::Mode::kInference && in.plan.pp > 1)
     issues.push_back(
-        {"workload.mode",
-         "simulate predicts training steps; inference workloads are not simulated yet"});
+        {"plan.pp", "inference is simulated with pp = 1, got " + std::to_string(in.plan.pp)});
   if (!issues.empty()) throw sy::ConfigError(std::move(issues));
   const sy::CostProfile prof = load_profile(in.cluster, profile);
   // Memory first: a plan that does not fit a tier is reported with its numbers, not simulated.

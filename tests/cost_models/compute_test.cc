@@ -103,7 +103,7 @@ TEST(Attention, FlashForwardAndBackwardByHand) {
   EXPECT_DOUBLE_EQ(attention_forward_cost(s, Precision::kBF16, hand_gpu(), hand_profile()).flops,
                    2 * flops);
   // Decode: one query against a 4096-token cache is memory bound (reads K and V).
-  AttentionShape d{64, 1, 4096, 8, 1, 128, 128, true};
+  AttentionShape d{64, 1, 4096, 8, 1, 128, 128, false};
   EXPECT_TRUE(attention_forward_cost(d, Precision::kBF16, hand_gpu(), hand_profile()).memory_bound);
 }
 

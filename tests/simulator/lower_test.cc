@@ -193,6 +193,34 @@ TEST_F(LowerTest, OffloadedParametersAreFetchedAhead) {
             8);
 }
 
+// Inference: one stage, a prefill chunk and one decode step, forward only; the decode step's
+// queries (one per sequence) attend to the whole cache without a causal mask.
+TEST_F(LowerTest, InferenceProgram) {
+  Workload w = train(1, 2048);
+  w.mode = Mode::kInference;
+  w.inference = InferenceSpec{8, 2048, 64, 256};
+  const Plan p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32})");
+  expect_valid(p, model_, cluster_, w);
+  const StepProgram prog = lower(model_, cluster_, p, w);
+  ASSERT_EQ(prog.stages.size(), 1u);
+  ASSERT_EQ(prog.stages[0].chunks.size(), 2u);
+  EXPECT_EQ(prog.stages[0].order, (std::vector<ScheduleItem>{{0, 0, false}, {0, 1, false}}));
+  EXPECT_TRUE(prog.stages[0].chunks[0].backward.empty());
+  const OpTemplate* prefill = find(prog.stages[0].chunks[0].forward, "attn_core");
+  const OpTemplate* decode = find(prog.stages[0].chunks[1].forward, "attn_core");
+  ASSERT_TRUE(prefill && decode);
+  EXPECT_EQ(prefill->attention.seq_len, 2048);
+  EXPECT_TRUE(prefill->attention.causal);
+  EXPECT_EQ(decode->attention.seq_len, 1);
+  EXPECT_EQ(decode->attention.kv_len, 2048 + 128);
+  EXPECT_FALSE(decode->attention.causal);
+  EXPECT_EQ(decode->attention.batch, 2);  // 64 sequences over 32 replicas
+  Plan pp = p;
+  pp.pp = 2;
+  pp.dp = 16;
+  EXPECT_THROW(lower(model_, cluster_, pp, w), ConfigError);
+}
+
 // Interleaving: stage s chunk c holds the layers of virtual stage c * pp + s; the embedding sits on
 // the first virtual stage and the LM head on the last.
 TEST_F(LowerTest, InterleavedChunksHoldTheirLayers) {
