@@ -46,7 +46,7 @@ struct LinkState {
 };
 
 struct UnitRef {
-  int32_t first = kNoInst;
+  int32_t first = kNoInst;  // first synchronous op
   int32_t last = kNoInst;  // last synchronous op
   int32_t send = kNoInst;  // its send to the neighbouring virtual stage
 };
@@ -131,7 +131,9 @@ class Simulation {
           local_[i] = id;
           edge(prev, id);
           if (op.wait_for >= 0) edge(local_[static_cast<size_t>(op.wait_for)], id);
-          if (unit.first == kNoInst) unit.first = id;
+          // The unit's input (from the neighbouring stage) gates its first synchronous op; a
+          // prefetch may start before the input arrives.
+          if (unit.first == kNoInst && !op.async) unit.first = id;
           if (op.async)
             async_ops.push_back(id);
           else
