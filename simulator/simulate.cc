@@ -47,8 +47,8 @@ struct LinkState {
 
 struct UnitRef {
   int32_t first = kNoInst;  // first synchronous op
-  int32_t last = kNoInst;  // last synchronous op
-  int32_t send = kNoInst;  // its send to the neighbouring virtual stage
+  int32_t last = kNoInst;   // last synchronous op
+  int32_t send = kNoInst;   // its send to the neighbouring virtual stage
 };
 
 class Simulation {
@@ -206,8 +206,11 @@ class Simulation {
     if (in.pending == 0 && in.start < 0) start(q[heads_[queue]], now);
   }
 
+  // Host copies and traffic to other nodes both cross the GPU's PCIe link (GPUDirect RDMA goes
+  // GPU -> PCIe switch -> NIC), so they share one link state.
   LinkState& link_of(const Inst& in) {
-    return links_[static_cast<size_t>(in.stage) * kNumLinks + static_cast<size_t>(in.cost.link)];
+    const Link link = in.cost.link == Link::kPcie ? Link::kInterNode : in.cost.link;
+    return links_[static_cast<size_t>(in.stage) * kNumLinks + static_cast<size_t>(link)];
   }
 
   // Advances the shared link's ops to `now`, then reschedules their ends.

@@ -3,8 +3,9 @@
 //    embedding, head) and composes them with the schedule's bubble; microseconds per plan, for the
 //    tuner's pruning.
 //  - simulate(): discrete-event run of the whole StepProgram: ops on one stream serialise, ops on
-//    different streams overlap, communication ops of a rank that load the same link (NVLink or the
-//    NICs) at the same time share its bandwidth, pipeline sends connect stages; memory over time
+//    different streams overlap, communication ops of a rank that load the same link (NVLink, or
+//    the GPU's PCIe link that both host copies and NIC traffic cross, or the SSDs) at the same time
+//    share its bandwidth, pipeline sends connect stages; memory over time
 //    follows the program's allocations and releases, and the peak is the maximum of that curve.
 // Both take a validated combination (validate() first) and report the same Prediction.
 #pragma once

@@ -195,6 +195,34 @@ TEST(Simulate, RingMemoryInference) {
   EXPECT_NEAR(estimate(m, cl, ring, w, prof).step_time_s, r.step_time_s, 0.15 * r.step_time_s);
 }
 
+// Parameter copies from host memory and all-to-all traffic to other nodes cross the same PCIe
+// link: with both, an all-to-all that overlaps a copy takes longer than alone.
+TEST(Simulate, HostCopiesShareThePcieLinkWithTheNics) {
+  const ModelSpec m = moe_model(32);
+  const ClusterSpec cl = a100_nodes(4);
+  const Workload w = train(64, 2048);
+  const CostProfile prof = default_cost_profile(cl);
+  Plan p =
+      plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "placement": {"expert_params": "cpu"},
+                       "prefetch": {"depth": 2, "direction": "ahead"}})");
+  expect_valid(p, m, cl, w);
+  SimulateOptions o;
+  o.record_timeline = true;
+  const Prediction s = simulate(m, cl, p, w, prof, o);
+  int stretched = 0;
+  for (const auto& e : s.timeline) {
+    if (!e.op || e.op->name != "dispatch") continue;
+    bool copy_overlaps = false;
+    for (const auto& f : s.timeline)
+      if (f.op && f.op->kind == OpKind::kCopy && f.stage == e.stage && f.start_s < e.end_s &&
+          e.start_s < f.end_s)
+        copy_overlaps = true;
+    const double alone = op_cost(*e.op, *s.program, cl, prof, w.precision).time_s;
+    if (copy_overlaps) stretched += e.end_s - e.start_s > alone * 1.01 ? 1 : 0;
+  }
+  EXPECT_GT(stretched, 0);
+}
+
 // A hot expert decides its MoE layers: an expert with twice the others' tokens shows in the step.
 TEST(Simulate, HotExpertShowsInStepTime) {
   const ModelSpec m = moe_model();
