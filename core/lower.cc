@@ -291,6 +291,7 @@ std::string_view backward_name(std::string_view forward) {
 // backward needs the parameters again); all-to-all and all-reduce stay. What the forward allocated
 // dies in the backward, and what the forward released the backward needs again.
 void append_backward(const std::vector<OpTemplate>& fwd, std::vector<OpTemplate>& out) {
+  out.reserve(out.size() + 2 * fwd.size());
   for (auto it = fwd.rbegin(); it != fwd.rend(); ++it) {
     OpTemplate op = *it;
     op.phase = Phase::kBackward;
@@ -479,6 +480,9 @@ OpTemplate copy_op(std::string_view name, CopyPath path, double bytes, int layer
 // -> GPU (the GPU copy waits for the SSD read, set by with_prefetches).
 std::vector<OpTemplate> param_fetches(const ModelSpec& m, const Plan& p, const Dims& d, int layer,
                                       Phase phase) {
+  const Placement& pl = p.placement;
+  if (p.ring_sections == 0 && pl.dense_params == Tier::kGPU && pl.expert_params == Tier::kGPU)
+    return {};
   const LayerParams lp = layer_params(m, p, d, layer);
   double host = 0, ssd = 0;
   if (p.ring_sections > 0) {
@@ -515,7 +519,7 @@ void grad_offload(const ModelSpec& m, const Plan& p, const Dims& d, int layer,
 // Rebuilds `ops` with each layer's fetches issued `depth` layers ahead of its use. begins[i] is
 // where the i-th layer in order of use starts in `ops`, fetches[i] its copies; the layer's first op
 // waits for its last copy. Indices in wait_for are remapped to the new list.
-std::vector<OpTemplate> with_prefetches(const std::vector<OpTemplate>& ops,
+std::vector<OpTemplate> with_prefetches(std::vector<OpTemplate> ops,
                                         const std::vector<size_t>& begins,
                                         std::vector<std::vector<OpTemplate>> fetches, int depth) {
   bool any = false;
@@ -584,8 +588,10 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
                b.tok_bytes(d.t));
     }
   }
+  layer_fwd.reserve(static_cast<size_t>(layers));
   for (int l = first_layer; l < first_layer + layers; ++l) {
     std::vector<OpTemplate> ops;
+    ops.reserve(48);
     Builder b(m, p, d, ops);
     if (p.zero_stage >= 3) {
       const LayerParams lp = layer_params(m, p, d, l);
@@ -632,6 +638,10 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
                 : static_cast<int>((m.num_layers + p.ring_sections - 1) / p.ring_sections);
   std::vector<size_t> fwd_begins;
   std::vector<std::vector<OpTemplate>> fwd_fetches;
+  size_t total = embed_fwd.size() + head_fwd.size();
+  for (const auto& ops : layer_fwd) total += ops.size();
+  cp.forward.reserve(total);
+  cp.backward.reserve(3 * total);
   cp.forward.insert(cp.forward.end(), embed_fwd.begin(), embed_fwd.end());
   for (int i = 0; i < layers; ++i) {
     fwd_begins.push_back(cp.forward.size());
@@ -640,7 +650,7 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
     cp.forward.insert(cp.forward.end(), ops.begin(), ops.end());
   }
   cp.forward.insert(cp.forward.end(), head_fwd.begin(), head_fwd.end());
-  cp.forward = with_prefetches(cp.forward, fwd_begins, std::move(fwd_fetches), depth);
+  cp.forward = with_prefetches(std::move(cp.forward), fwd_begins, std::move(fwd_fetches), depth);
   if (!backward) {
     // Forward only (inference): nothing is kept for a backward; a layer's working set is freed as
     // it goes (the memory model counts one layer's).
@@ -700,7 +710,7 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   }
   buckets.flush(first_layer);
   append_backward(embed_fwd, cp.backward);
-  cp.backward = with_prefetches(cp.backward, bwd_begins, std::move(bwd_fetches), depth);
+  cp.backward = with_prefetches(std::move(cp.backward), bwd_begins, std::move(bwd_fetches), depth);
   return cp;
 }
 
