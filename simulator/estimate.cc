@@ -154,7 +154,7 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   p.fidelity = "estimate";
   const StepProgram frame = lower_frame(m, c, plan, w);
   const Precision prec = w.precision;
-  const int pp = frame.pp, vp = frame.vp, mbs = frame.num_micro_batches;
+  const int pp = frame.pp, vp = frame.vp, micro_batches = frame.num_micro_batches;
 
   // One representative layer of each kind, the embedding and the head, costed once.
   const LayerKindsProgram kinds = lower_layer_kinds(m, c, plan, w);
@@ -196,7 +196,7 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   const double p2p =
       pp > 1 ? p2p_cost(frame, frame.stages[0].sends_to_next_same_node, c, prof).time_s : 0.0;
   const double fill = (tau_sum - tau_max) / vp;
-  const double pipe = mbs * tau_max + fill + 2.0 * (pp - 1) * p2p;
+  const double pipe = micro_batches * tau_max + fill + 2.0 * (pp - 1) * p2p;
 
   // Each stage ends its last backward earlier the further it is from stage 0; gradient buckets
   // overlap that last backward unit; the optimizer step follows.
@@ -214,15 +214,15 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   p.critical_stage = slowest;
   // The breakdown is the busiest stage's: its own units; the rest of the step is its bubble.
   const UnitTime& u = stage[static_cast<size_t>(slowest)];
-  p.time.compute_s = mbs * u.compute;
-  p.time.tp_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kTpComm)];
-  p.time.cp_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kCpComm)];
-  p.time.ep_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kEpComm)];
-  p.time.dp_comm_s = mbs * u.comm[static_cast<int>(StreamKind::kDpComm)] +
+  p.time.compute_s = micro_batches * u.compute;
+  p.time.tp_comm_s = micro_batches * u.comm[static_cast<int>(StreamKind::kTpComm)];
+  p.time.cp_comm_s = micro_batches * u.comm[static_cast<int>(StreamKind::kCpComm)];
+  p.time.ep_comm_s = micro_batches * u.comm[static_cast<int>(StreamKind::kEpComm)];
+  p.time.dp_comm_s = micro_batches * u.comm[static_cast<int>(StreamKind::kDpComm)] +
                      dp_exposed_s[static_cast<size_t>(slowest)];
   p.time.pp_comm_s = 2.0 * (pp - 1) * p2p;
   p.time.optimizer_s = step_s[static_cast<size_t>(slowest)];
-  p.time.stall_s = mbs * u.stall;
+  p.time.stall_s = micro_batches * u.stall;
   p.time.bubble_s = std::max(
       0.0, step_time - (p.time.compute_s + p.time.tp_comm_s + p.time.cp_comm_s + p.time.ep_comm_s +
                         p.time.dp_comm_s + p.time.pp_comm_s + p.time.optimizer_s + p.time.stall_s));
