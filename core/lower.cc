@@ -33,7 +33,12 @@ struct Dims {
   std::vector<int64_t> expert_rows;  // rows per local expert copy on the most loaded EP rank
   double dispatch_rows = 0;          // rows this rank sends in the dispatch all-to-all
   int replicated_copies = 0;         // copies on the most loaded rank of experts that have replicas
-  int max_replicas = 1;              // most copies of any expert
+  // Rows all local expert copies of the most loaded rank process.
+  double expert_rows_total() const {
+    double rows = 0;
+    for (int64_t r : expert_rows) rows += static_cast<double>(r);
+    return rows;
+  }
 };
 
 class Builder {
@@ -65,14 +70,11 @@ class Builder {
     return op;
   }
   OpTemplate& grouped(std::string_view name, int layer, int64_t n, int64_t k) {
-    double all_rows = 0;
-    for (int64_t r : d_.expert_rows) all_rows += static_cast<double>(r);
-    fp8_cast(layer, all_rows, static_cast<double>(k));
+    fp8_cast(layer, d_.expert_rows_total(), static_cast<double>(k));
     OpTemplate& op = add(OpKind::kGroupedGemm, name, layer);
     op.group_rows = d_.expert_rows;
     op.gemm = {0, n, k, 1};
-    double rows = 0;
-    for (int64_t r : d_.expert_rows) rows += static_cast<double>(r);
+    const double rows = d_.expert_rows_total();
     op.flops = 2.0 * rows * static_cast<double>(n) * static_cast<double>(k);
     op.tokens = static_cast<int64_t>(rows);
     return op;
@@ -177,8 +179,7 @@ class Builder {
     const int64_t fe = m_.moe->expert_ffn_hidden_size / d_.etp;
     const int mats = m_.ffn_matrices();
     grouped("experts_fc1", layer, (mats - 1) * fe, d_.h);
-    double rows = 0;
-    for (int64_t r : d_.expert_rows) rows += static_cast<double>(r);
+    const double rows = d_.expert_rows_total();
     elementwise("experts_act", layer, rows * static_cast<double>(fe * mats) * d_.e,
                 static_cast<int64_t>(rows));
     grouped("experts_fc2", layer, d_.h, fe);
@@ -193,8 +194,7 @@ class Builder {
       OpTemplate& gate = add(OpKind::kGateTopK, "router", layer);
       gate.gemm = {d_.t, moe.num_experts, d_.h, 1};
       gate.tokens = d_.t;
-      double rows = 0;
-      for (int64_t r : d_.expert_rows) rows += static_cast<double>(r);
+      const double rows = d_.expert_rows_total();
       OpTemplate& slice = add(OpKind::kPermute, "index_slice", layer);
       slice.bytes = 2 * tok_bytes(rows);
       slice.tokens = static_cast<int64_t>(rows);
@@ -236,8 +236,7 @@ class Builder {
 
   // Rows received by the most loaded rank, as bytes.
   double rows_bytes() const {
-    double rows = 0;
-    for (int64_t r : d_.expert_rows) rows += static_cast<double>(r);
+    const double rows = d_.expert_rows_total();
     return tok_bytes(rows) / d_.etp;
   }
 
@@ -387,7 +386,6 @@ Dims make_dims(const ModelSpec& m, const Plan& p, const Workload& w, Pass pass =
     std::vector<int> copies(static_cast<size_t>(m.moe->num_experts), 0);
     for (const RankExperts& r : ranks)
       for (const ExpertCopy& c : r.copies) ++copies[static_cast<size_t>(c.expert)];
-    for (int c : copies) d.max_replicas = std::max(d.max_replicas, c);
     for (const ExpertCopy& c : hot.copies)
       d.replicated_copies += copies[static_cast<size_t>(c.expert)] > 1 ? 1 : 0;
   }
@@ -429,6 +427,16 @@ OpTemplate dp_collective(Collective c, CommGroup g, std::string_view name, Phase
   return op;
 }
 
+// A gradient collective issued in the backward of the last micro-batch only, overlapping the rest
+// of the backward (nothing waits for it until the step's end).
+OpTemplate grad_sync(Collective c, CommGroup g, std::string_view name, double bytes, int layer) {
+  OpTemplate op = dp_collective(c, g, name, Phase::kBackward, bytes);
+  op.layer = layer;
+  op.async = true;
+  op.last_micro_batch = true;
+  return op;
+}
+
 // Gradient reduction for the layers of a chunk, fused into buckets of about grad_bucket_bytes
 // (0: one collective per layer), issued as each layer's weight gradients finish in the backward of
 // the last micro-batch, overlapping the rest of the backward.
@@ -451,11 +459,7 @@ class BucketFiller {
  private:
   void emit(Collective c, CommGroup g, std::string_view name, double bytes, int layer, int ranks) {
     if (bytes <= 0 || ranks <= 1) return;
-    OpTemplate op = dp_collective(c, g, name, Phase::kBackward, bytes);
-    op.layer = layer;
-    op.async = true;
-    op.last_micro_batch = true;
-    out_.push_back(std::move(op));
+    out_.push_back(grad_sync(c, g, name, bytes, layer));
   }
   const Plan& p_;
   const Dims& d_;
@@ -629,9 +633,7 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   // prefetches ahead in time (SE-MoE's 2D prefetch), right before the layer otherwise.
   // Ring-memory inference loads section i+1 (about L / sections layers) while section i computes,
   // unless the plan turns prefetching off (the naive load-then-compute alternative).
-  const bool ahead = p.prefetch.direction == PrefetchDirection::kAhead ||
-                     p.prefetch.direction == PrefetchDirection::k2D;
-  int depth = ahead ? p.prefetch.depth : 0;
+  int depth = p.prefetch.ahead() ? p.prefetch.depth : 0;
   if (p.ring_sections > 0)
     depth = p.prefetch.direction == PrefetchDirection::kNone
                 ? 0
@@ -698,13 +700,10 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
     grad_offload(m, p, d, l, cp.backward);
     if (m.is_moe_layer(l) && d.replicated_copies > 0) {
       // Elastic replicas: the copies of a replicated expert sum their gradients before the update.
-      OpTemplate ar = dp_collective(
-          Collective::kAllReduce, CommGroup::kReplicas, "replica_grad_all_reduce", Phase::kBackward,
-          d.replicated_copies * static_cast<double>(expert_params(m)) / p.expert_tp * d.grad_bytes);
-      ar.layer = l;
-      ar.async = true;
-      ar.last_micro_batch = true;
-      cp.backward.push_back(std::move(ar));
+      cp.backward.push_back(grad_sync(
+          Collective::kAllReduce, CommGroup::kReplicas, "replica_grad_all_reduce",
+          d.replicated_copies * static_cast<double>(expert_params(m)) / p.expert_tp * d.grad_bytes,
+          l));
     }
     buckets.add(layer_params(m, p, d, l), l);
   }

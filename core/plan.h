@@ -70,6 +70,10 @@ struct Placement {
 struct Prefetch {
   int depth = 0;  // layers ahead
   PrefetchDirection direction = PrefetchDirection::kNone;
+  // Loads `depth` layers ahead in time ("ahead" or "2d"); otherwise right before use.
+  bool ahead() const {
+    return direction == PrefetchDirection::kAhead || direction == PrefetchDirection::k2D;
+  }
   bool operator==(const Prefetch&) const = default;
 };
 

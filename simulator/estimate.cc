@@ -168,11 +168,9 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   const ListTime head_b = sum_ops(kinds.head.backward, frame, c, prof, prec);
   std::vector<UnitTime> stage(static_cast<size_t>(pp));
   std::vector<double> step_s(static_cast<size_t>(pp), 0.0);
-  const bool ahead = plan.prefetch.direction == PrefetchDirection::kAhead ||
-                     plan.prefetch.direction == PrefetchDirection::k2D;
   for (int s = 0; s < pp; ++s) {
     UnitTime& u = stage[static_cast<size_t>(s)];
-    u.depth = ahead ? plan.prefetch.depth : 0;
+    u.depth = plan.prefetch.ahead() ? plan.prefetch.depth : 0;
     u.add(dense_f, dense_b, kinds.dense_layers_per_stage[static_cast<size_t>(s)]);
     u.add(moe_f, moe_b, kinds.moe_layers_per_stage[static_cast<size_t>(s)]);
     if (s == 0) u.add(embed_f, embed_b, 1);
