@@ -211,10 +211,16 @@ class Builder {
     OpTemplate& gate = add(OpKind::kGateTopK, "router", layer);
     gate.gemm = {d_.ts, moe.num_experts, d_.h, 1};
     gate.tokens = d_.ts;
+    // With one EP rank the permute is the whole dispatch (no exchange; Megatron-Core permutes
+    // locally), and it holds the dispatch buffer itself.
+    const bool local = p_.ep == 1;
     OpTemplate& perm = add(OpKind::kPermute, "permute", layer);
     perm.bytes = 2 * tok_bytes(d_.dispatch_rows);
     perm.tokens = static_cast<int64_t>(d_.dispatch_rows);
-    exchange(layer, "dispatch", bit(TensorClass::kDispatchBuffer), 0);
+    if (local)
+      perm.allocates = bit(TensorClass::kDispatchBuffer);
+    else
+      exchange(layer, "dispatch", bit(TensorClass::kDispatchBuffer), 0);
     if (d_.etp > 1)
       comm(Collective::kAllGather, CommGroup::kExpertTp, "etp_all_gather", layer,
            rows_bytes() * d_.etp);
@@ -222,10 +228,11 @@ class Builder {
     if (d_.etp > 1)
       comm(Collective::kReduceScatter, CommGroup::kExpertTp, "etp_reduce_scatter", layer,
            rows_bytes() * d_.etp);
-    exchange(layer, "combine", 0, bit(TensorClass::kDispatchBuffer));
+    if (!local) exchange(layer, "combine", 0, bit(TensorClass::kDispatchBuffer));
     OpTemplate& unperm = add(OpKind::kPermute, "unpermute", layer);
     unperm.bytes = 2 * tok_bytes(d_.dispatch_rows);
     unperm.tokens = static_cast<int64_t>(d_.dispatch_rows);
+    if (local) unperm.frees = bit(TensorClass::kDispatchBuffer);
     if (moe.num_shared_experts > 0) {
       tp_enter(layer);
       shared_experts(layer, d_.t);

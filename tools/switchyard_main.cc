@@ -14,38 +14,15 @@
 #include "cost_models/memory.h"
 #include "cost_models/profile.h"
 #include "simulator/simulator.h"
+#include "tools/cli_common.h"
+#include "tools/tune_cmd.h"
 #include "traces/chrome_trace.h"
 
 namespace sy = switchyard;
 
 namespace {
 
-constexpr int kExitBadInput = 2;
-
-std::string fmt(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, v);
-  return buf;
-}
-
-std::string gib(double bytes) { return fmt("%.2f GiB", bytes / double(1ull << 30)); }
-std::string billions(double n) { return fmt("%.3f B", n / 1e9); }
-
-void print_issues(const std::vector<sy::ConfigIssue>& issues) {
-  for (const auto& issue : issues) std::cerr << "  " << issue.to_string() << "\n";
-}
-
-std::string plan_summary(const sy::Plan& p) {
-  std::string s =
-      "dp" + std::to_string(p.dp) + " tp" + std::to_string(p.tp) + " pp" + std::to_string(p.pp);
-  if (p.vp > 1) s += " vp" + std::to_string(p.vp);
-  if (p.cp > 1) s += " cp" + std::to_string(p.cp);
-  s += " ep" + std::to_string(p.ep);
-  if (p.expert_tp > 1) s += " etp" + std::to_string(p.expert_tp);
-  s += " mbs" + std::to_string(p.micro_batch_size) + " " + std::string(sy::enum_name(p.schedule)) +
-       " zero" + std::to_string(p.zero_stage) + " " + std::string(sy::enum_name(p.dispatch));
-  return s;
-}
+using namespace switchyard::cli;
 
 // Parses "1G", "256M", "4096", "1.5GiB" (binary multiples, as nccl-tests' -b/-e).
 std::optional<double> parse_size(std::string s) {
@@ -81,15 +58,6 @@ std::optional<double> parse_size(std::string s) {
     return std::nullopt;
   }
 }
-
-struct Common {
-  std::string configs;
-  sy::ConfigRegistry registry() const {
-    return sy::ConfigRegistry(sy::ConfigRegistry::locate_root(
-        configs.empty() ? std::nullopt : std::optional<std::filesystem::path>(configs), program));
-  }
-  const char* program = nullptr;
-};
 
 int cmd_validate(const Common& common, const sy::InputNames& names, bool json) {
   const sy::ConfigRegistry reg = common.registry();
@@ -198,17 +166,6 @@ int cmd_list(const Common& common, const std::string& what) {
   return 0;
 }
 
-// The default profile for a cluster, with a calibration file's constants over it when given.
-sy::CostProfile load_profile(const sy::ClusterSpec& cluster, const std::string& path) {
-  sy::CostProfile prof = sy::default_cost_profile(cluster);
-  if (path.empty()) return prof;
-  try {
-    return sy::apply_profile_json(sy::load_json_file(path), std::move(prof));
-  } catch (const sy::ConfigError& e) {
-    throw sy::with_file(e, path);
-  }
-}
-
 int cmd_collective(const Common& common, const std::string& cluster_name, int nodes,
                    const std::string& profile, const std::string& op_name,
                    const std::string& min_size, const std::string& max_size, int ranks_per_node) {
@@ -256,8 +213,6 @@ int cmd_collective(const Common& common, const std::string& cluster_name, int no
   }
   return 0;
 }
-
-std::string pct(double v) { return fmt("%.1f%%", 100.0 * v); }
 
 void print_prediction(const sy::Inputs& in, const sy::Prediction& p, const sy::CostProfile& prof) {
   const double hbm = static_cast<double>(in.cluster.gpu.hbm_bytes);
@@ -443,6 +398,8 @@ int main(int argc, char** argv) {
   coll->add_option("--ranks-per-node", coll_rpn, "Group members per node (default: every GPU)")
       ->check(CLI::PositiveNumber);
 
+  const std::function<int()> run_tune = sy::cli::add_tune_commands(app, common);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -464,6 +421,7 @@ int main(int argc, char** argv) {
       return cmd_info(common, info_model, info_cluster, info_nodes);
     }
     if (*list) return cmd_list(common, list_what);
+    if (const int rc = run_tune(); rc >= 0) return rc;
     if (*coll)
       return cmd_collective(common, coll_cluster, coll_nodes, coll_profile, coll_op, coll_min,
                             coll_max, coll_rpn);

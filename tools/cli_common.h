@@ -1,0 +1,70 @@
+// Helpers the switchyard CLI's subcommands share: formatting, the configs root, cost profiles.
+// Header-only: tools/ holds main()s and their subcommands, no library code.
+#pragma once
+
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/config_registry.h"
+#include "core/error.h"
+#include "core/plan.h"
+#include "cost_models/profile.h"
+
+namespace switchyard::cli {
+
+namespace sy = switchyard;
+
+constexpr int kExitBadInput = 2;
+
+inline std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+inline std::string gib(double bytes) { return fmt("%.2f GiB", bytes / double(1ull << 30)); }
+inline std::string billions(double n) { return fmt("%.3f B", n / 1e9); }
+
+inline void print_issues(const std::vector<sy::ConfigIssue>& issues) {
+  for (const auto& issue : issues) std::cerr << "  " << issue.to_string() << "\n";
+}
+
+inline std::string plan_summary(const sy::Plan& p) {
+  std::string s =
+      "dp" + std::to_string(p.dp) + " tp" + std::to_string(p.tp) + " pp" + std::to_string(p.pp);
+  if (p.vp > 1) s += " vp" + std::to_string(p.vp);
+  if (p.cp > 1) s += " cp" + std::to_string(p.cp);
+  s += " ep" + std::to_string(p.ep);
+  if (p.expert_tp > 1) s += " etp" + std::to_string(p.expert_tp);
+  s += " mbs" + std::to_string(p.micro_batch_size) + " " + std::string(sy::enum_name(p.schedule)) +
+       " zero" + std::to_string(p.zero_stage) + " " + std::string(sy::enum_name(p.dispatch));
+  return s;
+}
+
+struct Common {
+  std::string configs;
+  sy::ConfigRegistry registry() const {
+    return sy::ConfigRegistry(sy::ConfigRegistry::locate_root(
+        configs.empty() ? std::nullopt : std::optional<std::filesystem::path>(configs), program));
+  }
+  const char* program = nullptr;
+};
+
+// The default profile for a cluster, with a calibration file's constants over it when given.
+inline sy::CostProfile load_profile(const sy::ClusterSpec& cluster, const std::string& path) {
+  sy::CostProfile prof = sy::default_cost_profile(cluster);
+  if (path.empty()) return prof;
+  try {
+    return sy::apply_profile_json(sy::load_json_file(path), std::move(prof));
+  } catch (const sy::ConfigError& e) {
+    throw sy::with_file(e, path);
+  }
+}
+
+inline std::string pct(double v) { return fmt("%.1f%%", 100.0 * v); }
+
+}  // namespace switchyard::cli
