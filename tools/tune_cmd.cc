@@ -12,9 +12,11 @@
 #include "core/validate.h"
 #include "cost_models/memory.h"
 #include "simulator/simulator.h"
+#include "tools/mpi_tune.h"
 #include "tuner/search.h"
 #include "tuner/space.h"
 #include "tuner/store.h"
+#include "tuner/tune.h"
 
 namespace switchyard::cli {
 namespace {
@@ -170,6 +172,7 @@ class Progress {
     if (!force && t - last_ < 0.2) return;
     last_ = t;
     const double rate = t > 0 ? static_cast<double>(done - first_) / t : 0;
+    if (rate <= 0 && !force) return;  // nothing to extrapolate from yet
     const double left = rate > 0 ? static_cast<double>(total_ - done) / rate : 0;
     std::fprintf(stderr,
                  "\r  %lld / %lld candidates (%.1f%%), %.0f/s, best %.0f tokens/s, %.0f s left   ",
@@ -179,6 +182,11 @@ class Progress {
     std::fflush(stderr);
   }
   void set_first(int64_t done) { first_ = done; }
+  void message(const std::string& text) {
+    if (!enabled_) return;
+    std::fprintf(stderr, "\r%-100s", ("  " + text).c_str());
+    std::fflush(stderr);
+  }
   void end() {
     if (enabled_) std::fprintf(stderr, "\r%100s\r", "");
   }
@@ -271,157 +279,145 @@ struct TuneFlags {
 
 int cmd_tune(const Common& common, TuneFlags f) {
   const auto t0 = Clock::now();
-  auto store = Store::open(f.db);
+  const std::unique_ptr<MpiTune> mpi = MpiTune::start_if_launched(nullptr, nullptr);
+  const bool worker = mpi && mpi->rank() > 0;
+  if (mpi && f.threads == 0) f.threads = mpi->default_threads();
+
+  // Rank 0 (or the only process) owns the store; `--resume` alone takes its arguments from it.
+  std::unique_ptr<Store> store;
   std::optional<SearchRecord> resumed;
   const bool named = !f.req.model.empty();
-  if (f.resume && !named) {
-    resumed = store->find_interrupted(Json());
-    if (!resumed) throw ConfigError("--resume", "no interrupted search in \"" + f.db + "\"");
-    const int top = f.req.top;
-    f.req = TuneRequest::from_json(resumed->args);
-    f.req.top = top;
+  std::exception_ptr failure;
+  if (!worker) {
+    try {
+      store = Store::open(f.db);
+      if (f.resume && !named) {
+        resumed = store->find_interrupted(Json());
+        if (!resumed) throw ConfigError("--resume", "no interrupted search in \"" + f.db + "\"");
+        const int top = f.req.top;
+        f.req = TuneRequest::from_json(resumed->args);
+        f.req.top = top;
+      }
+      if (f.req.model.empty()) throw ConfigError("--model", "required (or --resume alone)");
+      if (f.req.cluster.empty()) throw ConfigError("--cluster", "required (or --resume alone)");
+    } catch (...) {
+      failure = std::current_exception();
+    }
   }
-  if (f.req.model.empty()) throw ConfigError("--model", "required (or --resume alone)");
-  if (f.req.cluster.empty()) throw ConfigError("--cluster", "required (or --resume alone)");
-  const Resolved r = resolve(common, f.req);
-  if (f.req.workload.empty()) f.req.workload = r.workload.name;
-  if (f.resume && named) {
-    resumed = store->find_interrupted(f.req.identity());
-    if (!resumed)
-      throw ConfigError("--resume",
-                        "no interrupted search in \"" + f.db + "\" was asked these arguments");
+  if (mpi) {
+    const std::string shared = mpi->share(failure ? std::string() : f.req.to_json().dump());
+    if (shared.empty()) {
+      if (worker) return kExitBadInput;  // rank 0 reports it
+      std::rethrow_exception(failure);
+    }
+    if (worker) f.req = TuneRequest::from_json(Json::parse(shared));
+  } else if (failure) {
+    std::rethrow_exception(failure);
   }
-  const SearchSpace space = SearchSpace::build(r.model, r.cluster, r.workload, r.options);
-  const std::string key = space.key();
-  if (resumed && resumed->space_key != key)
-    throw ConfigError("--resume", "search " + std::to_string(resumed->id) +
-                                      " was made with other configs or cost models than the "
-                                      "ones found now; start a new search");
-  const int64_t search_id =
-      resumed ? resumed->id
-              : store->begin_search(f.req.identity(), key, space.units(), space.candidates());
 
-  // Units still to evaluate: the space's, minus what the store has for this exact space.
-  std::vector<int64_t> done = store->done_units(key);
-  std::set<int64_t> done_set(done.begin(), done.end());
-  std::vector<int64_t> todo;
-  for (int64_t u = 0; u < space.units(); ++u)
-    if (!done_set.count(u)) todo.push_back(u);
-  const int64_t reused_units = static_cast<int64_t>(done.size());
+  // Every rank: the same inputs and the same space.
+  std::optional<Resolved> r;
+  std::optional<SearchSpace> space;
+  try {
+    r = resolve(common, f.req);
+    space = SearchSpace::build(r->model, r->cluster, r->workload, r->options);
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  if (mpi && !mpi->all_ok(!failure)) {
+    if (worker) return kExitBadInput;
+    if (failure) std::rethrow_exception(failure);
+    throw std::runtime_error("another rank could not load the inputs (see its message)");
+  }
+  if (failure) std::rethrow_exception(failure);
+  if (worker) return mpi->work(*space, f.threads) ? 0 : kExitBadInput;
+
+  if (f.req.workload.empty()) f.req.workload = r->workload.name;
+  int64_t search_id = 0;
+  try {
+    if (f.resume && named) {
+      resumed = store->find_interrupted(f.req.identity());
+      if (!resumed)
+        throw ConfigError("--resume",
+                          "no interrupted search in \"" + f.db + "\" was asked these arguments");
+    }
+    if (resumed && resumed->space_key != space->key())
+      throw ConfigError("--resume", "search " + std::to_string(resumed->id) +
+                                        " was made with other configs or cost models than the "
+                                        "ones found now; start a new search");
+    search_id = resumed ? resumed->id
+                        : store->begin_search(f.req.identity(), space->key(), space->units(),
+                                              space->candidates());
+  } catch (...) {
+    if (mpi) mpi->cancel();
+    throw;
+  }
 
   const bool show = !f.quiet && !f.json && isatty(STDERR_FILENO);
-  Progress progress(show, space.candidates());
-  int64_t candidates_done = reused_units * space.unit_size();
-  progress.set_first(candidates_done);
-  double best_tps = 0;
-  std::vector<UnitResult> pending;
-  int64_t committed = reused_units;
-  auto last_flush = Clock::now();
-  const auto kill_after = kill_after_units();
-  auto flush = [&] {
-    store->put_units(key, pending);
-    committed += static_cast<int64_t>(pending.size());
-    pending.clear();
-    store->set_progress(search_id, committed);
-    last_flush = Clock::now();
-    if (kill_after && committed - reused_units >= *kill_after) std::raise(SIGKILL);
+  Progress progress(show, space->candidates());
+  SearchHooks hooks;
+  bool first = true;
+  hooks.progress = [&](int64_t done, int64_t, double best) {
+    if (first) progress.set_first(done), first = false;
+    progress.update(done, best);
   };
-  const auto sweep_start = Clock::now();
-  run_sweep(space, todo, f.threads, [&](UnitResult&& u) {
-    candidates_done += u.candidates;
-    for (const auto& rec : u.records) best_tps = std::max<double>(best_tps, rec.tokens_per_s);
-    pending.push_back(std::move(u));
-    if (pending.size() >= 64 || seconds_since(last_flush) > 0.5) flush();
-    progress.update(candidates_done, best_tps);
-  });
-  flush();
+  hooks.reranking = [&](size_t n) {
+    progress.message("re-ranking the best " + std::to_string(n) + " with simulate...");
+  };
+  if (const auto kill_after = kill_after_units())
+    hooks.committed = [n = *kill_after](int64_t committed) {
+      if (committed >= n) std::raise(SIGKILL);
+    };
+  if (mpi) hooks.sweep = mpi->coordinator_sweep(*space, f.threads);
+  SearchSettings settings;
+  settings.constraints = r->constraints;
+  settings.top = f.req.top;
+  settings.rerank = f.rerank;
+  settings.threads = f.threads;
+  SearchOutcome o;
+  try {
+    o = run_search(*space, *store, search_id, settings, hooks);
+  } catch (const ConfigError& e) {
+    progress.end();
+    // No plan meets the constraints: the sweep is complete, every rank has finished.
+    throw ConfigError(f.req.max_mem_gib > 0 ? "--max-mem-gib" : "tune", e.issues().front().message);
+  } catch (const std::exception& e) {
+    if (mpi) {
+      std::cerr << "error (rank 0): " << e.what() << "\n";
+      mpi->abort(1);
+    }
+    throw;
+  }
   progress.end();
-  const double sweep_s = seconds_since(sweep_start);
-
-  const std::vector<UnitResult> results = store->load_units(key);
-  int64_t evaluated = 0, fresh_evaluated = 0;
-  std::map<std::string, int64_t> pruned;
-  for (const auto& u : results) {
-    evaluated += static_cast<int64_t>(u.records.size());
-    if (!done_set.count(u.unit)) fresh_evaluated += static_cast<int64_t>(u.records.size());
-    for (const auto& [rule, n] : u.pruned) pruned[rule] += n;
-  }
-  Constraints constraints = r.constraints;
-  if (!constraints.max_gpu_bytes)
-    constraints.max_gpu_bytes = static_cast<double>(r.cluster.gpu.hbm_bytes);
-  const size_t rerank_n =
-      static_cast<size_t>(f.rerank > 0 ? f.rerank : std::max(2 * f.req.top, 10));
-  const std::vector<Scored> best = rank(space, results, constraints, rerank_n);
-  if (best.empty()) {
-    store->finish_search(search_id, "done", {{"evaluated", evaluated}, {"plans", 0}});
-    std::string why = std::to_string(space.candidates()) + " candidates, " +
-                      std::to_string(evaluated) + " fit the hardware";
-    double least = -1;
-    for (const auto& u : results)
-      for (const auto& rec : u.records)
-        if (least < 0 || rec.peak_gpu_bytes < least) least = rec.peak_gpu_bytes;
-    if (least >= 0) why += "; the least GPU memory any of them needs is " + gib(least);
-    throw ConfigError(f.req.max_mem_gib > 0 ? "--max-mem-gib" : "tune",
-                      "no plan meets the constraints (" + why + ")");
-  }
-  StoreCache cache(*store, r.model, r.workload);
-  const auto rerank_start = Clock::now();
-  std::vector<Finalist> finalists = rerank(space, best, constraints, &cache, f.threads);
-  const double rerank_s = seconds_since(rerank_start);
-  if (finalists.size() > static_cast<size_t>(f.req.top))
-    finalists.resize(static_cast<size_t>(f.req.top));
-  const std::vector<Scored> front = pareto_front(space, results, constraints);
-
-  // Keep the ranking.
-  const std::string model_hash = store->put_model(r.model);
-  const std::string workload_hash = store->put_workload(r.workload);
-  std::vector<RankedPlan> ranking;
-  for (size_t i = 0; i < finalists.size(); ++i) {
-    const Finalist& fin = finalists[i];
-    const ClusterSpec& c = space.cluster(fin.unit);
-    const std::string cluster_hash = store->put_cluster(c);
-    const std::string plan_hash = store->put_plan(fin.plan);
-    const auto pred = store->find_prediction(model_hash, cluster_hash, workload_hash, plan_hash,
-                                             profile_hash(space.profile(fin.unit)), "simulate");
-    const int64_t id =
-        pred ? pred->first
-             : store->put_prediction(model_hash, cluster_hash, workload_hash, plan_hash,
-                                     profile_hash(space.profile(fin.unit)), fin.simulated);
-    ranking.push_back({static_cast<int>(i + 1), plan_hash, id, cluster_hash, fin.simulated});
-  }
-  store->put_ranking(search_id, ranking);
   const double total_s = seconds_since(t0);
-  const int64_t fresh_candidates = static_cast<int64_t>(todo.size()) * space.unit_size();
-  Json summary = {
-      {"candidates", space.candidates()},
-      {"units", space.units()},
-      {"evaluated", evaluated},
-      {"pruned", pruned},
-      {"reused_units", reused_units},
-      {"sweep_s", sweep_s},
-      {"rerank_s", rerank_s},
-      {"total_s", total_s},
-      {"candidates_per_s", sweep_s > 0 ? static_cast<double>(fresh_candidates) / sweep_s : 0.0},
-      {"best_plan", ranking.front().plan_hash},
-      {"best_tokens_per_s", finalists.front().simulated.tokens_per_s}};
-  store->finish_search(search_id, "done", summary);
+  const std::vector<Finalist>& finalists = o.top;
+  const std::vector<Scored>& front = o.pareto;
+  Json summary = {{"candidates", space->candidates()},
+                  {"units", space->units()},
+                  {"evaluated", o.evaluated},
+                  {"pruned", o.pruned},
+                  {"reused_units", o.reused_units},
+                  {"sweep_s", o.sweep_s},
+                  {"rerank_s", o.rerank_s},
+                  {"total_s", total_s},
+                  {"candidates_per_s", o.candidates_per_s}};
 
   if (f.json) {
     Json out = summary;
     out["search_id"] = search_id;
     out["db"] = f.db;
-    out["model"] = r.model.name;
-    out["cluster"] = r.cluster.name;
-    out["gpus"] = r.gpus;
-    out["workload"] = r.workload.name;
+    out["model"] = r->model.name;
+    out["cluster"] = r->cluster.name;
+    out["gpus"] = r->gpus;
+    out["workload"] = r->workload.name;
     out["objective"] = f.req.objective;
-    out["max_gpu_bytes"] = *constraints.max_gpu_bytes;
-    out["fresh_evaluated"] = fresh_evaluated;
+    out["max_gpu_bytes"] = o.max_gpu_bytes;
+    out["fresh_evaluated"] = o.fresh_evaluated;
     Json top = Json::array();
     for (size_t i = 0; i < finalists.size(); ++i) {
       const Finalist& fin = finalists[i];
       top.push_back({{"rank", i + 1},
-                     {"plan_hash", ranking[i].plan_hash},
+                     {"plan_hash", o.ranking[i].plan_hash},
                      {"gpus", fin.gpus},
                      {"plan", semantic_json(fin.plan)},
                      {"storage", fin.storage},
@@ -435,33 +431,33 @@ int cmd_tune(const Common& common, TuneFlags f) {
       pf.push_back({{"tokens_per_s", s.record.tokens_per_s},
                     {"peak_gpu_bytes", s.record.peak_gpu_bytes},
                     {"gpus", s.gpus},
-                    {"plan", semantic_json(space.plan(s.unit, s.record.index))}});
+                    {"plan", semantic_json(space->plan(s.unit, s.record.index))}});
     out["pareto"] = pf;
     std::cout << out.dump(2) << "\n";
     return 0;
   }
 
-  std::cout << "tune " << r.model.name << " on ";
-  for (size_t i = 0; i < r.gpus.size(); ++i) std::cout << (i ? "/" : "") << r.gpus[i];
-  std::cout << "x " << r.cluster.gpu.name << " (" << r.cluster.name << "), workload "
-            << r.workload.name << ", objective " << f.req.objective
-            << ", GPU memory <= " << gib(*constraints.max_gpu_bytes) << "\n";
-  std::cout << "  space      " << space.candidates() << " candidates in " << space.units()
-            << " units of " << space.unit_size() << "; " << evaluated
+  std::cout << "tune " << r->model.name << " on ";
+  for (size_t i = 0; i < r->gpus.size(); ++i) std::cout << (i ? "/" : "") << r->gpus[i];
+  std::cout << "x " << r->cluster.gpu.name << " (" << r->cluster.name << "), workload "
+            << r->workload.name << ", objective " << f.req.objective
+            << ", GPU memory <= " << gib(o.max_gpu_bytes) << "\n";
+  std::cout << "  space      " << space->candidates() << " candidates in " << space->units()
+            << " units of " << space->unit_size() << "; " << o.evaluated
             << " fit the hardware and were timed with estimate";
-  if (reused_units > 0)
-    std::cout << " (" << reused_units << " of " << space.units() << " units from the store)";
+  if (o.reused_units > 0)
+    std::cout << " (" << o.reused_units << " of " << space->units() << " units from the store)";
   std::cout << "\n  pruned    ";
   std::vector<std::pair<int64_t, std::string>> by_count;
-  for (const auto& [rule, n] : pruned) by_count.push_back({n, rule});
+  for (const auto& [rule, n] : o.pruned) by_count.push_back({n, rule});
   std::sort(by_count.rbegin(), by_count.rend());
   for (size_t i = 0; i < by_count.size(); ++i)
     std::cout << (i ? "\n             " : " ") << by_count[i].first << "  " << by_count[i].second;
-  std::cout << "\n  time       " << fmt("%.2f s", total_s) << " (sweep " << fmt("%.2f s", sweep_s);
-  if (!todo.empty())
-    std::cout << ", " << fmt("%.0f candidates/s", static_cast<double>(fresh_candidates) / sweep_s);
-  std::cout << "; " << best.size() << " best re-ranked with simulate in " << fmt("%.2f s", rerank_s)
-            << ")\n\n";
+  std::cout << "\n  time       " << fmt("%.2f s", total_s) << " (sweep "
+            << fmt("%.2f s", o.sweep_s);
+  if (o.candidates_per_s > 0) std::cout << ", " << fmt("%.0f candidates/s", o.candidates_per_s);
+  std::cout << "; " << o.reranked << " best re-ranked with simulate in "
+            << fmt("%.2f s", o.rerank_s) << ")\n\n";
 
   std::printf("  %-3s %-5s %-58s %-26s %-9s %-8s %11s %6s %7s %7s %7s  %s\n", "#", "gpus", "plan",
               "storage", "recompute", "capacity", "tokens/s", "MFU", "GPU GiB", "CPU GiB",
@@ -493,8 +489,8 @@ int cmd_tune(const Common& common, TuneFlags f) {
     const Scored& s = front[k];
     std::printf("    %7s GiB %11.0f tokens/s  %s%s\n", gib_plain(s.record.peak_gpu_bytes).c_str(),
                 static_cast<double>(s.record.tokens_per_s),
-                plan_summary(space.plan(s.unit, s.record.index)).c_str(),
-                (" " + space.storage_name(s.record.index)).c_str());
+                plan_summary(space->plan(s.unit, s.record.index)).c_str(),
+                (" " + space->storage_name(s.record.index)).c_str());
   }
   if (finalists.size() >= 2) {
     std::cout << "\n  Why #1 wins over #2:\n";

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <stdexcept>
 
 #include "core/error.h"
 #include "core/expert_load.h"
@@ -92,7 +94,97 @@ bool skewed(const Workload& w) {
   return false;
 }
 
+void put_u32(std::string& out, uint32_t v) {
+  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+void put_u64(std::string& out, uint64_t v) {
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+void put_f32(std::string& out, float f) {
+  uint32_t v;
+  std::memcpy(&v, &f, 4);
+  put_u32(out, v);
+}
+uint32_t get_u32(const unsigned char* p) {
+  return uint32_t{p[0]} | uint32_t{p[1]} << 8 | uint32_t{p[2]} << 16 | uint32_t{p[3]} << 24;
+}
+uint64_t get_u64(const unsigned char* p) {
+  return uint64_t{get_u32(p)} | uint64_t{get_u32(p + 4)} << 32;
+}
+float get_f32(const unsigned char* p) {
+  const uint32_t v = get_u32(p);
+  float f;
+  std::memcpy(&f, &v, 4);
+  return f;
+}
+
 }  // namespace
+
+std::string pack_records(const std::vector<CandidateRecord>& records) {
+  std::string out;
+  out.reserve(records.size() * kCandidateRecordBytes);
+  for (const auto& r : records) {
+    put_u32(out, r.index);
+    for (float f : {r.step_time_s, r.tokens_per_s, r.mfu, r.peak_gpu_bytes, r.peak_cpu_bytes,
+                    r.peak_ssd_bytes})
+      put_f32(out, f);
+    out.push_back(static_cast<char>(r.bottleneck));
+  }
+  return out;
+}
+
+std::vector<CandidateRecord> unpack_records(const unsigned char* data, size_t bytes) {
+  if (bytes % kCandidateRecordBytes != 0)
+    throw std::invalid_argument("candidate records: " + std::to_string(bytes) +
+                                " bytes is not a multiple of " +
+                                std::to_string(kCandidateRecordBytes));
+  std::vector<CandidateRecord> out(bytes / kCandidateRecordBytes);
+  for (size_t i = 0; i < out.size(); ++i) {
+    const unsigned char* r = data + i * kCandidateRecordBytes;
+    CandidateRecord& c = out[i];
+    c.index = get_u32(r);
+    c.step_time_s = get_f32(r + 4);
+    c.tokens_per_s = get_f32(r + 8);
+    c.mfu = get_f32(r + 12);
+    c.peak_gpu_bytes = get_f32(r + 16);
+    c.peak_cpu_bytes = get_f32(r + 20);
+    c.peak_ssd_bytes = get_f32(r + 24);
+    c.bottleneck = r[28];
+  }
+  return out;
+}
+
+// unit u64, candidates u64, pruned-JSON length u32, pruned JSON, records.
+std::string encode_unit(const UnitResult& u) {
+  Json pruned = Json::object();
+  for (const auto& [rule, n] : u.pruned) pruned[rule] = n;
+  const std::string text = pruned.dump();
+  std::string out;
+  put_u64(out, static_cast<uint64_t>(u.unit));
+  put_u64(out, static_cast<uint64_t>(u.candidates));
+  put_u32(out, static_cast<uint32_t>(text.size()));
+  out += text;
+  out += pack_records(u.records);
+  return out;
+}
+
+UnitResult decode_unit(std::string_view bytes) {
+  const auto* p = reinterpret_cast<const unsigned char*>(bytes.data());
+  if (bytes.size() < 20) throw std::invalid_argument("unit message too short");
+  UnitResult u;
+  u.unit = static_cast<int64_t>(get_u64(p));
+  u.candidates = static_cast<int64_t>(get_u64(p + 8));
+  const size_t text_len = get_u32(p + 16);
+  if (bytes.size() < 20 + text_len) throw std::invalid_argument("unit message truncated");
+  const Json pruned = Json::parse(bytes.substr(20, text_len), nullptr, /*allow_exceptions=*/false);
+  if (!pruned.is_object()) throw std::invalid_argument("unit message: bad pruning counts");
+  for (const auto& [rule, n] : pruned.items()) {
+    if (!n.is_number_integer()) throw std::invalid_argument("unit message: bad count");
+    u.pruned[rule] = n.get<int64_t>();
+  }
+  u.records = unpack_records(p + 20 + text_len, bytes.size() - 20 - text_len);
+  return u;
+}
 
 ClusterSpec with_gpus(ClusterSpec c, int gpus, const std::string& path) {
   if (gpus < 1) throw ConfigError(path, "must be >= 1, got " + std::to_string(gpus));
@@ -250,6 +342,10 @@ UnitResult SearchSpace::evaluate(int64_t unit) const {
   const Degrees d = degrees(unit);
   if (std::string why = duplicate_reason(d); !why.empty()) {
     out.pruned[why] = unit_size_;
+    return out;
+  }
+  if (options_.gpus[d.variant] % (d.tp * d.cp * d.pp) != 0) {
+    out.pruned["rule: tp*cp*pp divides the GPU count"] = unit_size_;
     return out;
   }
   const ClusterSpec& c = clusters_[d.variant];

@@ -23,6 +23,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/cluster.h"
@@ -76,6 +77,15 @@ struct UnitResult {
   std::map<std::string, int64_t> pruned;  // rule -> candidates it removed
   std::vector<CandidateRecord> records;   // the candidates that were timed
 };
+
+// Portable forms (little-endian, fixed size) of records and of whole units: the store keeps records
+// as blobs, MPI ranks send units to rank 0.
+inline constexpr size_t kCandidateRecordBytes = 4 + 6 * 4 + 1;
+std::string pack_records(const std::vector<CandidateRecord>& records);
+// Throws std::invalid_argument when `bytes` is not a whole number of records.
+std::vector<CandidateRecord> unpack_records(const unsigned char* data, size_t bytes);
+std::string encode_unit(const UnitResult& u);
+UnitResult decode_unit(std::string_view bytes);  // throws std::invalid_argument when malformed
 
 class SearchSpace {
  public:

@@ -116,40 +116,6 @@ CREATE TABLE calibrations(
 };
 static_assert(std::size(kMigrations) == kStoreSchemaVersion);
 
-// Packed little-endian records (29 bytes each): index u32, six f32, bottleneck u8.
-constexpr size_t kRecordBytes = 4 + 6 * 4 + 1;
-
-void put_u32(std::string& out, uint32_t v) {
-  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-}
-void put_f32(std::string& out, float f) {
-  uint32_t v;
-  std::memcpy(&v, &f, 4);
-  put_u32(out, v);
-}
-uint32_t get_u32(const unsigned char* p) {
-  return uint32_t{p[0]} | uint32_t{p[1]} << 8 | uint32_t{p[2]} << 16 | uint32_t{p[3]} << 24;
-}
-float get_f32(const unsigned char* p) {
-  const uint32_t v = get_u32(p);
-  float f;
-  std::memcpy(&f, &v, 4);
-  return f;
-}
-
-std::string pack(const std::vector<CandidateRecord>& records) {
-  std::string out;
-  out.reserve(records.size() * kRecordBytes);
-  for (const auto& r : records) {
-    put_u32(out, r.index);
-    for (float f : {r.step_time_s, r.tokens_per_s, r.mfu, r.peak_gpu_bytes, r.peak_cpu_bytes,
-                    r.peak_ssd_bytes})
-      put_f32(out, f);
-    out.push_back(static_cast<char>(r.bottleneck));
-  }
-  return out;
-}
-
 }  // namespace
 
 // A prepared statement with positional binds (1-based), finalized on scope exit.
@@ -385,7 +351,7 @@ void Store::put_units(const std::string& space_key, const std::vector<UnitResult
         .bind(3, u.candidates)
         .bind(4, static_cast<int64_t>(u.records.size()))
         .bind(5, pruned.dump())
-        .bind_blob(6, pack(u.records));
+        .bind_blob(6, pack_records(u.records));
     st.run();
     st.reset();
   }
@@ -406,23 +372,11 @@ std::vector<UnitResult> Store::load_units(const std::string& space_key) {
     const Json pruned = parse_json_text(st.text(3), "sweep_units.pruned_json");
     for (const auto& [rule, n] : pruned.items()) u.pruned[rule] = n.get<int64_t>();
     const auto [p, bytes] = st.blob(4);
-    if (evaluated < 0 || bytes != static_cast<size_t>(evaluated) * kRecordBytes)
+    if (evaluated < 0 || bytes != static_cast<size_t>(evaluated) * kCandidateRecordBytes)
       throw ConfigError("--db", "sweep unit " + std::to_string(u.unit) + " holds " +
                                     std::to_string(bytes) + " bytes for " +
                                     std::to_string(evaluated) + " records: the file is damaged");
-    u.records.resize(static_cast<size_t>(evaluated));
-    for (size_t i = 0; i < u.records.size(); ++i) {
-      const unsigned char* r = p + i * kRecordBytes;
-      CandidateRecord& c = u.records[i];
-      c.index = get_u32(r);
-      c.step_time_s = get_f32(r + 4);
-      c.tokens_per_s = get_f32(r + 8);
-      c.mfu = get_f32(r + 12);
-      c.peak_gpu_bytes = get_f32(r + 16);
-      c.peak_cpu_bytes = get_f32(r + 20);
-      c.peak_ssd_bytes = get_f32(r + 24);
-      c.bottleneck = r[28];
-    }
+    u.records = unpack_records(p, bytes);
     out.push_back(std::move(u));
   }
   return out;

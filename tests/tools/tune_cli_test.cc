@@ -1,0 +1,202 @@
+// `switchyard tune` and `plans` as a user meets them: a search killed with SIGKILL resumes and ends
+// where an uninterrupted one does, a repeated search comes from the store, two searches share one
+// file, exported plans simulate, and bad input (names, constraints, files) exits 2.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "core/json_io.h"
+
+namespace switchyard {
+namespace {
+
+struct Result {
+  int exit_code = -1;
+  int signal = 0;
+  std::string output;
+};
+
+Result sh(const std::string& cmd) {
+  Result r;
+  FILE* pipe = popen(cmd.c_str(), "r");
+  if (!pipe) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) r.output.append(buf, n);
+  const int status = pclose(pipe);
+  if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
+  return r;
+}
+
+const std::string kCli = SWITCHYARD_CLI;
+// A small space: tiny-moe on one 8-GPU node.
+const std::string kTiny =
+    " tune --model tiny-moe --cluster dgx-h100 --nodes 1 --workload tiny-train";
+
+class TuneCliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("switchyard_tune_cli_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  static Json json_of(const Result& r) {
+    const size_t brace = r.output.find('{');
+    EXPECT_NE(brace, std::string::npos) << r.output;
+    return Json::parse(r.output.substr(brace == std::string::npos ? 0 : brace));
+  }
+  static void expect_same_ranking(const Json& a, const Json& b) {
+    ASSERT_EQ(a["top"].size(), b["top"].size());
+    for (size_t i = 0; i < a["top"].size(); ++i) {
+      EXPECT_EQ(a["top"][i]["plan_hash"], b["top"][i]["plan_hash"]) << i;
+      EXPECT_EQ(a["top"][i]["simulate"]["tokens_per_s"], b["top"][i]["simulate"]["tokens_per_s"]);
+    }
+    EXPECT_EQ(a["evaluated"], b["evaluated"]);
+    EXPECT_EQ(a["pruned"], b["pruned"]);
+    EXPECT_EQ(a["pareto"].size(), b["pareto"].size());
+  }
+  std::filesystem::path dir_;
+};
+
+TEST_F(TuneCliTest, KilledSearchResumesWithoutLosingWorkAndEndsAsAnUninterruptedOne) {
+  const Result whole = sh(kCli + kTiny + " --json --db " + path("whole.db"));
+  ASSERT_EQ(whole.exit_code, 0) << whole.output;
+
+  // SIGKILL right after the first units are committed.
+  const Result killed = sh("SWITCHYARD_TEST_KILL_AFTER_UNITS=1 " + kCli + kTiny + " --json --db " +
+                           path("killed.db") + "; echo status=$?");
+  ASSERT_NE(killed.output.find("status=137"), std::string::npos) << killed.output;
+  const Result listed = sh(kCli + " plans list --db " + path("killed.db"));
+  EXPECT_NE(listed.output.find("running"), std::string::npos) << listed.output;
+
+  const Result resumed = sh(kCli + " tune --resume --json --db " + path("killed.db"));
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  const Json a = json_of(whole), b = json_of(resumed);
+  EXPECT_GT(b["reused_units"].get<int64_t>(), 0) << "the committed units were evaluated again";
+  EXPECT_LT(b["reused_units"].get<int64_t>(), b["units"].get<int64_t>());
+  EXPECT_EQ(b["search_id"], 1) << "resume continues the interrupted search";
+  expect_same_ranking(a, b);
+  EXPECT_EQ(sh(kCli + " tune --resume --db " + path("killed.db")).exit_code, 2)
+      << "nothing left to resume";
+}
+
+TEST_F(TuneCliTest, RepeatedSearchComesFromTheStore) {
+  const Result first = sh(kCli + kTiny + " --json --db " + path("s.db"));
+  const Result second = sh(kCli + kTiny + " --json --db " + path("s.db"));
+  ASSERT_EQ(second.exit_code, 0) << second.output;
+  const Json a = json_of(first), b = json_of(second);
+  EXPECT_EQ(a["reused_units"], 0);
+  EXPECT_EQ(b["reused_units"], b["units"]);
+  EXPECT_EQ(b["fresh_evaluated"], 0);
+  for (const auto& t : b["top"]) EXPECT_TRUE(t["simulate_cached"].get<bool>());
+  expect_same_ranking(a, b);
+  // Another workload is another space: nothing reused.
+  const Result other = sh(kCli +
+                          " tune --model tiny-moe --cluster dgx-h100 --nodes 1 --workload "
+                          "zipf-skewed --json --db " +
+                          path("s.db"));
+  ASSERT_EQ(other.exit_code, 0) << other.output;
+  EXPECT_EQ(json_of(other)["reused_units"], 0);
+}
+
+TEST_F(TuneCliTest, TwoSearchesWriteOneDatabaseAtOnce) {
+  const std::string db = path("shared.db");
+  const Result r =
+      sh("(" + kCli + kTiny + " --quiet --db " + db + " >/dev/null; echo a=$?) & (" + kCli +
+         " tune --model tiny-moe --cluster dgx-h100 --nodes 1 --workload "
+         "zipf-skewed --quiet --db " +
+         db + " >/dev/null; echo b=$?) & wait");
+  EXPECT_NE(r.output.find("a=0"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("b=0"), std::string::npos) << r.output;
+  const Result listed = sh(kCli + " plans list --db " + db);
+  EXPECT_NE(listed.output.find("2 searches"), std::string::npos) << listed.output;
+  EXPECT_EQ(listed.output.find("running"), std::string::npos) << listed.output;
+}
+
+TEST_F(TuneCliTest, ExportedWinnerSimulatesToItsStoredPrediction) {
+  const Result t = sh(kCli + kTiny + " --json --db " + path("s.db"));
+  ASSERT_EQ(t.exit_code, 0) << t.output;
+  const double stored = json_of(t)["top"][0]["simulate"]["tokens_per_s"].get<double>();
+  const Result e =
+      sh(kCli + " plans export 1:1 --db " + path("s.db") + " --out " + path("plan.json"));
+  ASSERT_EQ(e.exit_code, 0) << e.output;
+  const Result sim = sh(kCli + " simulate --plan " + path("plan.json") + " --json 2>&1");
+  ASSERT_EQ(sim.exit_code, 0) << sim.output;
+  EXPECT_DOUBLE_EQ(json_of(sim)["tokens_per_s"].get<double>(), stored);
+
+  const Result show = sh(kCli + " plans best --db " + path("s.db"));
+  EXPECT_EQ(show.exit_code, 0);
+  EXPECT_NE(show.output.find(json_of(t)["top"][0]["plan_hash"].get<std::string>()),
+            std::string::npos);
+  const Result diff = sh(kCli + " plans diff 1:1 1:2 --db " + path("s.db"));
+  EXPECT_EQ(diff.exit_code, 0);
+  EXPECT_NE(diff.output.find("predicted consequences"), std::string::npos) << diff.output;
+  EXPECT_NE(diff.output.find("->"), std::string::npos) << diff.output;
+}
+
+TEST_F(TuneCliTest, UnderMpiexecRanksSplitTheSpaceAndRankZeroGivesTheSameAnswer) {
+#ifndef SWITCHYARD_MPIEXEC
+  GTEST_SKIP() << "built without MPI";
+#else
+  const std::string env =
+      "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
+      "OMPI_MCA_rmaps_base_oversubscribe=1 ";
+  const Result one = sh(kCli + kTiny + " --json --db " + path("one.db"));
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  for (int ranks : {2, 3}) {
+    const std::string db = path("mpi" + std::to_string(ranks) + ".db");
+    const Result many = sh(env + SWITCHYARD_MPIEXEC + " -n " + std::to_string(ranks) + " " + kCli +
+                           kTiny + " --json --db " + db);
+    ASSERT_EQ(many.exit_code, 0) << many.output;
+    expect_same_ranking(json_of(one), json_of(many));
+    // Every unit reached rank 0's store exactly once.
+    const Result listed = sh(kCli + " plans list --db " + db);
+    EXPECT_NE(listed.output.find("576/576"), std::string::npos) << listed.output;
+  }
+  // Bad input ends every rank with exit code 2, no hang.
+  const Result bad =
+      sh(env + SWITCHYARD_MPIEXEC + " -n 2 " + kCli +
+         " tune --model no-such-model --cluster dgx-h100 --db " + path("x.db") + " 2>&1");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("no-such-model"), std::string::npos) << bad.output;
+#endif
+}
+
+TEST_F(TuneCliTest, BadInputIsAClearErrorWithExitCode2) {
+  const auto expect_2 = [](const Result& r, const char* needle) {
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    EXPECT_NE(r.output.find(needle), std::string::npos) << r.output;
+  };
+  expect_2(
+      sh(kCli + " tune --model no-such-model --cluster dgx-h100 --db " + path("a.db") + " 2>&1"),
+      "no-such-model");
+  expect_2(sh(kCli + kTiny + " --max-mem-gib 0.5 --db " + path("a.db") + " 2>&1"),
+           "no plan meets the constraints");
+  expect_2(sh(kCli + kTiny + " --gpus 12 --db " + path("a.db") + " 2>&1"), "--");
+  expect_2(sh(kCli + " tune --model tiny-moe --cluster dgx-h100 --workload inference-decode --db " +
+              path("a.db") + " 2>&1"),
+           "inference");
+  expect_2(sh(kCli + kTiny + " --no-such-flag --db " + path("a.db") + " 2>&1"), "no-such-flag");
+
+  std::ofstream(path("notes.db")) << "not a database\n";
+  expect_2(sh(kCli + kTiny + " --db " + path("notes.db") + " 2>&1"), "not an SQLite database");
+  sh("sqlite3 " + path("foreign.db") + " 'CREATE TABLE t(x)' 2>/dev/null");
+  if (std::filesystem::exists(path("foreign.db")))
+    expect_2(sh(kCli + kTiny + " --db " + path("foreign.db") + " 2>&1"), "another application");
+  ASSERT_EQ(sh(kCli + kTiny + " --quiet --db " + path("ok.db")).exit_code, 0);
+  std::filesystem::resize_file(path("ok.db"), std::filesystem::file_size(path("ok.db")) / 3);
+  expect_2(sh(kCli + " plans list --db " + path("ok.db") + " 2>&1"), "damaged");
+  expect_2(sh(kCli + " plans show 9:1 --db " + path("b.db") + " 2>&1"), "no search 9");
+}
+
+}  // namespace
+}  // namespace switchyard
