@@ -4,6 +4,7 @@
 #include <mpi.h>
 #endif
 
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <stdexcept>
@@ -149,8 +150,15 @@ bool MpiTune::work(const SearchSpace& space, int threads) {
   std::vector<int64_t> units(static_cast<size_t>(n));
   if (n > 0)
     MPI_CHECK(MPI_Bcast(units.data(), static_cast<int>(n), MPI_INT64_T, 0, MPI_COMM_WORLD));
-  run_sweep(space, slice(units, rank_, size_), threads, [](UnitResult&& u) { send_unit(u); });
-  MPI_CHECK(MPI_Send(nullptr, 0, MPI_BYTE, 0, kTagDone, MPI_COMM_WORLD));
+  try {
+    run_sweep(space, slice(units, rank_, size_), threads, [](UnitResult&& u) { send_unit(u); });
+    MPI_CHECK(MPI_Send(nullptr, 0, MPI_BYTE, 0, kTagDone, MPI_COMM_WORLD));
+  } catch (const std::exception& e) {
+    // Rank 0 waits for this rank's units: end the whole job, naming the rank.
+    std::fprintf(stderr, "error (rank %d): %s\n", rank_, e.what());
+    std::fflush(stderr);
+    abort(1);
+  }
   return true;
 }
 

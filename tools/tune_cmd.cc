@@ -3,9 +3,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <set>
 
@@ -271,6 +273,7 @@ struct TuneFlags {
   TuneRequest req;
   std::string db = "switchyard.db";
   bool resume = false;
+  bool search_flags = false;  // flags that describe a search besides --model were given
   bool quiet = false;
   bool json = false;
   int threads = 0;
@@ -290,6 +293,10 @@ int cmd_tune(const Common& common, TuneFlags f) {
   std::exception_ptr failure;
   if (!worker) {
     try {
+      if (f.resume && !named && f.search_flags)
+        throw ConfigError("--resume",
+                          "alone resumes the newest interrupted search with its own "
+                          "arguments; to pick one, give --model and --cluster too");
       store = Store::open(f.db);
       if (f.resume && !named) {
         resumed = store->find_interrupted(Json());
@@ -377,14 +384,16 @@ int cmd_tune(const Common& common, TuneFlags f) {
   SearchOutcome o;
   try {
     o = run_search(*space, *store, search_id, settings, hooks);
-  } catch (const ConfigError& e) {
+  } catch (const NoFeasiblePlan& e) {
     progress.end();
-    // No plan meets the constraints: the sweep is complete, every rank has finished.
+    // The sweep is complete (every rank has finished): an ordinary bad-input exit.
     throw ConfigError(f.req.max_mem_gib > 0 ? "--max-mem-gib" : "tune", e.issues().front().message);
   } catch (const std::exception& e) {
+    progress.end();
     if (mpi) {
+      // Workers may be blocked sending to rank 0: end the whole job.
       std::cerr << "error (rank 0): " << e.what() << "\n";
-      mpi->abort(1);
+      mpi->abort(dynamic_cast<const ConfigError*>(&e) ? kExitBadInput : 1);
     }
     throw;
   }
@@ -541,17 +550,22 @@ PlanRef resolve_ref(Store& store, const std::string& ref) {
   if (const size_t colon = ref.find(':'); colon != std::string::npos) {
     int64_t id = 0;
     int rank = 0;
-    try {
-      id = std::stoll(ref.substr(0, colon));
-      rank = std::stoi(ref.substr(colon + 1));
-    } catch (const std::exception&) {
-      throw ConfigError("plan", "\"" + ref + "\" is not SEARCH:RANK");
-    }
+    const auto whole = [](std::string_view text, auto& value) {
+      const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+      return ec == std::errc() && end == text.data() + text.size();
+    };
+    if (!whole(std::string_view(ref).substr(0, colon), id) ||
+        !whole(std::string_view(ref).substr(colon + 1), rank))
+      throw ConfigError("plan", "\"" + ref + "\" is not SEARCH:RANK (e.g. 3:1)");
     const auto s = store.find_search(id);
     if (!s) throw ConfigError("plan", "no search " + std::to_string(id));
     from_search(*s, rank);
     return out;
   }
+  if (ref.size() < 6 || ref.find_first_not_of("0123456789abcdef") != std::string::npos)
+    throw ConfigError("plan", "\"" + ref +
+                                  "\" is neither SEARCH:RANK, best, nor a plan hash prefix (at "
+                                  "least 6 hex digits)");
   const auto p = store.find_plan(ref);
   if (!p)
     throw ConfigError("plan", "\"" + ref +
@@ -760,8 +774,15 @@ std::function<int()> add_tune_commands(CLI::App& app, const Common& common) {
     sub->add_option("--db", *db, "Plan store (default ./switchyard.db)");
 
   return [=, &common]() -> int {
-    if (*tune) return cmd_tune(common, *flags);
+    if (*tune) {
+      for (const char* name : {"--cluster", "--nodes", "--gpus", "--workload", "--objective",
+                               "--max-mem-gib", "--capacity-factors", "--no-offload"})
+        flags->search_flags = flags->search_flags || tune->count(name) > 0;
+      return cmd_tune(common, *flags);
+    }
     if (*plans) {
+      if (!std::filesystem::exists(*db))
+        throw ConfigError("--db", "no plan store at \"" + *db + "\" (run switchyard tune first)");
       auto store = Store::open(*db);
       if (*list) return cmd_plans_list(*store);
       if (*show) {

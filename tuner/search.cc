@@ -259,13 +259,17 @@ std::vector<Finalist> rerank(const SearchSpace& space, const std::vector<Scored>
   // Each candidate at its best bucket size.
   std::vector<Finalist> out;
   for (size_t c = 0; c < candidates.size(); ++c) {
-    const Job* best = nullptr;
-    for (const Job& j : jobs) {
-      if (j.candidate != c) continue;
-      if (!best || j.result->tokens_per_s > best->result->tokens_per_s) best = &j;
-    }
-    if (!best || !meets(constraints, best->result->peak.gpu)) continue;
     const Scored& s = candidates[c];
+    // The bucket size that is best under the objective among those that meet the limit.
+    const Job* best = nullptr;
+    const auto fig = [&](const Job& j) {
+      return Figures{j.result->tokens_per_s, j.result->peak.gpu, s.gpus, s.unit, s.record.index};
+    };
+    for (const Job& j : jobs) {
+      if (j.candidate != c || !meets(constraints, j.result->peak.gpu)) continue;
+      if (!best || better_figures(fig(j), fig(*best), constraints.objective)) best = &j;
+    }
+    if (!best) continue;
     Finalist f;
     f.unit = s.unit;
     f.index = s.record.index;

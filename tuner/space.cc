@@ -214,6 +214,13 @@ SearchSpace SearchSpace::build(const ModelSpec& model, const ClusterSpec& cluste
   if (options.gpus.empty()) throw ConfigError("--gpus", "no GPU count to search");
   if (options.micro_batch_sizes.empty() || options.grad_bucket_bytes.empty())
     throw ConfigError("tune", "empty choice list");
+  // Ascending: a unit is judged by its first (most permissive) candidate.
+  for (auto* list : {&options.micro_batch_sizes, &options.virtual_stages}) {
+    std::sort(list->begin(), list->end());
+    list->erase(std::unique(list->begin(), list->end()), list->end());
+  }
+  for (int v : options.micro_batch_sizes)
+    if (v < 1) throw ConfigError("tune", "micro-batch sizes must be >= 1");
   SearchSpace s;
   s.model_ = model;
   s.workload_ = workload;
@@ -232,7 +239,13 @@ SearchSpace SearchSpace::build(const ModelSpec& model, const ClusterSpec& cluste
       options.capacity_factors.push_back(1.25);
     }
   }
-  if (!moe) options.capacity_factors = {std::nullopt};
+  if (!moe && (options.capacity_factors.size() != 1 || options.capacity_factors[0]))
+    throw ConfigError("--capacity-factors",
+                      "model \"" + model.name + "\" is dense: it has no expert capacity to choose");
+  for (size_t i = 0; i < options.capacity_factors.size(); ++i)
+    for (size_t k = 0; k < i; ++k)
+      if (options.capacity_factors[i] == options.capacity_factors[k])
+        throw ConfigError("--capacity-factors", "lists the same choice twice");
 
   s.tp_ = powers_of_two_upto(gpn);
   if (std::find(s.tp_.begin(), s.tp_.end(), gpn) == s.tp_.end()) s.tp_.push_back(gpn);
@@ -403,6 +416,7 @@ Json SearchSpace::describe() const {
   j["micro_batch_sizes"] = options_.micro_batch_sizes;
   j["virtual_stages"] = options_.virtual_stages;
   j["offload"] = options_.offload;
+  j["grad_bucket_bytes"] = options_.grad_bucket_bytes;
   return j;
 }
 

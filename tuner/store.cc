@@ -2,14 +2,23 @@
 
 #include <sqlite3.h>
 
+#include <chrono>
 #include <cstring>
 #include <fstream>
 #include <stdexcept>
+#include <thread>
 
 #include "core/error.h"
 
 namespace switchyard {
 namespace {
+
+// Another connection held a lock past the busy timeout, or SQLite gave up without waiting (as it
+// may while a new file switches to WAL): opening retries.
+class StoreBusy : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
 
 // Corruption found by a statement is bad input (the file), like at open; anything else (a full
 // disk, a lock held past the timeout) is an operational failure.
@@ -18,6 +27,7 @@ namespace {
                             ": " + (db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
   if (rc == SQLITE_CORRUPT || rc == SQLITE_NOTADB)
     throw ConfigError("--db", "the database is damaged: " + where);
+  if (rc == SQLITE_BUSY || rc == SQLITE_LOCKED) throw StoreBusy(where);
   throw std::runtime_error(where);
 }
 
@@ -242,24 +252,42 @@ std::unique_ptr<Store> Store::open(const std::filesystem::path& path, int schema
                                   "\": " + (s->db_ ? sqlite3_errmsg(s->db_) : sqlite3_errstr(rc)));
   sqlite3_busy_timeout(s->db_, 60'000);
   sqlite3_extended_result_codes(s->db_, 0);
+  // Two processes opening one new file race for the switch to WAL and the first migration.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  for (;;) {
+    try {
+      s->prepare(schema_version);
+      break;
+    } catch (const StoreBusy&) {
+      if (std::chrono::steady_clock::now() > deadline) throw;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  }
+  return s;
+}
 
+// Checks whose file this is, switches it to WAL and migrates it to `schema_version`.
+void Store::prepare(int schema_version) {
+  const std::filesystem::path& path = path_;
   // Whose file is it?
   int64_t tables = 0, app_id = 0, version = 0;
   std::string damage;
   try {
-    Statement check(s->db_, "PRAGMA quick_check");
+    Statement check(db_, "PRAGMA quick_check");
     if (check.step() && check.text(0) != "ok") damage = "integrity check: " + check.text(0);
-    Statement t(s->db_, "SELECT count(*) FROM sqlite_master WHERE type = 'table'");
+    Statement t(db_, "SELECT count(*) FROM sqlite_master WHERE type = 'table'");
     t.step();
     tables = t.i64(0);
-    Statement a(s->db_, "PRAGMA application_id");
+    Statement a(db_, "PRAGMA application_id");
     a.step();
     app_id = a.i64(0);
-    Statement v(s->db_, "PRAGMA user_version");
+    Statement v(db_, "PRAGMA user_version");
     v.step();
     version = v.i64(0);
+  } catch (const StoreBusy&) {
+    throw;
   } catch (const std::exception&) {
-    damage = std::string("SQLite: ") + sqlite3_errmsg(s->db_);
+    damage = std::string("SQLite: ") + sqlite3_errmsg(db_);
   }
   if (!damage.empty()) refuse(path, "is damaged (" + damage + ")");
   if (tables > 0 && app_id != kStoreApplicationId)
@@ -269,24 +297,23 @@ std::unique_ptr<Store> Store::open(const std::filesystem::path& path, int schema
     refuse(path, "has schema version " + std::to_string(version) +
                      ", newer than this Switchyard's " + std::to_string(kStoreSchemaVersion));
 
-  s->exec("PRAGMA journal_mode = WAL");
-  s->exec("PRAGMA synchronous = NORMAL");
-  s->exec("PRAGMA foreign_keys = ON");
+  exec("PRAGMA journal_mode = WAL");
+  exec("PRAGMA synchronous = NORMAL");
+  exec("PRAGMA foreign_keys = ON");
   // Migrate forward, each step in its own transaction with the version bump.
   while (version < schema_version) {
-    Transaction tx(s->db_);
+    Transaction tx(db_);
     // Another process may have migrated while we waited for the lock.
-    Statement v(s->db_, "PRAGMA user_version");
+    Statement v(db_, "PRAGMA user_version");
     v.step();
     version = v.i64(0);
     if (version >= schema_version) break;
-    s->exec(kMigrations[version]);
-    s->exec("PRAGMA application_id = " + std::to_string(kStoreApplicationId));
-    s->exec("PRAGMA user_version = " + std::to_string(version + 1));
+    exec(kMigrations[version]);
+    exec("PRAGMA application_id = " + std::to_string(kStoreApplicationId));
+    exec("PRAGMA user_version = " + std::to_string(version + 1));
     tx.commit();
     ++version;
   }
-  return s;
 }
 
 Store::~Store() {
@@ -385,13 +412,18 @@ std::vector<UnitResult> Store::load_units(const std::string& space_key) {
 int64_t Store::put_prediction(const std::string& model_hash, const std::string& cluster_hash,
                               const std::string& workload_hash, const std::string& plan_hash,
                               const std::string& profile_hash, const PredictionSummary& s) {
-  Statement st(db_,
-               "INSERT INTO predictions(model_hash, cluster_hash, workload_hash, plan_hash, "
-               "cost_model_version, profile_hash, fidelity, step_time_s, tokens_per_s, mfu, "
-               "peak_gpu_bytes, peak_cpu_bytes, peak_ssd_bytes, bottleneck, summary_json) "
-               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-               "ON CONFLICT DO UPDATE SET step_time_s = excluded.step_time_s "
-               "RETURNING id");
+  Statement st(
+      db_,
+      "INSERT INTO predictions(model_hash, cluster_hash, workload_hash, plan_hash, "
+      "cost_model_version, profile_hash, fidelity, step_time_s, tokens_per_s, mfu, "
+      "peak_gpu_bytes, peak_cpu_bytes, peak_ssd_bytes, bottleneck, summary_json) "
+      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+      "ON CONFLICT DO UPDATE SET step_time_s = excluded.step_time_s, "
+      "tokens_per_s = excluded.tokens_per_s, mfu = excluded.mfu, "
+      "peak_gpu_bytes = excluded.peak_gpu_bytes, peak_cpu_bytes = excluded.peak_cpu_bytes, "
+      "peak_ssd_bytes = excluded.peak_ssd_bytes, bottleneck = excluded.bottleneck, "
+      "summary_json = excluded.summary_json, created_at = datetime('now') "
+      "RETURNING id");
   st.bind(1, model_hash)
       .bind(2, cluster_hash)
       .bind(3, workload_hash)

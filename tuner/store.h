@@ -112,6 +112,7 @@ class Store {
 
  private:
   Store() = default;
+  void prepare(int schema_version);
   std::string put_config(const char* table, const std::string& name, const Json& semantic);
   void exec(const std::string& sql);
   class Statement;

@@ -17,8 +17,10 @@ double seconds_since(Clock::time_point t) {
 
 }  // namespace
 
-SearchOutcome run_search(const SearchSpace& space, Store& store, int64_t search_id,
-                         const SearchSettings& settings, const SearchHooks& hooks) {
+namespace {
+
+SearchOutcome search(const SearchSpace& space, Store& store, int64_t search_id,
+                     const SearchSettings& settings, const SearchHooks& hooks) {
   SearchOutcome out;
   out.search_id = search_id;
   const std::string key = space.key();
@@ -76,7 +78,7 @@ SearchOutcome run_search(const SearchSpace& space, Store& store, int64_t search_
   const size_t rerank_n =
       static_cast<size_t>(settings.rerank > 0 ? settings.rerank : std::max(2 * settings.top, 10));
   const std::vector<Scored> best = rank(space, results, constraints, rerank_n);
-  if (best.empty()) {
+  const auto no_plan = [&] {
     store.finish_search(search_id, "done", {{"evaluated", out.evaluated}, {"plans", 0}});
     std::string why = std::to_string(space.candidates()) + " candidates, " +
                       std::to_string(out.evaluated) + " fit the hardware";
@@ -89,14 +91,17 @@ SearchOutcome run_search(const SearchSpace& space, Store& store, int64_t search_
       std::snprintf(gib, sizeof gib, "%.2f GiB", least / double(1ull << 30));
       why += std::string("; the least GPU memory any of them needs is ") + gib;
     }
-    throw ConfigError("max_gpu_bytes", "no plan meets the constraints (" + why + ")");
-  }
+    throw NoFeasiblePlan("max_gpu_bytes", "no plan meets the constraints (" + why + ")");
+  };
+  if (best.empty()) no_plan();
   out.reranked = best.size();
   if (hooks.reranking) hooks.reranking(best.size());
   StoreCache cache(store, space.model(), space.workload());
   const auto rerank_start = Clock::now();
   out.top = rerank(space, best, constraints, &cache, settings.threads);
   out.rerank_s = seconds_since(rerank_start);
+  // simulate()'s peak can exceed estimate()'s and break the limit for every finalist.
+  if (out.top.empty()) no_plan();
   if (out.top.size() > static_cast<size_t>(settings.top))
     out.top.resize(static_cast<size_t>(settings.top));
   out.pareto = pareto_front(space, results, constraints);
@@ -128,6 +133,24 @@ SearchOutcome run_search(const SearchSpace& space, Store& store, int64_t search_
                        {"best_plan", out.ranking.front().plan_hash},
                        {"best_tokens_per_s", out.top.front().simulated.tokens_per_s}});
   return out;
+}
+
+}  // namespace
+
+SearchOutcome run_search(const SearchSpace& space, Store& store, int64_t search_id,
+                         const SearchSettings& settings, const SearchHooks& hooks) {
+  try {
+    return search(space, store, search_id, settings, hooks);
+  } catch (const NoFeasiblePlan&) {
+    throw;
+  } catch (const std::exception& e) {
+    try {
+      store.finish_search(search_id, "failed", {{"error", e.what()}});
+    } catch (const std::exception&) {
+      // The store itself failed: the search stays "running" and --resume takes it up.
+    }
+    throw;
+  }
 }
 
 }  // namespace switchyard

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "core/error.h"
 #include "tuner/search.h"
 #include "tuner/space.h"
 #include "tuner/store.h"
@@ -52,6 +53,12 @@ struct SearchOutcome {
   std::vector<Finalist> top;
   std::vector<RankedPlan> ranking;  // `top` as stored
   std::vector<Scored> pareto;
+};
+
+// No candidate meets the constraints (the sweep itself completed and is stored).
+class NoFeasiblePlan : public ConfigError {
+ public:
+  using ConfigError::ConfigError;
 };
 
 // Runs search `search_id` (from Store::begin_search, or an interrupted one) over `space`. Throws

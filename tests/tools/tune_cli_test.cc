@@ -2,6 +2,7 @@
 // where an uninterrupted one does, a repeated search comes from the store, two searches share one
 // file, exported plans simulate, and bad input (names, constraints, files) exits 2.
 #include <gtest/gtest.h>
+#include <sqlite3.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -154,8 +155,8 @@ TEST_F(TuneCliTest, UnderMpiexecRanksSplitTheSpaceAndRankZeroGivesTheSameAnswer)
   ASSERT_EQ(one.exit_code, 0) << one.output;
   for (int ranks : {2, 3}) {
     const std::string db = path("mpi" + std::to_string(ranks) + ".db");
-    const Result many = sh(env + SWITCHYARD_MPIEXEC + " -n " + std::to_string(ranks) + " " + kCli +
-                           kTiny + " --json --db " + db);
+    const Result many = sh(env + "timeout 300 " + SWITCHYARD_MPIEXEC + " -n " +
+                           std::to_string(ranks) + " " + kCli + kTiny + " --json --db " + db);
     ASSERT_EQ(many.exit_code, 0) << many.output;
     expect_same_ranking(json_of(one), json_of(many));
     // Every unit reached rank 0's store exactly once.
@@ -181,7 +182,14 @@ TEST_F(TuneCliTest, BadInputIsAClearErrorWithExitCode2) {
       "no-such-model");
   expect_2(sh(kCli + kTiny + " --max-mem-gib 0.5 --db " + path("a.db") + " 2>&1"),
            "no plan meets the constraints");
-  expect_2(sh(kCli + kTiny + " --gpus 12 --db " + path("a.db") + " 2>&1"), "--");
+  expect_2(
+      sh(kCli + " tune --model tiny-moe --cluster dgx-h100 --workload tiny-train --gpus 12 --db " +
+         path("a.db") + " 2>&1"),
+      "neither part of one node nor whole nodes");
+  expect_2(sh(kCli + kTiny + " --capacity-factors 1.0,1.0 --db " + path("a.db") + " 2>&1"),
+           "same choice twice");
+  expect_2(sh(kCli + " tune --resume --objective memory --db " + path("a.db") + " 2>&1"),
+           "--resume");
   expect_2(sh(kCli + " tune --model tiny-moe --cluster dgx-h100 --workload inference-decode --db " +
               path("a.db") + " 2>&1"),
            "inference");
@@ -189,13 +197,19 @@ TEST_F(TuneCliTest, BadInputIsAClearErrorWithExitCode2) {
 
   std::ofstream(path("notes.db")) << "not a database\n";
   expect_2(sh(kCli + kTiny + " --db " + path("notes.db") + " 2>&1"), "not an SQLite database");
-  sh("sqlite3 " + path("foreign.db") + " 'CREATE TABLE t(x)' 2>/dev/null");
-  if (std::filesystem::exists(path("foreign.db")))
-    expect_2(sh(kCli + kTiny + " --db " + path("foreign.db") + " 2>&1"), "another application");
+  sqlite3* h = nullptr;
+  ASSERT_EQ(sqlite3_open(path("foreign.db").c_str(), &h), SQLITE_OK);
+  sqlite3_exec(h, "CREATE TABLE t(x)", nullptr, nullptr, nullptr);
+  sqlite3_close(h);
+  expect_2(sh(kCli + kTiny + " --db " + path("foreign.db") + " 2>&1"), "another application");
   ASSERT_EQ(sh(kCli + kTiny + " --quiet --db " + path("ok.db")).exit_code, 0);
   std::filesystem::resize_file(path("ok.db"), std::filesystem::file_size(path("ok.db")) / 3);
   expect_2(sh(kCli + " plans list --db " + path("ok.db") + " 2>&1"), "damaged");
+  expect_2(sh(kCli + " plans list --db " + path("missing.db") + " 2>&1"), "no plan store");
+  ASSERT_EQ(sh(kCli + kTiny + " --quiet --db " + path("b.db")).exit_code, 0);
   expect_2(sh(kCli + " plans show 9:1 --db " + path("b.db") + " 2>&1"), "no search 9");
+  expect_2(sh(kCli + " plans show 1x:2 --db " + path("b.db") + " 2>&1"), "not SEARCH:RANK");
+  expect_2(sh(kCli + " plans show 1 --db " + path("b.db") + " 2>&1"), "at least 6 hex digits");
 }
 
 }  // namespace

@@ -75,10 +75,15 @@ TEST(SearchSpace, TimedCandidatesAreValidAndFitAndPrunedOnesAreNot) {
       if (timed.count(static_cast<uint32_t>(i))) {
         EXPECT_TRUE(valid && fits) << u.unit << ":" << i;
       } else if (valid && fits) {
-        // Only a duplicate of a timed candidate may be dropped while valid and fitting.
-        bool dup = false;
-        for (const auto& [rule, n] : u.pruned) dup = dup || rule.rfind("duplicate", 0) == 0;
-        EXPECT_TRUE(dup) << "valid plan " << u.unit << ":" << i << " pruned";
+        // Only a duplicate may be dropped while valid and fitting: another schedule with pp 1,
+        // or a dispatch strategy that cannot differ from the flat all-to-all.
+        const bool same_schedule = p.pp == 1 && p.schedule != Schedule::k1F1B;
+        const bool same_dispatch =
+            p.dispatch != Dispatch::kAllToAll &&
+            (p.ep == 1 || (p.dispatch == Dispatch::kHierarchicalAllToAll &&
+                           p.ep * p.expert_tp <= s.cluster(u.unit).gpus_per_node));
+        EXPECT_TRUE(same_schedule || same_dispatch)
+            << "valid plan " << u.unit << ":" << i << " pruned: " << semantic_json(p).dump();
       }
     }
   }
@@ -99,6 +104,28 @@ TEST(SearchSpace, DecodingIsStableAndTheKeyFollowsTheInputs) {
   o2.micro_batch_sizes = {1, 2};
   o2.virtual_stages = {2};
   EXPECT_NE(SearchSpace::build(in.model, in.cluster, w, o2).key(), a.key());
+}
+
+TEST(SearchSpace, StorageNamesMatchTheDecodedPlacement) {
+  const SearchSpace s = tiny_space();
+  std::set<std::string> names;
+  for (int64_t i = 0; i < s.unit_size(); ++i) {
+    const Plan p = s.plan(3, i);
+    const std::string& name = s.storage_name(i);
+    names.insert(name);
+    const bool on_gpu = p.placement == Placement{} && p.prefetch == Prefetch{};
+    EXPECT_EQ(name == "gpu", on_gpu) << name;
+    if (name == "offload-optimizer") {
+      EXPECT_EQ(p.placement.optimizer_states, Tier::kCPU);
+    }
+    if (name.find("prefetch2") != std::string::npos) {
+      EXPECT_EQ(p.prefetch.depth, 2);
+    }
+    if (name.find("ssd") != std::string::npos) {
+      EXPECT_EQ(p.placement.optimizer_states, Tier::kSSD);
+    }
+  }
+  EXPECT_GE(names.size(), 4u);
 }
 
 TEST(SearchSpace, RejectsWhatItCannotSearch) {
@@ -174,6 +201,18 @@ TEST(Search, MemoryLimitAndObjectiveOrderTheRanking) {
   const auto by_memory = rank(s, results, small, 50);
   for (size_t i = 1; i < by_memory.size(); ++i)
     EXPECT_LE(by_memory[i - 1].record.peak_gpu_bytes, by_memory[i].record.peak_gpu_bytes);
+
+  // Under a limit the memory objective still orders by memory, and all meet it.
+  Constraints small_limited = small;
+  small_limited.max_gpu_bytes = by_memory[10].record.peak_gpu_bytes;
+  const auto lean = rank(s, results, small_limited, 1000);
+  ASSERT_FALSE(lean.empty());
+  for (size_t i = 0; i < lean.size(); ++i) {
+    EXPECT_LE(lean[i].record.peak_gpu_bytes, *small_limited.max_gpu_bytes);
+    if (i > 0) {
+      EXPECT_LE(lean[i - 1].record.peak_gpu_bytes, lean[i].record.peak_gpu_bytes);
+    }
+  }
 
   // A limit between the leanest and the fastest plan's memory excludes the fastest.
   Constraints limited;
