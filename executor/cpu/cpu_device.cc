@@ -1,0 +1,191 @@
+// The CPU backend of Device: Eigen fp32 GEMMs (Eigen's own blocked kernels, single-threaded per
+// rank: a rank is one core), plain loops for the memory-bound kernels.
+#include <Eigen/Dense>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <stdexcept>
+
+#include "executor/device.h"
+
+namespace switchyard {
+namespace {
+
+using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using Map = Eigen::Map<RowMajor, Eigen::Unaligned, Eigen::OuterStride<>>;
+using ConstMap = Eigen::Map<const RowMajor, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+class CpuDevice : public Device {
+ public:
+  explicit CpuDevice(TierCapacity capacity) : memory_(std::move(capacity)) {}
+  std::string name() const override { return "cpu"; }
+  MemoryPools& memory() override { return memory_; }
+
+  void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda,
+            const float* b, int ldb, float beta, float* c, int ldc) override {
+    Map C(c, m, n, Eigen::OuterStride<>(ldc));
+    const ConstMap A(a, trans_a ? k : m, trans_a ? m : k, Eigen::OuterStride<>(lda));
+    const ConstMap B(b, trans_b ? n : k, trans_b ? k : n, Eigen::OuterStride<>(ldb));
+    if (beta == 0.0f)
+      C.setZero();
+    else if (beta != 1.0f)
+      C *= beta;
+    if (m == 0 || n == 0 || k == 0) return;
+    // noalias: C never overlaps A or B here; Eigen then writes the product straight into C.
+    if (!trans_a && !trans_b)
+      C.noalias() += alpha * A * B;
+    else if (trans_a && !trans_b)
+      C.noalias() += alpha * A.transpose() * B;
+    else if (!trans_a && trans_b)
+      C.noalias() += alpha * A * B.transpose();
+    else
+      C.noalias() += alpha * A.transpose() * B.transpose();
+  }
+
+  void grouped_gemm(const float* a, int k, const std::vector<int>& rows_per_expert,
+                    const std::vector<const float*>& w, bool trans_w, int n, float* c) override {
+    if (w.size() != rows_per_expert.size())
+      throw std::invalid_argument("grouped_gemm: one weight per expert");
+    int64_t row = 0;
+    for (size_t e = 0; e < w.size(); ++e) {
+      const int rows = rows_per_expert[e];
+      if (rows > 0)
+        gemm(false, trans_w, rows, n, k, 1.0f, a + row * k, k, w[e], trans_w ? k : n, 0.0f,
+             c + row * n, n);
+      row += rows;
+    }
+  }
+
+  TokenRouting route(const float* logits, int tokens, int experts, int top_k, bool renormalize,
+                     float* probs) override {
+    if (top_k < 1 || top_k > experts)
+      throw std::invalid_argument("route: top_k " + std::to_string(top_k) + " of " +
+                                  std::to_string(experts) + " experts");
+    TokenRouting r;
+    r.tokens = tokens;
+    r.top_k = top_k;
+    r.experts = experts;
+    r.expert.resize(static_cast<size_t>(tokens) * top_k);
+    r.weight.resize(r.expert.size());
+    std::vector<int> order(static_cast<size_t>(experts));
+    for (int t = 0; t < tokens; ++t) {
+      const float* l = logits + static_cast<size_t>(t) * experts;
+      float* p = probs + static_cast<size_t>(t) * experts;
+      const float mx = *std::max_element(l, l + experts);
+      float sum = 0;
+      for (int e = 0; e < experts; ++e) sum += (p[e] = std::exp(l[e] - mx));
+      for (int e = 0; e < experts; ++e) p[e] /= sum;
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + top_k, order.end(),
+                        [p](int x, int y) { return p[x] > p[y] || (p[x] == p[y] && x < y); });
+      float kept = 0;
+      for (int j = 0; j < top_k; ++j) kept += p[order[static_cast<size_t>(j)]];
+      for (int j = 0; j < top_k; ++j) {
+        const size_t at = static_cast<size_t>(t) * top_k + j;
+        r.expert[at] = order[static_cast<size_t>(j)];
+        r.weight[at] = renormalize ? p[r.expert[at]] / kept : p[r.expert[at]];
+      }
+    }
+    r.rows_per_expert.assign(static_cast<size_t>(experts), 0);
+    for (int e : r.expert) ++r.rows_per_expert[static_cast<size_t>(e)];
+    std::vector<int> next(static_cast<size_t>(experts), 0);
+    for (int e = 1; e < experts; ++e)
+      next[static_cast<size_t>(e)] =
+          next[static_cast<size_t>(e - 1)] + r.rows_per_expert[static_cast<size_t>(e - 1)];
+    r.row.resize(r.expert.size());
+    r.source.resize(r.expert.size());
+    for (size_t i = 0; i < r.expert.size(); ++i) {
+      r.row[i] = next[static_cast<size_t>(r.expert[i])]++;
+      r.source[static_cast<size_t>(r.row[i])] = static_cast<int>(i);
+    }
+    return r;
+  }
+
+  void permute(const float* x, const TokenRouting& r, int h, float* out) override {
+    for (size_t i = 0; i < r.row.size(); ++i)
+      std::memcpy(out + static_cast<size_t>(r.row[i]) * h,
+                  x + (i / static_cast<size_t>(r.top_k)) * h, sizeof(float) * h);
+  }
+
+  void unpermute_combine(const float* y, const TokenRouting& r, int h, float* out) override {
+    std::memset(out, 0, sizeof(float) * static_cast<size_t>(r.tokens) * h);
+    for (size_t i = 0; i < r.row.size(); ++i) {
+      float* o = out + (i / static_cast<size_t>(r.top_k)) * h;
+      const float* src = y + static_cast<size_t>(r.row[i]) * h;
+      const float w = r.weight[i];
+      for (int c = 0; c < h; ++c) o[c] += w * src[c];
+    }
+  }
+
+  void swiglu(const float* gate_up, int rows, int f, float* out) override {
+    for (int r = 0; r < rows; ++r) {
+      const float* g = gate_up + static_cast<size_t>(r) * 2 * f;
+      const float* u = g + f;
+      float* o = out + static_cast<size_t>(r) * f;
+      for (int c = 0; c < f; ++c) o[c] = g[c] / (1.0f + std::exp(-g[c])) * u[c];
+    }
+  }
+
+  void swiglu_backward(const float* gate_up, const float* d_out, int rows, int f,
+                       float* d_gate_up) override {
+    for (int r = 0; r < rows; ++r) {
+      const float* g = gate_up + static_cast<size_t>(r) * 2 * f;
+      const float* u = g + f;
+      const float* d = d_out + static_cast<size_t>(r) * f;
+      float* dg = d_gate_up + static_cast<size_t>(r) * 2 * f;
+      float* du = dg + f;
+      for (int c = 0; c < f; ++c) {
+        const float s = 1.0f / (1.0f + std::exp(-g[c]));
+        const float silu = g[c] * s;
+        du[c] = d[c] * silu;
+        dg[c] = d[c] * u[c] * s * (1.0f + g[c] * (1.0f - s));
+      }
+    }
+  }
+
+  void rmsnorm(const float* x, const float* g, int rows, int h, float eps, float* y) override {
+    for (int r = 0; r < rows; ++r) {
+      const float* xr = x + static_cast<size_t>(r) * h;
+      float* yr = y + static_cast<size_t>(r) * h;
+      double ss = 0;
+      for (int c = 0; c < h; ++c) ss += double{xr[c]} * xr[c];
+      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / h) + eps);
+      for (int c = 0; c < h; ++c) yr[c] = xr[c] * inv * g[c];
+    }
+  }
+
+  void rmsnorm_backward(const float* x, const float* g, const float* d_y, int rows, int h,
+                        float eps, float* d_x, float* d_g) override {
+    for (int r = 0; r < rows; ++r) {
+      const float* xr = x + static_cast<size_t>(r) * h;
+      const float* dy = d_y + static_cast<size_t>(r) * h;
+      float* dx = d_x + static_cast<size_t>(r) * h;
+      double ss = 0, dot = 0;
+      for (int c = 0; c < h; ++c) ss += double{xr[c]} * xr[c];
+      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / h) + eps);
+      for (int c = 0; c < h; ++c) {
+        dot += double{dy[c]} * g[c] * xr[c];
+        d_g[c] += dy[c] * xr[c] * inv;
+      }
+      // d x_c = inv * (g_c dy_c - x_c * inv^2 * sum_j(g_j dy_j x_j) / h)
+      const float k = static_cast<float>(dot / h) * inv * inv;
+      for (int c = 0; c < h; ++c) dx[c] = inv * (g[c] * dy[c] - xr[c] * k);
+    }
+  }
+
+  void copy(void* dst, const void* src, size_t bytes) override {
+    if (dst != src && bytes > 0) std::memmove(dst, src, bytes);
+  }
+
+ private:
+  MemoryPools memory_;
+};
+
+}  // namespace
+
+std::unique_ptr<Device> cpu_device(TierCapacity capacity) {
+  return std::make_unique<CpuDevice>(std::move(capacity));
+}
+
+}  // namespace switchyard

@@ -1,0 +1,70 @@
+// Device: where a rank's tensors live and its kernels run. The runner calls only this interface;
+// backends: CPU (Eigen, fp32; executor/cpu/cpu_device.h) and CUDA (cuBLAS + kernels, later). One
+// contract test runs every backend against the CPU one.
+//
+// Conventions: fp32, row-major matrices, pointers into buffers of the device's MemoryPools, counts
+// in elements. TokenRouting conventions follow Mixtral/Megatron: softmax over all experts, the
+// top-k kept (ties to the lower expert index), their weights renormalised to sum to 1 when asked.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "executor/memory.h"
+
+namespace switchyard {
+
+// Token -> expert assignments of one MoE layer, grouped by expert.
+struct TokenRouting {
+  int tokens = 0;
+  int top_k = 0;
+  int experts = 0;
+  std::vector<int> expert;    // [tokens * top_k]: the chosen experts, by token
+  std::vector<float> weight;  // [tokens * top_k]: their combine weights
+  std::vector<int> row;       // [tokens * top_k]: the row of (token, choice) in the permuted order
+  std::vector<int> rows_per_expert;  // [experts]
+  std::vector<int> source;  // [tokens * top_k]: inverse of `row`: the (token, choice) of each row
+};
+
+class Device {
+ public:
+  virtual ~Device() = default;
+  virtual std::string name() const = 0;
+  virtual MemoryPools& memory() = 0;
+
+  // C = alpha * op(A) * op(B) + beta * C, op = transpose when asked; A is m x k after op, B is
+  // k x n after op; leading dimensions are the row lengths as stored.
+  virtual void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a,
+                    int lda, const float* b, int ldb, float beta, float* c, int ldc) = 0;
+  // Experts' GEMMs in one call: rows of `a` are grouped by expert (rows_per_expert), expert e
+  // multiplies its rows by its own k x n weight w[e] (trans_w: w[e] stored n x k).
+  virtual void grouped_gemm(const float* a, int k, const std::vector<int>& rows_per_expert,
+                            const std::vector<const float*>& w, bool trans_w, int n, float* c) = 0;
+
+  // Softmax over `experts` logits per token, top-k, the grouping by expert (stable in token order).
+  virtual TokenRouting route(const float* logits, int tokens, int experts, int top_k,
+                             bool renormalize, float* probs) = 0;
+  // out[row(t, j)] = x[t] for every choice j of token t (hidden size h).
+  virtual void permute(const float* x, const TokenRouting& r, int h, float* out) = 0;
+  // out[t] = sum_j weight(t, j) * y[row(t, j)].
+  virtual void unpermute_combine(const float* y, const TokenRouting& r, int h, float* out) = 0;
+
+  // SwiGLU on [rows, 2f] (gate | up) -> [rows, f]: silu(gate) * up; and its backward.
+  virtual void swiglu(const float* gate_up, int rows, int f, float* out) = 0;
+  virtual void swiglu_backward(const float* gate_up, const float* d_out, int rows, int f,
+                               float* d_gate_up) = 0;
+  // RMSNorm over rows of width h with weight g: y = x / rms(x) * g; the backward accumulates
+  // into d_g.
+  virtual void rmsnorm(const float* x, const float* g, int rows, int h, float eps, float* y) = 0;
+  virtual void rmsnorm_backward(const float* x, const float* g, const float* d_y, int rows, int h,
+                                float eps, float* d_x, float* d_g) = 0;
+
+  // Copies between buffers of any tiers (the CPU backend: memcpy; CUDA: cudaMemcpyAsync).
+  virtual void copy(void* dst, const void* src, size_t bytes) = 0;
+};
+
+std::unique_ptr<Device> cpu_device(TierCapacity capacity);
+
+}  // namespace switchyard

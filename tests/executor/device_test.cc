@@ -1,0 +1,207 @@
+// The CPU Device: tier accounting with clean out-of-memory errors, SSD-tier buffers that are real
+// files, and every kernel against a plain reference (GEMMs in all transposes, the experts' grouped
+// GEMM, routing, permute/combine) or, for backwards, against finite differences.
+#include "executor/device.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <random>
+
+namespace switchyard {
+namespace {
+
+std::vector<float> random_vector(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(gen);
+  return v;
+}
+
+TEST(Memory, TiersCountPeaksAndRefuseWithTheNumbers) {
+  MemoryPools pools({/*device=*/1 << 20, /*host=*/0, /*ssd=*/0, {}});
+  {
+    Buffer a = pools.allocate(Tier::kGPU, 600 << 10, "activations");
+    EXPECT_EQ(pools.in_use(Tier::kGPU), 600 << 10);
+    try {
+      pools.allocate(Tier::kGPU, 600 << 10, "expert weights of layer 3");
+      FAIL() << "allocated past the arena";
+    } catch (const OutOfMemory& e) {
+      EXPECT_EQ(e.tier(), Tier::kGPU);
+      EXPECT_EQ(e.requested_bytes(), 600 << 10);
+      EXPECT_EQ(e.in_use_bytes(), 600 << 10);
+      EXPECT_EQ(e.capacity_bytes(), 1 << 20);
+      EXPECT_NE(std::string(e.what()).find("expert weights of layer 3"), std::string::npos);
+    }
+    Buffer host = pools.allocate(Tier::kCPU, 8 << 20, "optimizer states");  // unbounded
+    EXPECT_EQ(pools.in_use(Tier::kCPU), 8 << 20);
+  }
+  EXPECT_EQ(pools.in_use(Tier::kGPU), 0);
+  EXPECT_EQ(pools.peak(Tier::kGPU), 600 << 10);
+  EXPECT_EQ(pools.peak(Tier::kCPU), 8 << 20);
+}
+
+TEST(Memory, SsdTierBuffersAreFilesOnDisk) {
+  const auto dir = std::filesystem::temp_directory_path() / "switchyard_ssd_tier_test";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  MemoryPools pools({0, 0, 0, dir});
+  {
+    Buffer b = pools.allocate(Tier::kSSD, 3 << 20, "expert params");
+    size_t files = 0;
+    for (const auto& e : std::filesystem::directory_iterator(dir)) {
+      ++files;
+      EXPECT_EQ(std::filesystem::file_size(e.path()), 3u << 20);
+    }
+    EXPECT_EQ(files, 1u);
+    float* f = b.as<float>();
+    for (int i = 0; i < 1000; ++i) f[i] = static_cast<float>(i) * 0.5f;
+    Buffer moved = std::move(b);
+    EXPECT_EQ(moved.as<float>()[999], 499.5f);
+  }
+  EXPECT_TRUE(std::filesystem::is_empty(dir));
+  EXPECT_EQ(pools.in_use(Tier::kSSD), 0);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(CpuDevice, GemmMatchesTheDefinitionInEveryTranspose) {
+  auto dev = cpu_device({});
+  const int m = 7, n = 5, k = 9;
+  const auto a = random_vector(m * k, 1), b = random_vector(k * n, 2), c0 = random_vector(m * n, 3);
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      std::vector<float> c = c0;
+      dev->gemm(ta, tb, m, n, k, 0.5f, a.data(), ta ? m : k, b.data(), tb ? k : n, 2.0f, c.data(),
+                n);
+      for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j) {
+          double want = 2.0 * c0[i * n + j];
+          for (int p = 0; p < k; ++p) {
+            const float av = ta ? a[p * m + i] : a[i * k + p];
+            const float bv = tb ? b[j * k + p] : b[p * n + j];
+            want += 0.5 * av * bv;
+          }
+          ASSERT_NEAR(c[i * n + j], want, 1e-4) << ta << tb;
+        }
+    }
+}
+
+TEST(CpuDevice, GroupedGemmIsEachExpertsOwnGemm) {
+  auto dev = cpu_device({});
+  const int k = 6, n = 4;
+  const std::vector<int> rows = {3, 0, 5, 1};
+  const auto a = random_vector(9 * k, 4);
+  std::vector<std::vector<float>> w;
+  std::vector<const float*> wp;
+  for (int e = 0; e < 4; ++e) w.push_back(random_vector(k * n, 10 + e));
+  for (auto& x : w) wp.push_back(x.data());
+  std::vector<float> c(9 * n, -1.0f);
+  dev->grouped_gemm(a.data(), k, rows, wp, /*trans_w=*/false, n, c.data());
+  int row = 0;
+  for (int e = 0; e < 4; ++e)
+    for (int r = 0; r < rows[e]; ++r, ++row)
+      for (int j = 0; j < n; ++j) {
+        double want = 0;
+        for (int p = 0; p < k; ++p) want += a[row * k + p] * w[e][p * n + j];
+        ASSERT_NEAR(c[row * n + j], want, 1e-4);
+      }
+}
+
+TEST(CpuDevice, RoutingPermuteAndCombineRoundTrip) {
+  auto dev = cpu_device({});
+  const int tokens = 11, experts = 4, top_k = 2, h = 3;
+  const auto logits = random_vector(tokens * experts, 5);
+  std::vector<float> probs(tokens * experts);
+  const TokenRouting r = dev->route(logits.data(), tokens, experts, top_k, true, probs.data());
+  int total = 0;
+  for (int e = 0; e < experts; ++e) total += r.rows_per_expert[e];
+  EXPECT_EQ(total, tokens * top_k);
+  for (int t = 0; t < tokens; ++t) {
+    float s = 0, w = 0;
+    for (int e = 0; e < experts; ++e) s += probs[t * experts + e];
+    EXPECT_NEAR(s, 1.0f, 1e-5);
+    const int e0 = r.expert[t * top_k], e1 = r.expert[t * top_k + 1];
+    EXPECT_NE(e0, e1);
+    EXPECT_GE(probs[t * experts + e0], probs[t * experts + e1]);
+    for (int e = 0; e < experts; ++e)
+      if (e != e0 && e != e1) {
+        EXPECT_LE(probs[t * experts + e], probs[t * experts + e1]);
+      }
+    w = r.weight[t * top_k] + r.weight[t * top_k + 1];
+    EXPECT_NEAR(w, 1.0f, 1e-5);
+  }
+  // Rows of one expert keep token order.
+  for (size_t i = 1; i < r.source.size(); ++i)
+    if (r.expert[r.source[i]] == r.expert[r.source[i - 1]]) {
+      EXPECT_LT(r.source[i - 1], r.source[i]);
+    }
+  const auto x = random_vector(tokens * h, 6);
+  std::vector<float> permuted(tokens * top_k * h), back(tokens * h);
+  dev->permute(x.data(), r, h, permuted.data());
+  dev->unpermute_combine(permuted.data(), r, h, back.data());
+  for (int i = 0; i < tokens * h; ++i) EXPECT_NEAR(back[i], x[i], 1e-5);
+}
+
+// d(sum(out * probe)) / d(input) by central differences, against the backward kernel.
+template <typename Forward>
+void expect_gradient(const std::vector<float>& input, const std::vector<float>& grad, size_t outs,
+                     Forward forward, uint32_t seed) {
+  const auto probe = random_vector(outs, seed);
+  auto objective = [&](const std::vector<float>& in) {
+    std::vector<float> out(outs);
+    forward(in, out);
+    double s = 0;
+    for (size_t i = 0; i < outs; ++i) s += double{out[i]} * probe[i];
+    return s;
+  };
+  for (size_t i = 0; i < input.size(); ++i) {
+    std::vector<float> plus = input, minus = input;
+    const float eps = 1e-2f;
+    plus[i] += eps;
+    minus[i] -= eps;
+    const double numeric = (objective(plus) - objective(minus)) / (2.0 * eps);
+    ASSERT_NEAR(grad[i], numeric, 2e-3 * std::max(1.0, std::abs(numeric))) << i;
+  }
+}
+
+TEST(CpuDevice, SwigluBackwardMatchesFiniteDifferences) {
+  auto dev = cpu_device({});
+  const int rows = 3, f = 5;
+  const auto x = random_vector(rows * 2 * f, 7);
+  const auto probe = random_vector(rows * f, 8);
+  std::vector<float> grad(x.size());
+  dev->swiglu_backward(x.data(), probe.data(), rows, f, grad.data());
+  expect_gradient(
+      x, grad, rows * f,
+      [&](const std::vector<float>& in, std::vector<float>& out) {
+        dev->swiglu(in.data(), rows, f, out.data());
+      },
+      8);
+}
+
+TEST(CpuDevice, RmsnormBackwardMatchesFiniteDifferences) {
+  auto dev = cpu_device({});
+  const int rows = 3, h = 6;
+  const float eps = 1e-5f;
+  const auto x = random_vector(rows * h, 9), g = random_vector(h, 10);
+  const auto probe = random_vector(rows * h, 11);
+  std::vector<float> dx(x.size()), dg(h, 0.0f);
+  dev->rmsnorm_backward(x.data(), g.data(), probe.data(), rows, h, eps, dx.data(), dg.data());
+  expect_gradient(
+      x, dx, rows * h,
+      [&](const std::vector<float>& in, std::vector<float>& out) {
+        dev->rmsnorm(in.data(), g.data(), rows, h, eps, out.data());
+      },
+      11);
+  expect_gradient(
+      g, dg, rows * h,
+      [&](const std::vector<float>& in, std::vector<float>& out) {
+        dev->rmsnorm(x.data(), in.data(), rows, h, eps, out.data());
+      },
+      11);
+}
+
+}  // namespace
+}  // namespace switchyard
