@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <thread>
 
@@ -25,6 +26,9 @@ std::string mpi_error_string(int rc) {
       throw CommError(std::string(#call) + " failed at " + __FILE__ + ":" +         \
                       std::to_string(__LINE__) + ": " + mpi_error_string(mpi_rc_)); \
   } while (0)
+
+// Tags at and above this are the communicator's own (user send/recv tags stay below).
+constexpr int kAllToAllTag = 1 << 20;
 
 MPI_Datatype mpi_type(DType t) {
   switch (t) {
@@ -68,7 +72,28 @@ int world_rank() {
 }
 
 // Completes `n` requests or throws CommTimeout after `timeout_s` (<= 0: no deadline).
-void wait_all(MPI_Request* requests, int n, double timeout_s, const std::string& what) {
+// What an operation is, for a timeout's message (built only then: small operations are latency
+// bound and must not pay for string formatting).
+struct OpInfo {
+  const char* op = "";
+  int peer = -1;  // send/recv
+  size_t count = 0;
+  DType dtype = DType::kByte;
+  const std::string* group = nullptr;
+  const std::vector<int>* members = nullptr;
+
+  std::string describe() const {
+    std::string s = op;
+    if (peer >= 0) s += std::string(" rank ") + std::to_string(peer);
+    if (count > 0) s += " of " + std::to_string(count) + " " + dtype_name(dtype);
+    s += " on group \"" + *group + "\" (world ranks ";
+    for (size_t i = 0; i < members->size(); ++i)
+      s += (i ? "," : "") + std::to_string((*members)[i]);
+    return s + ")";
+  }
+};
+
+void wait_all(MPI_Request* requests, int n, double timeout_s, const OpInfo& info) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   for (int spins = 0;; ++spins) {
@@ -78,37 +103,52 @@ void wait_all(MPI_Request* requests, int n, double timeout_s, const std::string&
     if (timeout_s > 0 && std::chrono::duration<double>(Clock::now() - start).count() > timeout_s) {
       char secs[32];
       std::snprintf(secs, sizeof secs, "%g", timeout_s);
-      throw CommTimeout(what + " did not complete within " + secs + " s on world rank " +
+      throw CommTimeout(info.describe() + " did not complete within " + secs + " s on world rank " +
                         std::to_string(world_rank()) +
                         ": a member died, is stuck, or called another operation");
     }
-    // Spin briefly for latency, then sleep so oversubscribed ranks get the core.
-    if (spins > 64) std::this_thread::sleep_for(std::chrono::microseconds(spins > 1024 ? 200 : 20));
+    // MPI progresses a non-blocking collective only inside MPI calls: test continuously, yield
+    // the core to other ranks (oversubscribed runs), and only sleep once the wait is long.
+    if (spins > 256) {
+      if (std::chrono::duration<double>(Clock::now() - start).count() > 0.5)
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+      else
+        std::this_thread::yield();
+    }
   }
 }
 
 class MpiPending : public PendingOp {
  public:
-  MpiPending(double timeout_s, std::string what) : timeout_s_(timeout_s), what_(std::move(what)) {}
+  MpiPending(double timeout_s, OpInfo info) : timeout_s_(timeout_s), info_(info) {}
+  void set_count(size_t count) { info_.count = count; }
   void wait() override {
     if (done_) return;
-    wait_all(&request_, 1, timeout_s_, what_);
+    if (requests_.empty())
+      wait_all(&request_, 1, timeout_s_, info_);
+    else
+      wait_all(requests_.data(), static_cast<int>(requests_.size()), timeout_s_, info_);
     done_ = true;
   }
   bool test() override {
     if (done_) return true;
     int flag = 0;
-    MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
+    if (requests_.empty())
+      MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
+    else
+      MPI_CHECK(MPI_Testall(static_cast<int>(requests_.size()), requests_.data(), &flag,
+                            MPI_STATUSES_IGNORE));
     done_ = flag != 0;
     return done_;
   }
-  MPI_Request request_ = MPI_REQUEST_NULL;
+  MPI_Request request_ = MPI_REQUEST_NULL;  // one operation
+  std::vector<MPI_Request> requests_;       // or several (the point-to-point all-to-all)
   // Ialltoallv reads its count and displacement arrays until it completes.
   std::vector<int> send_counts, send_displs, recv_counts, recv_displs;
 
  private:
   double timeout_s_;
-  std::string what_;
+  OpInfo info_;
   bool done_ = false;
 };
 
@@ -136,7 +176,7 @@ class MpiCommunicator : public Communicator {
     all_reduce_async(data, count, dtype, op)->wait();
   }
   void all_gather(const void* send, void* recv, size_t count, DType dtype) override {
-    MpiPending p(timeout_s_, describe("all_gather", count, dtype));
+    MpiPending p(timeout_s_, info("all_gather", count, dtype));
     const int n = as_int(count, "all_gather");
     MPI_CHECK(MPI_Iallgather(send == recv ? MPI_IN_PLACE : send, n, mpi_type(dtype), recv, n,
                              mpi_type(dtype), comm_, &p.request_));
@@ -144,42 +184,46 @@ class MpiCommunicator : public Communicator {
   }
   void reduce_scatter(const void* send, void* recv, size_t count, DType dtype,
                       ReduceOp op) override {
-    MpiPending p(timeout_s_, describe("reduce_scatter", count, dtype));
+    MpiPending p(timeout_s_, info("reduce_scatter", count, dtype));
     MPI_CHECK(MPI_Ireduce_scatter_block(send, recv, as_int(count, "reduce_scatter"),
                                         mpi_type(dtype), mpi_op(op), comm_, &p.request_));
     p.wait();
   }
   void all_to_allv(const void* send, const std::vector<size_t>& send_counts, void* recv,
                    const std::vector<size_t>& recv_counts, DType dtype) override {
-    all_to_allv_async(send, send_counts, recv, recv_counts, dtype)->wait();
+    MpiPending p(timeout_s_, info("all_to_allv", 0, dtype));
+    start_all_to_allv(p, send, send_counts, recv, recv_counts, dtype);
+    p.wait();
   }
   void broadcast(void* data, size_t count, DType dtype, int root) override {
-    MpiPending p(timeout_s_, describe("broadcast", count, dtype));
+    MpiPending p(timeout_s_, info("broadcast", count, dtype));
     MPI_CHECK(
         MPI_Ibcast(data, as_int(count, "broadcast"), mpi_type(dtype), root, comm_, &p.request_));
     p.wait();
   }
   void send(const void* data, size_t count, DType dtype, int peer, int tag) override {
-    MpiPending p(timeout_s_, describe("send to rank " + std::to_string(peer), count, dtype));
+    check_tag(tag);
+    MpiPending p(timeout_s_, info("send to", count, dtype, peer));
     MPI_CHECK(
         MPI_Isend(data, as_int(count, "send"), mpi_type(dtype), peer, tag, comm_, &p.request_));
     p.wait();
   }
   void recv(void* data, size_t count, DType dtype, int peer, int tag) override {
-    MpiPending p(timeout_s_, describe("recv from rank " + std::to_string(peer), count, dtype));
+    check_tag(tag);
+    MpiPending p(timeout_s_, info("recv from", count, dtype, peer));
     MPI_CHECK(
         MPI_Irecv(data, as_int(count, "recv"), mpi_type(dtype), peer, tag, comm_, &p.request_));
     p.wait();
   }
   void barrier() override {
-    MpiPending p(timeout_s_, "barrier on group \"" + name_ + "\"" + members());
+    MpiPending p(timeout_s_, info("barrier", 0, DType::kByte));
     MPI_CHECK(MPI_Ibarrier(comm_, &p.request_));
     p.wait();
   }
 
   std::unique_ptr<PendingOp> all_reduce_async(void* data, size_t count, DType dtype,
                                               ReduceOp op) override {
-    auto p = std::make_unique<MpiPending>(timeout_s_, describe("all_reduce", count, dtype));
+    auto p = std::make_unique<MpiPending>(timeout_s_, info("all_reduce", count, dtype));
     MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, data, as_int(count, "all_reduce"), mpi_type(dtype),
                              mpi_op(op), comm_, &p->request_));
     return p;
@@ -188,15 +232,29 @@ class MpiCommunicator : public Communicator {
                                                const std::vector<size_t>& send_counts, void* recv,
                                                const std::vector<size_t>& recv_counts,
                                                DType dtype) override {
+    auto p = std::make_unique<MpiPending>(timeout_s_, info("all_to_allv", 0, dtype));
+    start_all_to_allv(*p, send, send_counts, recv, recv_counts, dtype);
+    return p;
+  }
+
+  // Posts every transfer of an all_to_allv into `pending`.
+  void start_all_to_allv(MpiPending& pending, const void* send,
+                         const std::vector<size_t>& send_counts, void* recv,
+                         const std::vector<size_t>& recv_counts, DType dtype) {
+    MpiPending* p = &pending;
     if (send_counts.size() != static_cast<size_t>(size_) ||
         recv_counts.size() != static_cast<size_t>(size_))
       throw CommError("all_to_allv on group \"" + name_ +
                       "\": " + std::to_string(send_counts.size()) + " send and " +
                       std::to_string(recv_counts.size()) + " receive counts for " +
                       std::to_string(size_) + " ranks");
+    if (recv_counts[rank_] != send_counts[rank_])
+      throw CommError("all_to_allv on group \"" + name_ + "\": rank " + std::to_string(rank_) +
+                      " sends itself " + std::to_string(send_counts[rank_]) + " but expects " +
+                      std::to_string(recv_counts[rank_]));
     size_t total = 0;
     for (size_t c : send_counts) total += c;
-    auto p = std::make_unique<MpiPending>(timeout_s_, describe("all_to_allv", total, dtype));
+    p->set_count(total);
     auto fill = [](const std::vector<size_t>& counts, std::vector<int>& c, std::vector<int>& d) {
       c.resize(counts.size());
       d.resize(counts.size());
@@ -209,10 +267,29 @@ class MpiCommunicator : public Communicator {
     };
     fill(send_counts, p->send_counts, p->send_displs);
     fill(recv_counts, p->recv_counts, p->recv_displs);
-    MPI_CHECK(MPI_Ialltoallv(send, p->send_counts.data(), p->send_displs.data(), mpi_type(dtype),
-                             recv, p->recv_counts.data(), p->recv_displs.data(), mpi_type(dtype),
-                             comm_, &p->request_));
-    return p;
+    // Point-to-point, all posted at once (the linear all-to-all): at small and medium sizes MPI's
+    // non-blocking collective (libnbc) is markedly slower than this, at large sizes equal.
+    const MPI_Datatype t = mpi_type(dtype);
+    const size_t elem = dtype_bytes(dtype);
+    std::vector<MPI_Request>& reqs = p->requests_;
+    reqs.reserve(2 * static_cast<size_t>(size_));
+    for (int i = 1; i < size_; ++i) {
+      const int peer = (rank_ + size_ - i) % size_;  // receive from the left, send to the right
+      if (p->recv_counts[peer] == 0) continue;
+      reqs.emplace_back();
+      MPI_CHECK(MPI_Irecv(static_cast<char*>(recv) + p->recv_displs[peer] * elem,
+                          p->recv_counts[peer], t, peer, kAllToAllTag, comm_, &reqs.back()));
+    }
+    for (int i = 1; i < size_; ++i) {
+      const int peer = (rank_ + i) % size_;
+      if (p->send_counts[peer] == 0) continue;
+      reqs.emplace_back();
+      MPI_CHECK(MPI_Isend(static_cast<const char*>(send) + p->send_displs[peer] * elem,
+                          p->send_counts[peer], t, peer, kAllToAllTag, comm_, &reqs.back()));
+    }
+    std::memcpy(static_cast<char*>(recv) + p->recv_displs[rank_] * elem,
+                static_cast<const char*>(send) + p->send_displs[rank_] * elem,
+                send_counts[rank_] * elem);
   }
 
   std::unique_ptr<Communicator> split(int color, int key, const std::string& name) override {
@@ -222,15 +299,13 @@ class MpiCommunicator : public Communicator {
   }
 
  private:
-  std::string members() const {
-    std::string s = " (world ranks ";
-    for (size_t i = 0; i < world_ranks_.size(); ++i)
-      s += (i ? "," : "") + std::to_string(world_ranks_[i]);
-    return s + ")";
+  static void check_tag(int tag) {
+    if (tag < 0 || tag >= kAllToAllTag)
+      throw CommError("send/recv tag " + std::to_string(tag) + " outside [0, " +
+                      std::to_string(kAllToAllTag) + ")");
   }
-  std::string describe(const std::string& op, size_t count, DType dtype) const {
-    return op + " of " + std::to_string(count) + " " + dtype_name(dtype) + " on group \"" + name_ +
-           "\"" + members();
+  OpInfo info(const char* op, size_t count, DType dtype, int peer = -1) const {
+    return {op, peer, count, dtype, &name_, &world_ranks_};
   }
 
   MPI_Comm comm_;
