@@ -61,6 +61,16 @@ class Device {
   virtual void rmsnorm_backward(const float* x, const float* g, const float* d_y, int rows, int h,
                                 float eps, float* d_x, float* d_g) = 0;
 
+  // Causal multi-head attention over `batch` sequences of `seq` tokens. qkv is [batch*seq, 3*h]
+  // (queries | keys | values, heads contiguous, h = heads*head_dim); out is [batch*seq, h]; lse
+  // [batch*heads*seq] keeps each query's log-sum-exp for the backward, which recomputes the
+  // probabilities from it and writes d_qkv.
+  virtual void attention(const float* qkv, int batch, int seq, int heads, int head_dim, float* out,
+                         float* lse) = 0;
+  virtual void attention_backward(const float* qkv, const float* out, const float* lse,
+                                  const float* d_out, int batch, int seq, int heads, int head_dim,
+                                  float* d_qkv) = 0;
+
   // Copies between buffers of any tiers (the CPU backend: memcpy; CUDA: cudaMemcpyAsync).
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
 };

@@ -174,6 +174,69 @@ class CpuDevice : public Device {
     }
   }
 
+  void attention(const float* qkv, int batch, int seq, int heads, int head_dim, float* out,
+                 float* lse) override {
+    const int h = heads * head_dim;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    RowMajor s(seq, seq);
+    for (int b = 0; b < batch; ++b)
+      for (int hd = 0; hd < heads; ++hd) {
+        const float* base = qkv + static_cast<size_t>(b) * seq * 3 * h + hd * head_dim;
+        const ConstMap q(base, seq, head_dim, Eigen::OuterStride<>(3 * h));
+        const ConstMap k(base + h, seq, head_dim, Eigen::OuterStride<>(3 * h));
+        const ConstMap v(base + 2 * h, seq, head_dim, Eigen::OuterStride<>(3 * h));
+        Map o(out + static_cast<size_t>(b) * seq * h + hd * head_dim, seq, head_dim,
+              Eigen::OuterStride<>(h));
+        s.noalias() = scale * q * k.transpose();
+        float* l = lse + (static_cast<size_t>(b) * heads + hd) * seq;
+        for (int i = 0; i < seq; ++i) {
+          float mx = -INFINITY;
+          for (int j = 0; j <= i; ++j) mx = std::max(mx, s(i, j));
+          double sum = 0;
+          for (int j = 0; j <= i; ++j) sum += (s(i, j) = std::exp(s(i, j) - mx));
+          for (int j = i + 1; j < seq; ++j) s(i, j) = 0;
+          s.row(i) /= static_cast<float>(sum);
+          l[i] = mx + static_cast<float>(std::log(sum));
+        }
+        o.noalias() = s * v;
+      }
+  }
+
+  void attention_backward(const float* qkv, const float* out, const float* lse, const float* d_out,
+                          int batch, int seq, int heads, int head_dim, float* d_qkv) override {
+    const int h = heads * head_dim;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    RowMajor p(seq, seq), dp(seq, seq);
+    for (int b = 0; b < batch; ++b)
+      for (int hd = 0; hd < heads; ++hd) {
+        const size_t row0 = static_cast<size_t>(b) * seq;
+        const float* base = qkv + row0 * 3 * h + hd * head_dim;
+        const ConstMap q(base, seq, head_dim, Eigen::OuterStride<>(3 * h));
+        const ConstMap k(base + h, seq, head_dim, Eigen::OuterStride<>(3 * h));
+        const ConstMap v(base + 2 * h, seq, head_dim, Eigen::OuterStride<>(3 * h));
+        const ConstMap o(out + row0 * h + hd * head_dim, seq, head_dim, Eigen::OuterStride<>(h));
+        const ConstMap d_o(d_out + row0 * h + hd * head_dim, seq, head_dim,
+                           Eigen::OuterStride<>(h));
+        float* dbase = d_qkv + row0 * 3 * h + hd * head_dim;
+        Map dq(dbase, seq, head_dim, Eigen::OuterStride<>(3 * h));
+        Map dk(dbase + h, seq, head_dim, Eigen::OuterStride<>(3 * h));
+        Map dv(dbase + 2 * h, seq, head_dim, Eigen::OuterStride<>(3 * h));
+        const float* l = lse + (static_cast<size_t>(b) * heads + hd) * seq;
+        p.noalias() = scale * q * k.transpose();
+        for (int i = 0; i < seq; ++i)
+          for (int j = 0; j < seq; ++j) p(i, j) = j <= i ? std::exp(p(i, j) - l[i]) : 0.0f;
+        dv.noalias() = p.transpose() * d_o;
+        dp.noalias() = d_o * v.transpose();
+        for (int i = 0; i < seq; ++i) {
+          const float di = d_o.row(i).dot(o.row(i));
+          for (int j = 0; j <= i; ++j) dp(i, j) = p(i, j) * (dp(i, j) - di);
+          for (int j = i + 1; j < seq; ++j) dp(i, j) = 0;
+        }
+        dq.noalias() = scale * dp * k;
+        dk.noalias() = scale * dp.transpose() * q;
+      }
+  }
+
   void copy(void* dst, const void* src, size_t bytes) override {
     if (dst != src && bytes > 0) std::memmove(dst, src, bytes);
   }

@@ -205,3 +205,41 @@ TEST(CpuDevice, RmsnormBackwardMatchesFiniteDifferences) {
 
 }  // namespace
 }  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+TEST(CpuDevice, AttentionIsCausalAndItsBackwardMatchesFiniteDifferences) {
+  auto dev = cpu_device({});
+  const int batch = 2, seq = 4, heads = 2, d = 3, h = heads * d;
+  const auto qkv = random_vector(batch * seq * 3 * h, 12);
+  std::vector<float> out(batch * seq * h), lse(batch * heads * seq);
+  dev->attention(qkv.data(), batch, seq, heads, d, out.data(), lse.data());
+  // The first token attends only to itself: its output is its own value.
+  for (int b = 0; b < batch; ++b)
+    for (int c = 0; c < h; ++c)
+      EXPECT_NEAR(out[b * seq * h + c], qkv[b * seq * 3 * h + 2 * h + c], 1e-6);
+  // Changing the last token's key does not change earlier outputs.
+  auto later = qkv;
+  later[(seq - 1) * 3 * h + h] += 1.0f;
+  std::vector<float> out2(out.size());
+  dev->attention(later.data(), batch, seq, heads, d, out2.data(), lse.data());
+  for (int t = 0; t < seq - 1; ++t)
+    for (int c = 0; c < h; ++c) EXPECT_EQ(out[t * h + c], out2[t * h + c]);
+
+  dev->attention(qkv.data(), batch, seq, heads, d, out.data(), lse.data());
+  const auto probe = random_vector(out.size(), 13);
+  std::vector<float> grad(qkv.size());
+  dev->attention_backward(qkv.data(), out.data(), lse.data(), probe.data(), batch, seq, heads, d,
+                          grad.data());
+  expect_gradient(
+      qkv, grad, out.size(),
+      [&](const std::vector<float>& in, std::vector<float>& o) {
+        std::vector<float> l(lse.size());
+        dev->attention(in.data(), batch, seq, heads, d, o.data(), l.data());
+      },
+      13);
+}
+
+}  // namespace
+}  // namespace switchyard
