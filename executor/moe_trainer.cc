@@ -1,0 +1,584 @@
+#include "executor/moe_trainer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+namespace switchyard {
+namespace {
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+uint64_t name_hash(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+double uniform01(uint64_t bits) {
+  return (static_cast<double>(bits >> 11) + 0.5) / 9007199254740992.0;
+}
+
+// Activations of one rank, counted in the device tier.
+struct Tensor {
+  Buffer buf;
+  size_t size = 0;
+  float* p() const { return buf.as<float>(); }
+};
+
+}  // namespace
+
+float init_value(uint64_t seed, const std::string& name, size_t index) {
+  if (name.size() >= 5 && name.compare(name.size() - 5, 5, "_norm") == 0) return 1.0f;
+  // Box-Muller on two counter-based uniforms: the same value for the same (seed, name, index).
+  const uint64_t base = splitmix64(seed ^ name_hash(name)) ^ (index * 0x2545f4914f6cdd1dull);
+  const double u1 = uniform01(splitmix64(base)), u2 = uniform01(splitmix64(base ^ 0x5bd1e995));
+  return static_cast<float>(0.02 * std::sqrt(-2.0 * std::log(u1)) *
+                            std::cos(6.283185307179586 * u2));
+}
+
+std::vector<ConfigIssue> trainer_unsupported(const ModelSpec& m, const Plan& p) {
+  std::vector<ConfigIssue> out;
+  auto no = [&out](std::string path, std::string why) {
+    out.push_back({std::move(path), "the CPU runner does not run this yet: " + std::move(why)});
+  };
+  if (m.attention != AttentionKind::kGQA || m.num_kv_heads != m.num_attention_heads)
+    no("model.num_kv_heads", "only multi-head attention (num_kv_heads = num_attention_heads)");
+  if (m.activation != Activation::kSwiGLU) no("model.activation", "only swiglu");
+  if (m.norm != NormKind::kRMSNorm) no("model.norm", "only rmsnorm");
+  if (m.tied_embeddings || m.learned_position_embeddings)
+    no("model.tied_embeddings", "untied embeddings without learned positions only");
+  if (m.moe && m.moe->num_shared_experts > 0)
+    no("model.moe.num_shared_experts", "no shared experts");
+  if (!m.tasks.empty()) no("model.tasks", "no multi-task gates");
+  if (p.tp > 1) no("plan.tp", "tensor parallelism");
+  if (p.pp > 1) no("plan.pp", "pipeline parallelism");
+  if (p.cp > 1) no("plan.cp", "context parallelism");
+  if (p.expert_tp > 1) no("plan.expert_tp", "expert tensor parallelism");
+  if (p.dispatch != Dispatch::kAllToAll) no("plan.dispatch", "only all_to_all dispatch");
+  if (p.zero_stage > 1) no("plan.zero_stage", "ZeRO stages 0 and 1");
+  if (p.capacity_factor) no("plan.capacity_factor", "dropless routing only");
+  if (p.expert_replicas.kind != ExpertReplicas::Kind::kNone) no("plan.expert_replicas", "replicas");
+  if (p.placement != Placement{} || p.prefetch.direction != PrefetchDirection::kNone)
+    no("plan.placement", "every tensor class on the device tier");
+  if (p.recompute != Recompute::kNone) no("plan.recompute", "no recompute");
+  return out;
+}
+
+struct MoeTrainer::Impl {
+  ModelSpec m;
+  TrainSettings s;
+  Device& dev;
+  TrainGroups g;
+  int h = 0, heads = 0, head_dim = 0, vocab = 0, seq = 0, experts = 0, top_k = 0, f = 0, ffn = 0;
+  int layers = 0, local_experts = 0, first_expert = 0;
+  int64_t steps_done = 0;
+  std::vector<Parameter>* params = nullptr;
+  std::map<std::string, size_t> index;  // name -> params position
+  // Adam moments of the parameters this rank updates (all of them, or its ZeRO-1 shard), dense
+  // and expert parameters in separate flat spaces.
+  struct Space {
+    std::vector<size_t> members;  // params positions, in order
+    size_t total = 0;             // elements
+    size_t shard_begin = 0, shard_end = 0;
+    Buffer m, v;
+    Communicator* group = nullptr;
+  } dense, expert;
+
+  Impl(const ModelSpec& model, const TrainSettings& settings, Device& d, TrainGroups groups)
+      : m(model), s(settings), dev(d), g(groups) {}
+
+  Tensor alloc(size_t n, const char* what) {
+    return {dev.memory().allocate(Tier::kGPU, n * sizeof(float), what), n};
+  }
+  Parameter& P(const std::string& name) { return (*params)[index.at(name)]; }
+  static std::string L(int l, const char* what) { return "layer" + std::to_string(l) + "." + what; }
+  static std::string E(int l, int e, const char* what) {
+    return "layer" + std::to_string(l) + ".expert" + std::to_string(e) + "." + what;
+  }
+
+  int token(int64_t step, int64_t sequence, int position) const {
+    const uint64_t x = splitmix64(s.seed * 0x9e3779b97f4a7c15ull ^ splitmix64(step) ^
+                                  splitmix64(static_cast<uint64_t>(sequence) << 20 | position));
+    return static_cast<int>(x % static_cast<uint64_t>(vocab));
+  }
+
+  // y[rows, n] = x[rows, k] @ w[k, n] (+= when accumulate).
+  void mm(const float* x, const float* w, int rows, int k, int n, float* y, bool acc = false) {
+    dev.gemm(false, false, rows, n, k, 1.0f, x, k, w, n, acc ? 1.0f : 0.0f, y, n);
+  }
+  // dx[rows, k] (+)= dy[rows, n] @ w^T ; dw[k, n] += x^T dy.
+  void mm_backward(const float* x, const float* w, const float* dy, int rows, int k, int n,
+                   float* dx, float* dw, bool acc_dx = false) {
+    if (dx) dev.gemm(false, true, rows, k, n, 1.0f, dy, n, w, n, acc_dx ? 1.0f : 0.0f, dx, k);
+    dev.gemm(true, false, k, n, rows, 1.0f, x, k, dy, n, 1.0f, dw, n);
+  }
+
+  // --- Expert parallel exchange of one MoE layer.
+  struct Exchange {
+    std::vector<size_t> send_rows, recv_rows;  // per EP rank
+    std::vector<int64_t> recv_per_expert;      // [ep * local_experts]: source-major
+    std::vector<int> rows_per_local;           // rows of each local expert
+    std::vector<int> order;                    // source-major received row -> expert-major row
+    int received = 0;
+  };
+
+  Exchange plan_exchange(const TokenRouting& r) {
+    const int ep = g.ep->size();
+    Exchange x;
+    x.send_rows.assign(ep, 0);
+    std::vector<int64_t> send_per_expert(static_cast<size_t>(experts));
+    for (int e = 0; e < experts; ++e) {
+      send_per_expert[e] = r.rows_per_expert[e];
+      x.send_rows[e / local_experts] += r.rows_per_expert[e];
+    }
+    x.recv_per_expert.assign(static_cast<size_t>(ep) * local_experts, 0);
+    std::vector<size_t> counts(ep, static_cast<size_t>(local_experts));
+    g.ep->all_to_allv(send_per_expert.data(), counts, x.recv_per_expert.data(), counts,
+                      DType::kInt64);
+    x.recv_rows.assign(ep, 0);
+    x.rows_per_local.assign(local_experts, 0);
+    for (int src = 0; src < ep; ++src)
+      for (int j = 0; j < local_experts; ++j) {
+        const auto n = x.recv_per_expert[static_cast<size_t>(src) * local_experts + j];
+        x.recv_rows[src] += static_cast<size_t>(n);
+        x.rows_per_local[j] += static_cast<int>(n);
+      }
+    x.received = std::accumulate(x.rows_per_local.begin(), x.rows_per_local.end(), 0);
+    // Received rows arrive source-major (per source, its rows for each local expert); experts
+    // compute expert-major.
+    std::vector<int> next(local_experts, 0);
+    for (int j = 1; j < local_experts; ++j) next[j] = next[j - 1] + x.rows_per_local[j - 1];
+    x.order.resize(static_cast<size_t>(x.received));
+    int at = 0;
+    for (int src = 0; src < ep; ++src)
+      for (int j = 0; j < local_experts; ++j)
+        for (int64_t i = 0; i < x.recv_per_expert[static_cast<size_t>(src) * local_experts + j];
+             ++i)
+          x.order[at++] = next[j]++;
+    return x;
+  }
+
+  static std::vector<size_t> times(const std::vector<size_t>& rows, int h) {
+    std::vector<size_t> out(rows.size());
+    for (size_t i = 0; i < rows.size(); ++i) out[i] = rows[i] * static_cast<size_t>(h);
+    return out;
+  }
+
+  // Sends rows (grouped by destination) out and returns them expert-major on the owners.
+  Tensor dispatch(const Exchange& x, const float* rows, int width, const char* what) {
+    Tensor recv = alloc(static_cast<size_t>(x.received) * width, what);
+    Tensor tmp = alloc(static_cast<size_t>(x.received) * width, what);
+    g.ep->all_to_allv(rows, times(x.send_rows, width), tmp.p(), times(x.recv_rows, width),
+                      DType::kFloat32);
+    for (int i = 0; i < x.received; ++i)
+      std::memcpy(recv.p() + static_cast<size_t>(x.order[i]) * width,
+                  tmp.p() + static_cast<size_t>(i) * width, sizeof(float) * width);
+    return recv;
+  }
+  // The reverse: expert-major rows on the owners back to their sources' order.
+  void combine(const Exchange& x, const float* expert_rows, int width, float* out) {
+    Tensor tmp = alloc(static_cast<size_t>(x.received) * width, "combine buffer");
+    for (int i = 0; i < x.received; ++i)
+      std::memcpy(tmp.p() + static_cast<size_t>(i) * width,
+                  expert_rows + static_cast<size_t>(x.order[i]) * width, sizeof(float) * width);
+    g.ep->all_to_allv(tmp.p(), times(x.recv_rows, width), out, times(x.send_rows, width),
+                      DType::kFloat32);
+  }
+
+  // --- What a layer's forward keeps for its backward.
+  struct LayerSaved {
+    Tensor x_in, a, qkv, o, lse, x_mid, b;
+    // MoE
+    Tensor probs, xin_e, gu, act, y_perm;
+    TokenRouting routing;
+    Exchange ex;
+    // dense FFN (gu, act reused)
+  };
+
+  double micro_batch(int64_t step, int64_t first_sequence, int sequences, double loss_scale,
+                     std::vector<int64_t>& tokens_per_expert) {
+    const int T = sequences * seq;
+    std::vector<int> tok(T), label(T);
+    for (int b = 0; b < sequences; ++b)
+      for (int t = 0; t < seq; ++t) {
+        tok[b * seq + t] = token(step, first_sequence + b, t);
+        label[b * seq + t] = token(step, first_sequence + b, t + 1);
+      }
+    // Forward.
+    Tensor x = alloc(static_cast<size_t>(T) * h, "hidden states");
+    const float* emb = P("embed").v();
+    for (int i = 0; i < T; ++i)
+      std::memcpy(x.p() + static_cast<size_t>(i) * h, emb + static_cast<size_t>(tok[i]) * h,
+                  sizeof(float) * h);
+    std::vector<LayerSaved> saved(layers);
+    const float eps = 1e-5f;
+    for (int l = 0; l < layers; ++l) {
+      LayerSaved& S = saved[l];
+      S.x_in = std::move(x);
+      S.a = alloc(static_cast<size_t>(T) * h, "norm output");
+      dev.rmsnorm(S.x_in.p(), P(L(l, "attn_norm")).v(), T, h, eps, S.a.p());
+      S.qkv = alloc(static_cast<size_t>(T) * 3 * h, "qkv");
+      mm(S.a.p(), P(L(l, "wqkv")).v(), T, h, 3 * h, S.qkv.p());
+      S.o = alloc(static_cast<size_t>(T) * h, "attention output");
+      S.lse = alloc(static_cast<size_t>(sequences) * heads * seq, "attention lse");
+      dev.attention(S.qkv.p(), sequences, seq, heads, head_dim, S.o.p(), S.lse.p());
+      S.x_mid = alloc(static_cast<size_t>(T) * h, "residual");
+      std::memcpy(S.x_mid.p(), S.x_in.p(), sizeof(float) * T * h);
+      mm(S.o.p(), P(L(l, "wo")).v(), T, h, h, S.x_mid.p(), /*acc=*/true);
+      S.b = alloc(static_cast<size_t>(T) * h, "norm output");
+      dev.rmsnorm(S.x_mid.p(), P(L(l, "ffn_norm")).v(), T, h, eps, S.b.p());
+      x = alloc(static_cast<size_t>(T) * h, "hidden states");
+      std::memcpy(x.p(), S.x_mid.p(), sizeof(float) * T * h);
+      if (m.is_moe_layer(l)) {
+        Tensor logits = alloc(static_cast<size_t>(T) * experts, "router logits");
+        mm(S.b.p(), P(L(l, "router")).v(), T, h, experts, logits.p());
+        S.probs = alloc(static_cast<size_t>(T) * experts, "router probabilities");
+        S.routing = dev.route(logits.p(), T, experts, top_k, top_k > 1, S.probs.p());
+        Tensor perm = alloc(static_cast<size_t>(T) * top_k * h, "dispatch buffer");
+        dev.permute(S.b.p(), S.routing, h, perm.p());
+        S.ex = plan_exchange(S.routing);
+        S.xin_e = dispatch(S.ex, perm.p(), h, "expert input");
+        const int R = S.ex.received;
+        for (int j = 0; j < local_experts; ++j)
+          tokens_per_expert[first_expert + j] += S.ex.rows_per_local[j];
+        std::vector<const float*> w1, w2;
+        for (int j = 0; j < local_experts; ++j) {
+          w1.push_back(P(E(l, first_expert + j, "w1")).v());
+          w2.push_back(P(E(l, first_expert + j, "w2")).v());
+        }
+        S.gu = alloc(static_cast<size_t>(R) * 2 * f, "expert gate/up");
+        dev.grouped_gemm(S.xin_e.p(), h, S.ex.rows_per_local, w1, false, 2 * f, S.gu.p());
+        S.act = alloc(static_cast<size_t>(R) * f, "expert activation");
+        dev.swiglu(S.gu.p(), R, f, S.act.p());
+        Tensor y = alloc(static_cast<size_t>(R) * h, "expert output");
+        dev.grouped_gemm(S.act.p(), f, S.ex.rows_per_local, w2, false, h, y.p());
+        S.y_perm = alloc(static_cast<size_t>(T) * top_k * h, "combine buffer");
+        combine(S.ex, y.p(), h, S.y_perm.p());
+        Tensor moe_out = alloc(static_cast<size_t>(T) * h, "moe output");
+        dev.unpermute_combine(S.y_perm.p(), S.routing, h, moe_out.p());
+        for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i) x.p()[i] += moe_out.p()[i];
+      } else {
+        S.gu = alloc(static_cast<size_t>(T) * 2 * ffn, "ffn gate/up");
+        mm(S.b.p(), P(L(l, "w1")).v(), T, h, 2 * ffn, S.gu.p());
+        S.act = alloc(static_cast<size_t>(T) * ffn, "ffn activation");
+        dev.swiglu(S.gu.p(), T, ffn, S.act.p());
+        mm(S.act.p(), P(L(l, "w2")).v(), T, ffn, h, x.p(), /*acc=*/true);
+      }
+    }
+    Tensor xf = alloc(static_cast<size_t>(T) * h, "final norm");
+    dev.rmsnorm(x.p(), P("final_norm").v(), T, h, eps, xf.p());
+    Tensor logits = alloc(static_cast<size_t>(T) * vocab, "logits");
+    mm(xf.p(), P("head").v(), T, h, vocab, logits.p());
+    // Cross-entropy; d_logits = (softmax - onehot) * loss_scale.
+    double loss = 0;
+    for (int i = 0; i < T; ++i) {
+      float* z = logits.p() + static_cast<size_t>(i) * vocab;
+      const float mx = *std::max_element(z, z + vocab);
+      double sum = 0;
+      for (int v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(z[v] - mx));
+      loss += std::log(sum) + mx - z[label[i]];
+      for (int v = 0; v < vocab; ++v)
+        z[v] = static_cast<float>(std::exp(static_cast<double>(z[v] - mx)) / sum * loss_scale);
+      z[label[i]] -= static_cast<float>(loss_scale);
+    }
+    // Backward.
+    Tensor dxf = alloc(static_cast<size_t>(T) * h, "gradient");
+    mm_backward(xf.p(), P("head").v(), logits.p(), T, h, vocab, dxf.p(), P("head").g());
+    Tensor dx = alloc(static_cast<size_t>(T) * h, "gradient");
+    dev.rmsnorm_backward(x.p(), P("final_norm").v(), dxf.p(), T, h, eps, dx.p(),
+                         P("final_norm").g());
+    for (int l = layers - 1; l >= 0; --l) {
+      LayerSaved& S = saved[l];
+      // dx is the gradient at the layer's output = d(x_mid) through the residual + FFN branch.
+      Tensor db = alloc(static_cast<size_t>(T) * h, "gradient");
+      if (m.is_moe_layer(l)) {
+        const int R = S.ex.received;
+        const TokenRouting& r = S.routing;
+        // Combine backward: the rows' gradients and the combine weights' gradients.
+        Tensor dy_perm = alloc(static_cast<size_t>(T) * top_k * h, "gradient");
+        std::vector<float> gw(r.expert.size());
+        for (size_t i = 0; i < r.expert.size(); ++i) {
+          const float* d = dx.p() + (i / top_k) * h;
+          const float* y = S.y_perm.p() + static_cast<size_t>(r.row[i]) * h;
+          float* dy = dy_perm.p() + static_cast<size_t>(r.row[i]) * h;
+          double dot = 0;
+          for (int c = 0; c < h; ++c) {
+            dot += double{d[c]} * y[c];
+            dy[c] = r.weight[i] * d[c];
+          }
+          gw[i] = static_cast<float>(dot);
+        }
+        Tensor dy_e = dispatch(S.ex, dy_perm.p(), h, "gradient");
+        Tensor dact = alloc(static_cast<size_t>(R) * f, "gradient");
+        Tensor dgu = alloc(static_cast<size_t>(R) * 2 * f, "gradient");
+        Tensor dxin = alloc(static_cast<size_t>(R) * h, "gradient");
+        int row = 0;
+        for (int j = 0; j < local_experts; ++j) {
+          const int n = S.ex.rows_per_local[j];
+          if (n == 0) continue;
+          Parameter& w1 = P(E(l, first_expert + j, "w1"));
+          Parameter& w2 = P(E(l, first_expert + j, "w2"));
+          mm_backward(S.act.p() + static_cast<size_t>(row) * f, w2.v(),
+                      dy_e.p() + static_cast<size_t>(row) * h, n, f, h,
+                      dact.p() + static_cast<size_t>(row) * f, w2.g());
+          dev.swiglu_backward(S.gu.p() + static_cast<size_t>(row) * 2 * f,
+                              dact.p() + static_cast<size_t>(row) * f, n, f,
+                              dgu.p() + static_cast<size_t>(row) * 2 * f);
+          mm_backward(S.xin_e.p() + static_cast<size_t>(row) * h, w1.v(),
+                      dgu.p() + static_cast<size_t>(row) * 2 * f, n, h, 2 * f,
+                      dxin.p() + static_cast<size_t>(row) * h, w1.g());
+          row += n;
+        }
+        Tensor dperm = alloc(static_cast<size_t>(T) * top_k * h, "gradient");
+        combine(S.ex, dxin.p(), h, dperm.p());
+        // Every copy of a token's input gets its own gradient back: sum them.
+        std::memset(db.p(), 0, sizeof(float) * T * h);
+        for (size_t i = 0; i < r.expert.size(); ++i) {
+          float* d = db.p() + (i / top_k) * h;
+          const float* src = dperm.p() + static_cast<size_t>(r.row[i]) * h;
+          for (int c = 0; c < h; ++c) d[c] += src[c];
+        }
+        // Router: through the (renormalised) top-k weights and the softmax.
+        Tensor dlogits = alloc(static_cast<size_t>(T) * experts, "gradient");
+        for (int t = 0; t < T; ++t) {
+          const float* p = S.probs.p() + static_cast<size_t>(t) * experts;
+          float* dl = dlogits.p() + static_cast<size_t>(t) * experts;
+          std::vector<double> dp(experts, 0.0);
+          if (top_k > 1) {
+            double kept = 0, gsum = 0;
+            for (int j = 0; j < top_k; ++j) {
+              kept += p[r.expert[t * top_k + j]];
+              gsum += double{gw[t * top_k + j]} * r.weight[t * top_k + j];
+            }
+            for (int j = 0; j < top_k; ++j)
+              dp[r.expert[t * top_k + j]] = (gw[t * top_k + j] - gsum) / kept;
+          } else {
+            dp[r.expert[t]] = gw[t];
+          }
+          double dot = 0;
+          for (int e = 0; e < experts; ++e) dot += dp[e] * p[e];
+          for (int e = 0; e < experts; ++e) dl[e] = static_cast<float>(p[e] * (dp[e] - dot));
+        }
+        mm_backward(S.b.p(), P(L(l, "router")).v(), dlogits.p(), T, h, experts, db.p(),
+                    P(L(l, "router")).g(), /*acc_dx=*/true);
+      } else {
+        Tensor dact = alloc(static_cast<size_t>(T) * ffn, "gradient");
+        mm_backward(S.act.p(), P(L(l, "w2")).v(), dx.p(), T, ffn, h, dact.p(), P(L(l, "w2")).g());
+        Tensor dgu = alloc(static_cast<size_t>(T) * 2 * ffn, "gradient");
+        dev.swiglu_backward(S.gu.p(), dact.p(), T, ffn, dgu.p());
+        mm_backward(S.b.p(), P(L(l, "w1")).v(), dgu.p(), T, h, 2 * ffn, db.p(), P(L(l, "w1")).g());
+      }
+      // d x_mid = dx (residual) + norm backward of db.
+      Tensor dmid = alloc(static_cast<size_t>(T) * h, "gradient");
+      dev.rmsnorm_backward(S.x_mid.p(), P(L(l, "ffn_norm")).v(), db.p(), T, h, eps, dmid.p(),
+                           P(L(l, "ffn_norm")).g());
+      for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i) dmid.p()[i] += dx.p()[i];
+      // Attention block.
+      Tensor d_o = alloc(static_cast<size_t>(T) * h, "gradient");
+      mm_backward(S.o.p(), P(L(l, "wo")).v(), dmid.p(), T, h, h, d_o.p(), P(L(l, "wo")).g());
+      Tensor dqkv = alloc(static_cast<size_t>(T) * 3 * h, "gradient");
+      dev.attention_backward(S.qkv.p(), S.o.p(), S.lse.p(), d_o.p(), sequences, seq, heads,
+                             head_dim, dqkv.p());
+      Tensor da = alloc(static_cast<size_t>(T) * h, "gradient");
+      mm_backward(S.a.p(), P(L(l, "wqkv")).v(), dqkv.p(), T, h, 3 * h, da.p(), P(L(l, "wqkv")).g());
+      Tensor dxin = alloc(static_cast<size_t>(T) * h, "gradient");
+      dev.rmsnorm_backward(S.x_in.p(), P(L(l, "attn_norm")).v(), da.p(), T, h, eps, dxin.p(),
+                           P(L(l, "attn_norm")).g());
+      for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i) dxin.p()[i] += dmid.p()[i];
+      dx = std::move(dxin);
+      saved[l] = LayerSaved{};  // release this layer's activations
+    }
+    float* demb = P("embed").g();
+    for (int i = 0; i < T; ++i)
+      for (int c = 0; c < h; ++c)
+        demb[static_cast<size_t>(tok[i]) * h + c] += dx.p()[static_cast<size_t>(i) * h + c];
+    return loss * loss_scale;
+  }
+
+  // Sums a space's gradients over its group and applies Adam (ZeRO-1: on this rank's shard).
+  void reduce_and_update(Space& sp) {
+    const int n = sp.group->size();
+    const size_t padded = (sp.total + n - 1) / n * n;
+    Tensor flat = alloc(padded, "gradient bucket");
+    size_t at = 0;
+    for (size_t k : sp.members) {
+      const Parameter& p = (*params)[k];
+      std::memcpy(flat.p() + at, p.g(), sizeof(float) * p.size);
+      at += p.size;
+    }
+    const size_t shard = padded / n;
+    Tensor grads;  // the gradients this rank updates with
+    size_t first = 0, count = padded;
+    if (s.zero_stage >= 1 && n > 1) {
+      grads = alloc(shard, "gradient shard");
+      sp.group->reduce_scatter(flat.p(), grads.p(), shard, DType::kFloat32, ReduceOp::kSum);
+      first = static_cast<size_t>(sp.group->rank()) * shard;
+      count = shard;
+    } else {
+      // Gradient buckets: each all-reduce starts as soon as it is issued; wait for all of them.
+      const size_t bucket = std::max<size_t>(1, static_cast<size_t>(s.grad_bucket_bytes) / 4);
+      std::vector<std::unique_ptr<PendingOp>> pending;
+      for (size_t b = 0; b < padded; b += bucket)
+        pending.push_back(sp.group->all_reduce_async(flat.p() + b, std::min(bucket, padded - b),
+                                                     DType::kFloat32, ReduceOp::kSum));
+      for (auto& op : pending) op->wait();
+    }
+    const float* gsrc = grads.size ? grads.p() : flat.p() + first;
+    // Flat parameters (only [first, first + count) is updated here).
+    Tensor values = alloc(padded, "parameter gather");
+    at = 0;
+    for (size_t k : sp.members) {
+      const Parameter& p = (*params)[k];
+      std::memcpy(values.p() + at, p.v(), sizeof(float) * p.size);
+      at += p.size;
+    }
+    const double t = static_cast<double>(steps_done);
+    const float c1 = static_cast<float>(1.0 - std::pow(s.beta1, t));
+    const float c2 = static_cast<float>(1.0 - std::pow(s.beta2, t));
+    float* mo = sp.m.as<float>();
+    float* ve = sp.v.as<float>();
+    for (size_t i = 0; i < count; ++i) {
+      if (first + i >= sp.total) break;
+      const float gi = gsrc[i];
+      mo[i] = s.beta1 * mo[i] + (1 - s.beta1) * gi;
+      ve[i] = s.beta2 * ve[i] + (1 - s.beta2) * gi * gi;
+      values.p()[first + i] -= s.lr * (mo[i] / c1) / (std::sqrt(ve[i] / c2) + s.eps);
+    }
+    if (s.zero_stage >= 1 && n > 1) {
+      Tensor gathered = alloc(padded, "parameter gather");
+      sp.group->all_gather(values.p() + first, gathered.p(), shard, DType::kFloat32);
+      values = std::move(gathered);
+    }
+    at = 0;
+    for (size_t k : sp.members) {
+      Parameter& p = (*params)[k];
+      std::memcpy(p.v(), values.p() + at, sizeof(float) * p.size);
+      at += p.size;
+    }
+  }
+
+  void setup_space(Space& sp, bool expert_space, Communicator* group) {
+    sp.group = group;
+    for (size_t k = 0; k < params->size(); ++k)
+      if ((*params)[k].expert == expert_space) {
+        sp.members.push_back(k);
+        sp.total += (*params)[k].size;
+      }
+    const int n = group->size();
+    const size_t padded = (sp.total + n - 1) / n * n;
+    const size_t states = s.zero_stage >= 1 && n > 1 ? padded / n : padded;
+    sp.m = dev.memory().allocate(Tier::kGPU, states * sizeof(float), "Adam momentum");
+    sp.v = dev.memory().allocate(Tier::kGPU, states * sizeof(float), "Adam variance");
+  }
+};
+
+MoeTrainer::~MoeTrainer() = default;
+
+std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSettings& s,
+                                               Device& device, TrainGroups groups) {
+  std::vector<ConfigIssue> issues = trainer_unsupported(m, Plan{});
+  const int dp = groups.dp->size(), ep = groups.ep->size();
+  const int64_t experts = m.moe ? m.moe->num_experts : 0;
+  if (m.moe && experts % ep != 0)
+    issues.push_back({"plan.ep", std::to_string(ep) + " does not divide the " +
+                                     std::to_string(experts) + " experts"});
+  if (!m.moe && ep != 1) issues.push_back({"plan.ep", "a dense model has no experts to split"});
+  if (s.global_batch % (static_cast<int64_t>(dp) * s.micro_batch_size) != 0)
+    issues.push_back(
+        {"workload.global_batch_size", std::to_string(s.global_batch) +
+                                           " is not a multiple of dp * micro_batch_size = " +
+                                           std::to_string(dp * s.micro_batch_size)});
+  if (!issues.empty()) throw ConfigError(std::move(issues));
+
+  std::unique_ptr<MoeTrainer> t(new MoeTrainer());
+  t->impl_ = std::make_unique<Impl>(m, s, device, groups);
+  Impl& I = *t->impl_;
+  I.h = static_cast<int>(m.hidden_size);
+  I.heads = static_cast<int>(m.num_attention_heads);
+  I.head_dim =
+      static_cast<int>(m.head_dim > 0 ? m.head_dim : m.hidden_size / m.num_attention_heads);
+  if (I.head_dim * I.heads != I.h)
+    throw ConfigError("model.head_dim", "the CPU runner needs heads * head_dim = hidden_size");
+  I.vocab = static_cast<int>(m.vocab_size);
+  I.seq = static_cast<int>(s.seq_len > 0 ? s.seq_len : m.seq_len);
+  I.layers = static_cast<int>(m.num_layers);
+  I.ffn = static_cast<int>(m.ffn_hidden_size);
+  if (m.moe) {
+    I.experts = static_cast<int>(experts);
+    I.top_k = static_cast<int>(m.moe->top_k);
+    I.f = static_cast<int>(m.moe->expert_ffn_hidden_size);
+    I.local_experts = I.experts / ep;
+    I.first_expert = groups.ep->rank() * I.local_experts;
+  }
+  t->first_expert_ = I.first_expert;
+  t->local_experts_ = I.local_experts;
+  I.params = &t->params_;
+  auto add = [&](const std::string& name, size_t n, bool expert) {
+    Parameter p;
+    p.name = name;
+    p.size = n;
+    p.expert = expert;
+    p.value = device.memory().allocate(Tier::kGPU, n * sizeof(float), name);
+    p.grad = device.memory().allocate(Tier::kGPU, n * sizeof(float), name + " gradient");
+    for (size_t i = 0; i < n; ++i) p.v()[i] = init_value(s.seed, name, i);
+    I.index[name] = t->params_.size();
+    t->params_.push_back(std::move(p));
+  };
+  const size_t h = static_cast<size_t>(I.h);
+  add("embed", static_cast<size_t>(I.vocab) * h, false);
+  for (int l = 0; l < I.layers; ++l) {
+    add(Impl::L(l, "attn_norm"), h, false);
+    add(Impl::L(l, "wqkv"), h * 3 * h, false);
+    add(Impl::L(l, "wo"), h * h, false);
+    add(Impl::L(l, "ffn_norm"), h, false);
+    if (m.is_moe_layer(l)) {
+      add(Impl::L(l, "router"), h * static_cast<size_t>(I.experts), false);
+      for (int j = 0; j < I.local_experts; ++j) {
+        add(Impl::E(l, I.first_expert + j, "w1"), h * 2 * static_cast<size_t>(I.f), true);
+        add(Impl::E(l, I.first_expert + j, "w2"), static_cast<size_t>(I.f) * h, true);
+      }
+    } else {
+      add(Impl::L(l, "w1"), h * 2 * static_cast<size_t>(I.ffn), false);
+      add(Impl::L(l, "w2"), static_cast<size_t>(I.ffn) * h, false);
+    }
+  }
+  add("final_norm", h, false);
+  add("head", h * static_cast<size_t>(I.vocab), false);
+  I.setup_space(I.dense, false, groups.dp);
+  I.setup_space(I.expert, true, groups.expert_dp);
+  return t;
+}
+
+StepStats MoeTrainer::forward_backward(int64_t step_index) {
+  Impl& I = *impl_;
+  for (Parameter& p : params_) std::memset(p.g(), 0, sizeof(float) * p.size);
+  StepStats st;
+  st.tokens_per_expert.assign(static_cast<size_t>(I.experts), 0);
+  const int dp = I.g.dp->size();
+  const int64_t per_rank = I.s.global_batch / dp;
+  const int64_t first = static_cast<int64_t>(I.g.dp->rank()) * per_rank;
+  const double scale = 1.0 / (static_cast<double>(I.s.global_batch) * I.seq);
+  for (int64_t b = 0; b < per_rank; b += I.s.micro_batch_size)
+    st.loss +=
+        I.micro_batch(step_index, first + b, I.s.micro_batch_size, scale, st.tokens_per_expert);
+  return st;
+}
+
+StepStats MoeTrainer::step(int64_t step_index) {
+  Impl& I = *impl_;
+  StepStats st = forward_backward(step_index);
+  ++I.steps_done;
+  I.reduce_and_update(I.dense);
+  if (!I.expert.members.empty()) I.reduce_and_update(I.expert);
+  I.g.dp->all_reduce(&st.loss, 1, DType::kFloat64, ReduceOp::kSum);
+  return st;
+}
+
+}  // namespace switchyard

@@ -1,0 +1,104 @@
+// A real MoE transformer training step on a Device and Communicators: embedding, per layer
+// RMSNorm -> causal attention -> residual -> RMSNorm -> MoE (router softmax, top-k, dispatch,
+// SwiGLU experts, combine) or dense SwiGLU FFN -> residual, final RMSNorm, LM head, cross-entropy;
+// the backward of all of it; gradient reduction; Adam. fp32.
+//
+// Parallelism (this version): data parallelism over `dp` ranks, expert parallelism over `ep`
+// ranks (experts split evenly; tokens dispatched by all-to-all and combined by the reverse
+// all-to-all), ZeRO stage 0 or 1 (optimizer states sharded over the data-parallel group: gradient
+// reduce-scatter, sharded Adam, parameter all-gather), gradient buckets of the plan's size, and
+// micro-batches (gradient accumulation). Tensor and pipeline parallelism are not run yet
+// (supported() says so).
+//
+// Determinism: parameters are initialised from (seed, parameter name, element index) and the
+// tokens from (seed, step, sequence, position), so any layout of the same model and seed computes
+// the same function; one process with every group of size one is the reference a distributed run
+// is checked against.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "core/model.h"
+#include "core/plan.h"
+#include "executor/communicator.h"
+#include "executor/device.h"
+
+namespace switchyard {
+
+struct TrainSettings {
+  int64_t global_batch = 8;  // sequences per step
+  int64_t seq_len = 0;       // 0 = the model's
+  int micro_batch_size = 1;
+  int zero_stage = 0;
+  int64_t grad_bucket_bytes = kDefaultGradBucketBytes;
+  uint64_t seed = 1234;
+  float lr = 1e-3f;
+  float beta1 = 0.9f;
+  float beta2 = 0.95f;
+  float eps = 1e-8f;
+};
+
+// The groups a rank trains in. dp: every replica of the dense parameters; ep: the ranks that split
+// the experts between them; expert_dp: the replicas of this rank's experts.
+struct TrainGroups {
+  Communicator* dp = nullptr;
+  Communicator* ep = nullptr;
+  Communicator* expert_dp = nullptr;
+};
+
+// What the CPU runner cannot run (yet) for this model and plan; empty when it can.
+std::vector<ConfigIssue> trainer_unsupported(const ModelSpec& m, const Plan& p);
+
+// One parameter tensor of this rank, its gradient in the device tier's memory.
+struct Parameter {
+  std::string name;  // e.g. "layer1.expert3.w1"; canonical across layouts
+  size_t size = 0;
+  bool expert = false;
+  Buffer value;
+  Buffer grad;
+  float* v() const { return value.as<float>(); }
+  float* g() const { return grad.as<float>(); }
+};
+
+struct StepStats {
+  double loss = 0;                         // mean cross-entropy over the global batch
+  std::vector<int64_t> tokens_per_expert;  // routed (token, choice) pairs per global expert, all
+                                           // MoE layers, this rank's experts' share
+};
+
+class MoeTrainer {
+ public:
+  // Checks the combination (ConfigError listing what is unsupported or inconsistent).
+  static std::unique_ptr<MoeTrainer> create(const ModelSpec& m, const TrainSettings& s,
+                                            Device& device, TrainGroups groups);
+  ~MoeTrainer();
+
+  // One training step: forward and backward of this rank's micro-batches, gradient reduction,
+  // Adam. Returns the loss of the whole global batch.
+  StepStats step(int64_t step_index);
+  // The forward and backward only: this rank's gradients (of its share of the global batch's
+  // mean loss) in parameters(), nothing reduced or updated; the loss of this rank's share.
+  StepStats forward_backward(int64_t step_index);
+  // This rank's parameters (dense ones replicated, its experts').
+  const std::vector<Parameter>& parameters() const { return params_; }
+  int first_expert() const { return first_expert_; }
+  int local_experts() const { return local_experts_; }
+
+ private:
+  struct Impl;
+  MoeTrainer() = default;
+  std::vector<Parameter> params_;
+  int first_expert_ = 0;
+  int local_experts_ = 0;
+  std::unique_ptr<Impl> impl_;
+};
+
+// The value a parameter element takes at initialisation (normal, std 0.02; norms' gains 1).
+float init_value(uint64_t seed, const std::string& name, size_t index);
+
+}  // namespace switchyard

@@ -1,0 +1,112 @@
+// The MoE trainer in one process (the reference every distributed run is checked against): its
+// gradients are the loss's (central differences through the whole model: embedding, attention,
+// router, experts, dense FFN, head), and training lowers the loss of a batch it sees again.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "executor/moe_trainer.h"
+#include "tests/core/test_util.h"
+
+namespace switchyard {
+namespace {
+
+// Two layers (dense, then MoE with 4 experts, top-2), small enough for finite differences.
+ModelSpec small_model() {
+  return parse_model(Json::parse(R"({
+    "schema_version": 1, "name": "small", "num_layers": 2, "hidden_size": 8,
+    "ffn_hidden_size": 12, "num_attention_heads": 2, "num_kv_heads": 2, "vocab_size": 16,
+    "seq_len": 6, "activation": "swiglu", "norm": "rmsnorm",
+    "moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 6,
+            "layers": {"every": 2, "offset": 1}}
+  })"));
+}
+
+struct Single {
+  std::unique_ptr<Device> dev = cpu_device({});
+  std::unique_ptr<Communicator> dp = self_communicator("dp"), ep = self_communicator("ep"),
+                                edp = self_communicator("expert_dp");
+  std::unique_ptr<MoeTrainer> trainer;
+  Single(const ModelSpec& m, TrainSettings s) {
+    trainer = MoeTrainer::create(m, s, *dev, {dp.get(), ep.get(), edp.get()});
+  }
+};
+
+TEST(MoeTrainer, GradientsAreTheLossesDerivatives) {
+  TrainSettings s;
+  s.global_batch = 2;
+  s.micro_batch_size = 1;
+  Single run(small_model(), s);
+  MoeTrainer& t = *run.trainer;
+  t.forward_backward(0);
+  // Copy the analytic gradients, then probe elements of every parameter tensor.
+  std::vector<std::vector<float>> grads;
+  for (const Parameter& p : t.parameters()) grads.emplace_back(p.g(), p.g() + p.size);
+  int checked = 0, agreed = 0;
+  for (size_t k = 0; k < t.parameters().size(); ++k) {
+    const Parameter& p = t.parameters()[k];
+    for (size_t i : {size_t{0}, p.size / 2, p.size - 1}) {
+      const float keep = p.v()[i];
+      const float eps = 1e-2f;
+      p.v()[i] = keep + eps;
+      const double up = t.forward_backward(0).loss;
+      p.v()[i] = keep - eps;
+      const double down = t.forward_backward(0).loss;
+      p.v()[i] = keep;
+      const double numeric = (up - down) / (2.0 * eps);
+      const double analytic = grads[k][i];
+      ++checked;
+      // A probe can move a token across the top-k boundary; count agreement instead of failing
+      // on the first such kink.
+      if (std::abs(numeric - analytic) <= 2e-3 * std::max(1.0, std::abs(numeric)) + 2e-5) {
+        ++agreed;
+      } else {
+        ADD_FAILURE() << p.name << "[" << i << "]: analytic " << analytic << ", numeric "
+                      << numeric;
+      }
+    }
+  }
+  EXPECT_GT(checked, 40);
+  EXPECT_EQ(agreed, checked);
+}
+
+TEST(MoeTrainer, TrainingLowersTheLossOfARepeatedBatch) {
+  TrainSettings s;
+  s.global_batch = 4;
+  s.micro_batch_size = 2;
+  s.lr = 1e-2f;
+  Single run(testing::bundled().load_model("tiny-moe"), s);
+  const double first = run.trainer->step(0).loss;
+  double last = first;
+  for (int i = 0; i < 15; ++i) last = run.trainer->step(0).loss;
+  EXPECT_NEAR(first, std::log(1024.0), 0.1);  // a fresh model guesses uniformly
+  EXPECT_LT(last, 0.8 * first);
+}
+
+TEST(MoeTrainer, RejectsWhatItCannotRunWithPaths) {
+  Plan p;
+  p.tp = 2;
+  p.pp = 2;
+  p.dispatch = Dispatch::kHierarchicalAllToAll;
+  const auto issues = trainer_unsupported(testing::bundled().load_model("tiny-moe"), p);
+  ASSERT_EQ(issues.size(), 3u);
+  EXPECT_EQ(issues[0].path, "plan.tp");
+  EXPECT_TRUE(trainer_unsupported(testing::bundled().load_model("tiny-moe"), Plan{}).empty());
+}
+
+TEST(MoeTrainer, AnArenaTooSmallIsACleanOutOfMemory) {
+  auto dev = cpu_device({/*device=*/256 << 10, 0, 0, {}});
+  auto dp = self_communicator("dp"), ep = self_communicator("ep"), edp = self_communicator("edp");
+  TrainSettings s;
+  try {
+    MoeTrainer::create(testing::bundled().load_model("tiny-moe"), s, *dev,
+                       {dp.get(), ep.get(), edp.get()});
+    FAIL() << "tiny-moe's parameters fit 256 KiB";
+  } catch (const OutOfMemory& e) {
+    EXPECT_EQ(e.capacity_bytes(), 256 << 10);
+    EXPECT_NE(std::string(e.what()).find("out of gpu memory"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace switchyard
