@@ -1,5 +1,7 @@
 #include "core/cluster.h"
 
+#include <cmath>
+
 namespace switchyard {
 
 double GpuSpec::peak_flops(Precision p) const {
@@ -134,6 +136,24 @@ ClusterSpec with_nodes(ClusterSpec c, int nodes, const std::string& path) {
     throw ConfigError(
         path, "cluster \"" + c.name + "\" has no NICs to join " + std::to_string(nodes) + " nodes");
   c.num_nodes = nodes;
+  return c;
+}
+
+ClusterSpec with_gpus(ClusterSpec c, int gpus, const std::string& path) {
+  if (gpus < 1) throw ConfigError(path, "must be >= 1, got " + std::to_string(gpus));
+  if (gpus % c.gpus_per_node == 0) return with_nodes(std::move(c), gpus / c.gpus_per_node, path);
+  if (gpus > c.gpus_per_node)
+    throw ConfigError(path, std::to_string(gpus) + " GPUs is neither part of one node nor whole " +
+                                "nodes of cluster \"" + c.name + "\" (" +
+                                std::to_string(c.gpus_per_node) + " GPUs per node)");
+  // Part of one node: those GPUs keep their share of the node's host memory, SSD and NICs.
+  const double share = static_cast<double>(gpus) / c.gpus_per_node;
+  c.host.dram_bytes = static_cast<int64_t>(static_cast<double>(c.host.dram_bytes) * share);
+  c.host.ssd_bytes = static_cast<int64_t>(static_cast<double>(c.host.ssd_bytes) * share);
+  c.inter_node.nics_per_node =
+      static_cast<int>(std::ceil(static_cast<double>(c.inter_node.nics_per_node) * share));
+  c.gpus_per_node = gpus;
+  c.num_nodes = 1;
   return c;
 }
 

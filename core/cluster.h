@@ -89,5 +89,8 @@ Json semantic_json(const ClusterSpec& c);
 // The same cluster with another node count (the CLI's --nodes, a plan's for.nodes); throws
 // ConfigError at `path` when the count is out of range or the cluster has no NICs to join nodes.
 ClusterSpec with_nodes(ClusterSpec c, int nodes, const std::string& path = "--nodes");
+// A cluster of `gpus` GPUs: whole nodes, or part of one node (those GPUs keep their share of the
+// node's host memory, SSD and NICs). Throws ConfigError at `path` when `gpus` is neither.
+ClusterSpec with_gpus(ClusterSpec c, int gpus, const std::string& path = "--gpus");
 
 }  // namespace switchyard

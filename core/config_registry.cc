@@ -159,7 +159,11 @@ Inputs load_inputs(const ConfigRegistry& reg, const InputNames& names) {
       in.cluster = reg.load_cluster(cluster);
       const int nodes =
           names.nodes > 0 ? names.nodes : (target && target->nodes > 0 ? target->nodes : 0);
-      if (nodes > 0)
+      if (names.gpus > 0 && names.nodes > 0)
+        throw ConfigError("--gpus", "give --nodes or --gpus, not both");
+      if (names.gpus > 0)
+        in.cluster = with_gpus(std::move(in.cluster), names.gpus, "--gpus");
+      else if (nodes > 0)
         in.cluster = with_nodes(std::move(in.cluster), nodes,
                                 names.nodes > 0 ? "--nodes" : "plan.for.nodes");
     });

@@ -34,6 +34,7 @@ struct InputNames {
   std::string model;
   std::string cluster;
   int nodes = 0;  // 0 = not given
+  int gpus = 0;   // 0 = not given; whole nodes or part of one node (excludes nodes)
   std::string plan;
   std::string workload;
 };

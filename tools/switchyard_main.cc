@@ -15,6 +15,7 @@
 #include "cost_models/profile.h"
 #include "simulator/simulator.h"
 #include "tools/cli_common.h"
+#include "tools/run_cmd.h"
 #include "tools/tune_cmd.h"
 #include "traces/chrome_trace.h"
 
@@ -323,8 +324,12 @@ void add_input_options(CLI::App* cmd, sy::InputNames& names) {
                   "Model: bundled name or path (default: the plan's \"for\")");
   cmd->add_option("--cluster", names.cluster,
                   "Cluster: bundled name or path (default: the plan's \"for\")");
-  cmd->add_option("--nodes", names.nodes, "Override the cluster's node count")
-      ->check(CLI::PositiveNumber);
+  auto* nodes = cmd->add_option("--nodes", names.nodes, "Override the cluster's node count")
+                    ->check(CLI::PositiveNumber);
+  cmd->add_option("--gpus", names.gpus,
+                  "Use this many GPUs of the cluster: whole nodes, or part of one node")
+      ->check(CLI::PositiveNumber)
+      ->excludes(nodes);
   cmd->add_option("--plan", names.plan, "Plan: bundled name or path")->required();
   cmd->add_option(
       "--workload", names.workload,
@@ -399,6 +404,7 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
 
   const std::function<int()> run_tune = sy::cli::add_tune_commands(app, common);
+  const std::function<int()> run_run = sy::cli::add_run_command(app, common);
 
   try {
     app.parse(argc, argv);
@@ -422,6 +428,7 @@ int main(int argc, char** argv) {
     }
     if (*list) return cmd_list(common, list_what);
     if (const int rc = run_tune(); rc >= 0) return rc;
+    if (const int rc = run_run(); rc >= 0) return rc;
     if (*coll)
       return cmd_collective(common, coll_cluster, coll_nodes, coll_profile, coll_op, coll_min,
                             coll_max, coll_rpn);

@@ -145,8 +145,4 @@ class SearchSpace {
   int64_t unit_size_ = 0;
 };
 
-// A cluster of `gpus` GPUs: whole nodes, or part of one node (fewer GPUs than a node has).
-// Throws ConfigError at `path` when `gpus` is neither.
-ClusterSpec with_gpus(ClusterSpec c, int gpus, const std::string& path = "--gpus");
-
 }  // namespace switchyard

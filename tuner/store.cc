@@ -559,6 +559,33 @@ std::vector<RankedPlan> Store::ranking(int64_t search_id) {
   return out;
 }
 
+int64_t Store::put_measurement(const std::string& model_hash, const std::string& cluster_hash,
+                               const std::string& workload_hash, const std::string& plan_hash,
+                               const Measurement& m) {
+  Statement st(db_,
+               "INSERT INTO measurements(model_hash, cluster_hash, workload_hash, plan_hash, "
+               "backend, steps, step_time_s, tokens_per_s, peak_gpu_bytes, peak_cpu_bytes, "
+               "peak_ssd_bytes, per_op_json, trace_path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+               "?, ?) RETURNING id");
+  st.bind(1, model_hash)
+      .bind(2, cluster_hash)
+      .bind(3, workload_hash)
+      .bind(4, plan_hash)
+      .bind(5, m.backend)
+      .bind(6, m.steps)
+      .bind(7, m.step_time_s)
+      .bind(8, m.tokens_per_s)
+      .bind(9, m.peak_gpu_bytes)
+      .bind(10, m.peak_cpu_bytes)
+      .bind(11, m.peak_ssd_bytes)
+      .bind(12, m.details.dump())
+      .bind(13, m.trace_path);
+  st.step();
+  const int64_t id = st.i64(0);
+  st.run();
+  return id;
+}
+
 int64_t Store::count_rows(const std::string& table) {
   static const char* const kTables[] = {"models",      "clusters",     "workloads",
                                         "plans",       "predictions",  "searches",

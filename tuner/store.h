@@ -107,6 +107,20 @@ class Store {
   void put_ranking(int64_t search_id, const std::vector<RankedPlan>& ranking);
   std::vector<RankedPlan> ranking(int64_t search_id);
 
+  // A measured run (the executor's): step time, throughput, peak memory per tier, per-op times.
+  struct Measurement {
+    std::string backend;  // "cpu" or "cuda"
+    int64_t steps = 0;
+    double step_time_s = 0;
+    double tokens_per_s = 0;
+    double peak_gpu_bytes = 0, peak_cpu_bytes = 0, peak_ssd_bytes = 0;
+    Json details;  // per-op times, tokens per expert, check results
+    std::string trace_path;
+  };
+  int64_t put_measurement(const std::string& model_hash, const std::string& cluster_hash,
+                          const std::string& workload_hash, const std::string& plan_hash,
+                          const Measurement& m);
+
   // The tables the executor fills (counted by `plans list`).
   int64_t count_rows(const std::string& table);
 

@@ -71,11 +71,15 @@ void check(const Case& c) {
   for (const Parameter& p : run->parameters()) {
     const Parameter& q = *reference.at(p.name);
     ASSERT_EQ(p.size, q.size);
-    double diff = 0, scale = 1e-12;
+    // Norm-wise relative error per tensor (as `switchyard run --check` reports it).
+    double diff = 0, scale = 1e-30;
     for (size_t i = 0; i < p.size; ++i) {
-      diff = std::max(diff, double{std::abs(p.v()[i] - q.v()[i])});
-      scale = std::max(scale, double{std::abs(q.v()[i])});
+      const double d = double{p.v()[i]} - q.v()[i];
+      diff += d * d;
+      scale += double{q.v()[i]} * q.v()[i];
     }
+    diff = std::sqrt(diff);
+    scale = std::sqrt(scale);
     if (diff / scale > worst) worst = diff / scale, worst_name = p.name;
   }
   EXPECT_LE(worst, 1e-4) << worst_name;

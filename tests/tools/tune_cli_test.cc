@@ -214,3 +214,76 @@ TEST_F(TuneCliTest, BadInputIsAClearErrorWithExitCode2) {
 
 }  // namespace
 }  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+// `switchyard run` under mpiexec: the CPU runner's numerics check, the stored measurement, and the
+// ways a distributed run must end (a stuck rank, a dead rank, a plan it cannot run).
+class RunCliTest : public TuneCliTest {};
+
+#ifdef SWITCHYARD_MPIEXEC
+const std::string kMpi =
+    "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
+    "OMPI_MCA_rmaps_base_oversubscribe=1 timeout 300 " +
+    std::string(SWITCHYARD_MPIEXEC) + " -n 4 ";
+#endif
+
+TEST_F(RunCliTest, FourRanksMatchTheReferenceAndTheMeasurementIsStored) {
+#ifndef SWITCHYARD_MPIEXEC
+  GTEST_SKIP() << "built without MPI";
+#else
+  const Result r = sh(kMpi + kCli + " run --plan tiny-moe-dp4-ep2 --steps 2 --warmup 1 --check " +
+                      "--json --db " + path("run.db"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const Json j = json_of(r);
+  EXPECT_TRUE(j["check"]["passed"].get<bool>());
+  EXPECT_LE(j["check"]["max_parameter_relative_error"].get<double>(), 1e-4);
+  EXPECT_GT(j["median_step_time_s"].get<double>(), 0);
+  EXPECT_GT(j["predicted_step_time_s"].get<double>(), 0);
+  // tiny-train: 8 sequences of 128 tokens, top-2, over 4 MoE layers and 2 measured steps.
+  int64_t routed = 0;
+  for (const auto& t : j["tokens_per_expert"]) routed += t.get<int64_t>();
+  EXPECT_EQ(routed, 8 * 128 * 2 * 4 * 2);
+  const Result listed = sh(kCli + " plans list --db " + path("run.db"));
+  EXPECT_NE(listed.output.find("1 measurements"), std::string::npos) << listed.output;
+#endif
+}
+
+TEST_F(RunCliTest, AStuckRankEndsTheRunWithinTheTimeout) {
+#ifndef SWITCHYARD_MPIEXEC
+  GTEST_SKIP() << "built without MPI";
+#else
+  const Result r = sh(kMpi + "-x SWITCHYARD_TEST_HANG_RANK=3 " + kCli +
+                      " run --plan tiny-moe-dp4-ep2 --steps 2 --no-db --timeout 3 2>&1");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.exit_code, 124) << "the run hung until the test's own timeout";
+  EXPECT_NE(r.output.find("did not complete within 3 s"), std::string::npos) << r.output;
+#endif
+}
+
+TEST_F(RunCliTest, ADeadRankEndsTheRunNamingIt) {
+#ifndef SWITCHYARD_MPIEXEC
+  GTEST_SKIP() << "built without MPI";
+#else
+  const Result r = sh(kMpi + "-x SWITCHYARD_TEST_DIE_RANK=2 " + kCli +
+                      " run --plan tiny-moe-dp4-ep2 --steps 2 --no-db --timeout 30 2>&1");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.exit_code, 124) << "the run hung until the test's own timeout";
+  // mpiexec names the process that exited ("Process name: [[job,1],2]").
+  EXPECT_TRUE(r.output.find(",2]") != std::string::npos ||
+              r.output.find("rank 2") != std::string::npos)
+      << r.output;
+#endif
+}
+
+TEST_F(RunCliTest, PlansItCannotRunAreRefusedWithTheirPaths) {
+  const Result r = sh(kCli + " run --plan tiny-moe-local --no-db 2>&1");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("plan.pp: the CPU runner does not run this yet"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("mpirun -n 4"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace switchyard

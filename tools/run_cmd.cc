@@ -1,0 +1,334 @@
+#include "tools/run_cmd.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <map>
+#include <thread>
+
+#include "core/validate.h"
+#include "cost_models/memory.h"
+#include "executor/moe_trainer.h"
+#include "simulator/simulator.h"
+#include "tuner/store.h"
+#ifdef SWITCHYARD_HAVE_MPI
+#include "executor/cpu/mpi_communicator.h"
+#endif
+
+namespace switchyard::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct RunFlags {
+  InputNames names;
+  int steps = 5;
+  int warmup = 1;
+  bool check = false;
+  std::string db = "switchyard.db";
+  bool no_db = false;
+  double timeout_s = 300;
+  uint64_t seed = 1234;
+  std::string profile;
+  bool json = false;
+};
+
+// The process's ranks: MPI when launched by mpirun, else one process.
+struct Ranks {
+#ifdef SWITCHYARD_HAVE_MPI
+  std::unique_ptr<MpiRuntime> mpi;
+#endif
+  std::unique_ptr<Communicator> world;
+  int rank = 0;
+  int size = 1;
+  [[noreturn]] void abort(int code, const std::string& message) {
+#ifdef SWITCHYARD_HAVE_MPI
+    if (mpi) mpi->abort(code, message);
+#endif
+    std::fprintf(stderr, "error: %s\n", message.c_str());
+    std::_Exit(code);
+  }
+};
+
+bool launched_by_mpirun() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+    if (std::getenv(v)) return true;
+  return false;
+}
+
+Ranks start_ranks(double timeout_s) {
+  Ranks r;
+#ifdef SWITCHYARD_HAVE_MPI
+  if (launched_by_mpirun()) {
+    r.mpi = MpiRuntime::start(nullptr, nullptr);
+    r.world = r.mpi->world(timeout_s);
+    r.rank = r.world->rank();
+    r.size = r.world->size();
+    return r;
+  }
+#else
+  (void)timeout_s;
+#endif
+  r.world = self_communicator("world", 0);
+  return r;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+// Test hooks: the rank named by SWITCHYARD_TEST_DIE_RANK dies (exits without a word) before the
+// first measured step, as a crashed process would; SWITCHYARD_TEST_HANG_RANK stops responding
+// instead, as a stuck one would.
+void maybe_fail(int rank) {
+  if (const char* r = std::getenv("SWITCHYARD_TEST_DIE_RANK"); r && std::atoi(r) == rank)
+    std::_Exit(137);
+  if (const char* r = std::getenv("SWITCHYARD_TEST_HANG_RANK"); r && std::atoi(r) == rank)
+    std::this_thread::sleep_for(std::chrono::hours(1));
+}
+
+int cmd_run(const Common& common, const RunFlags& f) {
+  Ranks ranks = start_ranks(f.timeout_s);
+  const ConfigRegistry reg = common.registry();
+  // Every rank loads and checks the same inputs; rank 0 reports.
+  Inputs in;
+  std::vector<ConfigIssue> issues;
+  try {
+    in = load_inputs(reg, f.names);
+    issues = validate(in.plan, in.model, in.cluster, in.workload);
+    if (in.workload.mode != Mode::kTrain)
+      issues.push_back({"workload.mode", "run executes training steps; inference runs come next"});
+    const auto unsupported = trainer_unsupported(in.model, in.plan);
+    issues.insert(issues.end(), unsupported.begin(), unsupported.end());
+    if (in.plan.world_size() != ranks.size)
+      issues.push_back({"plan", "has " + std::to_string(in.plan.world_size()) +
+                                    " ranks but the run has " + std::to_string(ranks.size) +
+                                    " process" + (ranks.size > 1 ? "es" : "") + " (mpirun -n " +
+                                    std::to_string(in.plan.world_size()) + ")"});
+  } catch (const ConfigError& e) {
+    issues = e.issues();
+  }
+  if (!issues.empty()) {
+    if (ranks.rank == 0) throw ConfigError(std::move(issues));
+    return kExitBadInput;
+  }
+
+  const Plan& plan = in.plan;
+  const ClusterSpec& c = in.cluster;
+  TierCapacity cap;
+  cap.device_bytes = c.gpu.hbm_bytes;
+  cap.host_bytes = c.host.dram_bytes / std::max(1, c.gpus_per_node);
+  cap.ssd_bytes = c.host.ssd_bytes / std::max(1, c.gpus_per_node);
+  auto dev = cpu_device(cap);
+  const int r = ranks.rank;
+  auto dp = ranks.world->split(0, r, "dp");
+  auto ep = ranks.world->split(r / plan.ep, r, "ep");
+  auto edp = ranks.world->split(r % plan.ep, r, "expert_dp");
+  TrainSettings s;
+  s.global_batch = in.workload.global_batch_size;
+  s.seq_len = in.workload.effective_seq_len(in.model);
+  s.micro_batch_size = plan.micro_batch_size;
+  s.zero_stage = plan.zero_stage;
+  s.grad_bucket_bytes = plan.grad_bucket_bytes;
+  s.seed = f.seed;
+
+  Json check = nullptr;
+  std::vector<double> losses, step_s;
+  std::vector<int64_t> tokens_per_expert;
+  try {
+    auto trainer = MoeTrainer::create(in.model, s, *dev, {dp.get(), ep.get(), edp.get()});
+    tokens_per_expert.assign(static_cast<size_t>(in.model.moe ? in.model.moe->num_experts : 0), 0);
+    for (int i = 0; i < f.warmup; ++i) trainer->step(i);
+    dev->memory().reset_peaks();
+    for (int i = 0; i < f.steps; ++i) {
+      if (i == 0) maybe_fail(r);
+      ranks.world->barrier();
+      const auto t0 = Clock::now();
+      const StepStats st = trainer->step(f.warmup + i);
+      double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+      ranks.world->all_reduce(&dt, 1, DType::kFloat64, ReduceOp::kMax);
+      step_s.push_back(dt);
+      losses.push_back(st.loss);
+      for (size_t e = 0; e < st.tokens_per_expert.size(); ++e)
+        tokens_per_expert[e] += st.tokens_per_expert[e];
+    }
+    if (f.check) {
+      // The reference: this model and seed in one process, every group of one rank.
+      auto ref_dev = cpu_device({});
+      auto sdp = self_communicator("dp"), sep = self_communicator("ep"),
+           sedp = self_communicator("expert_dp");
+      TrainSettings rs = s;
+      rs.micro_batch_size = 1;
+      rs.zero_stage = 0;
+      auto ref = MoeTrainer::create(in.model, rs, *ref_dev, {sdp.get(), sep.get(), sedp.get()});
+      double loss_err = 0, param_err = 0;
+      std::string worst;
+      for (int i = 0; i < f.warmup + f.steps; ++i) {
+        const double want = ref->step(i).loss;
+        if (i >= f.warmup)
+          loss_err = std::max(loss_err, std::abs(losses[static_cast<size_t>(i - f.warmup)] - want) /
+                                            std::max(std::abs(want), 1e-30));
+      }
+      std::map<std::string, const Parameter*> by_name;
+      for (const Parameter& p : ref->parameters()) by_name[p.name] = &p;
+      for (const Parameter& p : trainer->parameters()) {
+        const Parameter& q = *by_name.at(p.name);
+        // Norm-wise relative error of the tensor: Adam turns an element whose gradient is ~0 into
+        // a +-lr step whose sign rounding decides, so element-wise maxima over-report.
+        double diff = 0, scale = 1e-30;
+        for (size_t i = 0; i < p.size; ++i) {
+          const double d = double{p.v()[i]} - q.v()[i];
+          diff += d * d;
+          scale += double{q.v()[i]} * q.v()[i];
+        }
+        diff = std::sqrt(diff);
+        scale = std::sqrt(scale);
+        if (diff / scale > param_err) param_err = diff / scale, worst = p.name;
+      }
+      if (std::getenv("SWITCHYARD_DEBUG_CHECK"))
+        std::fprintf(stderr, "rank %d: worst parameter %s (%.3e)\n", r, worst.c_str(), param_err);
+      double errs[2] = {loss_err, param_err};
+      ranks.world->all_reduce(errs, 2, DType::kFloat64, ReduceOp::kMax);
+      check = {{"steps", f.warmup + f.steps},
+               {"max_loss_relative_error", errs[0]},
+               {"max_parameter_relative_error", errs[1]},
+               {"tolerance", 1e-4},
+               {"passed", errs[0] <= 1e-4 && errs[1] <= 1e-4}};
+    }
+  } catch (const CommError& e) {
+    ranks.abort(1, e.what());
+  } catch (const OutOfMemory& e) {
+    // Every rank holds the same shapes: all of them fail alike.
+    if (r == 0) std::fprintf(stderr, "error (rank 0): %s\n", e.what());
+    return 1;
+  }
+  int64_t peaks[3] = {dev->memory().peak(Tier::kGPU), dev->memory().peak(Tier::kCPU),
+                      dev->memory().peak(Tier::kSSD)};
+  ranks.world->all_reduce(peaks, 3, DType::kInt64, ReduceOp::kMax);
+  if (!tokens_per_expert.empty())
+    ranks.world->all_reduce(tokens_per_expert.data(), tokens_per_expert.size(), DType::kInt64,
+                            ReduceOp::kSum);
+  // Each expert's owner in every EP group counted its group's tokens: the sum is the total.
+  if (r != 0) return check.is_null() || check["passed"].get<bool>() ? 0 : 1;
+
+  const double measured = median(step_s);
+  const double tokens = static_cast<double>(s.global_batch) * static_cast<double>(s.seq_len);
+  const CostProfile prof = load_profile(c, f.profile);
+  const Prediction pred = simulate(in.model, c, plan, in.workload, prof);
+  Json out = {{"model", in.model.name},
+              {"cluster", c.name},
+              {"ranks", ranks.size},
+              {"plan", to_json(plan)},
+              {"steps", f.steps},
+              {"warmup", f.warmup},
+              {"step_times_s", step_s},
+              {"median_step_time_s", measured},
+              {"tokens_per_s", tokens / measured},
+              {"losses", losses},
+              {"peak_bytes", {{"gpu", peaks[0]}, {"cpu", peaks[1]}, {"ssd", peaks[2]}}},
+              {"tokens_per_expert", tokens_per_expert},
+              {"predicted_step_time_s", pred.step_time_s},
+              {"predicted_peak_gpu_bytes", pred.peak.gpu},
+              {"step_time_error", pred.step_time_s / measured - 1},
+              {"check", check}};
+  if (!f.no_db) {
+    auto store = Store::open(f.db);
+    const std::string mh = store->put_model(in.model), ch = store->put_cluster(c),
+                      wh = store->put_workload(in.workload), ph = store->put_plan(plan);
+    if (!store->find_prediction(mh, ch, wh, ph, profile_hash(prof), "simulate")) {
+      PredictionSummary sum;
+      sum.fidelity = "simulate";
+      sum.step_time_s = pred.step_time_s;
+      sum.tokens_per_s = pred.tokens_per_s;
+      sum.tokens_per_s_per_gpu = pred.tokens_per_s_per_gpu;
+      sum.model_tflops_per_gpu = pred.model_tflops_per_gpu;
+      sum.mfu = pred.mfu;
+      sum.peak = pred.peak;
+      sum.time = pred.time;
+      sum.bottleneck = "compute";
+      store->put_prediction(mh, ch, wh, ph, profile_hash(prof), sum);
+    }
+    Store::Measurement m;
+    m.backend = "cpu";
+    m.steps = f.steps;
+    m.step_time_s = measured;
+    m.tokens_per_s = tokens / measured;
+    m.peak_gpu_bytes = static_cast<double>(peaks[0]);
+    m.peak_cpu_bytes = static_cast<double>(peaks[1]);
+    m.peak_ssd_bytes = static_cast<double>(peaks[2]);
+    m.details = {{"step_times_s", step_s},
+                 {"losses", losses},
+                 {"tokens_per_expert", tokens_per_expert},
+                 {"check", check}};
+    out["measurement_id"] = store->put_measurement(mh, ch, wh, ph, m);
+    out["db"] = f.db;
+  }
+  if (f.json) {
+    std::cout << out.dump(2) << "\n";
+  } else {
+    std::cout << in.model.name << " on " << ranks.size << " rank" << (ranks.size > 1 ? "s" : "")
+              << " (" << c.name << ", cpu backend), plan " << plan_summary(plan) << "\n";
+    std::cout << "  measured step    " << fmt("%.4f s", measured) << " (median of " << f.steps
+              << " after " << f.warmup << " warm-up), " << fmt("%.0f tokens/s", tokens / measured)
+              << "\n";
+    std::cout << "  predicted step   " << fmt("%.4f s", pred.step_time_s) << " ("
+              << fmt("%+.1f%%", 100 * (pred.step_time_s / measured - 1))
+              << " against the measurement; cost profile \"" << prof.name << "\")\n";
+    std::cout << "  loss             " << fmt("%.4f", losses.front()) << " -> "
+              << fmt("%.4f", losses.back()) << "\n";
+    std::cout << "  peak memory      device " << gib(static_cast<double>(peaks[0])) << " of "
+              << gib(static_cast<double>(cap.device_bytes)) << " (predicted " << gib(pred.peak.gpu)
+              << "), host " << gib(static_cast<double>(peaks[1])) << "\n";
+    if (!tokens_per_expert.empty()) {
+      std::cout << "  tokens/expert   ";
+      for (int64_t t : tokens_per_expert) std::cout << " " << t;
+      std::cout << "\n";
+    }
+    if (!check.is_null())
+      std::cout << "  check            " << (check["passed"].get<bool>() ? "passed" : "FAILED")
+                << ": losses within " << fmt("%.2e", check["max_loss_relative_error"].get<double>())
+                << ", parameters within "
+                << fmt("%.2e", check["max_parameter_relative_error"].get<double>())
+                << " of the one-process reference (tolerance 1e-4)\n";
+    if (!f.no_db) std::cout << "  stored in " << f.db << "\n";
+  }
+  return check.is_null() || check["passed"].get<bool>() ? 0 : 1;
+}
+
+}  // namespace
+
+std::function<int()> add_run_command(CLI::App& app, const Common& common) {
+  auto f = std::make_shared<RunFlags>();
+  auto* run = app.add_subcommand(
+      "run", "Run a plan for real (CPU backend; under mpirun -n RANKS), measure it, check it");
+  run->add_option("--model", f->names.model, "Model (default: the plan's \"for\")");
+  run->add_option("--cluster", f->names.cluster, "Cluster (default: the plan's \"for\")");
+  auto* nodes = run->add_option("--nodes", f->names.nodes, "Override the cluster's node count")
+                    ->check(CLI::PositiveNumber);
+  run->add_option("--gpus", f->names.gpus, "Use this many of the cluster's GPUs (ranks)")
+      ->check(CLI::PositiveNumber)
+      ->excludes(nodes);
+  run->add_option("--plan", f->names.plan, "Plan: bundled name or path")->required();
+  run->add_option("--workload", f->names.workload, "Workload (default: the plan's \"for\")");
+  run->add_option("--steps", f->steps, "Measured steps")->check(CLI::Range(1, 100000));
+  run->add_option("--warmup", f->warmup, "Warm-up steps before measuring")
+      ->check(CLI::Range(0, 1000));
+  run->add_flag("--check", f->check,
+                "Also run the one-process reference and compare losses and parameters");
+  run->add_option("--db", f->db, "Plan store for the measurement (default ./switchyard.db)");
+  run->add_flag("--no-db", f->no_db, "Do not store the measurement");
+  run->add_option("--timeout", f->timeout_s,
+                  "Seconds a collective may wait before the run ends with an error")
+      ->check(CLI::PositiveNumber);
+  run->add_option("--seed", f->seed, "Seed of the parameters and the data");
+  run->add_option("--profile", f->profile, "Cost-model constants for the prediction (JSON)");
+  run->add_flag("--json", f->json, "Print the result as JSON");
+  return [=, &common]() -> int {
+    if (!*run) return -1;
+    return cmd_run(common, *f);
+  };
+}
+
+}  // namespace switchyard::cli
