@@ -86,7 +86,7 @@ int64_t MemoryPools::capacity(Tier tier) const {
   return 0;
 }
 
-Buffer MemoryPools::allocate(Tier tier, size_t bytes, const std::string& what) {
+Buffer MemoryPools::allocate(Tier tier, size_t bytes, const std::string& what, bool zero) {
   const auto i = index_of(tier);
   uint64_t file_no = 0;
   {
@@ -133,7 +133,7 @@ Buffer MemoryPools::allocate(Tier tier, size_t bytes, const std::string& what) {
     throw OutOfMemory(what + " (the host refused the allocation)", tier,
                       static_cast<int64_t>(bytes), in_use(tier), capacity(tier));
   }
-  std::memset(b.data_, 0, bytes);
+  if (zero) std::memset(b.data_, 0, bytes);
   return b;
 }
 

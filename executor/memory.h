@@ -75,9 +75,9 @@ class Buffer {
 class MemoryPools {
  public:
   explicit MemoryPools(TierCapacity capacity);
-  // Zero-filled. Throws OutOfMemory when the tier would exceed its capacity; `what` names the
-  // tensor in the message.
-  Buffer allocate(Tier tier, size_t bytes, const std::string& what);
+  // Zero-filled unless `zero` is false (SSD-tier files always read as zeros). Throws OutOfMemory
+  // when the tier would exceed its capacity; `what` names the tensor in the message.
+  Buffer allocate(Tier tier, size_t bytes, const std::string& what, bool zero = true);
   int64_t in_use(Tier tier) const;
   int64_t peak(Tier tier) const;
   int64_t capacity(Tier tier) const;

@@ -94,8 +94,9 @@ struct MoeTrainer::Impl {
   Impl(const ModelSpec& model, const TrainSettings& settings, Device& d, TrainGroups groups)
       : m(model), s(settings), dev(d), g(groups) {}
 
+  // Activations and gradients are written before they are read: no zero-fill.
   Tensor alloc(size_t n, const char* what) {
-    return {dev.memory().allocate(Tier::kGPU, n * sizeof(float), what), n};
+    return {dev.memory().allocate(Tier::kGPU, n * sizeof(float), what, /*zero=*/false), n};
   }
   Parameter& P(const std::string& name) { return (*params)[index.at(name)]; }
   static std::string L(int l, const char* what) { return "layer" + std::to_string(l) + "." + what; }

@@ -5,11 +5,13 @@
 #include <cmath>
 #include <cstdlib>
 #include <map>
+#include <optional>
 #include <thread>
 
 #include "core/validate.h"
 #include "cost_models/memory.h"
 #include "executor/moe_trainer.h"
+#include "executor/timed.h"
 #include "simulator/simulator.h"
 #include "tuner/store.h"
 #ifdef SWITCHYARD_HAVE_MPI
@@ -121,11 +123,14 @@ int cmd_run(const Common& common, const RunFlags& f) {
   cap.device_bytes = c.gpu.hbm_bytes;
   cap.host_bytes = c.host.dram_bytes / std::max(1, c.gpus_per_node);
   cap.ssd_bytes = c.host.ssd_bytes / std::max(1, c.gpus_per_node);
-  auto dev = cpu_device(cap);
+  auto backend = cpu_device(cap);
+  // Per-op times of the measured steps: every device call and collective, by class.
+  OpTimes op_times;
+  auto dev = timed_device(*backend, op_times);
   const int r = ranks.rank;
-  auto dp = ranks.world->split(0, r, "dp");
-  auto ep = ranks.world->split(r / plan.ep, r, "ep");
-  auto edp = ranks.world->split(r % plan.ep, r, "expert_dp");
+  auto dp = timed_communicator(ranks.world->split(0, r, "dp"), op_times);
+  auto ep = timed_communicator(ranks.world->split(r / plan.ep, r, "ep"), op_times);
+  auto edp = timed_communicator(ranks.world->split(r % plan.ep, r, "expert_dp"), op_times);
   TrainSettings s;
   s.global_batch = in.workload.global_batch_size;
   s.seq_len = in.workload.effective_seq_len(in.model);
@@ -142,6 +147,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
     tokens_per_expert.assign(static_cast<size_t>(in.model.moe ? in.model.moe->num_experts : 0), 0);
     for (int i = 0; i < f.warmup; ++i) trainer->step(i);
     dev->memory().reset_peaks();
+    op_times.clear();
+    double step_total = 0;
     for (int i = 0; i < f.steps; ++i) {
       if (i == 0) maybe_fail(r);
       ranks.world->barrier();
@@ -150,10 +157,20 @@ int cmd_run(const Common& common, const RunFlags& f) {
       double dt = std::chrono::duration<double>(Clock::now() - t0).count();
       ranks.world->all_reduce(&dt, 1, DType::kFloat64, ReduceOp::kMax);
       step_s.push_back(dt);
+      step_total += dt;
       losses.push_back(st.loss);
       for (size_t e = 0; e < st.tokens_per_expert.size(); ++e)
         tokens_per_expert[e] += st.tokens_per_expert[e];
     }
+    // Per step and per rank, the slowest rank's figure for each class.
+    double accounted = 0;
+    for (auto& [name, secs] : op_times.seconds) {
+      secs /= f.steps;
+      ranks.world->all_reduce(&secs, 1, DType::kFloat64, ReduceOp::kMax);
+      accounted += secs;
+    }
+    op_times.seconds["host (runner loops, allocation, optimizer)"] =
+        std::max(0.0, step_total / f.steps - accounted);
     if (f.check) {
       // The reference: this model and seed in one process, every group of one rank.
       auto ref_dev = cpu_device({});
@@ -217,6 +234,16 @@ int cmd_run(const Common& common, const RunFlags& f) {
   const double tokens = static_cast<double>(s.global_batch) * static_cast<double>(s.seq_len);
   const CostProfile prof = load_profile(c, f.profile);
   const Prediction pred = simulate(in.model, c, plan, in.workload, prof);
+  // The same prediction with the routing this run measured (an untrained router is not balanced,
+  // and the most loaded EP rank decides the step).
+  std::optional<Prediction> pred_routed;
+  if (!tokens_per_expert.empty()) {
+    Workload routed = in.workload;
+    routed.routing.kind = RoutingKind::kHistogram;
+    routed.routing.tokens_per_expert.assign(tokens_per_expert.begin(), tokens_per_expert.end());
+    routed.task_routing.clear();
+    pred_routed = simulate(in.model, c, plan, routed, prof);
+  }
   Json out = {{"model", in.model.name},
               {"cluster", c.name},
               {"ranks", ranks.size},
@@ -229,9 +256,18 @@ int cmd_run(const Common& common, const RunFlags& f) {
               {"losses", losses},
               {"peak_bytes", {{"gpu", peaks[0]}, {"cpu", peaks[1]}, {"ssd", peaks[2]}}},
               {"tokens_per_expert", tokens_per_expert},
+              {"op_seconds_per_step", op_times.seconds},
               {"predicted_step_time_s", pred.step_time_s},
+              {"predicted_breakdown_s",
+               {{"compute", pred.time.compute_s},
+                {"exposed_ep_comm", pred.time.ep_comm_s},
+                {"exposed_dp_comm", pred.time.dp_comm_s},
+                {"optimizer", pred.time.optimizer_s},
+                {"bubble", pred.time.bubble_s}}},
               {"predicted_peak_gpu_bytes", pred.peak.gpu},
               {"step_time_error", pred.step_time_s / measured - 1},
+              {"predicted_step_time_with_measured_routing_s",
+               pred_routed ? Json(pred_routed->step_time_s) : Json(nullptr)},
               {"check", check}};
   if (!f.no_db) {
     auto store = Store::open(f.db);
@@ -259,6 +295,9 @@ int cmd_run(const Common& common, const RunFlags& f) {
     m.peak_cpu_bytes = static_cast<double>(peaks[1]);
     m.peak_ssd_bytes = static_cast<double>(peaks[2]);
     m.details = {{"step_times_s", step_s},
+                 {"predicted_step_time_with_measured_routing_s",
+                  pred_routed ? Json(pred_routed->step_time_s) : Json(nullptr)},
+                 {"op_seconds_per_step", op_times.seconds},
                  {"losses", losses},
                  {"tokens_per_expert", tokens_per_expert},
                  {"check", check}};
@@ -276,11 +315,22 @@ int cmd_run(const Common& common, const RunFlags& f) {
     std::cout << "  predicted step   " << fmt("%.4f s", pred.step_time_s) << " ("
               << fmt("%+.1f%%", 100 * (pred.step_time_s / measured - 1))
               << " against the measurement; cost profile \"" << prof.name << "\")\n";
+    if (pred_routed)
+      std::cout << "  with its routing " << fmt("%.4f s", pred_routed->step_time_s) << " ("
+                << fmt("%+.1f%%", 100 * (pred_routed->step_time_s / measured - 1))
+                << ": the prediction given the tokens per expert this run measured)\n";
     std::cout << "  loss             " << fmt("%.4f", losses.front()) << " -> "
               << fmt("%.4f", losses.back()) << "\n";
     std::cout << "  peak memory      device " << gib(static_cast<double>(peaks[0])) << " of "
               << gib(static_cast<double>(cap.device_bytes)) << " (predicted " << gib(pred.peak.gpu)
               << "), host " << gib(static_cast<double>(peaks[1])) << "\n";
+    std::cout << "  per step (slowest rank):";
+    for (const auto& [name, secs] : op_times.seconds)
+      std::cout << " " << name << " " << fmt("%.4f", secs);
+    std::cout << "\n  predicted: compute " << fmt("%.4f", pred.time.compute_s) << ", exposed EP "
+              << fmt("%.4f", pred.time.ep_comm_s) << ", exposed DP "
+              << fmt("%.4f", pred.time.dp_comm_s) << ", optimizer "
+              << fmt("%.4f", pred.time.optimizer_s) << "\n";
     if (!tokens_per_expert.empty()) {
       std::cout << "  tokens/expert   ";
       for (int64_t t : tokens_per_expert) std::cout << " " << t;

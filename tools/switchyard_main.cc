@@ -14,6 +14,7 @@
 #include "cost_models/memory.h"
 #include "cost_models/profile.h"
 #include "simulator/simulator.h"
+#include "tools/calibrate_cmd.h"
 #include "tools/cli_common.h"
 #include "tools/run_cmd.h"
 #include "tools/tune_cmd.h"
@@ -405,6 +406,7 @@ int main(int argc, char** argv) {
 
   const std::function<int()> run_tune = sy::cli::add_tune_commands(app, common);
   const std::function<int()> run_run = sy::cli::add_run_command(app, common);
+  const std::function<int()> run_calibrate = sy::cli::add_calibrate_command(app, common);
 
   try {
     app.parse(argc, argv);
@@ -429,6 +431,7 @@ int main(int argc, char** argv) {
     if (*list) return cmd_list(common, list_what);
     if (const int rc = run_tune(); rc >= 0) return rc;
     if (const int rc = run_run(); rc >= 0) return rc;
+    if (const int rc = run_calibrate(); rc >= 0) return rc;
     if (*coll)
       return cmd_collective(common, coll_cluster, coll_nodes, coll_profile, coll_op, coll_min,
                             coll_max, coll_rpn);

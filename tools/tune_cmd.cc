@@ -704,6 +704,55 @@ int cmd_plans_export(const Common& common, Store& store, const std::string& ref,
   return 0;
 }
 
+int cmd_compare(Store& store, bool json) {
+  const auto rows = store.comparisons();
+  if (json) {
+    Json out = Json::array();
+    for (const auto& c : rows)
+      out.push_back({{"measurement_id", c.measurement_id},
+                     {"model", c.model},
+                     {"cluster", c.cluster},
+                     {"plan_hash", c.plan_hash},
+                     {"backend", c.backend},
+                     {"steps", c.steps},
+                     {"measured_step_s", c.measured_step_s},
+                     {"predicted_step_s", c.predicted_step_s},
+                     {"profile_hash", c.profile_hash},
+                     {"step_time_error",
+                      c.predicted_step_s > 0 ? c.predicted_step_s / c.measured_step_s - 1 : 0.0},
+                     {"measured_peak_gpu_bytes", c.measured_peak_gpu_bytes},
+                     {"predicted_peak_gpu_bytes", c.predicted_peak_gpu_bytes}});
+    std::cout << out.dump(2) << "\n";
+    return 0;
+  }
+  std::printf("%-5s %-14s %-12s %-12s %-8s %12s %12s %8s %10s %10s  %s\n", "run", "model",
+              "cluster", "plan", "backend", "measured s", "predicted s", "error", "meas GiB",
+              "pred GiB", "profile");
+  std::vector<double> errors;
+  for (const auto& c : rows) {
+    const bool predicted = c.predicted_step_s > 0;
+    const double err = predicted ? c.predicted_step_s / c.measured_step_s - 1 : 0;
+    if (predicted) errors.push_back(std::abs(err));
+    std::printf(
+        "%-5lld %-14s %-12s %-12s %-8s %12.4f %12s %8s %10.3f %10s  %s\n",
+        static_cast<long long>(c.measurement_id), c.model.c_str(), c.cluster.c_str(),
+        c.plan_hash.substr(0, 12).c_str(), c.backend.c_str(), c.measured_step_s,
+        predicted ? fmt("%.4f", c.predicted_step_s).c_str() : "-",
+        predicted ? fmt("%+.1f%%", 100 * err).c_str() : "-",
+        c.measured_peak_gpu_bytes / double(1ull << 30),
+        predicted ? fmt("%.3f", c.predicted_peak_gpu_bytes / double(1ull << 30)).c_str() : "-",
+        c.profile_hash.substr(0, 12).c_str());
+  }
+  if (!errors.empty()) {
+    std::sort(errors.begin(), errors.end());
+    std::cout << rows.size() << " comparisons; median |step-time error| "
+              << fmt("%.1f%%", 100 * errors[errors.size() / 2]) << "\n";
+  } else {
+    std::cout << "no measurements with a prediction yet (switchyard run stores both)\n";
+  }
+  return 0;
+}
+
 }  // namespace
 
 std::function<int()> add_tune_commands(CLI::App& app, const Common& common) {
@@ -773,7 +822,20 @@ std::function<int()> add_tune_commands(CLI::App& app, const Common& common) {
   for (CLI::App* sub : {list, show, diff, exp, best})
     sub->add_option("--db", *db, "Plan store (default ./switchyard.db)");
 
+  auto* compare = app.add_subcommand(
+      "compare", "Predicted against measured step time (and peak memory) for the stored runs");
+  auto compare_db = std::make_shared<std::string>("switchyard.db");
+  auto compare_json = std::make_shared<bool>(false);
+  compare->add_option("--db", *compare_db, "Plan store (default ./switchyard.db)");
+  compare->add_flag("--json", *compare_json, "Print as JSON");
+
   return [=, &common]() -> int {
+    if (*compare) {
+      if (!std::filesystem::exists(*compare_db))
+        throw ConfigError("--db", "no plan store at \"" + *compare_db + "\"");
+      auto store = Store::open(*compare_db);
+      return cmd_compare(*store, *compare_json);
+    }
     if (*tune) {
       for (const char* name : {"--cluster", "--nodes", "--gpus", "--workload", "--objective",
                                "--max-mem-gib", "--capacity-factors", "--no-offload"})

@@ -586,6 +586,49 @@ int64_t Store::put_measurement(const std::string& model_hash, const std::string&
   return id;
 }
 
+int64_t Store::put_calibration(const std::string& cluster_hash, const std::string& backend,
+                               const Json& profile, const Json& residuals) {
+  Statement st(db_,
+               "INSERT INTO calibrations(cluster_hash, backend, profile_json, residuals_json) "
+               "VALUES (?, ?, ?, ?) RETURNING id");
+  st.bind(1, cluster_hash).bind(2, backend).bind(3, profile.dump()).bind(4, residuals.dump());
+  st.step();
+  const int64_t id = st.i64(0);
+  st.run();
+  return id;
+}
+
+std::vector<Store::Comparison> Store::comparisons() {
+  Statement st(db_,
+               "SELECT m.id, m.created_at, mo.name, c.name, m.plan_hash, m.backend, m.steps, "
+               "m.step_time_s, m.peak_gpu_bytes, p.profile_hash, p.step_time_s, p.peak_gpu_bytes "
+               "FROM measurements m JOIN models mo ON mo.hash = m.model_hash "
+               "JOIN clusters c ON c.hash = m.cluster_hash "
+               "LEFT JOIN predictions p ON p.model_hash = m.model_hash AND "
+               "p.cluster_hash = m.cluster_hash AND p.workload_hash = m.workload_hash AND "
+               "p.plan_hash = m.plan_hash AND p.fidelity = 'simulate' AND "
+               "p.cost_model_version = ? ORDER BY m.id, p.id");
+  st.bind(1, std::string(kCostModelVersion));
+  std::vector<Comparison> out;
+  while (st.step()) {
+    Comparison c;
+    c.measurement_id = st.i64(0);
+    c.created_at = st.text(1);
+    c.model = st.text(2);
+    c.cluster = st.text(3);
+    c.plan_hash = st.text(4);
+    c.backend = st.text(5);
+    c.steps = st.i64(6);
+    c.measured_step_s = st.f64(7);
+    c.measured_peak_gpu_bytes = st.null(8) ? 0 : st.f64(8);
+    c.profile_hash = st.text(9);
+    c.predicted_step_s = st.null(10) ? 0 : st.f64(10);
+    c.predicted_peak_gpu_bytes = st.null(11) ? 0 : st.f64(11);
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
 int64_t Store::count_rows(const std::string& table) {
   static const char* const kTables[] = {"models",      "clusters",     "workloads",
                                         "plans",       "predictions",  "searches",

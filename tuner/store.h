@@ -121,6 +121,20 @@ class Store {
                           const std::string& workload_hash, const std::string& plan_hash,
                           const Measurement& m);
 
+  int64_t put_calibration(const std::string& cluster_hash, const std::string& backend,
+                          const Json& profile, const Json& residuals);
+
+  // Every stored measurement beside every simulate() prediction of the same inputs.
+  struct Comparison {
+    int64_t measurement_id = 0;
+    std::string created_at, model, cluster, plan_hash, backend, profile_hash;
+    int64_t steps = 0;
+    double measured_step_s = 0;
+    double predicted_step_s = 0;  // 0 when nothing predicted these inputs
+    double measured_peak_gpu_bytes = 0, predicted_peak_gpu_bytes = 0;
+  };
+  std::vector<Comparison> comparisons();
+
   // The tables the executor fills (counted by `plans list`).
   int64_t count_rows(const std::string& table);
 

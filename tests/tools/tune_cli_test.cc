@@ -247,6 +247,14 @@ TEST_F(RunCliTest, FourRanksMatchTheReferenceAndTheMeasurementIsStored) {
   EXPECT_EQ(routed, 8 * 128 * 2 * 4 * 2);
   const Result listed = sh(kCli + " plans list --db " + path("run.db"));
   EXPECT_NE(listed.output.find("1 measurements"), std::string::npos) << listed.output;
+  const Result compared = sh(kCli + " compare --json --db " + path("run.db"));
+  ASSERT_EQ(compared.exit_code, 0) << compared.output;
+  const Json rows = Json::parse(compared.output);
+  ASSERT_EQ(rows.size(), 1u);
+  EXPECT_NEAR(rows[0]["measured_step_s"].get<double>(), j["median_step_time_s"].get<double>(),
+              1e-12);
+  EXPECT_NEAR(rows[0]["predicted_step_s"].get<double>(), j["predicted_step_time_s"].get<double>(),
+              1e-12);
 #endif
 }
 

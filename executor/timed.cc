@@ -1,0 +1,171 @@
+#include "executor/timed.h"
+
+#include <chrono>
+
+namespace switchyard {
+namespace {
+
+class Timer {
+ public:
+  Timer(OpTimes& t, const char* name) : t_(t), name_(name), start_(Clock::now()) {}
+  ~Timer() {
+    t_.seconds[name_] += std::chrono::duration<double>(Clock::now() - start_).count();
+    ++t_.calls[name_];
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  OpTimes& t_;
+  const char* name_;
+  Clock::time_point start_;
+};
+
+class TimedDevice : public Device {
+ public:
+  TimedDevice(Device& d, OpTimes& t) : d_(d), t_(t) {}
+  std::string name() const override { return d_.name(); }
+  MemoryPools& memory() override { return d_.memory(); }
+  void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
+            const float* b, int ldb, float beta, float* c, int ldc) override {
+    Timer x(t_, "gemm");
+    d_.gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+  void grouped_gemm(const float* a, int k, const std::vector<int>& rows,
+                    const std::vector<const float*>& w, bool trans_w, int n, float* c) override {
+    Timer x(t_, "expert_gemm");
+    d_.grouped_gemm(a, k, rows, w, trans_w, n, c);
+  }
+  TokenRouting route(const float* logits, int tokens, int experts, int top_k, bool renormalize,
+                     float* probs) override {
+    Timer x(t_, "router");
+    return d_.route(logits, tokens, experts, top_k, renormalize, probs);
+  }
+  void permute(const float* x, const TokenRouting& r, int h, float* out) override {
+    Timer t(t_, "permute");
+    d_.permute(x, r, h, out);
+  }
+  void unpermute_combine(const float* y, const TokenRouting& r, int h, float* out) override {
+    Timer t(t_, "permute");
+    d_.unpermute_combine(y, r, h, out);
+  }
+  void swiglu(const float* gu, int rows, int f, float* out) override {
+    Timer t(t_, "elementwise");
+    d_.swiglu(gu, rows, f, out);
+  }
+  void swiglu_backward(const float* gu, const float* d, int rows, int f, float* dgu) override {
+    Timer t(t_, "elementwise");
+    d_.swiglu_backward(gu, d, rows, f, dgu);
+  }
+  void rmsnorm(const float* x, const float* g, int rows, int h, float eps, float* y) override {
+    Timer t(t_, "elementwise");
+    d_.rmsnorm(x, g, rows, h, eps, y);
+  }
+  void rmsnorm_backward(const float* x, const float* g, const float* dy, int rows, int h, float eps,
+                        float* dx, float* dg) override {
+    Timer t(t_, "elementwise");
+    d_.rmsnorm_backward(x, g, dy, rows, h, eps, dx, dg);
+  }
+  void attention(const float* qkv, int b, int s, int heads, int hd, float* out,
+                 float* lse) override {
+    Timer t(t_, "attention");
+    d_.attention(qkv, b, s, heads, hd, out, lse);
+  }
+  void attention_backward(const float* qkv, const float* out, const float* lse, const float* d,
+                          int b, int s, int heads, int hd, float* dqkv) override {
+    Timer t(t_, "attention");
+    d_.attention_backward(qkv, out, lse, d, b, s, heads, hd, dqkv);
+  }
+  void copy(void* dst, const void* src, size_t bytes) override {
+    Timer t(t_, "copy");
+    d_.copy(dst, src, bytes);
+  }
+
+ private:
+  Device& d_;
+  OpTimes& t_;
+};
+
+class TimedPending : public PendingOp {
+ public:
+  TimedPending(std::unique_ptr<PendingOp> p, OpTimes& t, const char* name)
+      : p_(std::move(p)), t_(t), name_(name) {}
+  void wait() override {
+    Timer x(t_, name_);  // the exposed part: the time spent waiting
+    p_->wait();
+  }
+  bool test() override { return p_->test(); }
+
+ private:
+  std::unique_ptr<PendingOp> p_;
+  OpTimes& t_;
+  const char* name_;
+};
+
+class TimedCommunicator : public Communicator {
+ public:
+  TimedCommunicator(std::unique_ptr<Communicator> c, OpTimes& t) : c_(std::move(c)), t_(t) {}
+  int rank() const override { return c_->rank(); }
+  int size() const override { return c_->size(); }
+  const std::string& name() const override { return c_->name(); }
+  const std::vector<int>& world_ranks() const override { return c_->world_ranks(); }
+  double timeout_s() const override { return c_->timeout_s(); }
+  void all_reduce(void* d, size_t n, DType t, ReduceOp op) override {
+    Timer x(t_, "all_reduce");
+    c_->all_reduce(d, n, t, op);
+  }
+  void all_gather(const void* s, void* r, size_t n, DType t) override {
+    Timer x(t_, "all_gather");
+    c_->all_gather(s, r, n, t);
+  }
+  void reduce_scatter(const void* s, void* r, size_t n, DType t, ReduceOp op) override {
+    Timer x(t_, "reduce_scatter");
+    c_->reduce_scatter(s, r, n, t, op);
+  }
+  void all_to_allv(const void* s, const std::vector<size_t>& sc, void* r,
+                   const std::vector<size_t>& rc, DType t) override {
+    Timer x(t_, "all_to_allv");
+    c_->all_to_allv(s, sc, r, rc, t);
+  }
+  void broadcast(void* d, size_t n, DType t, int root) override {
+    Timer x(t_, "broadcast");
+    c_->broadcast(d, n, t, root);
+  }
+  void send(const void* d, size_t n, DType t, int peer, int tag) override {
+    Timer x(t_, "send_recv");
+    c_->send(d, n, t, peer, tag);
+  }
+  void recv(void* d, size_t n, DType t, int peer, int tag) override {
+    Timer x(t_, "send_recv");
+    c_->recv(d, n, t, peer, tag);
+  }
+  void barrier() override { c_->barrier(); }
+  std::unique_ptr<PendingOp> all_reduce_async(void* d, size_t n, DType t, ReduceOp op) override {
+    return std::make_unique<TimedPending>(c_->all_reduce_async(d, n, t, op), t_, "all_reduce");
+  }
+  std::unique_ptr<PendingOp> all_to_allv_async(const void* s, const std::vector<size_t>& sc,
+                                               void* r, const std::vector<size_t>& rc,
+                                               DType t) override {
+    return std::make_unique<TimedPending>(c_->all_to_allv_async(s, sc, r, rc, t), t_,
+                                          "all_to_allv");
+  }
+  std::unique_ptr<Communicator> split(int color, int key, const std::string& name) override {
+    return std::make_unique<TimedCommunicator>(c_->split(color, key, name), t_);
+  }
+
+ private:
+  std::unique_ptr<Communicator> c_;
+  OpTimes& t_;
+};
+
+}  // namespace
+
+std::unique_ptr<Device> timed_device(Device& inner, OpTimes& times) {
+  return std::make_unique<TimedDevice>(inner, times);
+}
+
+std::unique_ptr<Communicator> timed_communicator(std::unique_ptr<Communicator> inner,
+                                                 OpTimes& times) {
+  return std::make_unique<TimedCommunicator>(std::move(inner), times);
+}
+
+}  // namespace switchyard
