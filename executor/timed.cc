@@ -7,16 +7,22 @@ namespace {
 
 class Timer {
  public:
-  Timer(OpTimes& t, const char* name) : t_(t), name_(name), start_(Clock::now()) {}
+  Timer(OpTimes& t, const char* name, bool comm = false)
+      : t_(t), name_(name), comm_(comm), start_(Clock::now()) {}
   ~Timer() {
-    t_.seconds[name_] += std::chrono::duration<double>(Clock::now() - start_).count();
+    const auto end = Clock::now();
+    t_.seconds[name_] += std::chrono::duration<double>(end - start_).count();
     ++t_.calls[name_];
+    if (t_.record)
+      t_.events.push_back({name_, comm_, std::chrono::duration<double>(start_ - t_.epoch).count(),
+                           std::chrono::duration<double>(end - t_.epoch).count()});
   }
 
  private:
   using Clock = std::chrono::steady_clock;
   OpTimes& t_;
   const char* name_;
+  bool comm_;
   Clock::time_point start_;
 };
 
@@ -90,7 +96,7 @@ class TimedPending : public PendingOp {
   TimedPending(std::unique_ptr<PendingOp> p, OpTimes& t, const char* name)
       : p_(std::move(p)), t_(t), name_(name) {}
   void wait() override {
-    Timer x(t_, name_);  // the exposed part: the time spent waiting
+    Timer x(t_, name_, true);  // the exposed part: the time spent waiting
     p_->wait();
   }
   bool test() override { return p_->test(); }
@@ -110,32 +116,32 @@ class TimedCommunicator : public Communicator {
   const std::vector<int>& world_ranks() const override { return c_->world_ranks(); }
   double timeout_s() const override { return c_->timeout_s(); }
   void all_reduce(void* d, size_t n, DType t, ReduceOp op) override {
-    Timer x(t_, "all_reduce");
+    Timer x(t_, "all_reduce", true);
     c_->all_reduce(d, n, t, op);
   }
   void all_gather(const void* s, void* r, size_t n, DType t) override {
-    Timer x(t_, "all_gather");
+    Timer x(t_, "all_gather", true);
     c_->all_gather(s, r, n, t);
   }
   void reduce_scatter(const void* s, void* r, size_t n, DType t, ReduceOp op) override {
-    Timer x(t_, "reduce_scatter");
+    Timer x(t_, "reduce_scatter", true);
     c_->reduce_scatter(s, r, n, t, op);
   }
   void all_to_allv(const void* s, const std::vector<size_t>& sc, void* r,
                    const std::vector<size_t>& rc, DType t) override {
-    Timer x(t_, "all_to_allv");
+    Timer x(t_, "all_to_allv", true);
     c_->all_to_allv(s, sc, r, rc, t);
   }
   void broadcast(void* d, size_t n, DType t, int root) override {
-    Timer x(t_, "broadcast");
+    Timer x(t_, "broadcast", true);
     c_->broadcast(d, n, t, root);
   }
   void send(const void* d, size_t n, DType t, int peer, int tag) override {
-    Timer x(t_, "send_recv");
+    Timer x(t_, "send_recv", true);
     c_->send(d, n, t, peer, tag);
   }
   void recv(void* d, size_t n, DType t, int peer, int tag) override {
-    Timer x(t_, "send_recv");
+    Timer x(t_, "send_recv", true);
     c_->recv(d, n, t, peer, tag);
   }
   void barrier() override { c_->barrier(); }

@@ -13,6 +13,7 @@
 #include "executor/moe_trainer.h"
 #include "executor/timed.h"
 #include "simulator/simulator.h"
+#include "traces/chrome_trace.h"
 #include "tuner/store.h"
 #ifdef SWITCHYARD_HAVE_MPI
 #include "executor/cpu/mpi_communicator.h"
@@ -33,6 +34,7 @@ struct RunFlags {
   double timeout_s = 300;
   uint64_t seed = 1234;
   std::string profile;
+  std::string trace;
   bool json = false;
 };
 
@@ -148,11 +150,13 @@ int cmd_run(const Common& common, const RunFlags& f) {
     for (int i = 0; i < f.warmup; ++i) trainer->step(i);
     dev->memory().reset_peaks();
     op_times.clear();
+    op_times.record = !f.trace.empty();
     double step_total = 0;
     for (int i = 0; i < f.steps; ++i) {
       if (i == 0) maybe_fail(r);
       ranks.world->barrier();
       const auto t0 = Clock::now();
+      if (i == 0) op_times.epoch = t0;  // every rank leaves the barrier together: a shared origin
       const StepStats st = trainer->step(f.warmup + i);
       double dt = std::chrono::duration<double>(Clock::now() - t0).count();
       ranks.world->all_reduce(&dt, 1, DType::kFloat64, ReduceOp::kMax);
@@ -221,6 +225,33 @@ int cmd_run(const Common& common, const RunFlags& f) {
     if (r == 0) std::fprintf(stderr, "error (rank 0): %s\n", e.what());
     return 1;
   }
+  // The measured timeline: every rank's events to rank 0.
+  std::vector<MeasuredEvent> events;
+  if (!f.trace.empty()) {
+    Json mine = Json::array();
+    for (const OpEvent& e : op_times.events)
+      mine.push_back({e.op, e.communication, e.start_s, e.end_s});
+    const std::string text = mine.dump();
+    auto add = [&events](int rank, const Json& list) {
+      for (const auto& e : list)
+        events.push_back({rank, e[0].get<std::string>(), e[1].get<bool>(), e[2].get<double>(),
+                          e[3].get<double>()});
+    };
+    if (r == 0) {
+      add(0, mine);
+      for (int src = 1; src < ranks.size; ++src) {
+        int64_t n = 0;
+        ranks.world->recv(&n, 1, DType::kInt64, src, 11);
+        std::string buf(static_cast<size_t>(n), '\0');
+        ranks.world->recv(buf.data(), buf.size(), DType::kByte, src, 12);
+        add(src, Json::parse(buf));
+      }
+    } else {
+      const int64_t n = static_cast<int64_t>(text.size());
+      ranks.world->send(&n, 1, DType::kInt64, 0, 11);
+      ranks.world->send(text.data(), text.size(), DType::kByte, 0, 12);
+    }
+  }
   int64_t peaks[3] = {dev->memory().peak(Tier::kGPU), dev->memory().peak(Tier::kCPU),
                       dev->memory().peak(Tier::kSSD)};
   ranks.world->all_reduce(peaks, 3, DType::kInt64, ReduceOp::kMax);
@@ -269,6 +300,10 @@ int cmd_run(const Common& common, const RunFlags& f) {
               {"predicted_step_time_with_measured_routing_s",
                pred_routed ? Json(pred_routed->step_time_s) : Json(nullptr)},
               {"check", check}};
+  if (!f.trace.empty()) {
+    write_measured_trace(f.trace, events, in, measured, ranks.size);
+    out["trace"] = f.trace;
+  }
   if (!f.no_db) {
     auto store = Store::open(f.db);
     const std::string mh = store->put_model(in.model), ch = store->put_cluster(c),
@@ -294,6 +329,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
     m.peak_gpu_bytes = static_cast<double>(peaks[0]);
     m.peak_cpu_bytes = static_cast<double>(peaks[1]);
     m.peak_ssd_bytes = static_cast<double>(peaks[2]);
+    m.trace_path = f.trace;
     m.details = {{"step_times_s", step_s},
                  {"predicted_step_time_with_measured_routing_s",
                   pred_routed ? Json(pred_routed->step_time_s) : Json(nullptr)},
@@ -342,6 +378,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
                 << ", parameters within "
                 << fmt("%.2e", check["max_parameter_relative_error"].get<double>())
                 << " of the one-process reference (tolerance 1e-4)\n";
+    if (!f.trace.empty()) std::cout << "  measured timeline written to " << f.trace << "\n";
     if (!f.no_db) std::cout << "  stored in " << f.db << "\n";
   }
   return check.is_null() || check["passed"].get<bool>() ? 0 : 1;
@@ -374,6 +411,9 @@ std::function<int()> add_run_command(CLI::App& app, const Common& common) {
       ->check(CLI::PositiveNumber);
   run->add_option("--seed", f->seed, "Seed of the parameters and the data");
   run->add_option("--profile", f->profile, "Cost-model constants for the prediction (JSON)");
+  run->add_option("--trace", f->trace,
+                  "Write the measured steps' ops as Chrome trace-event JSON (Perfetto), the "
+                  "simulator's format");
   run->add_flag("--json", f->json, "Print the result as JSON");
   return [=, &common]() -> int {
     if (!*run) return -1;

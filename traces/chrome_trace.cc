@@ -84,4 +84,51 @@ void write_chrome_trace(const std::string& path, const Prediction& p, const Inpu
   if (std::ferror(f.get())) throw std::runtime_error("error writing trace file " + path);
 }
 
+void write_measured_trace(const std::string& path, const std::vector<MeasuredEvent>& events,
+                          const Inputs& in, double step_time_s, int ranks) {
+  std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "w"), &std::fclose);
+  if (!f) throw std::runtime_error("cannot write trace file " + path);
+  const Json meta = {{"format", "switchyard-trace"},
+                     {"version", 1},
+                     {"kind", "measurement"},
+                     {"backend", "cpu"},
+                     {"model", in.model.name},
+                     {"cluster", in.cluster.name},
+                     {"nodes", in.cluster.num_nodes},
+                     {"plan", in.plan.name},
+                     {"workload", in.workload.name},
+                     {"model_hash", content_hash(semantic_json(in.model))},
+                     {"cluster_hash", content_hash(semantic_json(in.cluster))},
+                     {"plan_hash", content_hash(semantic_json(in.plan))},
+                     {"workload_hash", content_hash(semantic_json(in.workload))},
+                     {"step_time_s", step_time_s}};
+  std::fprintf(f.get(), "{\"displayTimeUnit\":\"ms\",\"switchyard\":%s,\"traceEvents\":[\n",
+               meta.dump().c_str());
+  bool first = true;
+  auto sep = [&] {
+    if (!first) std::fputs(",\n", f.get());
+    first = false;
+  };
+  for (int r = 0; r < ranks; ++r) {
+    sep();
+    std::fprintf(f.get(), R"({"ph":"M","name":"process_name","pid":%d,"args":{"name":"rank %d"}})",
+                 r, r);
+    for (int t = 0; t < 2; ++t) {
+      sep();
+      std::fprintf(f.get(),
+                   R"({"ph":"M","name":"thread_name","pid":%d,"tid":%d,"args":{"name":"%s"}})", r,
+                   t, t ? "communication" : "compute");
+    }
+  }
+  for (const MeasuredEvent& e : events) {
+    sep();
+    std::fprintf(f.get(),
+                 R"({"ph":"X","name":"%s","cat":"%s","pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f})",
+                 e.op.c_str(), e.communication ? "communication" : "compute", e.rank,
+                 e.communication ? 1 : 0, e.start_s * 1e6, (e.end_s - e.start_s) * 1e6);
+  }
+  std::fputs("\n]}\n", f.get());
+  if (std::ferror(f.get())) throw std::runtime_error("error writing trace file " + path);
+}
+
 }  // namespace switchyard

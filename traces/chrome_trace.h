@@ -7,6 +7,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "core/config_registry.h"
 #include "simulator/prediction.h"
@@ -16,5 +17,19 @@ namespace switchyard {
 // Writes the prediction's timeline (simulate with record_timeline). Throws std::runtime_error when
 // the file cannot be written.
 void write_chrome_trace(const std::string& path, const Prediction& p, const Inputs& in);
+
+// A measured op of one rank (the executor's per-op timing), seconds from a point all ranks share.
+struct MeasuredEvent {
+  int rank = 0;
+  std::string op;
+  bool communication = false;
+  double start_s = 0;
+  double end_s = 0;
+};
+
+// Writes a measured run's ops in the same format (pid = rank, tid 0 = compute, 1 = communication;
+// "kind": "measurement").
+void write_measured_trace(const std::string& path, const std::vector<MeasuredEvent>& events,
+                          const Inputs& in, double step_time_s, int ranks);
 
 }  // namespace switchyard

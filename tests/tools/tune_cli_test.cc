@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <string>
 
 #include "core/json_io.h"
@@ -234,7 +235,7 @@ TEST_F(RunCliTest, FourRanksMatchTheReferenceAndTheMeasurementIsStored) {
   GTEST_SKIP() << "built without MPI";
 #else
   const Result r = sh(kMpi + kCli + " run --plan tiny-moe-dp4-ep2 --steps 2 --warmup 1 --check " +
-                      "--json --db " + path("run.db"));
+                      "--json --db " + path("run.db") + " --trace " + path("measured.json"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const Json j = json_of(r);
   EXPECT_TRUE(j["check"]["passed"].get<bool>());
@@ -247,6 +248,21 @@ TEST_F(RunCliTest, FourRanksMatchTheReferenceAndTheMeasurementIsStored) {
   EXPECT_EQ(routed, 8 * 128 * 2 * 4 * 2);
   const Result listed = sh(kCli + " plans list --db " + path("run.db"));
   EXPECT_NE(listed.output.find("1 measurements"), std::string::npos) << listed.output;
+  // The measured timeline: the simulator's trace format, one process per rank, ops on both streams.
+  std::ifstream trace_file(path("measured.json"));
+  const Json trace = Json::parse(trace_file);
+  EXPECT_EQ(trace["switchyard"]["kind"], "measurement");
+  std::set<int> pids;
+  std::set<std::string> ops;
+  for (const auto& e : trace["traceEvents"])
+    if (e["ph"] == "X") {
+      pids.insert(e["pid"].get<int>());
+      ops.insert(e["name"].get<std::string>());
+      EXPECT_GE(e["dur"].get<double>(), 0.0);
+    }
+  EXPECT_EQ(pids, (std::set<int>{0, 1, 2, 3}));
+  for (const char* op : {"gemm", "expert_gemm", "attention", "all_to_allv", "reduce_scatter"})
+    EXPECT_TRUE(ops.count(op)) << op;
   const Result compared = sh(kCli + " compare --json --db " + path("run.db"));
   ASSERT_EQ(compared.exit_code, 0) << compared.output;
   const Json rows = Json::parse(compared.output);
