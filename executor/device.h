@@ -23,9 +23,11 @@ struct TokenRouting {
   int experts = 0;
   std::vector<int> expert;    // [tokens * top_k]: the chosen experts, by token
   std::vector<float> weight;  // [tokens * top_k]: their combine weights
-  std::vector<int> row;       // [tokens * top_k]: the row of (token, choice) in the permuted order
-  std::vector<int> rows_per_expert;  // [experts]
-  std::vector<int> source;  // [tokens * top_k]: inverse of `row`: the (token, choice) of each row
+  std::vector<int> row;  // [tokens * top_k]: the row of (token, choice) in the permuted order, -1
+                         // when its expert's capacity dropped it
+  std::vector<int> rows_per_expert;  // [experts], kept rows
+  std::vector<int> source;           // [kept rows]: inverse of `row`
+  int dropped = 0;                   // (token, choice) pairs past their expert's capacity
 };
 
 class Device {
@@ -44,8 +46,10 @@ class Device {
                             const std::vector<const float*>& w, bool trans_w, int n, float* c) = 0;
 
   // Softmax over `experts` logits per token, top-k, the grouping by expert (stable in token order).
+  // capacity > 0: each expert keeps its first `capacity` assignments in token order and drops the
+  // rest (their weights stay: dropped choices contribute nothing, as in GShard).
   virtual TokenRouting route(const float* logits, int tokens, int experts, int top_k,
-                             bool renormalize, float* probs) = 0;
+                             bool renormalize, float* probs, int capacity = 0) = 0;
   // out[row(t, j)] = x[t] for every choice j of token t (hidden size h).
   virtual void permute(const float* x, const TokenRouting& r, int h, float* out) = 0;
   // out[t] = sum_j weight(t, j) * y[row(t, j)].

@@ -63,7 +63,6 @@ std::vector<ConfigIssue> trainer_unsupported(const ModelSpec& m, const Plan& p) 
   if (p.expert_tp > 1) no("plan.expert_tp", "expert tensor parallelism");
   if (p.dispatch != Dispatch::kAllToAll) no("plan.dispatch", "only all_to_all dispatch");
   if (p.zero_stage > 1) no("plan.zero_stage", "ZeRO stages 0 and 1");
-  if (p.capacity_factor) no("plan.capacity_factor", "dropless routing only");
   if (p.expert_replicas.kind != ExpertReplicas::Kind::kNone) no("plan.expert_replicas", "replicas");
   if (p.placement != Placement{} || p.prefetch.direction != PrefetchDirection::kNone)
     no("plan.placement", "every tensor class on the device tier");
@@ -79,6 +78,7 @@ struct MoeTrainer::Impl {
   int h = 0, heads = 0, head_dim = 0, vocab = 0, seq = 0, experts = 0, top_k = 0, f = 0, ffn = 0;
   int layers = 0, local_experts = 0, first_expert = 0;
   int64_t steps_done = 0;
+  int64_t dropped = 0;  // in the current step
   std::vector<Parameter>* params = nullptr;
   std::map<std::string, size_t> index;  // name -> params position
   // Adam moments of the parameters this rank updates (all of them, or its ZeRO-1 shard), dense
@@ -95,6 +95,13 @@ struct MoeTrainer::Impl {
       : m(model), s(settings), dev(d), g(groups) {}
 
   // Activations and gradients are written before they are read: no zero-fill.
+  // Rows each expert accepts from one micro-batch of T tokens on this rank (0 = dropless):
+  // ceil(capacity_factor * T * top_k / experts), as GShard computes it per group.
+  int capacity(int T) const {
+    if (s.capacity_factor <= 0) return 0;
+    return static_cast<int>(std::ceil(s.capacity_factor * T * top_k / experts));
+  }
+
   Tensor alloc(size_t n, const char* what) {
     return {dev.memory().allocate(Tier::kGPU, n * sizeof(float), what, /*zero=*/false), n};
   }
@@ -241,8 +248,10 @@ struct MoeTrainer::Impl {
         Tensor logits = alloc(static_cast<size_t>(T) * experts, "router logits");
         mm(S.b.p(), P(L(l, "router")).v(), T, h, experts, logits.p());
         S.probs = alloc(static_cast<size_t>(T) * experts, "router probabilities");
-        S.routing = dev.route(logits.p(), T, experts, top_k, top_k > 1, S.probs.p());
-        Tensor perm = alloc(static_cast<size_t>(T) * top_k * h, "dispatch buffer");
+        S.routing = dev.route(logits.p(), T, experts, top_k, top_k > 1, S.probs.p(), capacity(T));
+        const int kept_rows = T * top_k - S.routing.dropped;
+        dropped += S.routing.dropped;
+        Tensor perm = alloc(static_cast<size_t>(kept_rows) * h, "dispatch buffer");
         dev.permute(S.b.p(), S.routing, h, perm.p());
         S.ex = plan_exchange(S.routing);
         S.xin_e = dispatch(S.ex, perm.p(), h, "expert input");
@@ -260,7 +269,7 @@ struct MoeTrainer::Impl {
         dev.swiglu(S.gu.p(), R, f, S.act.p());
         Tensor y = alloc(static_cast<size_t>(R) * h, "expert output");
         dev.grouped_gemm(S.act.p(), f, S.ex.rows_per_local, w2, false, h, y.p());
-        S.y_perm = alloc(static_cast<size_t>(T) * top_k * h, "combine buffer");
+        S.y_perm = alloc(static_cast<size_t>(kept_rows) * h, "combine buffer");
         combine(S.ex, y.p(), h, S.y_perm.p());
         Tensor moe_out = alloc(static_cast<size_t>(T) * h, "moe output");
         dev.unpermute_combine(S.y_perm.p(), S.routing, h, moe_out.p());
@@ -303,9 +312,11 @@ struct MoeTrainer::Impl {
         const int R = S.ex.received;
         const TokenRouting& r = S.routing;
         // Combine backward: the rows' gradients and the combine weights' gradients.
-        Tensor dy_perm = alloc(static_cast<size_t>(T) * top_k * h, "gradient");
-        std::vector<float> gw(r.expert.size());
+        const int kept_rows = T * top_k - r.dropped;
+        Tensor dy_perm = alloc(static_cast<size_t>(kept_rows) * h, "gradient");
+        std::vector<float> gw(r.expert.size(), 0.0f);
         for (size_t i = 0; i < r.expert.size(); ++i) {
+          if (r.row[i] < 0) continue;  // dropped: it changed nothing
           const float* d = dx.p() + (i / top_k) * h;
           const float* y = S.y_perm.p() + static_cast<size_t>(r.row[i]) * h;
           float* dy = dy_perm.p() + static_cast<size_t>(r.row[i]) * h;
@@ -337,11 +348,12 @@ struct MoeTrainer::Impl {
                       dxin.p() + static_cast<size_t>(row) * h, w1.g());
           row += n;
         }
-        Tensor dperm = alloc(static_cast<size_t>(T) * top_k * h, "gradient");
+        Tensor dperm = alloc(static_cast<size_t>(kept_rows) * h, "gradient");
         combine(S.ex, dxin.p(), h, dperm.p());
         // Every copy of a token's input gets its own gradient back: sum them.
         std::memset(db.p(), 0, sizeof(float) * T * h);
         for (size_t i = 0; i < r.expert.size(); ++i) {
+          if (r.row[i] < 0) continue;
           float* d = db.p() + (i / top_k) * h;
           const float* src = dperm.p() + static_cast<size_t>(r.row[i]) * h;
           for (int c = 0; c < h; ++c) d[c] += src[c];
@@ -561,6 +573,7 @@ StepStats MoeTrainer::forward_backward(int64_t step_index) {
   Impl& I = *impl_;
   for (Parameter& p : params_) std::memset(p.g(), 0, sizeof(float) * p.size);
   StepStats st;
+  I.dropped = 0;
   st.tokens_per_expert.assign(static_cast<size_t>(I.experts), 0);
   const int dp = I.g.dp->size();
   const int64_t per_rank = I.s.global_batch / dp;
@@ -569,6 +582,7 @@ StepStats MoeTrainer::forward_backward(int64_t step_index) {
   for (int64_t b = 0; b < per_rank; b += I.s.micro_batch_size)
     st.loss +=
         I.micro_batch(step_index, first + b, I.s.micro_batch_size, scale, st.tokens_per_expert);
+  st.dropped = I.dropped;
   return st;
 }
 

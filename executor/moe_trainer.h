@@ -36,6 +36,7 @@ struct TrainSettings {
   int micro_batch_size = 1;
   int zero_stage = 0;
   int64_t grad_bucket_bytes = kDefaultGradBucketBytes;
+  double capacity_factor = 0;  // 0 = dropless; else per micro-batch and rank (GShard)
   uint64_t seed = 1234;
   float lr = 1e-3f;
   float beta1 = 0.9f;
@@ -69,6 +70,7 @@ struct StepStats {
   double loss = 0;                         // mean cross-entropy over the global batch
   std::vector<int64_t> tokens_per_expert;  // routed (token, choice) pairs per global expert, all
                                            // MoE layers, this rank's experts' share
+  int64_t dropped = 0;  // (token, choice) pairs past capacity, this rank's micro-batches
 };
 
 class MoeTrainer {

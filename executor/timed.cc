@@ -42,9 +42,9 @@ class TimedDevice : public Device {
     d_.grouped_gemm(a, k, rows, w, trans_w, n, c);
   }
   TokenRouting route(const float* logits, int tokens, int experts, int top_k, bool renormalize,
-                     float* probs) override {
+                     float* probs, int capacity) override {
     Timer x(t_, "router");
-    return d_.route(logits, tokens, experts, top_k, renormalize, probs);
+    return d_.route(logits, tokens, experts, top_k, renormalize, probs, capacity);
   }
   void permute(const float* x, const TokenRouting& r, int h, float* out) override {
     Timer t(t_, "permute");

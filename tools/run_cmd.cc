@@ -139,11 +139,13 @@ int cmd_run(const Common& common, const RunFlags& f) {
   s.micro_batch_size = plan.micro_batch_size;
   s.zero_stage = plan.zero_stage;
   s.grad_bucket_bytes = plan.grad_bucket_bytes;
+  s.capacity_factor = plan.capacity_factor.value_or(0.0);
   s.seed = f.seed;
 
   Json check = nullptr;
   std::vector<double> losses, step_s;
   std::vector<int64_t> tokens_per_expert;
+  int64_t dropped = 0;
   try {
     auto trainer = MoeTrainer::create(in.model, s, *dev, {dp.get(), ep.get(), edp.get()});
     tokens_per_expert.assign(static_cast<size_t>(in.model.moe ? in.model.moe->num_experts : 0), 0);
@@ -165,6 +167,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
       losses.push_back(st.loss);
       for (size_t e = 0; e < st.tokens_per_expert.size(); ++e)
         tokens_per_expert[e] += st.tokens_per_expert[e];
+      dropped += st.dropped;
     }
     // Per step and per rank, the slowest rank's figure for each class.
     double accounted = 0;
@@ -181,7 +184,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
       auto sdp = self_communicator("dp"), sep = self_communicator("ep"),
            sedp = self_communicator("expert_dp");
       TrainSettings rs = s;
-      rs.micro_batch_size = 1;
+      // Capacity applies per micro-batch: the reference then keeps the plan's micro-batches.
+      if (s.capacity_factor <= 0) rs.micro_batch_size = 1;
       rs.zero_stage = 0;
       auto ref = MoeTrainer::create(in.model, rs, *ref_dev, {sdp.get(), sep.get(), sedp.get()});
       double loss_err = 0, param_err = 0;
@@ -255,6 +259,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
   int64_t peaks[3] = {dev->memory().peak(Tier::kGPU), dev->memory().peak(Tier::kCPU),
                       dev->memory().peak(Tier::kSSD)};
   ranks.world->all_reduce(peaks, 3, DType::kInt64, ReduceOp::kMax);
+  ranks.world->all_reduce(&dropped, 1, DType::kInt64, ReduceOp::kSum);
   if (!tokens_per_expert.empty())
     ranks.world->all_reduce(tokens_per_expert.data(), tokens_per_expert.size(), DType::kInt64,
                             ReduceOp::kSum);
@@ -287,6 +292,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
               {"losses", losses},
               {"peak_bytes", {{"gpu", peaks[0]}, {"cpu", peaks[1]}, {"ssd", peaks[2]}}},
               {"tokens_per_expert", tokens_per_expert},
+              {"dropped_assignments", dropped},
               {"op_seconds_per_step", op_times.seconds},
               {"predicted_step_time_s", pred.step_time_s},
               {"predicted_breakdown_s",
@@ -370,6 +376,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
     if (!tokens_per_expert.empty()) {
       std::cout << "  tokens/expert   ";
       for (int64_t t : tokens_per_expert) std::cout << " " << t;
+      if (dropped > 0) std::cout << " (" << dropped << " assignments dropped at capacity)";
       std::cout << "\n";
     }
     if (!check.is_null())

@@ -58,7 +58,7 @@ class CpuDevice : public Device {
   }
 
   TokenRouting route(const float* logits, int tokens, int experts, int top_k, bool renormalize,
-                     float* probs) override {
+                     float* probs, int capacity) override {
     if (top_k < 1 || top_k > experts)
       throw std::invalid_argument("route: top_k " + std::to_string(top_k) + " of " +
                                   std::to_string(experts) + " experts");
@@ -87,15 +87,28 @@ class CpuDevice : public Device {
         r.weight[at] = renormalize ? p[r.expert[at]] / kept : p[r.expert[at]];
       }
     }
+    // Capacity (GShard's position policy): each expert keeps its first `capacity` assignments in
+    // token order; the rest are dropped (row -1: they add nothing to the output).
     r.rows_per_expert.assign(static_cast<size_t>(experts), 0);
-    for (int e : r.expert) ++r.rows_per_expert[static_cast<size_t>(e)];
+    r.dropped = 0;
+    std::vector<char> kept(r.expert.size(), 1);
+    for (size_t i = 0; i < r.expert.size(); ++i) {
+      int& n = r.rows_per_expert[static_cast<size_t>(r.expert[i])];
+      if (capacity > 0 && n >= capacity) {
+        kept[i] = 0;
+        ++r.dropped;
+      } else {
+        ++n;
+      }
+    }
     std::vector<int> next(static_cast<size_t>(experts), 0);
     for (int e = 1; e < experts; ++e)
       next[static_cast<size_t>(e)] =
           next[static_cast<size_t>(e - 1)] + r.rows_per_expert[static_cast<size_t>(e - 1)];
-    r.row.resize(r.expert.size());
-    r.source.resize(r.expert.size());
+    r.row.assign(r.expert.size(), -1);
+    r.source.assign(r.expert.size() - static_cast<size_t>(r.dropped), -1);
     for (size_t i = 0; i < r.expert.size(); ++i) {
+      if (!kept[i]) continue;
       r.row[i] = next[static_cast<size_t>(r.expert[i])]++;
       r.source[static_cast<size_t>(r.row[i])] = static_cast<int>(i);
     }
@@ -104,13 +117,15 @@ class CpuDevice : public Device {
 
   void permute(const float* x, const TokenRouting& r, int h, float* out) override {
     for (size_t i = 0; i < r.row.size(); ++i)
-      std::memcpy(out + static_cast<size_t>(r.row[i]) * h,
-                  x + (i / static_cast<size_t>(r.top_k)) * h, sizeof(float) * h);
+      if (r.row[i] >= 0)
+        std::memcpy(out + static_cast<size_t>(r.row[i]) * h,
+                    x + (i / static_cast<size_t>(r.top_k)) * h, sizeof(float) * h);
   }
 
   void unpermute_combine(const float* y, const TokenRouting& r, int h, float* out) override {
     std::memset(out, 0, sizeof(float) * static_cast<size_t>(r.tokens) * h);
     for (size_t i = 0; i < r.row.size(); ++i) {
+      if (r.row[i] < 0) continue;  // dropped
       float* o = out + (i / static_cast<size_t>(r.top_k)) * h;
       const float* src = y + static_cast<size_t>(r.row[i]) * h;
       const float w = r.weight[i];

@@ -30,6 +30,7 @@ struct Case {
   int zero;
   int micro_batch_size;
   int64_t bucket_bytes;
+  double capacity_factor = 0;
 };
 
 void check(const Case& c) {
@@ -39,6 +40,7 @@ void check(const Case& c) {
   s.micro_batch_size = c.micro_batch_size;
   s.zero_stage = c.zero;
   s.grad_bucket_bytes = c.bucket_bytes;
+  s.capacity_factor = c.capacity_factor;
   s.lr = 5e-3f;
   const int steps = 3;
 
@@ -47,7 +49,7 @@ void check(const Case& c) {
   auto sdp = self_communicator("dp"), sep = self_communicator("ep"),
        sedp = self_communicator("edp");
   TrainSettings ref_s = s;
-  ref_s.micro_batch_size = 1;
+  if (c.capacity_factor <= 0) ref_s.micro_batch_size = 1;  // capacity is per micro-batch
   ref_s.zero_stage = 0;
   auto ref = MoeTrainer::create(m, ref_s, *ref_dev, {sdp.get(), sep.get(), sedp.get()});
 
@@ -60,9 +62,16 @@ void check(const Case& c) {
   auto run = MoeTrainer::create(m, s, *dev, {dp.get(), ep.get(), edp.get()});
   EXPECT_EQ(run->local_experts(), 4 / c.ep);
 
+  int64_t dropped = 0;
   for (int step = 0; step < steps; ++step) {
-    const double want = ref->step(step).loss, got = run->step(step).loss;
-    EXPECT_NEAR(got, want, 1e-4 * std::abs(want)) << "step " << step;
+    const double want = ref->step(step).loss;
+    const StepStats got = run->step(step);
+    dropped += got.dropped;
+    EXPECT_NEAR(got.loss, want, 1e-4 * std::abs(want)) << "step " << step;
+  }
+  world->all_reduce(&dropped, 1, DType::kInt64, ReduceOp::kSum);
+  if (c.capacity_factor > 0) {
+    EXPECT_GT(dropped, 0) << "the capacity dropped nothing";
   }
   std::map<std::string, const Parameter*> reference;
   for (const Parameter& p : ref->parameters()) reference[p.name] = &p;
@@ -96,6 +105,9 @@ TEST(DistributedTraining, ExpertParallelMatchesTheReference) {
 }
 TEST(DistributedTraining, ExpertParallelZero1MicroBatchesMatchTheReference) {
   check({std::min(g_mpi->world_size(), 4), 1, 2, 4096});
+}
+TEST(DistributedTraining, CapacityDroppingMatchesTheReference) {
+  check({std::min(g_mpi->world_size(), 4), 1, 1, 1 << 20, /*capacity_factor=*/0.75});
 }
 TEST(DistributedTraining, ExpertAndExpertDataParallelMatchTheReference) {
   if (g_mpi->world_size() < 4) GTEST_SKIP() << "needs 4 ranks (ep 2 x expert_dp 2)";

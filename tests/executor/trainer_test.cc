@@ -32,10 +32,11 @@ struct Single {
   }
 };
 
-TEST(MoeTrainer, GradientsAreTheLossesDerivatives) {
+void expect_gradients_match(double capacity_factor) {
   TrainSettings s;
   s.global_batch = 2;
   s.micro_batch_size = 1;
+  s.capacity_factor = capacity_factor;
   Single run(small_model(), s);
   MoeTrainer& t = *run.trainer;
   t.forward_backward(0);
@@ -68,6 +69,14 @@ TEST(MoeTrainer, GradientsAreTheLossesDerivatives) {
   }
   EXPECT_GT(checked, 40);
   EXPECT_EQ(agreed, checked);
+  if (capacity_factor > 0) {
+    EXPECT_GT(t.forward_backward(0).dropped, 0);
+  }
+}
+
+TEST(MoeTrainer, GradientsAreTheLossesDerivatives) { expect_gradients_match(0); }
+TEST(MoeTrainer, GradientsAreTheLossesDerivativesWithCapacityDropping) {
+  expect_gradients_match(0.75);
 }
 
 TEST(MoeTrainer, TrainingLowersTheLossOfARepeatedBatch) {
@@ -89,6 +98,7 @@ TEST(MoeTrainer, RejectsWhatItCannotRunWithPaths) {
   p.pp = 2;
   p.dispatch = Dispatch::kHierarchicalAllToAll;
   const auto issues = trainer_unsupported(testing::bundled().load_model("tiny-moe"), p);
+  // (capacity factors run: they are not among the issues)
   ASSERT_EQ(issues.size(), 3u);
   EXPECT_EQ(issues[0].path, "plan.tp");
   EXPECT_TRUE(trainer_unsupported(testing::bundled().load_model("tiny-moe"), Plan{}).empty());
