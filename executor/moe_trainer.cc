@@ -61,7 +61,8 @@ std::vector<ConfigIssue> trainer_unsupported(const ModelSpec& m, const Plan& p) 
   if (p.pp > 1) no("plan.pp", "pipeline parallelism");
   if (p.cp > 1) no("plan.cp", "context parallelism");
   if (p.expert_tp > 1) no("plan.expert_tp", "expert tensor parallelism");
-  if (p.dispatch != Dispatch::kAllToAll) no("plan.dispatch", "only all_to_all dispatch");
+  if (p.dispatch == Dispatch::kPPMoEIndexSlice)
+    no("plan.dispatch", "ppmoe_index_slice (it needs tensor parallelism)");
   if (p.zero_stage > 1) no("plan.zero_stage", "ZeRO stages 0 and 1");
   if (p.expert_replicas.kind != ExpertReplicas::Kind::kNone) no("plan.expert_replicas", "replicas");
   if (p.placement != Placement{} || p.prefetch.direction != PrefetchDirection::kNone)
@@ -135,6 +136,9 @@ struct MoeTrainer::Impl {
     std::vector<int> rows_per_local;           // rows of each local expert
     std::vector<int> order;                    // source-major received row -> expert-major row
     int received = 0;
+    // Hierarchical exchange: rows from intra-node peer i bound for node n (this rank's local
+    // index), [L * N].
+    std::vector<int64_t> hier_in;
   };
 
   Exchange plan_exchange(const TokenRouting& r) {
@@ -159,6 +163,16 @@ struct MoeTrainer::Impl {
         x.rows_per_local[j] += static_cast<int>(n);
       }
     x.received = std::accumulate(x.rows_per_local.begin(), x.rows_per_local.end(), 0);
+    if (hierarchical()) {
+      const int L = g.ep_intra->size(), N = g.ep_inter->size();
+      std::vector<int64_t> mine(static_cast<size_t>(L) * N);  // [peer j][node n]
+      for (int j = 0; j < L; ++j)
+        for (int n = 0; n < N; ++n)
+          mine[static_cast<size_t>(j) * N + n] = static_cast<int64_t>(x.send_rows[n * L + j]);
+      x.hier_in.assign(mine.size(), 0);
+      std::vector<size_t> per(static_cast<size_t>(L), static_cast<size_t>(N));
+      g.ep_intra->all_to_allv(mine.data(), per, x.hier_in.data(), per, DType::kInt64);
+    }
     // Received rows arrive source-major (per source, its rows for each local expert); experts
     // compute expert-major.
     std::vector<int> next(local_experts, 0);
@@ -180,11 +194,126 @@ struct MoeTrainer::Impl {
   }
 
   // Sends rows (grouped by destination) out and returns them expert-major on the owners.
+  bool hierarchical() const { return g.ep_intra != nullptr && g.ep_inter != nullptr; }
+
+  // Moves `rows` blocks between layouts: `from` and `to` list, per block, its offset in rows.
+  static void move_blocks(const float* src, const std::vector<size_t>& from, float* dst,
+                          const std::vector<size_t>& to, const std::vector<size_t>& rows,
+                          int width) {
+    for (size_t b = 0; b < rows.size(); ++b)
+      std::memcpy(dst + to[b] * width, src + from[b] * width, sizeof(float) * rows[b] * width);
+  }
+  // Offsets of blocks laid out in the order given by `rank_of(block)`.
+  static std::vector<size_t> offsets(const std::vector<size_t>& rows,
+                                     const std::vector<size_t>& order) {
+    std::vector<size_t> at(rows.size());
+    size_t next = 0;
+    for (size_t b : order) at[b] = next, next += rows[b];
+    return at;
+  }
+
+  // SE-MoE's fusion communication / Tutel's 2DH all-to-all: an all-to-all inside the node that
+  // gathers, for each local peer j, the rows bound for local rank j of every node, then an
+  // all-to-all among the nodes' ranks with the same local index. `by_dest` holds this rank's rows
+  // grouped by destination EP rank (d = node * L + local); `source_major` receives what the flat
+  // all-to-all would have delivered (grouped by source EP rank).
+  void hier_forward(const Exchange& x, const float* by_dest, int width, float* source_major) {
+    const int L = g.ep_intra->size(), N = g.ep_inter->size();
+    const size_t blocks = static_cast<size_t>(L) * N;
+    // Stage 1: regroup (n, j) -> (j, n) and exchange inside the node.
+    std::vector<size_t> rows(blocks), dest_order(blocks), peer_order(blocks);
+    for (int n = 0; n < N; ++n)
+      for (int j = 0; j < L; ++j) rows[n * L + j] = x.send_rows[n * L + j];
+    for (size_t b = 0; b < blocks; ++b) dest_order[b] = b;
+    for (int j = 0; j < L; ++j)
+      for (int n = 0; n < N; ++n) peer_order[static_cast<size_t>(j) * N + n] = n * L + j;
+    size_t total = 0;
+    for (size_t r : rows) total += r;
+    Tensor b1 = alloc(total * width, "dispatch transform");
+    move_blocks(by_dest, offsets(rows, dest_order), b1.p(), offsets(rows, peer_order), rows, width);
+    std::vector<size_t> send1(L, 0), recv1(L, 0);
+    size_t in1 = 0;
+    for (int j = 0; j < L; ++j)
+      for (int n = 0; n < N; ++n) {
+        send1[j] += x.send_rows[n * L + j] * width;
+        const auto c = static_cast<size_t>(x.hier_in[static_cast<size_t>(j) * N + n]);
+        recv1[j] += c * width;
+        in1 += c;
+      }
+    Tensor r1 = alloc(in1 * width, "dispatch intra-node");
+    g.ep_intra->all_to_allv(b1.p(), send1, r1.p(), recv1, DType::kFloat32);
+    // Stage 2: regroup (i, n) -> (n, i) and exchange among the nodes.
+    std::vector<size_t> rows2(blocks), in_order(blocks), node_order(blocks);
+    for (int i = 0; i < L; ++i)
+      for (int n = 0; n < N; ++n)
+        rows2[static_cast<size_t>(i) * N + n] =
+            static_cast<size_t>(x.hier_in[static_cast<size_t>(i) * N + n]);
+    for (size_t b = 0; b < blocks; ++b) in_order[b] = b;
+    for (int n = 0; n < N; ++n)
+      for (int i = 0; i < L; ++i) node_order[static_cast<size_t>(n) * L + i] = i * N + n;
+    Tensor b2 = alloc(in1 * width, "dispatch transform");
+    move_blocks(r1.p(), offsets(rows2, in_order), b2.p(), offsets(rows2, node_order), rows2, width);
+    std::vector<size_t> send2(N, 0), recv2(N, 0);
+    for (int n = 0; n < N; ++n)
+      for (int i = 0; i < L; ++i) {
+        send2[n] += rows2[static_cast<size_t>(i) * N + n] * width;
+        recv2[n] += x.recv_rows[n * L + i] * width;
+      }
+    g.ep_inter->all_to_allv(b2.p(), send2, source_major, recv2, DType::kFloat32);
+  }
+
+  // The reverse of hier_forward: rows grouped by source EP rank back to their sources, grouped
+  // by destination there.
+  void hier_reverse(const Exchange& x, const float* source_major, int width, float* by_dest) {
+    const int L = g.ep_intra->size(), N = g.ep_inter->size();
+    const size_t blocks = static_cast<size_t>(L) * N;
+    std::vector<size_t> send2(N, 0), recv2(N, 0), rows2(blocks), in_order(blocks),
+        node_order(blocks);
+    size_t in1 = 0;
+    for (int i = 0; i < L; ++i)
+      for (int n = 0; n < N; ++n) {
+        rows2[static_cast<size_t>(i) * N + n] =
+            static_cast<size_t>(x.hier_in[static_cast<size_t>(i) * N + n]);
+        in1 += rows2[static_cast<size_t>(i) * N + n];
+      }
+    for (int n = 0; n < N; ++n)
+      for (int i = 0; i < L; ++i) {
+        send2[n] += x.recv_rows[n * L + i] * width;
+        recv2[n] += rows2[static_cast<size_t>(i) * N + n] * width;
+      }
+    Tensor b2 = alloc(in1 * width, "combine inter-node");
+    g.ep_inter->all_to_allv(source_major, send2, b2.p(), recv2, DType::kFloat32);
+    for (size_t b = 0; b < blocks; ++b) in_order[b] = b;
+    for (int n = 0; n < N; ++n)
+      for (int i = 0; i < L; ++i) node_order[static_cast<size_t>(n) * L + i] = i * N + n;
+    Tensor r1 = alloc(in1 * width, "combine transform");
+    move_blocks(b2.p(), offsets(rows2, node_order), r1.p(), offsets(rows2, in_order), rows2, width);
+    std::vector<size_t> send1(L, 0), recv1(L, 0), rows(blocks), dest_order(blocks),
+        peer_order(blocks);
+    size_t total = 0;
+    for (int j = 0; j < L; ++j)
+      for (int n = 0; n < N; ++n) {
+        send1[j] += rows2[static_cast<size_t>(j) * N + n] * width;
+        recv1[j] += x.send_rows[n * L + j] * width;
+      }
+    for (size_t b = 0; b < blocks; ++b) rows[b] = x.send_rows[b], total += rows[b];
+    Tensor b1 = alloc(total * width, "combine intra-node");
+    g.ep_intra->all_to_allv(r1.p(), send1, b1.p(), recv1, DType::kFloat32);
+    for (size_t b = 0; b < blocks; ++b) dest_order[b] = b;
+    for (int j = 0; j < L; ++j)
+      for (int n = 0; n < N; ++n) peer_order[static_cast<size_t>(j) * N + n] = n * L + j;
+    move_blocks(b1.p(), offsets(rows, peer_order), by_dest, offsets(rows, dest_order), rows, width);
+  }
+
+  // Sends rows (grouped by destination) out and returns them expert-major on the owners.
   Tensor dispatch(const Exchange& x, const float* rows, int width, const char* what) {
     Tensor recv = alloc(static_cast<size_t>(x.received) * width, what);
     Tensor tmp = alloc(static_cast<size_t>(x.received) * width, what);
-    g.ep->all_to_allv(rows, times(x.send_rows, width), tmp.p(), times(x.recv_rows, width),
-                      DType::kFloat32);
+    if (hierarchical())
+      hier_forward(x, rows, width, tmp.p());
+    else
+      g.ep->all_to_allv(rows, times(x.send_rows, width), tmp.p(), times(x.recv_rows, width),
+                        DType::kFloat32);
     for (int i = 0; i < x.received; ++i)
       std::memcpy(recv.p() + static_cast<size_t>(x.order[i]) * width,
                   tmp.p() + static_cast<size_t>(i) * width, sizeof(float) * width);
@@ -196,8 +325,11 @@ struct MoeTrainer::Impl {
     for (int i = 0; i < x.received; ++i)
       std::memcpy(tmp.p() + static_cast<size_t>(i) * width,
                   expert_rows + static_cast<size_t>(x.order[i]) * width, sizeof(float) * width);
-    g.ep->all_to_allv(tmp.p(), times(x.recv_rows, width), out, times(x.send_rows, width),
-                      DType::kFloat32);
+    if (hierarchical())
+      hier_reverse(x, tmp.p(), width, out);
+    else
+      g.ep->all_to_allv(tmp.p(), times(x.recv_rows, width), out, times(x.send_rows, width),
+                        DType::kFloat32);
   }
 
   // --- What a layer's forward keeps for its backward.
@@ -503,6 +635,12 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
     issues.push_back({"plan.ep", std::to_string(ep) + " does not divide the " +
                                      std::to_string(experts) + " experts"});
   if (!m.moe && ep != 1) issues.push_back({"plan.ep", "a dense model has no experts to split"});
+  if ((groups.ep_intra != nullptr) != (groups.ep_inter != nullptr) ||
+      (groups.ep_intra && groups.ep_intra->size() * groups.ep_inter->size() != ep))
+    issues.push_back({"plan.dispatch",
+                      "the hierarchical all-to-all needs intra-node x inter-node "
+                      "EP groups that multiply to ep = " +
+                          std::to_string(ep)});
   if (s.global_batch % (static_cast<int64_t>(dp) * s.micro_batch_size) != 0)
     issues.push_back(
         {"workload.global_batch_size", std::to_string(s.global_batch) +

@@ -50,6 +50,10 @@ struct TrainGroups {
   Communicator* dp = nullptr;
   Communicator* ep = nullptr;
   Communicator* expert_dp = nullptr;
+  // Set both for the hierarchical all-to-all: the EP ranks of this node (ep_intra) and the EP
+  // ranks with this rank's local index on every node (ep_inter); EP rank = node * L + local.
+  Communicator* ep_intra = nullptr;
+  Communicator* ep_inter = nullptr;
 };
 
 // What the CPU runner cannot run (yet) for this model and plan; empty when it can.

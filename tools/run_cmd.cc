@@ -133,6 +133,14 @@ int cmd_run(const Common& common, const RunFlags& f) {
   auto dp = timed_communicator(ranks.world->split(0, r, "dp"), op_times);
   auto ep = timed_communicator(ranks.world->split(r / plan.ep, r, "ep"), op_times);
   auto edp = timed_communicator(ranks.world->split(r % plan.ep, r, "expert_dp"), op_times);
+  // The hierarchical all-to-all's two levels: the EP ranks on this node, and those with this
+  // rank's local index on every node (EP groups are node-aligned: ep ranks are consecutive).
+  std::unique_ptr<Communicator> ep_intra, ep_inter;
+  if (plan.dispatch == Dispatch::kHierarchicalAllToAll) {
+    const int per_node = std::min(plan.ep, c.gpus_per_node);
+    ep_intra = ep->split(ep->rank() / per_node, ep->rank(), "ep_intra");
+    ep_inter = ep->split(ep->rank() % per_node, ep->rank(), "ep_inter");
+  }
   TrainSettings s;
   s.global_batch = in.workload.global_batch_size;
   s.seq_len = in.workload.effective_seq_len(in.model);
@@ -147,7 +155,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
   std::vector<int64_t> tokens_per_expert;
   int64_t dropped = 0;
   try {
-    auto trainer = MoeTrainer::create(in.model, s, *dev, {dp.get(), ep.get(), edp.get()});
+    auto trainer = MoeTrainer::create(
+        in.model, s, *dev, {dp.get(), ep.get(), edp.get(), ep_intra.get(), ep_inter.get()});
     tokens_per_expert.assign(static_cast<size_t>(in.model.moe ? in.model.moe->num_experts : 0), 0);
     for (int i = 0; i < f.warmup; ++i) trainer->step(i);
     dev->memory().reset_peaks();

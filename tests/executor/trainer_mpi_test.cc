@@ -31,6 +31,7 @@ struct Case {
   int micro_batch_size;
   int64_t bucket_bytes;
   double capacity_factor = 0;
+  int ep_per_node = 0;  // > 0: hierarchical all-to-all with this many EP ranks per "node"
 };
 
 void check(const Case& c) {
@@ -58,8 +59,16 @@ void check(const Case& c) {
   auto dp = world->split(0, r, "dp");
   auto ep = world->split(r / c.ep, r, "ep");
   auto edp = world->split(r % c.ep, r, "expert_dp");
+  std::unique_ptr<Communicator> intra, inter;
+  TrainGroups groups{dp.get(), ep.get(), edp.get()};
+  if (c.ep_per_node > 0) {
+    intra = ep->split(ep->rank() / c.ep_per_node, ep->rank(), "ep_intra");
+    inter = ep->split(ep->rank() % c.ep_per_node, ep->rank(), "ep_inter");
+    groups.ep_intra = intra.get();
+    groups.ep_inter = inter.get();
+  }
   auto dev = cpu_device({});
-  auto run = MoeTrainer::create(m, s, *dev, {dp.get(), ep.get(), edp.get()});
+  auto run = MoeTrainer::create(m, s, *dev, groups);
   EXPECT_EQ(run->local_experts(), 4 / c.ep);
 
   int64_t dropped = 0;
@@ -108,6 +117,12 @@ TEST(DistributedTraining, ExpertParallelZero1MicroBatchesMatchTheReference) {
 }
 TEST(DistributedTraining, CapacityDroppingMatchesTheReference) {
   check({std::min(g_mpi->world_size(), 4), 1, 1, 1 << 20, /*capacity_factor=*/0.75});
+}
+TEST(DistributedTraining, HierarchicalAllToAllMatchesTheReference) {
+  // 2 ranks: two "nodes" of one EP rank each; 4 ranks: two nodes of two.
+  const int ep = std::min(g_mpi->world_size(), 4);
+  check({ep, 1, 2, 1 << 20, 0, /*ep_per_node=*/ep / 2});
+  check({ep, 0, 1, 1 << 20, 0.75, /*ep_per_node=*/ep / 2});
 }
 TEST(DistributedTraining, ExpertAndExpertDataParallelMatchTheReference) {
   if (g_mpi->world_size() < 4) GTEST_SKIP() << "needs 4 ranks (ep 2 x expert_dp 2)";
