@@ -96,7 +96,7 @@ TEST(MoeTrainer, RejectsWhatItCannotRunWithPaths) {
   Plan p;
   p.tp = 2;
   p.pp = 2;
-  p.dispatch = Dispatch::kHierarchicalAllToAll;
+  p.dispatch = Dispatch::kPPMoEIndexSlice;
   const auto issues = trainer_unsupported(testing::bundled().load_model("tiny-moe"), p);
   // (capacity factors run: they are not among the issues)
   ASSERT_EQ(issues.size(), 3u);
