@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <stdexcept>
 
 namespace switchyard {
 namespace {
@@ -732,6 +733,28 @@ StepStats MoeTrainer::step(int64_t step_index) {
   if (!I.expert.members.empty()) I.reduce_and_update(I.expert);
   I.g.dp->all_reduce(&st.loss, 1, DType::kFloat64, ReduceOp::kSum);
   return st;
+}
+
+ParameterError parameter_error(const MoeTrainer& run, const MoeTrainer& reference) {
+  std::map<std::string, const Parameter*> by_name;
+  for (const Parameter& p : reference.parameters()) by_name[p.name] = &p;
+  ParameterError out;
+  for (const Parameter& p : run.parameters()) {
+    const auto it = by_name.find(p.name);
+    if (it == by_name.end() || it->second->size != p.size)
+      throw std::invalid_argument("parameter_error: the reference has no " + p.name +
+                                  " of the same size");
+    const Parameter& q = *it->second;
+    double diff = 0, scale = 1e-30;
+    for (size_t i = 0; i < p.size; ++i) {
+      const double d = double{p.v()[i]} - q.v()[i];
+      diff += d * d;
+      scale += double{q.v()[i]} * q.v()[i];
+    }
+    const double rel = std::sqrt(diff) / std::sqrt(scale);
+    if (rel > out.relative) out.relative = rel, out.worst = p.name;
+  }
+  return out;
 }
 
 }  // namespace switchyard

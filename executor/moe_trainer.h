@@ -104,6 +104,16 @@ class MoeTrainer {
   std::unique_ptr<Impl> impl_;
 };
 
+// How far `run`'s parameters are from `reference`'s (same model and seed, any layout): the largest
+// norm-wise relative error ||a - b|| / ||b|| over this rank's tensors, and that tensor's name.
+// Norm-wise, because Adam turns an element whose gradient is ~0 into a +-lr step whose sign
+// rounding decides, which element-wise maxima over-report.
+struct ParameterError {
+  double relative = 0;
+  std::string worst;
+};
+ParameterError parameter_error(const MoeTrainer& run, const MoeTrainer& reference);
+
 // The value a parameter element takes at initialisation (normal, std 0.02; norms' gains 1).
 float init_value(uint64_t seed, const std::string& name, size_t index);
 

@@ -198,34 +198,18 @@ int cmd_run(const Common& common, const RunFlags& f) {
       rs.zero_stage = 0;
       auto ref = MoeTrainer::create(in.model, rs, *ref_dev, {sdp.get(), sep.get(), sedp.get()});
       double loss_err = 0, param_err = 0;
-      std::string worst;
       for (int i = 0; i < f.warmup + f.steps; ++i) {
         const double want = ref->step(i).loss;
         if (i >= f.warmup)
           loss_err = std::max(loss_err, std::abs(losses[static_cast<size_t>(i - f.warmup)] - want) /
                                             std::max(std::abs(want), 1e-30));
       }
-      std::map<std::string, const Parameter*> by_name;
-      for (const Parameter& p : ref->parameters()) by_name[p.name] = &p;
-      for (const Parameter& p : trainer->parameters()) {
-        const Parameter& q = *by_name.at(p.name);
-        // Norm-wise relative error of the tensor: Adam turns an element whose gradient is ~0 into
-        // a +-lr step whose sign rounding decides, so element-wise maxima over-report.
-        double diff = 0, scale = 1e-30;
-        for (size_t i = 0; i < p.size; ++i) {
-          const double d = double{p.v()[i]} - q.v()[i];
-          diff += d * d;
-          scale += double{q.v()[i]} * q.v()[i];
-        }
-        diff = std::sqrt(diff);
-        scale = std::sqrt(scale);
-        if (diff / scale > param_err) param_err = diff / scale, worst = p.name;
-      }
-      if (std::getenv("SWITCHYARD_DEBUG_CHECK"))
-        std::fprintf(stderr, "rank %d: worst parameter %s (%.3e)\n", r, worst.c_str(), param_err);
+      const ParameterError perr = parameter_error(*trainer, *ref);
+      param_err = perr.relative;
       double errs[2] = {loss_err, param_err};
       ranks.world->all_reduce(errs, 2, DType::kFloat64, ReduceOp::kMax);
       check = {{"steps", f.warmup + f.steps},
+               {"worst_parameter_on_rank_0", perr.worst},
                {"max_loss_relative_error", errs[0]},
                {"max_parameter_relative_error", errs[1]},
                {"tolerance", 1e-4},
@@ -324,17 +308,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
     const std::string mh = store->put_model(in.model), ch = store->put_cluster(c),
                       wh = store->put_workload(in.workload), ph = store->put_plan(plan);
     if (!store->find_prediction(mh, ch, wh, ph, profile_hash(prof), "simulate")) {
-      PredictionSummary sum;
-      sum.fidelity = "simulate";
-      sum.step_time_s = pred.step_time_s;
-      sum.tokens_per_s = pred.tokens_per_s;
-      sum.tokens_per_s_per_gpu = pred.tokens_per_s_per_gpu;
-      sum.model_tflops_per_gpu = pred.model_tflops_per_gpu;
-      sum.mfu = pred.mfu;
-      sum.peak = pred.peak;
-      sum.time = pred.time;
-      sum.bottleneck = "compute";
-      store->put_prediction(mh, ch, wh, ph, profile_hash(prof), sum);
+      store->put_prediction(mh, ch, wh, ph, profile_hash(prof), summarize(pred));
     }
     Store::Measurement m;
     m.backend = "cpu";

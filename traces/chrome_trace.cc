@@ -22,25 +22,30 @@ std::string_view phase_name(Phase p) {
   return "?";
 }
 
+// The "switchyard" object of a trace: which inputs it belongs to, by name and content hash.
+Json trace_meta(const Inputs& in, const char* kind, double step_time_s) {
+  return {{"format", "switchyard-trace"},
+          {"version", 1},
+          {"kind", kind},
+          {"model", in.model.name},
+          {"cluster", in.cluster.name},
+          {"nodes", in.cluster.num_nodes},
+          {"plan", in.plan.name},
+          {"workload", in.workload.name},
+          {"model_hash", content_hash(semantic_json(in.model))},
+          {"cluster_hash", content_hash(semantic_json(in.cluster))},
+          {"plan_hash", content_hash(semantic_json(in.plan))},
+          {"workload_hash", content_hash(semantic_json(in.workload))},
+          {"step_time_s", step_time_s}};
+}
+
 }  // namespace
 
 void write_chrome_trace(const std::string& path, const Prediction& p, const Inputs& in) {
   std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "w"), &std::fclose);
   if (!f) throw std::runtime_error("cannot write trace file " + path);
-  Json meta = {{"format", "switchyard-trace"},
-               {"version", 1},
-               {"kind", "prediction"},
-               {"fidelity", p.fidelity},
-               {"model", in.model.name},
-               {"cluster", in.cluster.name},
-               {"nodes", in.cluster.num_nodes},
-               {"plan", in.plan.name},
-               {"workload", in.workload.name},
-               {"model_hash", content_hash(semantic_json(in.model))},
-               {"cluster_hash", content_hash(semantic_json(in.cluster))},
-               {"plan_hash", content_hash(semantic_json(in.plan))},
-               {"workload_hash", content_hash(semantic_json(in.workload))},
-               {"step_time_s", p.step_time_s}};
+  Json meta = trace_meta(in, "prediction", p.step_time_s);
+  meta["fidelity"] = p.fidelity;
   std::fprintf(f.get(), "{\"displayTimeUnit\":\"ms\",\"switchyard\":%s,\"traceEvents\":[\n",
                meta.dump().c_str());
   bool first = true;
@@ -88,20 +93,8 @@ void write_measured_trace(const std::string& path, const std::vector<MeasuredEve
                           const Inputs& in, double step_time_s, int ranks) {
   std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "w"), &std::fclose);
   if (!f) throw std::runtime_error("cannot write trace file " + path);
-  const Json meta = {{"format", "switchyard-trace"},
-                     {"version", 1},
-                     {"kind", "measurement"},
-                     {"backend", "cpu"},
-                     {"model", in.model.name},
-                     {"cluster", in.cluster.name},
-                     {"nodes", in.cluster.num_nodes},
-                     {"plan", in.plan.name},
-                     {"workload", in.workload.name},
-                     {"model_hash", content_hash(semantic_json(in.model))},
-                     {"cluster_hash", content_hash(semantic_json(in.cluster))},
-                     {"plan_hash", content_hash(semantic_json(in.plan))},
-                     {"workload_hash", content_hash(semantic_json(in.workload))},
-                     {"step_time_s", step_time_s}};
+  Json meta = trace_meta(in, "measurement", step_time_s);
+  meta["backend"] = "cpu";
   std::fprintf(f.get(), "{\"displayTimeUnit\":\"ms\",\"switchyard\":%s,\"traceEvents\":[\n",
                meta.dump().c_str());
   bool first = true;

@@ -58,12 +58,6 @@ bool meets(const Constraints& c, double gpu_bytes) {
   return !c.max_gpu_bytes || gpu_bytes <= *c.max_gpu_bytes;
 }
 
-std::string bottleneck_name(const TimeBreakdown& t) {
-  const double v[] = {t.compute_s, t.tp_comm_s, t.cp_comm_s,   t.ep_comm_s, t.dp_comm_s,
-                      t.pp_comm_s, t.bubble_s,  t.optimizer_s, t.stall_s};
-  return kBottleneckNames[std::max_element(std::begin(v), std::end(v)) - std::begin(v)];
-}
-
 }  // namespace
 
 void run_sweep(const SearchSpace& space, const std::vector<int64_t>& units, int threads,
@@ -147,7 +141,7 @@ PredictionSummary summarize(const Prediction& p) {
   s.mfu = p.mfu;
   s.peak = p.peak;
   s.time = p.time;
-  s.bottleneck = bottleneck_name(p.time);
+  s.bottleneck = kBottleneckNames[bottleneck_index(p.time)];
   return s;
 }
 

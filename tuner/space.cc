@@ -27,12 +27,6 @@ std::vector<int> powers_of_two_upto(int64_t max_value) {
   return out;
 }
 
-uint8_t bottleneck_of(const TimeBreakdown& t) {
-  const double v[] = {t.compute_s, t.tp_comm_s, t.cp_comm_s,   t.ep_comm_s, t.dp_comm_s,
-                      t.pp_comm_s, t.bubble_s,  t.optimizer_s, t.stall_s};
-  return static_cast<uint8_t>(std::max_element(std::begin(v), std::end(v)) - std::begin(v));
-}
-
 // The rule a capacity issue is about, as a pruning counter's name.
 std::string memory_rule(const ConfigIssue& issue) {
   if (issue.path == "plan") return "memory: GPU HBM";
@@ -119,6 +113,12 @@ float get_f32(const unsigned char* p) {
 }
 
 }  // namespace
+
+uint8_t bottleneck_index(const TimeBreakdown& t) {
+  const double v[] = {t.compute_s, t.tp_comm_s, t.cp_comm_s,   t.ep_comm_s, t.dp_comm_s,
+                      t.pp_comm_s, t.bubble_s,  t.optimizer_s, t.stall_s};
+  return static_cast<uint8_t>(std::max_element(std::begin(v), std::end(v)) - std::begin(v));
+}
 
 std::string pack_records(const std::vector<CandidateRecord>& records) {
   std::string out;
@@ -374,7 +374,7 @@ UnitResult SearchSpace::evaluate(int64_t unit) const {
     r.peak_gpu_bytes = static_cast<float>(pred.peak.gpu);
     r.peak_cpu_bytes = static_cast<float>(pred.peak.cpu);
     r.peak_ssd_bytes = static_cast<float>(pred.peak.ssd);
-    r.bottleneck = bottleneck_of(pred.time);
+    r.bottleneck = bottleneck_index(pred.time);
     out.records.push_back(r);
   }
   return out;

@@ -31,6 +31,7 @@
 #include "core/plan.h"
 #include "core/workload.h"
 #include "cost_models/profile.h"
+#include "simulator/prediction.h"
 
 namespace switchyard {
 
@@ -67,6 +68,9 @@ struct CandidateRecord {
   float peak_ssd_bytes = 0;
   uint8_t bottleneck = 0;  // index into kBottleneckNames
 };
+// Where a step's time goes most (the largest part of its breakdown), as an index into
+// kBottleneckNames.
+uint8_t bottleneck_index(const TimeBreakdown& t);
 inline constexpr const char* kBottleneckNames[] = {"compute", "tp comm",   "cp comm",
                                                    "ep comm", "dp comm",   "pp comm",
                                                    "bubble",  "optimizer", "stalls"};

@@ -10,6 +10,7 @@
 
 #include "executor/communicator.h"
 #include "executor/cpu/mpi_communicator.h"
+#include "tests/executor/mpi_test_main.h"
 
 namespace switchyard {
 namespace {
@@ -161,17 +162,6 @@ TEST(Communicator, APeerThatDoesNotJoinIsATimeoutNotAHang) {
 }  // namespace switchyard
 
 int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  auto mpi = switchyard::MpiRuntime::start(&argc, &argv);
-  switchyard::g_mpi = mpi.get();
-  // Only rank 0 prints; every rank runs every test.
-  if (mpi->world_rank() != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
-  int rc = RUN_ALL_TESTS();
-  // A failure on any rank fails the run.
-  auto w = mpi->world(60);
-  w->all_reduce(&rc, 1, switchyard::DType::kInt32, switchyard::ReduceOp::kMax);
-  return rc;
+  return switchyard::testing::run_mpi_tests(
+      argc, argv, [](switchyard::MpiRuntime* mpi) { switchyard::g_mpi = mpi; });
 }

@@ -9,6 +9,7 @@
 
 #include "executor/cpu/mpi_communicator.h"
 #include "executor/moe_trainer.h"
+#include "tests/executor/mpi_test_main.h"
 
 namespace switchyard {
 namespace {
@@ -82,24 +83,9 @@ void check(const Case& c) {
   if (c.capacity_factor > 0) {
     EXPECT_GT(dropped, 0) << "the capacity dropped nothing";
   }
-  std::map<std::string, const Parameter*> reference;
-  for (const Parameter& p : ref->parameters()) reference[p.name] = &p;
-  double worst = 0;
-  std::string worst_name;
-  for (const Parameter& p : run->parameters()) {
-    const Parameter& q = *reference.at(p.name);
-    ASSERT_EQ(p.size, q.size);
-    // Norm-wise relative error per tensor (as `switchyard run --check` reports it).
-    double diff = 0, scale = 1e-30;
-    for (size_t i = 0; i < p.size; ++i) {
-      const double d = double{p.v()[i]} - q.v()[i];
-      diff += d * d;
-      scale += double{q.v()[i]} * q.v()[i];
-    }
-    diff = std::sqrt(diff);
-    scale = std::sqrt(scale);
-    if (diff / scale > worst) worst = diff / scale, worst_name = p.name;
-  }
+  const ParameterError err = parameter_error(*run, *ref);
+  const double worst = err.relative;
+  const std::string& worst_name = err.worst;
   EXPECT_LE(worst, 1e-4) << worst_name;
   // All ranks hold the same replicated parameters (and every expert lives somewhere).
   double all_worst = worst;
@@ -133,15 +119,6 @@ TEST(DistributedTraining, ExpertAndExpertDataParallelMatchTheReference) {
 }  // namespace switchyard
 
 int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  auto mpi = switchyard::MpiRuntime::start(&argc, &argv);
-  switchyard::g_mpi = mpi.get();
-  if (mpi->world_rank() != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
-  int rc = RUN_ALL_TESTS();
-  auto w = mpi->world(60);
-  w->all_reduce(&rc, 1, switchyard::DType::kInt32, switchyard::ReduceOp::kMax);
-  return rc;
+  return switchyard::testing::run_mpi_tests(
+      argc, argv, [](switchyard::MpiRuntime* mpi) { switchyard::g_mpi = mpi; });
 }
