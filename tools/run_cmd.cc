@@ -262,7 +262,9 @@ int cmd_run(const Common& common, const RunFlags& f) {
   const double measured = median(step_s);
   const double tokens = static_cast<double>(s.global_batch) * static_cast<double>(s.seq_len);
   const CostProfile prof = load_profile(c, f.profile);
-  const Prediction pred = simulate(in.model, c, plan, in.workload, prof);
+  SimulateOptions sim_options;
+  sim_options.record_timeline = true;
+  const Prediction pred = simulate(in.model, c, plan, in.workload, prof, sim_options);
   // The same prediction with the routing this run measured (an untrained router is not balanced,
   // and the most loaded EP rank decides the step).
   std::optional<Prediction> pred_routed;
@@ -273,6 +275,46 @@ int cmd_run(const Common& common, const RunFlags& f) {
     routed.task_routing.clear();
     pred_routed = simulate(in.model, c, plan, routed, prof);
   }
+  // Predicted against measured by op class (classes both sides can name): the compute stream of
+  // the simulator's critical stage, its exposed communication, and the optimizer; the measurement's
+  // device and collective calls, and the host time around them.
+  std::map<std::string, double> predicted_class, measured_class;
+  for (const TimelineEvent& e : pred.timeline) {
+    if (e.stage != pred.critical_stage || !e.op || e.stream != StreamKind::kCompute) continue;
+    const double d = e.end_s - e.start_s;
+    switch (e.op->kind) {
+      case OpKind::kGemm:
+      case OpKind::kGroupedGemm:
+        predicted_class["matmul"] += d;
+        break;
+      case OpKind::kAttention:
+        predicted_class["attention"] += d;
+        break;
+      case OpKind::kOptimizer:
+        break;  // the breakdown's optimizer below
+      default:
+        predicted_class["memory-bound kernels"] += d;
+    }
+  }
+  const TimeBreakdown& tb = pred.time;
+  predicted_class["communication (exposed)"] =
+      tb.tp_comm_s + tb.cp_comm_s + tb.ep_comm_s + tb.dp_comm_s + tb.pp_comm_s;
+  predicted_class["optimizer and host"] = tb.optimizer_s;
+  for (const auto& [name, secs] : op_times.seconds) {
+    if (name == "gemm" || name == "expert_gemm")
+      measured_class["matmul"] += secs;
+    else if (name == "attention")
+      measured_class["attention"] += secs;
+    else if (name == "elementwise" || name == "router" || name == "permute" || name == "copy")
+      measured_class["memory-bound kernels"] += secs;
+    else if (name.rfind("host", 0) == 0)
+      measured_class["optimizer and host"] += secs;
+    else
+      measured_class["communication (exposed)"] += secs;
+  }
+  Json by_class = Json::object();
+  for (const auto& [name, secs] : predicted_class)
+    by_class[name] = {{"predicted_s", secs}, {"measured_s", measured_class[name]}};
   Json out = {{"model", in.model.name},
               {"cluster", c.name},
               {"ranks", ranks.size},
@@ -287,6 +329,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
               {"tokens_per_expert", tokens_per_expert},
               {"dropped_assignments", dropped},
               {"op_seconds_per_step", op_times.seconds},
+              {"op_classes", by_class},
               {"predicted_step_time_s", pred.step_time_s},
               {"predicted_breakdown_s",
                {{"compute", pred.time.compute_s},
@@ -320,6 +363,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
     m.peak_ssd_bytes = static_cast<double>(peaks[2]);
     m.trace_path = f.trace;
     m.details = {{"step_times_s", step_s},
+                 {"op_classes", by_class},
                  {"predicted_step_time_with_measured_routing_s",
                   pred_routed ? Json(pred_routed->step_time_s) : Json(nullptr)},
                  {"op_seconds_per_step", op_times.seconds},
@@ -349,13 +393,12 @@ int cmd_run(const Common& common, const RunFlags& f) {
     std::cout << "  peak memory      device " << gib(static_cast<double>(peaks[0])) << " of "
               << gib(static_cast<double>(cap.device_bytes)) << " (predicted " << gib(pred.peak.gpu)
               << "), host " << gib(static_cast<double>(peaks[1])) << "\n";
-    std::cout << "  per step (slowest rank):";
-    for (const auto& [name, secs] : op_times.seconds)
-      std::cout << " " << name << " " << fmt("%.4f", secs);
-    std::cout << "\n  predicted: compute " << fmt("%.4f", pred.time.compute_s) << ", exposed EP "
-              << fmt("%.4f", pred.time.ep_comm_s) << ", exposed DP "
-              << fmt("%.4f", pred.time.dp_comm_s) << ", optimizer "
-              << fmt("%.4f", pred.time.optimizer_s) << "\n";
+    std::cout << "  per op class     predicted / measured per step (slowest rank)\n";
+    for (const auto& [name, v] : by_class.items()) {
+      const double pr = v["predicted_s"].get<double>(), me = v["measured_s"].get<double>();
+      std::printf("    %-24s %9.4f s %9.4f s  %s\n", name.c_str(), pr, me,
+                  me > 0 ? fmt("%+.0f%%", 100 * (pr / me - 1)).c_str() : "");
+    }
     if (!tokens_per_expert.empty()) {
       std::cout << "  tokens/expert   ";
       for (int64_t t : tokens_per_expert) std::cout << " " << t;

@@ -721,7 +721,9 @@ int cmd_compare(Store& store, bool json) {
                      {"step_time_error",
                       c.predicted_step_s > 0 ? c.predicted_step_s / c.measured_step_s - 1 : 0.0},
                      {"measured_peak_gpu_bytes", c.measured_peak_gpu_bytes},
-                     {"predicted_peak_gpu_bytes", c.predicted_peak_gpu_bytes}});
+                     {"predicted_peak_gpu_bytes", c.predicted_peak_gpu_bytes},
+                     {"op_classes",
+                      c.details.contains("op_classes") ? c.details["op_classes"] : Json(nullptr)}});
     std::cout << out.dump(2) << "\n";
     return 0;
   }

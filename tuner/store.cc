@@ -601,8 +601,8 @@ int64_t Store::put_calibration(const std::string& cluster_hash, const std::strin
 std::vector<Store::Comparison> Store::comparisons() {
   Statement st(db_,
                "SELECT m.id, m.created_at, mo.name, c.name, m.plan_hash, m.backend, m.steps, "
-               "m.step_time_s, m.peak_gpu_bytes, p.profile_hash, p.step_time_s, p.peak_gpu_bytes "
-               "FROM measurements m JOIN models mo ON mo.hash = m.model_hash "
+               "m.step_time_s, m.peak_gpu_bytes, p.profile_hash, p.step_time_s, p.peak_gpu_bytes, "
+               "m.per_op_json FROM measurements m JOIN models mo ON mo.hash = m.model_hash "
                "JOIN clusters c ON c.hash = m.cluster_hash "
                "LEFT JOIN predictions p ON p.model_hash = m.model_hash AND "
                "p.cluster_hash = m.cluster_hash AND p.workload_hash = m.workload_hash AND "
@@ -624,6 +624,7 @@ std::vector<Store::Comparison> Store::comparisons() {
     c.profile_hash = st.text(9);
     c.predicted_step_s = st.null(10) ? 0 : st.f64(10);
     c.predicted_peak_gpu_bytes = st.null(11) ? 0 : st.f64(11);
+    if (!st.null(12)) c.details = parse_json_text(st.text(12), "measurements.per_op_json");
     out.push_back(std::move(c));
   }
   return out;

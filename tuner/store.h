@@ -132,6 +132,7 @@ class Store {
     double measured_step_s = 0;
     double predicted_step_s = 0;  // 0 when nothing predicted these inputs
     double measured_peak_gpu_bytes = 0, predicted_peak_gpu_bytes = 0;
+    Json details;  // the measurement's per-op details (op classes predicted and measured)
   };
   std::vector<Comparison> comparisons();
 

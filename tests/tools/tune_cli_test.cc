@@ -242,6 +242,11 @@ TEST_F(RunCliTest, FourRanksMatchTheReferenceAndTheMeasurementIsStored) {
   EXPECT_LE(j["check"]["max_parameter_relative_error"].get<double>(), 1e-4);
   EXPECT_GT(j["median_step_time_s"].get<double>(), 0);
   EXPECT_GT(j["predicted_step_time_s"].get<double>(), 0);
+  // Predicted against measured per op class.
+  for (const char* cls : {"matmul", "attention", "memory-bound kernels"}) {
+    EXPECT_GT(j["op_classes"][cls]["predicted_s"].get<double>(), 0) << cls;
+    EXPECT_GT(j["op_classes"][cls]["measured_s"].get<double>(), 0) << cls;
+  }
   // tiny-train: 8 sequences of 128 tokens, top-2, over 4 MoE layers and 2 measured steps.
   int64_t routed = 0;
   for (const auto& t : j["tokens_per_expert"]) routed += t.get<int64_t>();
@@ -271,6 +276,7 @@ TEST_F(RunCliTest, FourRanksMatchTheReferenceAndTheMeasurementIsStored) {
               1e-12);
   EXPECT_NEAR(rows[0]["predicted_step_s"].get<double>(), j["predicted_step_time_s"].get<double>(),
               1e-12);
+  EXPECT_EQ(rows[0]["op_classes"], j["op_classes"]);
 #endif
 }
 
