@@ -75,6 +75,14 @@ class Device {
                                   const float* d_out, int batch, int seq, int heads, int head_dim,
                                   float* d_qkv) = 0;
 
+  // Softmax cross-entropy of `rows` logit rows against their labels: returns the sum of the rows'
+  // losses and overwrites the logits with d(grad_scale * loss sum)/d(logits).
+  virtual double cross_entropy(float* logits, const int* labels, int rows, int vocab,
+                               float grad_scale) = 0;
+  // One Adam step over n elements (bias corrections c1 = 1 - beta1^t, c2 = 1 - beta2^t).
+  virtual void adam(float* param, const float* grad, float* m, float* v, size_t n, float lr,
+                    float beta1, float beta2, float eps, float c1, float c2) = 0;
+
   // Copies between buffers of any tiers (the CPU backend: memcpy; CUDA: cudaMemcpyAsync).
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
 };

@@ -419,18 +419,9 @@ struct MoeTrainer::Impl {
     dev.rmsnorm(x.p(), P("final_norm").v(), T, h, eps, xf.p());
     Tensor logits = alloc(static_cast<size_t>(T) * vocab, "logits");
     mm(xf.p(), P("head").v(), T, h, vocab, logits.p());
-    // Cross-entropy; d_logits = (softmax - onehot) * loss_scale.
-    double loss = 0;
-    for (int i = 0; i < T; ++i) {
-      float* z = logits.p() + static_cast<size_t>(i) * vocab;
-      const float mx = *std::max_element(z, z + vocab);
-      double sum = 0;
-      for (int v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(z[v] - mx));
-      loss += std::log(sum) + mx - z[label[i]];
-      for (int v = 0; v < vocab; ++v)
-        z[v] = static_cast<float>(std::exp(static_cast<double>(z[v] - mx)) / sum * loss_scale);
-      z[label[i]] -= static_cast<float>(loss_scale);
-    }
+    // Cross-entropy; the logits become d_logits = (softmax - onehot) * loss_scale.
+    const double loss =
+        dev.cross_entropy(logits.p(), label.data(), T, vocab, static_cast<float>(loss_scale));
     // Backward.
     Tensor dxf = alloc(static_cast<size_t>(T) * h, "gradient");
     mm_backward(xf.p(), P("head").v(), logits.p(), T, h, vocab, dxf.p(), P("head").g());
@@ -588,15 +579,9 @@ struct MoeTrainer::Impl {
     const double t = static_cast<double>(steps_done);
     const float c1 = static_cast<float>(1.0 - std::pow(s.beta1, t));
     const float c2 = static_cast<float>(1.0 - std::pow(s.beta2, t));
-    float* mo = sp.m.as<float>();
-    float* ve = sp.v.as<float>();
-    for (size_t i = 0; i < count; ++i) {
-      if (first + i >= sp.total) break;
-      const float gi = gsrc[i];
-      mo[i] = s.beta1 * mo[i] + (1 - s.beta1) * gi;
-      ve[i] = s.beta2 * ve[i] + (1 - s.beta2) * gi * gi;
-      values.p()[first + i] -= s.lr * (mo[i] / c1) / (std::sqrt(ve[i] / c2) + s.eps);
-    }
+    if (first < sp.total)
+      dev.adam(values.p() + first, gsrc, sp.m.as<float>(), sp.v.as<float>(),
+               std::min(count, sp.total - first), s.lr, s.beta1, s.beta2, s.eps, c1, c2);
     if (s.zero_stage >= 1 && n > 1) {
       Tensor gathered = alloc(padded, "parameter gather");
       sp.group->all_gather(values.p() + first, gathered.p(), shard, DType::kFloat32);

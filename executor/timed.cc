@@ -81,6 +81,16 @@ class TimedDevice : public Device {
     Timer t(t_, "attention");
     d_.attention_backward(qkv, out, lse, d, b, s, heads, hd, dqkv);
   }
+  double cross_entropy(float* logits, const int* labels, int rows, int vocab,
+                       float grad_scale) override {
+    Timer t(t_, "loss");
+    return d_.cross_entropy(logits, labels, rows, vocab, grad_scale);
+  }
+  void adam(float* param, const float* grad, float* m, float* v, size_t n, float lr, float b1,
+            float b2, float eps, float c1, float c2) override {
+    Timer t(t_, "optimizer");
+    d_.adam(param, grad, m, v, n, lr, b1, b2, eps, c1, c2);
+  }
   void copy(void* dst, const void* src, size_t bytes) override {
     Timer t(t_, "copy");
     d_.copy(dst, src, bytes);

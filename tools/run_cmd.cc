@@ -305,9 +305,10 @@ int cmd_run(const Common& common, const RunFlags& f) {
       measured_class["matmul"] += secs;
     else if (name == "attention")
       measured_class["attention"] += secs;
-    else if (name == "elementwise" || name == "router" || name == "permute" || name == "copy")
+    else if (name == "elementwise" || name == "router" || name == "permute" || name == "copy" ||
+             name == "loss")
       measured_class["memory-bound kernels"] += secs;
-    else if (name.rfind("host", 0) == 0)
+    else if (name.rfind("host", 0) == 0 || name == "optimizer")
       measured_class["optimizer and host"] += secs;
     else
       measured_class["communication (exposed)"] += secs;

@@ -252,6 +252,33 @@ class CpuDevice : public Device {
       }
   }
 
+  double cross_entropy(float* logits, const int* labels, int rows, int vocab,
+                       float grad_scale) override {
+    double loss = 0;
+    for (int i = 0; i < rows; ++i) {
+      float* z = logits + static_cast<size_t>(i) * vocab;
+      const float mx = *std::max_element(z, z + vocab);
+      const float target = z[labels[i]];
+      double sum = 0;
+      for (int v = 0; v < vocab; ++v) sum += (z[v] = std::exp(z[v] - mx));
+      loss += std::log(sum) + mx - target;
+      const float k = static_cast<float>(grad_scale / sum);
+      for (int v = 0; v < vocab; ++v) z[v] *= k;
+      z[labels[i]] -= grad_scale;
+    }
+    return loss;
+  }
+
+  void adam(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
+            float beta2, float eps, float c1, float c2) override {
+    for (size_t i = 0; i < n; ++i) {
+      const float g = grad[i];
+      m[i] = beta1 * m[i] + (1 - beta1) * g;
+      v[i] = beta2 * v[i] + (1 - beta2) * g * g;
+      param[i] -= lr * (m[i] / c1) / (std::sqrt(v[i] / c2) + eps);
+    }
+  }
+
   void copy(void* dst, const void* src, size_t bytes) override {
     if (dst != src && bytes > 0) std::memmove(dst, src, bytes);
   }
