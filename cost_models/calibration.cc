@@ -26,8 +26,13 @@ LinearFit fit_line(const std::vector<double>& x, const std::vector<double>& y,
   LinearFit f;
   if (n == 0) return f;
   if (through_origin || n == 1) {
+    // Weighted like the two-parameter fit (relative residuals): minimise sum((s x/y - 1)^2).
     double xy = 0, xx = 0;
-    for (Eigen::Index i = 0; i < n; ++i) xy += x[i] * y[i], xx += x[i] * x[i];
+    for (Eigen::Index i = 0; i < n; ++i) {
+      const double w = y[i] > 0 ? 1.0 / y[i] : 1.0;
+      xy += w * x[i] * w * y[i];
+      xx += w * x[i] * w * x[i];
+    }
     f.slope = xx > 0 ? xy / xx : 0;
     return f;
   }
@@ -77,15 +82,18 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
       by_class[cls].first.push_back(2.0 * g.m * g.n * g.k);
       by_class[cls].second.push_back(std::max(0.0, g.time_s - p.kernel_launch_s));
     }
-    p.gemm_efficiency.clear();
+    std::vector<EfficiencyPoint> table;
     for (const auto& [cls, xy] : by_class) {
       const LinearFit f = fit_line(xy.first, xy.second, /*through_origin=*/true);
-      const double eff = f.slope > 0 ? 1.0 / (f.slope * peak) : 0.0;
-      p.gemm_efficiency.push_back({std::ldexp(1.0, cls), eff});
+      // A class whose times do not grow with FLOPs says nothing about efficiency: keep the base.
+      const double min_dim = std::ldexp(1.0, cls);
+      table.push_back(
+          {min_dim, f.slope > 0 ? 1.0 / (f.slope * peak) : p.gemm_efficiency_at(min_dim)});
     }
-    Json table = Json::array();
-    for (const auto& pt : p.gemm_efficiency) table.push_back({pt.min_dim, pt.efficiency});
-    fitted["gemm_efficiency"] = table;
+    p.gemm_efficiency = std::move(table);
+    Json fitted_table = Json::array();
+    for (const auto& pt : p.gemm_efficiency) fitted_table.push_back({pt.min_dim, pt.efficiency});
+    fitted["gemm_efficiency"] = fitted_table;
   }
   if (!d.attention.empty() && peak > 0) {
     std::vector<double> x, y;

@@ -70,7 +70,7 @@ class Communicator {
   virtual void all_to_allv(const void* send, const std::vector<size_t>& send_counts, void* recv,
                            const std::vector<size_t>& recv_counts, DType dtype) = 0;
   virtual void broadcast(void* data, size_t count, DType dtype, int root) = 0;
-  // Tags are in [0, 2^20).
+  // Tags are in [0, 32767].
   virtual void send(const void* data, size_t count, DType dtype, int peer, int tag) = 0;
   virtual void recv(void* data, size_t count, DType dtype, int peer, int tag) = 0;
   virtual void barrier() = 0;

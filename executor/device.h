@@ -47,7 +47,7 @@ class Device {
 
   // Softmax over `experts` logits per token, top-k, the grouping by expert (stable in token order).
   // capacity > 0: each expert keeps its first `capacity` assignments in token order and drops the
-  // rest (their weights stay: dropped choices contribute nothing, as in GShard).
+  // rest in token order (their weights stay: dropped choices contribute nothing).
   virtual TokenRouting route(const float* logits, int tokens, int experts, int top_k,
                              bool renormalize, float* probs, int capacity = 0) = 0;
   // out[row(t, j)] = x[t] for every choice j of token t (hidden size h).

@@ -111,6 +111,8 @@ Buffer MemoryPools::allocate(Tier tier, size_t bytes, const std::string& what, b
     if (b.fd_ < 0 || ftruncate(b.fd_, static_cast<off_t>(bytes)) != 0) {
       const std::string err = std::strerror(errno);
       if (b.fd_ >= 0) close(b.fd_);
+      std::error_code ec;
+      std::filesystem::remove(b.file_, ec);
       give_back(tier, bytes);
       b.pools_ = nullptr;
       throw std::runtime_error("SSD tier: cannot create " + b.file_.string() + " for " + what +
@@ -119,6 +121,8 @@ Buffer MemoryPools::allocate(Tier tier, size_t bytes, const std::string& what, b
     void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, b.fd_, 0);
     if (p == MAP_FAILED) {
       close(b.fd_);
+      std::error_code ec;
+      std::filesystem::remove(b.file_, ec);
       give_back(tier, bytes);
       b.pools_ = nullptr;
       throw std::runtime_error("SSD tier: cannot map " + b.file_.string() + " for " + what);

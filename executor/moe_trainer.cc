@@ -35,12 +35,12 @@ struct Tensor {
 
 }  // namespace
 
-float init_value(uint64_t seed, const std::string& name, size_t index) {
+float init_value(uint64_t seed, const std::string& name, size_t index, float std) {
   if (name.size() >= 5 && name.compare(name.size() - 5, 5, "_norm") == 0) return 1.0f;
   // Box-Muller on two counter-based uniforms: the same value for the same (seed, name, index).
   const uint64_t base = splitmix64(seed ^ name_hash(name)) ^ (index * 0x2545f4914f6cdd1dull);
   const double u1 = uniform01(splitmix64(base)), u2 = uniform01(splitmix64(base ^ 0x5bd1e995));
-  return static_cast<float>(0.02 * std::sqrt(-2.0 * std::log(u1)) *
+  return static_cast<float>(std * std::sqrt(-2.0 * std::log(u1)) *
                             std::cos(6.283185307179586 * u2));
 }
 
@@ -544,6 +544,7 @@ struct MoeTrainer::Impl {
     const int n = sp.group->size();
     const size_t padded = (sp.total + n - 1) / n * n;
     Tensor flat = alloc(padded, "gradient bucket");
+    std::fill(flat.p() + sp.total, flat.p() + padded, 0.0f);  // the padding
     size_t at = 0;
     for (size_t k : sp.members) {
       const Parameter& p = (*params)[k];
@@ -560,7 +561,11 @@ struct MoeTrainer::Impl {
       count = shard;
     } else {
       // Gradient buckets: each all-reduce starts as soon as it is issued; wait for all of them.
-      const size_t bucket = std::max<size_t>(1, static_cast<size_t>(s.grad_bucket_bytes) / 4);
+      // One bucket when the plan names none (<= 0); never fewer than 1 Ki elements per bucket.
+      const size_t bucket =
+          s.grad_bucket_bytes > 0
+              ? std::max<size_t>(1024, static_cast<size_t>(s.grad_bucket_bytes) / 4)
+              : padded;
       std::vector<std::unique_ptr<PendingOp>> pending;
       for (size_t b = 0; b < padded; b += bucket)
         pending.push_back(sp.group->all_reduce_async(flat.p() + b, std::min(bucket, padded - b),
@@ -570,6 +575,7 @@ struct MoeTrainer::Impl {
     const float* gsrc = grads.size ? grads.p() : flat.p() + first;
     // Flat parameters (only [first, first + count) is updated here).
     Tensor values = alloc(padded, "parameter gather");
+    std::fill(values.p() + sp.total, values.p() + padded, 0.0f);
     at = 0;
     for (size_t k : sp.members) {
       const Parameter& p = (*params)[k];
@@ -664,7 +670,7 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
     p.expert = expert;
     p.value = device.memory().allocate(Tier::kGPU, n * sizeof(float), name);
     p.grad = device.memory().allocate(Tier::kGPU, n * sizeof(float), name + " gradient");
-    for (size_t i = 0; i < n; ++i) p.v()[i] = init_value(s.seed, name, i);
+    for (size_t i = 0; i < n; ++i) p.v()[i] = init_value(s.seed, name, i, s.init_std);
     I.index[name] = t->params_.size();
     t->params_.push_back(std::move(p));
   };

@@ -36,8 +36,9 @@ struct TrainSettings {
   int micro_batch_size = 1;
   int zero_stage = 0;
   int64_t grad_bucket_bytes = kDefaultGradBucketBytes;
-  double capacity_factor = 0;  // 0 = dropless; else per micro-batch and rank (GShard)
+  double capacity_factor = 0;  // 0 = dropless; else per micro-batch and rank, as GShard's groups
   uint64_t seed = 1234;
+  float init_std = 0.02f;  // weights ~ N(0, init_std^2); norm gains start at 1
   float lr = 1e-3f;
   float beta1 = 0.9f;
   float beta2 = 0.95f;
@@ -114,7 +115,8 @@ struct ParameterError {
 };
 ParameterError parameter_error(const MoeTrainer& run, const MoeTrainer& reference);
 
-// The value a parameter element takes at initialisation (normal, std 0.02; norms' gains 1).
-float init_value(uint64_t seed, const std::string& name, size_t index);
+// The value a parameter element takes at initialisation (normal with standard deviation `std`;
+// norms' gains 1).
+float init_value(uint64_t seed, const std::string& name, size_t index, float std = 0.02f);
 
 }  // namespace switchyard

@@ -156,8 +156,15 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
   CalibrationData data;
   // Compute micro-benchmarks on every rank at once: a rank's core is shared as in a run.
   auto dev = cpu_device({});
-  measure_compute(*dev, f.quick, data);
-  measure_collectives(*world, f.quick, data);
+  try {
+    measure_compute(*dev, f.quick, data);
+    measure_collectives(*world, f.quick, data);
+  } catch (const std::exception& e) {
+#ifdef SWITCHYARD_HAVE_MPI
+    if (mpi && world->size() > 1) mpi->abort(1, e.what());  // no rank waits for a failed one
+#endif
+    throw;
+  }
   if (world->rank() != 0) return 0;
 
   Calibration cal = fit_calibration(data, c, default_cost_profile(c));

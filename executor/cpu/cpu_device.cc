@@ -87,8 +87,9 @@ class CpuDevice : public Device {
         r.weight[at] = renormalize ? p[r.expert[at]] / kept : p[r.expert[at]];
       }
     }
-    // Capacity (GShard's position policy): each expert keeps its first `capacity` assignments in
-    // token order; the rest are dropped (row -1: they add nothing to the output).
+    // Capacity (a position policy): each expert keeps its first `capacity` assignments in token
+    // order, a token's choices together (GShard instead serves every token's first choice before
+    // any second choice); the rest are dropped (row -1: they add nothing to the output).
     r.rows_per_expert.assign(static_cast<size_t>(experts), 0);
     r.dropped = 0;
     std::vector<char> kept(r.expert.size(), 1);

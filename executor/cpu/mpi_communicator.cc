@@ -27,9 +27,6 @@ std::string mpi_error_string(int rc) {
                       std::to_string(__LINE__) + ": " + mpi_error_string(mpi_rc_)); \
   } while (0)
 
-// Tags at and above this are the communicator's own (user send/recv tags stay below).
-constexpr int kAllToAllTag = 1 << 20;
-
 MPI_Datatype mpi_type(DType t) {
   switch (t) {
     case DType::kFloat32:
@@ -93,12 +90,14 @@ struct OpInfo {
   }
 };
 
-void wait_all(MPI_Request* requests, int n, double timeout_s, const OpInfo& info) {
+// Completes `n` requests (their statuses into `statuses` when given) or throws CommTimeout.
+void wait_all(MPI_Request* requests, int n, double timeout_s, const OpInfo& info,
+              MPI_Status* statuses = nullptr) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   for (int spins = 0;; ++spins) {
     int done = 0;
-    MPI_CHECK(MPI_Testall(n, requests, &done, MPI_STATUSES_IGNORE));
+    MPI_CHECK(MPI_Testall(n, requests, &done, statuses ? statuses : MPI_STATUSES_IGNORE));
     if (done) return;
     if (timeout_s > 0 && std::chrono::duration<double>(Clock::now() - start).count() > timeout_s) {
       char secs[32];
@@ -124,32 +123,55 @@ class MpiPending : public PendingOp {
   void set_count(size_t count) { info_.count = count; }
   void wait() override {
     if (done_) return;
-    if (requests_.empty())
+    if (requests_.empty()) {
       wait_all(&request_, 1, timeout_s_, info_);
-    else
-      wait_all(requests_.data(), static_cast<int>(requests_.size()), timeout_s_, info_);
+    } else {
+      statuses_.resize(requests_.size());
+      wait_all(requests_.data(), static_cast<int>(requests_.size()), timeout_s_, info_,
+               statuses_.data());
+      check_received();
+    }
     done_ = true;
   }
   bool test() override {
     if (done_) return true;
     int flag = 0;
-    if (requests_.empty())
+    if (requests_.empty()) {
       MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
-    else
+    } else {
+      statuses_.resize(requests_.size());
       MPI_CHECK(MPI_Testall(static_cast<int>(requests_.size()), requests_.data(), &flag,
-                            MPI_STATUSES_IGNORE));
+                            statuses_.data()));
+      if (flag) check_received();
+    }
     done_ = flag != 0;
     return done_;
   }
+  // The point-to-point all-to-all's receives (the first requests): what each source must send.
+  std::vector<std::pair<int, int>> expected_;  // (source rank, elements)
+  MPI_Datatype type_ = MPI_BYTE;
   MPI_Request request_ = MPI_REQUEST_NULL;  // one operation
   std::vector<MPI_Request> requests_;       // or several (the point-to-point all-to-all)
   // Ialltoallv reads its count and displacement arrays until it completes.
   std::vector<int> send_counts, send_displs, recv_counts, recv_displs;
 
  private:
+  // A peer that sent another count than this rank expects called all_to_allv inconsistently.
+  void check_received() {
+    for (size_t i = 0; i < expected_.size(); ++i) {
+      int got = 0;
+      MPI_Get_count(&statuses_[i], type_, &got);
+      if (got != expected_[i].second)
+        throw CommError(info_.describe() + ": rank " + std::to_string(expected_[i].first) +
+                        " sent " + std::to_string(got) + " elements where " +
+                        std::to_string(expected_[i].second) +
+                        " were expected (the ranks disagree on the counts)");
+    }
+  }
   double timeout_s_;
   OpInfo info_;
   bool done_ = false;
+  std::vector<MPI_Status> statuses_;
 };
 
 class MpiCommunicator : public Communicator {
@@ -162,9 +184,20 @@ class MpiCommunicator : public Communicator {
     MPI_Comm_size(comm_, &size_);
     world_ranks_.resize(static_cast<size_t>(size_));
     int me = world_rank();
-    MPI_CHECK(MPI_Allgather(&me, 1, MPI_INT, world_ranks_.data(), 1, MPI_INT, comm_));
+    MPI_Request req = MPI_REQUEST_NULL;
+    MPI_CHECK(MPI_Iallgather(&me, 1, MPI_INT, world_ranks_.data(), 1, MPI_INT, comm_, &req));
+    wait_all(&req, 1, timeout_s_,
+             {"creating the group", -1, 0, DType::kByte, &name_, &world_ranks_});
+    // The point-to-point all-to-all runs on a private duplicate: its messages can never match a
+    // user's send/recv, whatever the tags.
+    MPI_CHECK(MPI_Comm_idup(comm_, &a2a_comm_, &req));
+    wait_all(&req, 1, timeout_s_, info("creating the group", 0, DType::kByte));
+    MPI_Comm_set_errhandler(a2a_comm_, MPI_ERRORS_RETURN);
   }
-  ~MpiCommunicator() override { MPI_Comm_free(&comm_); }
+  ~MpiCommunicator() override {
+    MPI_Comm_free(&a2a_comm_);
+    MPI_Comm_free(&comm_);
+  }
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -270,6 +303,7 @@ class MpiCommunicator : public Communicator {
     // Point-to-point, all posted at once (the linear all-to-all): at small and medium sizes MPI's
     // non-blocking collective (libnbc) is markedly slower than this, at large sizes equal.
     const MPI_Datatype t = mpi_type(dtype);
+    p->type_ = t;
     const size_t elem = dtype_bytes(dtype);
     std::vector<MPI_Request>& reqs = p->requests_;
     reqs.reserve(2 * static_cast<size_t>(size_));
@@ -278,14 +312,15 @@ class MpiCommunicator : public Communicator {
       if (p->recv_counts[peer] == 0) continue;
       reqs.emplace_back();
       MPI_CHECK(MPI_Irecv(static_cast<char*>(recv) + p->recv_displs[peer] * elem,
-                          p->recv_counts[peer], t, peer, kAllToAllTag, comm_, &reqs.back()));
+                          p->recv_counts[peer], t, peer, 0, a2a_comm_, &reqs.back()));
+      p->expected_.emplace_back(peer, p->recv_counts[peer]);
     }
     for (int i = 1; i < size_; ++i) {
       const int peer = (rank_ + i) % size_;
       if (p->send_counts[peer] == 0) continue;
       reqs.emplace_back();
       MPI_CHECK(MPI_Isend(static_cast<const char*>(send) + p->send_displs[peer] * elem,
-                          p->send_counts[peer], t, peer, kAllToAllTag, comm_, &reqs.back()));
+                          p->send_counts[peer], t, peer, 0, a2a_comm_, &reqs.back()));
     }
     std::memcpy(static_cast<char*>(recv) + p->recv_displs[rank_] * elem,
                 static_cast<const char*>(send) + p->send_displs[rank_] * elem,
@@ -293,6 +328,8 @@ class MpiCommunicator : public Communicator {
   }
 
   std::unique_ptr<Communicator> split(int color, int key, const std::string& name) override {
+    // MPI_Comm_split blocks without a deadline: meet at a barrier that has one first.
+    barrier();
     MPI_Comm out = MPI_COMM_NULL;
     MPI_CHECK(MPI_Comm_split(comm_, color, key, &out));
     return std::make_unique<MpiCommunicator>(out, name, timeout_s_);
@@ -300,15 +337,15 @@ class MpiCommunicator : public Communicator {
 
  private:
   static void check_tag(int tag) {
-    if (tag < 0 || tag >= kAllToAllTag)
-      throw CommError("send/recv tag " + std::to_string(tag) + " outside [0, " +
-                      std::to_string(kAllToAllTag) + ")");
+    if (tag < 0 || tag > 32767)  // the upper bound every MPI guarantees (MPI_TAG_UB >= 32767)
+      throw CommError("send/recv tag " + std::to_string(tag) + " outside [0, 32767]");
   }
   OpInfo info(const char* op, size_t count, DType dtype, int peer = -1) const {
     return {op, peer, count, dtype, &name_, &world_ranks_};
   }
 
   MPI_Comm comm_;
+  MPI_Comm a2a_comm_ = MPI_COMM_NULL;
   std::string name_;
   double timeout_s_;
   int rank_ = 0;
@@ -338,7 +375,11 @@ MpiRuntime::~MpiRuntime() { MPI_Finalize(); }
 
 std::unique_ptr<Communicator> MpiRuntime::world(double timeout_s) const {
   MPI_Comm dup = MPI_COMM_NULL;
-  MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup));
+  MPI_Request req = MPI_REQUEST_NULL;
+  MPI_CHECK(MPI_Comm_idup(MPI_COMM_WORLD, &dup, &req));
+  static const std::string kWorld = "world";
+  static const std::vector<int> kNone;
+  wait_all(&req, 1, timeout_s, {"creating the world group", -1, 0, DType::kByte, &kWorld, &kNone});
   return std::make_unique<MpiCommunicator>(dup, "world", timeout_s);
 }
 

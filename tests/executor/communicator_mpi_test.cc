@@ -69,6 +69,23 @@ TEST(Communicator, AllToAllvMovesVariableBlocks) {
       ASSERT_EQ(recv[at++], static_cast<float>(s * 10000 + r * 100 + i));
 }
 
+TEST(Communicator, AllToAllvWithCountsThePeersDisagreeOnIsAnError) {
+  auto c = world();
+  const int n = c->size(), r = c->rank();
+  // Rank 1 sends rank 0 one element, rank 0 expects two; everything else agrees.
+  std::vector<size_t> send_counts(n, 1), recv_counts(n, 1);
+  if (r == 0) recv_counts[1] = 2;
+  std::vector<float> send(n, 1.0f), recv(n + 1, 0.0f);
+  if (r == 0) {
+    EXPECT_THROW(
+        c->all_to_allv(send.data(), send_counts, recv.data(), recv_counts, DType::kFloat32),
+        CommError);
+  } else {
+    c->all_to_allv(send.data(), send_counts, recv.data(), recv_counts, DType::kFloat32);
+  }
+  c->barrier();
+}
+
 TEST(Communicator, BroadcastAndARingOfSends) {
   auto c = world();
   const int n = c->size(), r = c->rank();
