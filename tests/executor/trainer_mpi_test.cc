@@ -21,7 +21,7 @@ ModelSpec small_model() {
     "schema_version": 1, "name": "small", "num_layers": 3, "hidden_size": 16,
     "ffn_hidden_size": 24, "num_attention_heads": 2, "num_kv_heads": 2, "vocab_size": 32,
     "seq_len": 8, "activation": "swiglu", "norm": "rmsnorm",
-    "moe": {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 12,
+    "moe": {"num_experts": 12, "top_k": 2, "expert_ffn_hidden_size": 12,
             "layers": {"every": 2, "offset": 1}}
   })"));
 }
@@ -38,7 +38,7 @@ struct Case {
 void check(const Case& c) {
   const ModelSpec m = small_model();
   TrainSettings s;
-  s.global_batch = 8;
+  s.global_batch = 24;  // divisible by dp * micro-batch for 2, 4 and 6 ranks
   s.micro_batch_size = c.micro_batch_size;
   s.zero_stage = c.zero;
   s.grad_bucket_bytes = c.bucket_bytes;
@@ -70,7 +70,7 @@ void check(const Case& c) {
   }
   auto dev = cpu_device({});
   auto run = MoeTrainer::create(m, s, *dev, groups);
-  EXPECT_EQ(run->local_experts(), 4 / c.ep);
+  EXPECT_EQ(run->local_experts(), 12 / c.ep);
 
   int64_t dropped = 0;
   for (int step = 0; step < steps; ++step) {
@@ -95,23 +95,27 @@ void check(const Case& c) {
 
 TEST(DistributedTraining, DataParallelMatchesTheReference) { check({1, 0, 1, 1 << 10}); }
 TEST(DistributedTraining, DataParallelZero1MatchesTheReference) { check({1, 1, 2, 1 << 20}); }
+// Every rank in one EP group (2, 4 or 6 ranks; the 12 experts split evenly).
 TEST(DistributedTraining, ExpertParallelMatchesTheReference) {
-  check({std::min(g_mpi->world_size(), 4), 0, 1, 1 << 20});
+  check({g_mpi->world_size(), 0, 1, 1 << 20});
 }
 TEST(DistributedTraining, ExpertParallelZero1MicroBatchesMatchTheReference) {
-  check({std::min(g_mpi->world_size(), 4), 1, 2, 4096});
+  check({g_mpi->world_size(), 1, 2, 4096});
 }
 TEST(DistributedTraining, CapacityDroppingMatchesTheReference) {
-  check({std::min(g_mpi->world_size(), 4), 1, 1, 1 << 20, /*capacity_factor=*/0.75});
+  check({g_mpi->world_size(), 1, 1, 1 << 20, /*capacity_factor=*/0.75});
 }
 TEST(DistributedTraining, HierarchicalAllToAllMatchesTheReference) {
-  // 2 ranks: two "nodes" of one EP rank each; 4 ranks: two nodes of two.
-  const int ep = std::min(g_mpi->world_size(), 4);
-  check({ep, 1, 2, 1 << 20, 0, /*ep_per_node=*/ep / 2});
-  check({ep, 0, 1, 1 << 20, 0.75, /*ep_per_node=*/ep / 2});
+  // "Nodes" of L EP ranks: 2 ranks: L 1 x N 2; 4 ranks: 2 x 2; 6 ranks: 2 x 3 and 3 x 2.
+  const int w = g_mpi->world_size();
+  for (int per_node : {1, 2, 3}) {
+    if (w % per_node != 0 || per_node == w || (w > 2 && per_node == 1)) continue;
+    check({w, 1, 2, 1 << 20, 0, per_node});
+    check({w, 0, 1, 1 << 20, 0.75, per_node});
+  }
 }
 TEST(DistributedTraining, ExpertAndExpertDataParallelMatchTheReference) {
-  if (g_mpi->world_size() < 4) GTEST_SKIP() << "needs 4 ranks (ep 2 x expert_dp 2)";
+  if (g_mpi->world_size() < 4) GTEST_SKIP() << "needs 4 or more ranks (ep 2 x expert_dp >= 2)";
   check({2, 1, 1, 1 << 20});
 }
 
