@@ -7,6 +7,7 @@
 #include <random>
 
 #include "cost_models/calibration.h"
+#include "executor/communicator.h"
 #include "executor/device.h"
 #include "tuner/store.h"
 #ifdef SWITCHYARD_HAVE_MPI
