@@ -79,6 +79,7 @@ struct MoeTrainer::Impl {
   TrainGroups g;
   int h = 0, heads = 0, head_dim = 0, vocab = 0, seq = 0, experts = 0, top_k = 0, f = 0, ffn = 0;
   int layers = 0, local_experts = 0, first_expert = 0;
+  int layer_begin = 0, layer_end = 0;  // this pipeline stage's layers
   int64_t steps_done = 0;
   int64_t dropped = 0;  // in the current step
   std::vector<Parameter>* params = nullptr;
@@ -343,25 +344,56 @@ struct MoeTrainer::Impl {
     // dense FFN (gu, act reused)
   };
 
-  double micro_batch(int64_t step, int64_t first_sequence, int sequences, double loss_scale,
-                     std::vector<int64_t>& tokens_per_expert) {
-    const int T = sequences * seq;
-    std::vector<int> tok(T), label(T);
+  // One micro-batch as a pipeline stage sees it: its tokens, what its layers keep for the
+  // backward, the activation it passes on (or received) and the gradient coming back.
+  struct MicroBatch {
+    int sequences = 0;
+    int T = 0;
+    std::vector<int> tok, label;
+    std::vector<LayerSaved> saved;
+    Tensor x;   // forward: the input from the previous stage, then this stage's output
+    Tensor dx;  // backward: the gradient at this stage's output, then at its input
+    double loss = 0;
+  };
+
+  static constexpr float eps = 1e-5f;
+  bool first_stage() const { return layer_begin == 0; }
+  bool last_stage() const { return layer_end == layers; }
+
+  MicroBatch make_micro_batch(int64_t step, int64_t first_sequence, int sequences) {
+    MicroBatch mb;
+    mb.sequences = sequences;
+    mb.T = sequences * seq;
+    mb.tok.resize(mb.T);
+    mb.label.resize(mb.T);
     for (int b = 0; b < sequences; ++b)
       for (int t = 0; t < seq; ++t) {
-        tok[b * seq + t] = token(step, first_sequence + b, t);
-        label[b * seq + t] = token(step, first_sequence + b, t + 1);
+        mb.tok[b * seq + t] = token(step, first_sequence + b, t);
+        mb.label[b * seq + t] = token(step, first_sequence + b, t + 1);
       }
-    // Forward.
-    Tensor x = alloc(static_cast<size_t>(T) * h, "hidden states");
-    const float* emb = P("embed").v();
-    for (int i = 0; i < T; ++i)
-      std::memcpy(x.p() + static_cast<size_t>(i) * h, emb + static_cast<size_t>(tok[i]) * h,
-                  sizeof(float) * h);
-    std::vector<LayerSaved> saved(layers);
-    const float eps = 1e-5f;
-    for (int l = 0; l < layers; ++l) {
-      LayerSaved& S = saved[l];
+    return mb;
+  }
+
+  // This stage's layers (and the embedding on the first stage). On the last stage the head, the
+  // loss and the gradient at the stage's output follow; elsewhere mb.x is the output.
+  void forward(MicroBatch& mb, double loss_scale, std::vector<int64_t>& tokens_per_expert) {
+    const int T = mb.T, sequences = mb.sequences;
+    const std::vector<int>& tok = mb.tok;
+    const std::vector<int>& label = mb.label;
+    Tensor x;
+    if (first_stage()) {
+      x = alloc(static_cast<size_t>(T) * h, "hidden states");
+      const float* emb = P("embed").v();
+      for (int i = 0; i < T; ++i)
+        std::memcpy(x.p() + static_cast<size_t>(i) * h, emb + static_cast<size_t>(tok[i]) * h,
+                    sizeof(float) * h);
+    } else {
+      x = std::move(mb.x);  // received from the previous stage
+    }
+    std::vector<LayerSaved>& saved = mb.saved;
+    saved.resize(static_cast<size_t>(layer_end - layer_begin));
+    for (int l = layer_begin; l < layer_end; ++l) {
+      LayerSaved& S = saved[static_cast<size_t>(l - layer_begin)];
       S.x_in = std::move(x);
       S.a = alloc(static_cast<size_t>(T) * h, "norm output");
       dev.rmsnorm(S.x_in.p(), P(L(l, "attn_norm")).v(), T, h, eps, S.a.p());
@@ -415,21 +447,34 @@ struct MoeTrainer::Impl {
         mm(S.act.p(), P(L(l, "w2")).v(), T, ffn, h, x.p(), /*acc=*/true);
       }
     }
+    if (!last_stage()) {
+      mb.x = std::move(x);
+      return;
+    }
     Tensor xf = alloc(static_cast<size_t>(T) * h, "final norm");
     dev.rmsnorm(x.p(), P("final_norm").v(), T, h, eps, xf.p());
     Tensor logits = alloc(static_cast<size_t>(T) * vocab, "logits");
     mm(xf.p(), P("head").v(), T, h, vocab, logits.p());
     // Cross-entropy; the logits become d_logits = (softmax - onehot) * loss_scale.
-    const double loss =
-        dev.cross_entropy(logits.p(), label.data(), T, vocab, static_cast<float>(loss_scale));
+    mb.loss = dev.cross_entropy(logits.p(), label.data(), T, vocab, static_cast<float>(loss_scale));
     // Backward.
     Tensor dxf = alloc(static_cast<size_t>(T) * h, "gradient");
     mm_backward(xf.p(), P("head").v(), logits.p(), T, h, vocab, dxf.p(), P("head").g());
     Tensor dx = alloc(static_cast<size_t>(T) * h, "gradient");
     dev.rmsnorm_backward(x.p(), P("final_norm").v(), dxf.p(), T, h, eps, dx.p(),
                          P("final_norm").g());
-    for (int l = layers - 1; l >= 0; --l) {
-      LayerSaved& S = saved[l];
+    mb.dx = std::move(dx);
+  }
+
+  // This stage's backward from mb.dx (the gradient at its output); leaves the gradient at its
+  // input in mb.dx (the first stage adds it to the embedding instead).
+  void backward(MicroBatch& mb) {
+    const int T = mb.T, sequences = mb.sequences;
+    const std::vector<int>& tok = mb.tok;
+    std::vector<LayerSaved>& saved = mb.saved;
+    Tensor dx = std::move(mb.dx);
+    for (int l = layer_end - 1; l >= layer_begin; --l) {
+      LayerSaved& S = saved[static_cast<size_t>(l - layer_begin)];
       // dx is the gradient at the layer's output = d(x_mid) through the residual + FFN branch.
       Tensor db = alloc(static_cast<size_t>(T) * h, "gradient");
       if (m.is_moe_layer(l)) {
@@ -530,13 +575,26 @@ struct MoeTrainer::Impl {
                            P(L(l, "attn_norm")).g());
       for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i) dxin.p()[i] += dmid.p()[i];
       dx = std::move(dxin);
-      saved[l] = LayerSaved{};  // release this layer's activations
+      saved[static_cast<size_t>(l - layer_begin)] = LayerSaved{};  // release its activations
     }
-    float* demb = P("embed").g();
-    for (int i = 0; i < T; ++i)
-      for (int c = 0; c < h; ++c)
-        demb[static_cast<size_t>(tok[i]) * h + c] += dx.p()[static_cast<size_t>(i) * h + c];
-    return loss * loss_scale;
+    if (first_stage()) {
+      float* demb = P("embed").g();
+      for (int i = 0; i < T; ++i)
+        for (int c = 0; c < h; ++c)
+          demb[static_cast<size_t>(tok[i]) * h + c] += dx.p()[static_cast<size_t>(i) * h + c];
+    } else {
+      mb.dx = std::move(dx);
+    }
+    (void)sequences;
+  }
+
+  // One micro-batch through a single-stage model: forward, loss, backward.
+  double micro_batch(int64_t step, int64_t first_sequence, int sequences, double loss_scale,
+                     std::vector<int64_t>& tokens_per_expert) {
+    MicroBatch mb = make_micro_batch(step, first_sequence, sequences);
+    forward(mb, loss_scale, tokens_per_expert);
+    backward(mb);
+    return mb.loss * loss_scale;
   }
 
   // Sums a space's gradients over its group and applies Adam (ZeRO-1: on this rank's shard).
@@ -652,6 +710,7 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
   I.vocab = static_cast<int>(m.vocab_size);
   I.seq = static_cast<int>(s.seq_len > 0 ? s.seq_len : m.seq_len);
   I.layers = static_cast<int>(m.num_layers);
+  I.layer_end = I.layers;
   I.ffn = static_cast<int>(m.ffn_hidden_size);
   if (m.moe) {
     I.experts = static_cast<int>(experts);
