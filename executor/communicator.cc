@@ -81,6 +81,10 @@ class SelfCommunicator : public Communicator {
   std::unique_ptr<PendingOp> all_reduce_async(void*, size_t, DType, ReduceOp) override {
     return std::make_unique<Done>();
   }
+  std::unique_ptr<PendingOp> send_async(const void*, size_t, DType, int peer, int) override {
+    throw CommError("send to rank " + std::to_string(peer) + " in group \"" + name_ +
+                    "\" of one rank");
+  }
   std::unique_ptr<PendingOp> all_to_allv_async(const void* send,
                                                const std::vector<size_t>& send_counts, void* recv,
                                                const std::vector<size_t>& recv_counts,

@@ -75,6 +75,10 @@ class Communicator {
   virtual void recv(void* data, size_t count, DType dtype, int peer, int tag) = 0;
   virtual void barrier() = 0;
 
+  // A send that completes in the background (pipeline stages post theirs and move on, so two
+  // neighbours sending to each other cannot deadlock).
+  virtual std::unique_ptr<PendingOp> send_async(const void* data, size_t count, DType dtype,
+                                                int peer, int tag) = 0;
   virtual std::unique_ptr<PendingOp> all_reduce_async(void* data, size_t count, DType dtype,
                                                       ReduceOp op) = 0;
   virtual std::unique_ptr<PendingOp> all_to_allv_async(const void* send,

@@ -59,7 +59,8 @@ std::vector<ConfigIssue> trainer_unsupported(const ModelSpec& m, const Plan& p) 
     no("model.moe.num_shared_experts", "no shared experts");
   if (!m.tasks.empty()) no("model.tasks", "no multi-task gates");
   if (p.tp > 1) no("plan.tp", "tensor parallelism");
-  if (p.pp > 1) no("plan.pp", "pipeline parallelism");
+  if (p.pp > 1 && p.schedule == Schedule::kInterleaved1F1B)
+    no("plan.schedule", "interleaved_1f1b (GPipe and 1F1B run)");
   if (p.cp > 1) no("plan.cp", "context parallelism");
   if (p.expert_tp > 1) no("plan.expert_tp", "expert tensor parallelism");
   if (p.dispatch == Dispatch::kPPMoEIndexSlice)
@@ -597,6 +598,67 @@ struct MoeTrainer::Impl {
     return mb.loss * loss_scale;
   }
 
+  // The micro-batches of one step through this pipeline stage in the schedule's order: GPipe (all
+  // forwards, then all backwards) or 1F1B (pp - stage - 1 warm-up forwards, then one forward and
+  // one backward in turn, then the remaining backwards). Activations go forward and their
+  // gradients back with posted sends, so neighbours never wait on each other's sends. Returns
+  // this stage's share of the loss (the last stage's; 0 elsewhere).
+  double pipeline(int64_t step, int64_t first_sequence, int64_t sequences, double loss_scale,
+                  std::vector<int64_t>& tokens_per_expert) {
+    Communicator& pp = *g.pp;
+    const int stage = pp.rank(), stages = pp.size();
+    const int mbs = s.micro_batch_size;
+    const int count = static_cast<int>(sequences / mbs);
+    std::vector<MicroBatch> mb(static_cast<size_t>(count));
+    std::vector<std::unique_ptr<PendingOp>> sends;
+    std::vector<Tensor> outbox;  // what the posted sends read, alive until they complete
+    double loss = 0;
+    auto fwd = [&](int k) {
+      MicroBatch& b = mb[static_cast<size_t>(k)];
+      b = make_micro_batch(step, first_sequence + static_cast<int64_t>(k) * mbs, mbs);
+      const size_t n = static_cast<size_t>(b.T) * h;
+      if (!first_stage()) {
+        b.x = alloc(n, "received activation");
+        pp.recv(b.x.p(), n, DType::kFloat32, stage - 1, 2 * k);
+      }
+      forward(b, loss_scale, tokens_per_expert);
+      if (last_stage()) {
+        loss += b.loss * loss_scale;
+      } else {
+        sends.push_back(pp.send_async(b.x.p(), n, DType::kFloat32, stage + 1, 2 * k));
+        outbox.push_back(std::move(b.x));
+      }
+    };
+    auto bwd = [&](int k) {
+      MicroBatch& b = mb[static_cast<size_t>(k)];
+      const size_t n = static_cast<size_t>(b.T) * h;
+      if (!last_stage()) {
+        b.dx = alloc(n, "received gradient");
+        pp.recv(b.dx.p(), n, DType::kFloat32, stage + 1, 2 * k + 1);
+      }
+      backward(b);
+      if (!first_stage()) {
+        sends.push_back(pp.send_async(b.dx.p(), n, DType::kFloat32, stage - 1, 2 * k + 1));
+        outbox.push_back(std::move(b.dx));
+      }
+      b = MicroBatch{};  // release its activations
+    };
+    if (s.schedule == Schedule::kGPipe) {
+      for (int k = 0; k < count; ++k) fwd(k);
+      for (int k = 0; k < count; ++k) bwd(k);
+    } else {
+      const int warm = std::min(stages - stage - 1, count);
+      for (int k = 0; k < warm; ++k) fwd(k);
+      for (int i = 0; i < count - warm; ++i) {
+        fwd(warm + i);
+        bwd(i);
+      }
+      for (int i = count - warm; i < count; ++i) bwd(i);
+    }
+    for (auto& op : sends) op->wait();
+    return loss;
+  }
+
   // Sums a space's gradients over its group and applies Adam (ZeRO-1: on this rank's shard).
   void reduce_and_update(Space& sp) {
     const int n = sp.group->size();
@@ -711,6 +773,17 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
   I.seq = static_cast<int>(s.seq_len > 0 ? s.seq_len : m.seq_len);
   I.layers = static_cast<int>(m.num_layers);
   I.layer_end = I.layers;
+  if (groups.pp && groups.pp->size() > 1) {
+    const int stages = groups.pp->size();
+    if (static_cast<int>(s.stage_layers.size()) != stages ||
+        std::accumulate(s.stage_layers.begin(), s.stage_layers.end(), 0) != I.layers)
+      throw ConfigError("plan.stage_layers", "the pipeline has " + std::to_string(stages) +
+                                                 " stages; give each its layers (summing to " +
+                                                 std::to_string(I.layers) + ")");
+    const int stage = groups.pp->rank();
+    I.layer_begin = std::accumulate(s.stage_layers.begin(), s.stage_layers.begin() + stage, 0);
+    I.layer_end = I.layer_begin + s.stage_layers[static_cast<size_t>(stage)];
+  }
   I.ffn = static_cast<int>(m.ffn_hidden_size);
   if (m.moe) {
     I.experts = static_cast<int>(experts);
@@ -734,8 +807,8 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
     t->params_.push_back(std::move(p));
   };
   const size_t h = static_cast<size_t>(I.h);
-  add("embed", static_cast<size_t>(I.vocab) * h, false);
-  for (int l = 0; l < I.layers; ++l) {
+  if (I.first_stage()) add("embed", static_cast<size_t>(I.vocab) * h, false);
+  for (int l = I.layer_begin; l < I.layer_end; ++l) {
     add(Impl::L(l, "attn_norm"), h, false);
     add(Impl::L(l, "wqkv"), h * 3 * h, false);
     add(Impl::L(l, "wo"), h * h, false);
@@ -751,8 +824,10 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
       add(Impl::L(l, "w2"), static_cast<size_t>(I.ffn) * h, false);
     }
   }
-  add("final_norm", h, false);
-  add("head", h * static_cast<size_t>(I.vocab), false);
+  if (I.last_stage()) {
+    add("final_norm", h, false);
+    add("head", h * static_cast<size_t>(I.vocab), false);
+  }
   I.setup_space(I.dense, false, groups.dp);
   I.setup_space(I.expert, true, groups.expert_dp);
   return t;
@@ -768,9 +843,13 @@ StepStats MoeTrainer::forward_backward(int64_t step_index) {
   const int64_t per_rank = I.s.global_batch / dp;
   const int64_t first = static_cast<int64_t>(I.g.dp->rank()) * per_rank;
   const double scale = 1.0 / (static_cast<double>(I.s.global_batch) * I.seq);
-  for (int64_t b = 0; b < per_rank; b += I.s.micro_batch_size)
-    st.loss +=
-        I.micro_batch(step_index, first + b, I.s.micro_batch_size, scale, st.tokens_per_expert);
+  if (!I.g.pp || I.g.pp->size() == 1) {
+    for (int64_t b = 0; b < per_rank; b += I.s.micro_batch_size)
+      st.loss +=
+          I.micro_batch(step_index, first + b, I.s.micro_batch_size, scale, st.tokens_per_expert);
+  } else {
+    st.loss = I.pipeline(step_index, first, per_rank, scale, st.tokens_per_expert);
+  }
   st.dropped = I.dropped;
   return st;
 }
@@ -782,6 +861,9 @@ StepStats MoeTrainer::step(int64_t step_index) {
   I.reduce_and_update(I.dense);
   if (!I.expert.members.empty()) I.reduce_and_update(I.expert);
   I.g.dp->all_reduce(&st.loss, 1, DType::kFloat64, ReduceOp::kSum);
+  // Only the last stage computed a loss: every stage reports the batch's.
+  if (I.g.pp && I.g.pp->size() > 1)
+    I.g.pp->all_reduce(&st.loss, 1, DType::kFloat64, ReduceOp::kSum);
   return st;
 }
 

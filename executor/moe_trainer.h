@@ -7,8 +7,9 @@
 // ranks (experts split evenly; tokens dispatched by all-to-all and combined by the reverse
 // all-to-all), ZeRO stage 0 or 1 (optimizer states sharded over the data-parallel group: gradient
 // reduce-scatter, sharded Adam, parameter all-gather), gradient buckets of the plan's size, and
-// micro-batches (gradient accumulation). Tensor and pipeline parallelism are not run yet
-// (supported() says so).
+// micro-batches (gradient accumulation), and pipeline parallelism with GPipe or 1F1B (activations
+// and their gradients sent between neighbouring stages). Tensor parallelism is not run yet
+// (trainer_unsupported() says so).
 //
 // Determinism: parameters are initialised from (seed, parameter name, element index) and the
 // tokens from (seed, step, sequence, position), so any layout of the same model and seed computes
@@ -36,6 +37,10 @@ struct TrainSettings {
   int micro_batch_size = 1;
   int zero_stage = 0;
   int64_t grad_bucket_bytes = kDefaultGradBucketBytes;
+  // Pipeline: layers per stage (empty = one stage holding all) and the schedule of micro-batches
+  // (GPipe or 1F1B; interleaving is not run).
+  std::vector<int> stage_layers;
+  Schedule schedule = Schedule::k1F1B;
   double capacity_factor = 0;  // 0 = dropless; else per micro-batch and rank, as GShard's groups
   uint64_t seed = 1234;
   float init_std = 0.02f;  // weights ~ N(0, init_std^2); norm gains start at 1
@@ -55,6 +60,8 @@ struct TrainGroups {
   // ranks with this rank's local index on every node (ep_inter); EP rank = node * L + local.
   Communicator* ep_intra = nullptr;
   Communicator* ep_inter = nullptr;
+  // The pipeline: this rank's peers at every stage (rank = stage); nullptr = one stage.
+  Communicator* pp = nullptr;
 };
 
 // What the CPU runner cannot run (yet) for this model and plan; empty when it can.

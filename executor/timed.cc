@@ -155,6 +155,10 @@ class TimedCommunicator : public Communicator {
     c_->recv(d, n, t, peer, tag);
   }
   void barrier() override { c_->barrier(); }
+  std::unique_ptr<PendingOp> send_async(const void* d, size_t n, DType t, int peer,
+                                        int tag) override {
+    return std::make_unique<TimedPending>(c_->send_async(d, n, t, peer, tag), t_, "send_recv");
+  }
   std::unique_ptr<PendingOp> all_reduce_async(void* d, size_t n, DType t, ReduceOp op) override {
     return std::make_unique<TimedPending>(c_->all_reduce_async(d, n, t, op), t_, "all_reduce");
   }

@@ -130,9 +130,15 @@ int cmd_run(const Common& common, const RunFlags& f) {
   OpTimes op_times;
   auto dev = timed_device(*backend, op_times);
   const int r = ranks.rank;
-  auto dp = timed_communicator(ranks.world->split(0, r, "dp"), op_times);
-  auto ep = timed_communicator(ranks.world->split(r / plan.ep, r, "ep"), op_times);
-  auto edp = timed_communicator(ranks.world->split(r % plan.ep, r, "expert_dp"), op_times);
+  // Rank order: pipeline stage outermost, then data parallel (tp = cp = 1); the EP groups are
+  // consecutive ranks inside a stage.
+  const int per_stage = ranks.size / plan.pp, stage = r / per_stage, q = r % per_stage;
+  auto dp = timed_communicator(ranks.world->split(stage, r, "dp"), op_times);
+  auto ep =
+      timed_communicator(ranks.world->split(stage * per_stage + q / plan.ep, r, "ep"), op_times);
+  auto edp = timed_communicator(ranks.world->split(stage * per_stage + q % plan.ep, r, "expert_dp"),
+                                op_times);
+  auto pp = timed_communicator(ranks.world->split(q, stage, "pp"), op_times);
   // The hierarchical all-to-all's two levels: the EP ranks on this node, and those with this
   // rank's local index on every node (EP groups are node-aligned: ep ranks are consecutive).
   std::unique_ptr<Communicator> ep_intra, ep_inter;
@@ -148,6 +154,10 @@ int cmd_run(const Common& common, const RunFlags& f) {
   s.zero_stage = plan.zero_stage;
   s.grad_bucket_bytes = plan.grad_bucket_bytes;
   s.capacity_factor = plan.capacity_factor.value_or(0.0);
+  if (plan.pp > 1) {
+    s.stage_layers = resolve_stage_layers(plan, in.model);
+    s.schedule = plan.schedule;
+  }
   s.seed = f.seed;
 
   Json check = nullptr;
@@ -156,7 +166,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
   int64_t dropped = 0;
   try {
     auto trainer = MoeTrainer::create(
-        in.model, s, *dev, {dp.get(), ep.get(), edp.get(), ep_intra.get(), ep_inter.get()});
+        in.model, s, *dev,
+        {dp.get(), ep.get(), edp.get(), ep_intra.get(), ep_inter.get(), pp.get()});
     tokens_per_expert.assign(static_cast<size_t>(in.model.moe ? in.model.moe->num_experts : 0), 0);
     for (int i = 0; i < f.warmup; ++i) trainer->step(i);
     dev->memory().reset_peaks();
@@ -199,6 +210,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
       auto sdp = self_communicator("dp"), sep = self_communicator("ep"),
            sedp = self_communicator("expert_dp");
       TrainSettings rs = s;
+      rs.stage_layers.clear();  // one stage holds every layer
       // Capacity applies per micro-batch: the reference then keeps the plan's micro-batches.
       if (s.capacity_factor <= 0) rs.micro_batch_size = 1;
       rs.zero_stage = 0;
@@ -304,7 +316,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
   }
   const TimeBreakdown& tb = pred.time;
   predicted_class["communication (exposed)"] =
-      tb.tp_comm_s + tb.cp_comm_s + tb.ep_comm_s + tb.dp_comm_s + tb.pp_comm_s;
+      tb.tp_comm_s + tb.cp_comm_s + tb.ep_comm_s + tb.dp_comm_s;
+  if (plan.pp > 1) predicted_class["pipeline (bubble and p2p)"] = tb.bubble_s + tb.pp_comm_s;
   predicted_class["optimizer and host"] = tb.optimizer_s;
   for (const auto& [name, secs] : op_times.seconds) {
     if (name == "gemm" || name == "expert_gemm")
@@ -316,6 +329,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
       measured_class["memory-bound kernels"] += secs;
     else if (name.rfind("host", 0) == 0 || name == "optimizer")
       measured_class["optimizer and host"] += secs;
+    else if (name == "send_recv")
+      measured_class["pipeline (bubble and p2p)"] += secs;  // waiting on the neighbours
     else
       measured_class["communication (exposed)"] += secs;
   }

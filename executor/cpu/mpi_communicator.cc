@@ -254,6 +254,14 @@ class MpiCommunicator : public Communicator {
     p.wait();
   }
 
+  std::unique_ptr<PendingOp> send_async(const void* data, size_t count, DType dtype, int peer,
+                                        int tag) override {
+    check_tag(tag);
+    auto p = std::make_unique<MpiPending>(timeout_s_, info("send to", count, dtype, peer));
+    MPI_CHECK(
+        MPI_Isend(data, as_int(count, "send"), mpi_type(dtype), peer, tag, comm_, &p->request_));
+    return p;
+  }
   std::unique_ptr<PendingOp> all_reduce_async(void* data, size_t count, DType dtype,
                                               ReduceOp op) override {
     auto p = std::make_unique<MpiPending>(timeout_s_, info("all_reduce", count, dtype));

@@ -33,6 +33,8 @@ struct Case {
   int64_t bucket_bytes;
   double capacity_factor = 0;
   int ep_per_node = 0;  // > 0: hierarchical all-to-all with this many EP ranks per "node"
+  int pp = 1;           // pipeline stages (the outermost dimension of the rank order)
+  Schedule schedule = Schedule::k1F1B;
 };
 
 void check(const Case& c) {
@@ -57,11 +59,21 @@ void check(const Case& c) {
 
   auto world = g_mpi->world(60);
   const int r = world->rank();
-  auto dp = world->split(0, r, "dp");
-  auto ep = world->split(r / c.ep, r, "ep");
-  auto edp = world->split(r % c.ep, r, "expert_dp");
+  // Ranks: stage-major (pp outermost), then data parallel; EP groups inside a stage.
+  const int per_stage = world->size() / c.pp, stage = r / per_stage, q = r % per_stage;
+  auto dp = world->split(stage, r, "dp");
+  auto ep = world->split(stage * 1000 + q / c.ep, r, "ep");
+  auto edp = world->split(stage * 1000 + q % c.ep, r, "expert_dp");
+  auto pp = world->split(q, stage, "pp");
+  if (c.pp > 1) {
+    Plan plan;
+    plan.pp = c.pp;
+    s.stage_layers = resolve_stage_layers(plan, m);
+    s.schedule = c.schedule;
+  }
   std::unique_ptr<Communicator> intra, inter;
   TrainGroups groups{dp.get(), ep.get(), edp.get()};
+  groups.pp = pp.get();
   if (c.ep_per_node > 0) {
     intra = ep->split(ep->rank() / c.ep_per_node, ep->rank(), "ep_intra");
     inter = ep->split(ep->rank() % c.ep_per_node, ep->rank(), "ep_inter");
@@ -71,6 +83,7 @@ void check(const Case& c) {
   auto dev = cpu_device({});
   auto run = MoeTrainer::create(m, s, *dev, groups);
   EXPECT_EQ(run->local_experts(), 12 / c.ep);
+  (void)stage;
 
   int64_t dropped = 0;
   for (int step = 0; step < steps; ++step) {
@@ -112,6 +125,22 @@ TEST(DistributedTraining, HierarchicalAllToAllMatchesTheReference) {
     if (w % per_node != 0 || per_node == w || (w > 2 && per_node == 1)) continue;
     check({w, 1, 2, 1 << 20, 0, per_node});
     check({w, 0, 1, 1 << 20, 0.75, per_node});
+  }
+}
+TEST(DistributedTraining, PipelineStagesMatchTheReference) {
+  // Two stages (layers 1 + 2 of 3), each data parallel over the rest of the ranks.
+  const int w = g_mpi->world_size();
+  Case gpipe{1, 0, 1, 1 << 20};
+  gpipe.pp = 2;
+  gpipe.schedule = Schedule::kGPipe;
+  check(gpipe);
+  Case one_f_one_b{1, 1, 1, 1 << 20};
+  one_f_one_b.pp = 2;
+  check(one_f_one_b);
+  if ((w / 2) % 2 == 0) {
+    Case with_ep{2, 1, 2, 1 << 20, 0.75};  // expert parallel inside each stage, with dropping
+    with_ep.pp = 2;
+    check(with_ep);
   }
 }
 TEST(DistributedTraining, ExpertAndExpertDataParallelMatchTheReference) {

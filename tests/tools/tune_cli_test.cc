@@ -308,11 +308,29 @@ TEST_F(RunCliTest, ADeadRankEndsTheRunNamingIt) {
 }
 
 TEST_F(RunCliTest, PlansItCannotRunAreRefusedWithTheirPaths) {
-  const Result r = sh(kCli + " run --plan tiny-moe-local --no-db 2>&1");
+  const std::string plan = path("tp.json");
+  std::ofstream(plan) << R"({"schema_version": 1, "name": "tp", "dp": 2, "tp": 2, "ep": 2,
+                           "sequence_parallel": true, "for": {"model": "tiny-moe",
+                           "cluster": "local-cpu", "workload": "tiny-train"}})";
+  const Result r = sh(kCli + " run --plan " + plan + " --no-db 2>&1");
   EXPECT_EQ(r.exit_code, 2) << r.output;
-  EXPECT_NE(r.output.find("plan.pp: the CPU runner does not run this yet"), std::string::npos)
+  EXPECT_NE(r.output.find("plan.tp: the CPU runner does not run this yet"), std::string::npos)
       << r.output;
   EXPECT_NE(r.output.find("mpirun -n 4"), std::string::npos) << r.output;
+}
+
+TEST_F(RunCliTest, APipelinePlanMatchesTheReference) {
+#ifndef SWITCHYARD_MPIEXEC
+  GTEST_SKIP() << "built without MPI";
+#else
+  // The bundled tiny-moe-local: dp 2 x pp 2 (1F1B), ep 2, ZeRO-1.
+  const Result r =
+      sh(kMpi + kCli + " run --plan tiny-moe-local --steps 1 --warmup 1 --check --json --no-db");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const Json j = json_of(r);
+  EXPECT_TRUE(j["check"]["passed"].get<bool>());
+  EXPECT_GT(j["op_classes"]["pipeline (bubble and p2p)"]["measured_s"].get<double>(), 0);
+#endif
 }
 
 }  // namespace
