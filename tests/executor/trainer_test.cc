@@ -99,6 +99,7 @@ TEST(MoeTrainer, RejectsWhatItCannotRunWithPaths) {
   Plan p;
   p.tp = 2;
   p.pp = 2;
+  p.schedule = Schedule::kInterleaved1F1B;  // GPipe and 1F1B run; interleaving does not
   p.dispatch = Dispatch::kPPMoEIndexSlice;
   const auto issues = trainer_unsupported(testing::bundled().load_model("tiny-moe"), p);
   // (capacity factors run: they are not among the issues)
