@@ -58,13 +58,14 @@ std::vector<ConfigIssue> trainer_unsupported(const ModelSpec& m, const Plan& p) 
   if (m.moe && m.moe->num_shared_experts > 0)
     no("model.moe.num_shared_experts", "no shared experts");
   if (!m.tasks.empty()) no("model.tasks", "no multi-task gates");
-  if (p.tp > 1) no("plan.tp", "tensor parallelism");
+  if (p.tp > 1 && p.dispatch != Dispatch::kPPMoEIndexSlice)
+    no("plan.tp",
+       "tensor parallelism with all-to-all dispatch (sequence parallel); with "
+       "ppmoe_index_slice it runs");
   if (p.pp > 1 && p.schedule == Schedule::kInterleaved1F1B)
     no("plan.schedule", "interleaved_1f1b (GPipe and 1F1B run)");
   if (p.cp > 1) no("plan.cp", "context parallelism");
   if (p.expert_tp > 1) no("plan.expert_tp", "expert tensor parallelism");
-  if (p.dispatch == Dispatch::kPPMoEIndexSlice)
-    no("plan.dispatch", "ppmoe_index_slice (it needs tensor parallelism)");
   if (p.zero_stage > 1) no("plan.zero_stage", "ZeRO stages 0 and 1");
   if (p.expert_replicas.kind != ExpertReplicas::Kind::kNone) no("plan.expert_replicas", "replicas");
   if (p.placement != Placement{} || p.prefetch.direction != PrefetchDirection::kNone)
@@ -81,6 +82,13 @@ struct MoeTrainer::Impl {
   int h = 0, heads = 0, head_dim = 0, vocab = 0, seq = 0, experts = 0, top_k = 0, f = 0, ffn = 0;
   int layers = 0, local_experts = 0, first_expert = 0;
   int layer_begin = 0, layer_end = 0;  // this pipeline stage's layers
+  int tp = 1, tp_rank = 0;             // tensor parallel
+  int heads_local = 0, h_local = 0, ffn_local = 0;
+  bool ppmoe = false;
+  // Sums a tensor-parallel partial result over the TP group (no-op without TP).
+  void tp_sum(float* data, size_t n) {
+    if (tp > 1) g.tp->all_reduce(data, n, DType::kFloat32, ReduceOp::kSum);
+  }
   int64_t steps_done = 0;
   int64_t dropped = 0;  // in the current step
   std::vector<Parameter>* params = nullptr;
@@ -142,11 +150,22 @@ struct MoeTrainer::Impl {
     // Hierarchical exchange: rows from intra-node peer i bound for node n (this rank's local
     // index), [L * N].
     std::vector<int64_t> hier_in;
+    int block_begin = 0;  // ppmoe: the local experts' rows in the permuted order
+    int total_rows = 0;   // ppmoe: every expert's rows
   };
 
   Exchange plan_exchange(const TokenRouting& r) {
-    const int ep = g.ep->size();
     Exchange x;
+    if (ppmoe) {
+      // Every TP rank routed the same tokens the same way: its experts' rows are one block.
+      for (int e = 0; e < first_expert; ++e) x.block_begin += r.rows_per_expert[e];
+      for (int j = 0; j < local_experts; ++j)
+        x.rows_per_local.push_back(r.rows_per_expert[first_expert + j]);
+      x.received = std::accumulate(x.rows_per_local.begin(), x.rows_per_local.end(), 0);
+      x.total_rows = std::accumulate(r.rows_per_expert.begin(), r.rows_per_expert.end(), 0);
+      return x;
+    }
+    const int ep = g.ep->size();
     x.send_rows.assign(ep, 0);
     std::vector<int64_t> send_per_expert(static_cast<size_t>(experts));
     for (int e = 0; e < experts; ++e) {
@@ -311,6 +330,11 @@ struct MoeTrainer::Impl {
   // Sends rows (grouped by destination) out and returns them expert-major on the owners.
   Tensor dispatch(const Exchange& x, const float* rows, int width, const char* what) {
     Tensor recv = alloc(static_cast<size_t>(x.received) * width, what);
+    if (ppmoe) {  // the index slice: no communication
+      std::memcpy(recv.p(), rows + static_cast<size_t>(x.block_begin) * width,
+                  sizeof(float) * x.received * width);
+      return recv;
+    }
     Tensor tmp = alloc(static_cast<size_t>(x.received) * width, what);
     if (hierarchical())
       hier_forward(x, rows, width, tmp.p());
@@ -324,6 +348,12 @@ struct MoeTrainer::Impl {
   }
   // The reverse: expert-major rows on the owners back to their sources' order.
   void combine(const Exchange& x, const float* expert_rows, int width, float* out) {
+    if (ppmoe) {  // other ranks' experts' rows stay zero: the TP all-reduce adds them
+      std::memset(out, 0, sizeof(float) * static_cast<size_t>(x.total_rows) * width);
+      std::memcpy(out + static_cast<size_t>(x.block_begin) * width, expert_rows,
+                  sizeof(float) * x.received * width);
+      return;
+    }
     Tensor tmp = alloc(static_cast<size_t>(x.received) * width, "combine buffer");
     for (int i = 0; i < x.received; ++i)
       std::memcpy(tmp.p() + static_cast<size_t>(i) * width,
@@ -398,14 +428,21 @@ struct MoeTrainer::Impl {
       S.x_in = std::move(x);
       S.a = alloc(static_cast<size_t>(T) * h, "norm output");
       dev.rmsnorm(S.x_in.p(), P(L(l, "attn_norm")).v(), T, h, eps, S.a.p());
-      S.qkv = alloc(static_cast<size_t>(T) * 3 * h, "qkv");
-      mm(S.a.p(), P(L(l, "wqkv")).v(), T, h, 3 * h, S.qkv.p());
-      S.o = alloc(static_cast<size_t>(T) * h, "attention output");
-      S.lse = alloc(static_cast<size_t>(sequences) * heads * seq, "attention lse");
-      dev.attention(S.qkv.p(), sequences, seq, heads, head_dim, S.o.p(), S.lse.p());
+      // Attention: QKV column-parallel (this rank's heads), output projection row-parallel, its
+      // partial sums added up over the TP group.
+      S.qkv = alloc(static_cast<size_t>(T) * 3 * h_local, "qkv");
+      mm(S.a.p(), P(L(l, "wqkv")).v(), T, h, 3 * h_local, S.qkv.p());
+      S.o = alloc(static_cast<size_t>(T) * h_local, "attention output");
+      S.lse = alloc(static_cast<size_t>(sequences) * heads_local * seq, "attention lse");
+      dev.attention(S.qkv.p(), sequences, seq, heads_local, head_dim, S.o.p(), S.lse.p());
       S.x_mid = alloc(static_cast<size_t>(T) * h, "residual");
-      std::memcpy(S.x_mid.p(), S.x_in.p(), sizeof(float) * T * h);
-      mm(S.o.p(), P(L(l, "wo")).v(), T, h, h, S.x_mid.p(), /*acc=*/true);
+      {
+        Tensor proj = alloc(static_cast<size_t>(T) * h, "attention projection");
+        mm(S.o.p(), P(L(l, "wo")).v(), T, h_local, h, proj.p());
+        tp_sum(proj.p(), static_cast<size_t>(T) * h);
+        for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i)
+          S.x_mid.p()[i] = S.x_in.p()[i] + proj.p()[i];
+      }
       S.b = alloc(static_cast<size_t>(T) * h, "norm output");
       dev.rmsnorm(S.x_mid.p(), P(L(l, "ffn_norm")).v(), T, h, eps, S.b.p());
       x = alloc(static_cast<size_t>(T) * h, "hidden states");
@@ -439,13 +476,18 @@ struct MoeTrainer::Impl {
         combine(S.ex, y.p(), h, S.y_perm.p());
         Tensor moe_out = alloc(static_cast<size_t>(T) * h, "moe output");
         dev.unpermute_combine(S.y_perm.p(), S.routing, h, moe_out.p());
+        if (ppmoe) tp_sum(moe_out.p(), static_cast<size_t>(T) * h);  // PPMoE's one all-reduce
         for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i) x.p()[i] += moe_out.p()[i];
       } else {
-        S.gu = alloc(static_cast<size_t>(T) * 2 * ffn, "ffn gate/up");
-        mm(S.b.p(), P(L(l, "w1")).v(), T, h, 2 * ffn, S.gu.p());
-        S.act = alloc(static_cast<size_t>(T) * ffn, "ffn activation");
-        dev.swiglu(S.gu.p(), T, ffn, S.act.p());
-        mm(S.act.p(), P(L(l, "w2")).v(), T, ffn, h, x.p(), /*acc=*/true);
+        // Dense FFN: column-parallel gate/up, row-parallel down projection.
+        S.gu = alloc(static_cast<size_t>(T) * 2 * ffn_local, "ffn gate/up");
+        mm(S.b.p(), P(L(l, "w1")).v(), T, h, 2 * ffn_local, S.gu.p());
+        S.act = alloc(static_cast<size_t>(T) * ffn_local, "ffn activation");
+        dev.swiglu(S.gu.p(), T, ffn_local, S.act.p());
+        Tensor y = alloc(static_cast<size_t>(T) * h, "ffn output");
+        mm(S.act.p(), P(L(l, "w2")).v(), T, ffn_local, h, y.p());
+        tp_sum(y.p(), static_cast<size_t>(T) * h);
+        for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i) x.p()[i] += y.p()[i];
       }
     }
     if (!last_stage()) {
@@ -497,6 +539,8 @@ struct MoeTrainer::Impl {
           }
           gw[i] = static_cast<float>(dot);
         }
+        // PPMoE: each TP rank saw only its experts' outputs; the weights' gradients add up.
+        if (ppmoe) tp_sum(gw.data(), gw.size());
         Tensor dy_e = dispatch(S.ex, dy_perm.p(), h, "gradient");
         Tensor dact = alloc(static_cast<size_t>(R) * f, "gradient");
         Tensor dgu = alloc(static_cast<size_t>(R) * 2 * f, "gradient");
@@ -528,6 +572,9 @@ struct MoeTrainer::Impl {
           const float* src = dperm.p() + static_cast<size_t>(r.row[i]) * h;
           for (int c = 0; c < h; ++c) d[c] += src[c];
         }
+        // PPMoE: the experts' input gradients are partial per TP rank (the router's part below is
+        // computed alike on every rank and added after).
+        if (ppmoe) tp_sum(db.p(), static_cast<size_t>(T) * h);
         // Router: through the (renormalised) top-k weights and the softmax.
         Tensor dlogits = alloc(static_cast<size_t>(T) * experts, "gradient");
         for (int t = 0; t < T; ++t) {
@@ -552,11 +599,14 @@ struct MoeTrainer::Impl {
         mm_backward(S.b.p(), P(L(l, "router")).v(), dlogits.p(), T, h, experts, db.p(),
                     P(L(l, "router")).g(), /*acc_dx=*/true);
       } else {
-        Tensor dact = alloc(static_cast<size_t>(T) * ffn, "gradient");
-        mm_backward(S.act.p(), P(L(l, "w2")).v(), dx.p(), T, ffn, h, dact.p(), P(L(l, "w2")).g());
-        Tensor dgu = alloc(static_cast<size_t>(T) * 2 * ffn, "gradient");
-        dev.swiglu_backward(S.gu.p(), dact.p(), T, ffn, dgu.p());
-        mm_backward(S.b.p(), P(L(l, "w1")).v(), dgu.p(), T, h, 2 * ffn, db.p(), P(L(l, "w1")).g());
+        Tensor dact = alloc(static_cast<size_t>(T) * ffn_local, "gradient");
+        mm_backward(S.act.p(), P(L(l, "w2")).v(), dx.p(), T, ffn_local, h, dact.p(),
+                    P(L(l, "w2")).g());
+        Tensor dgu = alloc(static_cast<size_t>(T) * 2 * ffn_local, "gradient");
+        dev.swiglu_backward(S.gu.p(), dact.p(), T, ffn_local, dgu.p());
+        mm_backward(S.b.p(), P(L(l, "w1")).v(), dgu.p(), T, h, 2 * ffn_local, db.p(),
+                    P(L(l, "w1")).g());
+        tp_sum(db.p(), static_cast<size_t>(T) * h);  // column-parallel input: partial per rank
       }
       // d x_mid = dx (residual) + norm backward of db.
       Tensor dmid = alloc(static_cast<size_t>(T) * h, "gradient");
@@ -564,13 +614,15 @@ struct MoeTrainer::Impl {
                            P(L(l, "ffn_norm")).g());
       for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i) dmid.p()[i] += dx.p()[i];
       // Attention block.
-      Tensor d_o = alloc(static_cast<size_t>(T) * h, "gradient");
-      mm_backward(S.o.p(), P(L(l, "wo")).v(), dmid.p(), T, h, h, d_o.p(), P(L(l, "wo")).g());
-      Tensor dqkv = alloc(static_cast<size_t>(T) * 3 * h, "gradient");
-      dev.attention_backward(S.qkv.p(), S.o.p(), S.lse.p(), d_o.p(), sequences, seq, heads,
+      Tensor d_o = alloc(static_cast<size_t>(T) * h_local, "gradient");
+      mm_backward(S.o.p(), P(L(l, "wo")).v(), dmid.p(), T, h_local, h, d_o.p(), P(L(l, "wo")).g());
+      Tensor dqkv = alloc(static_cast<size_t>(T) * 3 * h_local, "gradient");
+      dev.attention_backward(S.qkv.p(), S.o.p(), S.lse.p(), d_o.p(), sequences, seq, heads_local,
                              head_dim, dqkv.p());
       Tensor da = alloc(static_cast<size_t>(T) * h, "gradient");
-      mm_backward(S.a.p(), P(L(l, "wqkv")).v(), dqkv.p(), T, h, 3 * h, da.p(), P(L(l, "wqkv")).g());
+      mm_backward(S.a.p(), P(L(l, "wqkv")).v(), dqkv.p(), T, h, 3 * h_local, da.p(),
+                  P(L(l, "wqkv")).g());
+      tp_sum(da.p(), static_cast<size_t>(T) * h);  // column-parallel input: partial per rank
       Tensor dxin = alloc(static_cast<size_t>(T) * h, "gradient");
       dev.rmsnorm_backward(S.x_in.p(), P(L(l, "attn_norm")).v(), da.p(), T, h, eps, dxin.p(),
                            P(L(l, "attn_norm")).g());
@@ -773,6 +825,20 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
   I.seq = static_cast<int>(s.seq_len > 0 ? s.seq_len : m.seq_len);
   I.layers = static_cast<int>(m.num_layers);
   I.layer_end = I.layers;
+  if (groups.tp && groups.tp->size() > 1) {
+    I.tp = groups.tp->size();
+    I.tp_rank = groups.tp->rank();
+    if (I.heads % I.tp != 0 || m.ffn_hidden_size % I.tp != 0)
+      throw ConfigError(
+          "plan.tp", std::to_string(I.tp) + " must divide the attention heads and the FFN width");
+    if (m.moe && !groups.ppmoe)
+      throw ConfigError("plan.tp",
+                        "with MoE layers the CPU runner runs tensor parallelism with "
+                        "ppmoe_index_slice only");
+  }
+  I.ppmoe = groups.ppmoe && m.moe.has_value();
+  I.heads_local = I.heads / I.tp;
+  I.h_local = I.heads_local * I.head_dim;
   if (groups.pp && groups.pp->size() > 1) {
     const int stages = groups.pp->size();
     if (static_cast<int>(s.stage_layers.size()) != stages ||
@@ -785,33 +851,67 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
     I.layer_end = I.layer_begin + s.stage_layers[static_cast<size_t>(stage)];
   }
   I.ffn = static_cast<int>(m.ffn_hidden_size);
+  I.ffn_local = I.ffn / I.tp;
   if (m.moe) {
     I.experts = static_cast<int>(experts);
     I.top_k = static_cast<int>(m.moe->top_k);
     I.f = static_cast<int>(m.moe->expert_ffn_hidden_size);
-    I.local_experts = I.experts / ep;
-    I.first_expert = groups.ep->rank() * I.local_experts;
+    // PPMoE: the experts are spread over the TP group (ep = tp).
+    const int ep_size = I.ppmoe ? I.tp : ep;
+    const int ep_rank = I.ppmoe ? I.tp_rank : groups.ep->rank();
+    I.local_experts = I.experts / ep_size;
+    I.first_expert = ep_rank * I.local_experts;
   }
   t->first_expert_ = I.first_expert;
   t->local_experts_ = I.local_experts;
   I.params = &t->params_;
-  auto add = [&](const std::string& name, size_t n, bool expert) {
+  auto add = [&](const std::string& name, size_t n, bool expert,
+                 std::vector<size_t> global_index = {}) {
     Parameter p;
     p.name = name;
     p.size = n;
     p.expert = expert;
+    p.global_index = std::move(global_index);
     p.value = device.memory().allocate(Tier::kGPU, n * sizeof(float), name);
     p.grad = device.memory().allocate(Tier::kGPU, n * sizeof(float), name + " gradient");
-    for (size_t i = 0; i < n; ++i) p.v()[i] = init_value(s.seed, name, i, s.init_std);
+    for (size_t i = 0; i < n; ++i)
+      p.v()[i] =
+          init_value(s.seed, name, p.global_index.empty() ? i : p.global_index[i], s.init_std);
     I.index[name] = t->params_.size();
     t->params_.push_back(std::move(p));
   };
   const size_t h = static_cast<size_t>(I.h);
+  // Tensor-parallel shards as maps into the whole tensors (Megatron's splits): QKV and the FFN's
+  // gate/up keep this rank's columns of each part, the projections after them its rows.
+  const size_t hl = static_cast<size_t>(I.h_local), fl = static_cast<size_t>(I.ffn_local);
+  const size_t tr = static_cast<size_t>(I.tp_rank);
+  auto columns = [](size_t rows_n, size_t cols_n, const std::vector<size_t>& keep) {
+    std::vector<size_t> idx;
+    if (keep.size() == cols_n) return idx;  // the whole tensor
+    idx.reserve(rows_n * keep.size());
+    for (size_t r = 0; r < rows_n; ++r)
+      for (size_t c : keep) idx.push_back(r * cols_n + c);
+    return idx;
+  };
+  auto rows = [&](size_t cols_n, size_t first, size_t count) {
+    std::vector<size_t> idx;
+    if (I.tp == 1) return idx;
+    idx.reserve(count * cols_n);
+    for (size_t r = first; r < first + count; ++r)
+      for (size_t c = 0; c < cols_n; ++c) idx.push_back(r * cols_n + c);
+    return idx;
+  };
+  std::vector<size_t> qkv_cols, ffn_cols;
+  for (size_t part = 0; part < 3; ++part)
+    for (size_t c = 0; c < hl; ++c) qkv_cols.push_back(part * h + tr * hl + c);
+  for (size_t part = 0; part < 2; ++part)
+    for (size_t c = 0; c < fl; ++c)
+      ffn_cols.push_back(part * static_cast<size_t>(I.ffn) + tr * fl + c);
   if (I.first_stage()) add("embed", static_cast<size_t>(I.vocab) * h, false);
   for (int l = I.layer_begin; l < I.layer_end; ++l) {
     add(Impl::L(l, "attn_norm"), h, false);
-    add(Impl::L(l, "wqkv"), h * 3 * h, false);
-    add(Impl::L(l, "wo"), h * h, false);
+    add(Impl::L(l, "wqkv"), h * 3 * hl, false, columns(h, 3 * h, qkv_cols));
+    add(Impl::L(l, "wo"), hl * h, false, rows(h, tr * hl, hl));
     add(Impl::L(l, "ffn_norm"), h, false);
     if (m.is_moe_layer(l)) {
       add(Impl::L(l, "router"), h * static_cast<size_t>(I.experts), false);
@@ -820,8 +920,9 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
         add(Impl::E(l, I.first_expert + j, "w2"), static_cast<size_t>(I.f) * h, true);
       }
     } else {
-      add(Impl::L(l, "w1"), h * 2 * static_cast<size_t>(I.ffn), false);
-      add(Impl::L(l, "w2"), static_cast<size_t>(I.ffn) * h, false);
+      add(Impl::L(l, "w1"), h * 2 * fl, false,
+          columns(h, 2 * static_cast<size_t>(I.ffn), ffn_cols));
+      add(Impl::L(l, "w2"), fl * h, false, rows(h, tr * fl, fl));
     }
   }
   if (I.last_stage()) {
@@ -871,21 +972,28 @@ ParameterError parameter_error(const MoeTrainer& run, const MoeTrainer& referenc
   std::map<std::string, const Parameter*> by_name;
   for (const Parameter& p : reference.parameters()) by_name[p.name] = &p;
   ParameterError out;
+  double all_diff = 0, all_scale = 1e-30;
   for (const Parameter& p : run.parameters()) {
     const auto it = by_name.find(p.name);
-    if (it == by_name.end() || it->second->size != p.size)
+    if (it == by_name.end() || (p.global_index.empty() && it->second->size != p.size))
       throw std::invalid_argument("parameter_error: the reference has no " + p.name +
-                                  " of the same size");
+                                  " of that size");
     const Parameter& q = *it->second;
+    // A shard is compared with the elements of the whole tensor it holds.
     double diff = 0, scale = 1e-30;
     for (size_t i = 0; i < p.size; ++i) {
-      const double d = double{p.v()[i]} - q.v()[i];
+      const size_t gi = p.global_index.empty() ? i : p.global_index[i];
+      if (gi >= q.size) throw std::invalid_argument("parameter_error: " + p.name + " shard index");
+      const double d = double{p.v()[i]} - q.v()[gi];
       diff += d * d;
-      scale += double{q.v()[i]} * q.v()[i];
+      scale += double{q.v()[gi]} * q.v()[gi];
     }
+    all_diff += diff;
+    all_scale += scale;
     const double rel = std::sqrt(diff) / std::sqrt(scale);
-    if (rel > out.relative) out.relative = rel, out.worst = p.name;
+    if (rel > out.worst_tensor) out.worst_tensor = rel, out.worst = p.name;
   }
+  out.relative = std::sqrt(all_diff) / std::sqrt(all_scale);
   return out;
 }
 

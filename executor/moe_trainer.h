@@ -62,6 +62,11 @@ struct TrainGroups {
   Communicator* ep_inter = nullptr;
   // The pipeline: this rank's peers at every stage (rank = stage); nullptr = one stage.
   Communicator* pp = nullptr;
+  // Tensor parallelism (Megatron column/row splits of attention and dense FFNs; nullptr = none).
+  // With `ppmoe`, Pipeline MoE's dispatch: the experts are spread over the TP group, whose ranks
+  // all hold every token: a local index slice, then one all-reduce combines (ep must equal tp).
+  Communicator* tp = nullptr;
+  bool ppmoe = false;
 };
 
 // What the CPU runner cannot run (yet) for this model and plan; empty when it can.
@@ -72,6 +77,9 @@ struct Parameter {
   std::string name;  // e.g. "layer1.expert3.w1"; canonical across layouts
   size_t size = 0;
   bool expert = false;
+  // A tensor-parallel shard: element i is element global_index[i] of the whole tensor (empty:
+  // the whole tensor, element i is element i).
+  std::vector<size_t> global_index;
   Buffer value;
   Buffer grad;
   float* v() const { return value.as<float>(); }
@@ -112,12 +120,14 @@ class MoeTrainer {
   std::unique_ptr<Impl> impl_;
 };
 
-// How far `run`'s parameters are from `reference`'s (same model and seed, any layout): the largest
-// norm-wise relative error ||a - b|| / ||b|| over this rank's tensors, and that tensor's name.
-// Norm-wise, because Adam turns an element whose gradient is ~0 into a +-lr step whose sign
-// rounding decides, which element-wise maxima over-report.
+// How far `run`'s parameters are from `reference`'s (same model and seed, any layout): the
+// norm-wise relative error ||a - b|| / ||b|| over all of this rank's parameters, and the largest
+// per-tensor one with its name. Norm-wise, because Adam's first steps turn an element whose
+// gradient is ~0 into a +-lr step whose sign the summation order decides (tensor parallelism
+// sums in another order): one such element moves a small tensor's error, not the model's.
 struct ParameterError {
-  double relative = 0;
+  double relative = 0;  // all parameters together
+  double worst_tensor = 0;
   std::string worst;
 };
 ParameterError parameter_error(const MoeTrainer& run, const MoeTrainer& reference);

@@ -130,14 +130,20 @@ int cmd_run(const Common& common, const RunFlags& f) {
   OpTimes op_times;
   auto dev = timed_device(*backend, op_times);
   const int r = ranks.rank;
-  // Rank order: pipeline stage outermost, then data parallel (tp = cp = 1); the EP groups are
-  // consecutive ranks inside a stage.
+  // Rank order (Megatron's): pipeline stage outermost, then data parallel, then tensor parallel
+  // innermost (cp = 1). EP groups are consecutive data-parallel ranks of a stage; with
+  // ppmoe_index_slice the experts are spread over the TP group instead.
   const int per_stage = ranks.size / plan.pp, stage = r / per_stage, q = r % per_stage;
-  auto dp = timed_communicator(ranks.world->split(stage, r, "dp"), op_times);
-  auto ep =
-      timed_communicator(ranks.world->split(stage * per_stage + q / plan.ep, r, "ep"), op_times);
-  auto edp = timed_communicator(ranks.world->split(stage * per_stage + q % plan.ep, r, "expert_dp"),
-                                op_times);
+  const int dp_idx = q / plan.tp, tp_idx = q % plan.tp;
+  const bool ppmoe = plan.dispatch == Dispatch::kPPMoEIndexSlice;
+  const int base = stage * per_stage;
+  auto tpg = timed_communicator(ranks.world->split(base + dp_idx, r, "tp"), op_times);
+  auto dp = timed_communicator(ranks.world->split(base + tp_idx, r, "dp"), op_times);
+  auto ep = timed_communicator(
+      ranks.world->split(ppmoe ? base + dp_idx : base + dp_idx / plan.ep, r, "ep"), op_times);
+  auto edp = timed_communicator(
+      ranks.world->split(ppmoe ? base + tp_idx : base + dp_idx % plan.ep, r, "expert_dp"),
+      op_times);
   auto pp = timed_communicator(ranks.world->split(q, stage, "pp"), op_times);
   // The hierarchical all-to-all's two levels: the EP ranks on this node, and those with this
   // rank's local index on every node (EP groups are node-aligned: ep ranks are consecutive).
@@ -227,7 +233,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
       double errs[2] = {loss_err, param_err};
       ranks.world->all_reduce(errs, 2, DType::kFloat64, ReduceOp::kMax);
       check = {{"steps", f.warmup + f.steps},
-               {"worst_parameter_on_rank_0", perr.worst},
+               {"worst_tensor_on_rank_0", perr.worst},
+               {"worst_tensor_relative_error_on_rank_0", perr.worst_tensor},
                {"max_loss_relative_error", errs[0]},
                {"max_parameter_relative_error", errs[1]},
                {"tolerance", 1e-4},
@@ -432,7 +439,10 @@ int cmd_run(const Common& common, const RunFlags& f) {
                 << ": losses within " << fmt("%.2e", check["max_loss_relative_error"].get<double>())
                 << ", parameters within "
                 << fmt("%.2e", check["max_parameter_relative_error"].get<double>())
-                << " of the one-process reference (tolerance 1e-4)\n";
+                << " of the one-process reference (tolerance 1e-4; worst tensor "
+                << check["worst_tensor_on_rank_0"].get<std::string>() << " "
+                << fmt("%.1e", check["worst_tensor_relative_error_on_rank_0"].get<double>())
+                << ")\n";
     if (!f.trace.empty()) std::cout << "  measured timeline written to " << f.trace << "\n";
     if (!f.no_db) std::cout << "  stored in " << f.db << "\n";
   }

@@ -34,6 +34,7 @@ struct Case {
   double capacity_factor = 0;
   int ep_per_node = 0;  // > 0: hierarchical all-to-all with this many EP ranks per "node"
   int pp = 1;           // pipeline stages (the outermost dimension of the rank order)
+  int tp = 1;           // tensor parallel (innermost); with MoE layers: ppmoe_index_slice
   Schedule schedule = Schedule::k1F1B;
 };
 
@@ -59,11 +60,16 @@ void check(const Case& c) {
 
   auto world = g_mpi->world(60);
   const int r = world->rank();
-  // Ranks: stage-major (pp outermost), then data parallel; EP groups inside a stage.
+  // Ranks: stage-major (pp outermost), then data parallel, then tensor parallel (innermost); EP
+  // groups inside a stage (with TP: PPMoE, the EP group is the TP group).
   const int per_stage = world->size() / c.pp, stage = r / per_stage, q = r % per_stage;
-  auto dp = world->split(stage, r, "dp");
-  auto ep = world->split(stage * 1000 + q / c.ep, r, "ep");
-  auto edp = world->split(stage * 1000 + q % c.ep, r, "expert_dp");
+  const int dp_idx = q / c.tp, tp_idx = q % c.tp;
+  auto tpg = world->split(stage * 1000 + dp_idx, r, "tp");
+  auto dp = world->split(stage * 1000 + tp_idx, r, "dp");
+  auto ep = c.tp > 1 ? world->split(stage * 1000 + dp_idx, r, "ep")
+                     : world->split(stage * 1000 + q / c.ep, r, "ep");
+  auto edp = c.tp > 1 ? world->split(stage * 1000 + tp_idx, r, "expert_dp")
+                      : world->split(stage * 1000 + q % c.ep, r, "expert_dp");
   auto pp = world->split(q, stage, "pp");
   if (c.pp > 1) {
     Plan plan;
@@ -74,6 +80,8 @@ void check(const Case& c) {
   std::unique_ptr<Communicator> intra, inter;
   TrainGroups groups{dp.get(), ep.get(), edp.get()};
   groups.pp = pp.get();
+  groups.tp = tpg.get();
+  groups.ppmoe = c.tp > 1;
   if (c.ep_per_node > 0) {
     intra = ep->split(ep->rank() / c.ep_per_node, ep->rank(), "ep_intra");
     inter = ep->split(ep->rank() % c.ep_per_node, ep->rank(), "ep_inter");
@@ -82,7 +90,7 @@ void check(const Case& c) {
   }
   auto dev = cpu_device({});
   auto run = MoeTrainer::create(m, s, *dev, groups);
-  EXPECT_EQ(run->local_experts(), 12 / c.ep);
+  EXPECT_EQ(run->local_experts(), 12 / (c.tp > 1 ? c.tp : c.ep));
   (void)stage;
 
   int64_t dropped = 0;
@@ -141,6 +149,22 @@ TEST(DistributedTraining, PipelineStagesMatchTheReference) {
     Case with_ep{2, 1, 2, 1 << 20, 0.75};  // expert parallel inside each stage, with dropping
     with_ep.pp = 2;
     check(with_ep);
+  }
+}
+TEST(DistributedTraining, TensorParallelPipelineMoeMatchesTheReference) {
+  // Megatron column/row splits of attention and the dense FFN, experts spread over the TP group
+  // (index slice + one all-reduce), data parallel over the rest.
+  Case ppmoe{1, 1, 1, 1 << 20};
+  ppmoe.tp = 2;
+  check(ppmoe);
+  Case dropping{1, 0, 2, 1 << 20, 0.75};
+  dropping.tp = 2;
+  check(dropping);
+  if (g_mpi->world_size() % 4 == 0) {
+    Case with_pp{1, 1, 1, 1 << 20};
+    with_pp.tp = 2;
+    with_pp.pp = 2;
+    check(with_pp);
   }
 }
 TEST(DistributedTraining, ExpertAndExpertDataParallelMatchTheReference) {

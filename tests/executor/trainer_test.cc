@@ -98,9 +98,9 @@ TEST(MoeTrainer, TrainingLowersTheLossOfARepeatedBatch) {
 TEST(MoeTrainer, RejectsWhatItCannotRunWithPaths) {
   Plan p;
   p.tp = 2;
-  p.pp = 2;
-  p.schedule = Schedule::kInterleaved1F1B;  // GPipe and 1F1B run; interleaving does not
-  p.dispatch = Dispatch::kPPMoEIndexSlice;
+  p.pp = 2;  // tp with all-to-all dispatch (sequence parallel) does not run, nor interleaving,
+  p.schedule = Schedule::kInterleaved1F1B;  // nor ZeRO-2
+  p.zero_stage = 2;
   const auto issues = trainer_unsupported(testing::bundled().load_model("tiny-moe"), p);
   // (capacity factors run: they are not among the issues)
   ASSERT_EQ(issues.size(), 3u);
