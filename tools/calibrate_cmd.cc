@@ -132,12 +132,6 @@ void measure_collectives(Communicator& world, bool quick, CalibrationData& d) {
   }
 }
 
-bool launched_by_mpirun() {
-  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
-    if (std::getenv(v)) return true;
-  return false;
-}
-
 int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
   if (f.backend != "cpu")
     throw ConfigError("--backend", "\"" + f.backend +

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <optional>
@@ -43,6 +44,14 @@ inline std::string plan_summary(const sy::Plan& p) {
   s += " mbs" + std::to_string(p.micro_batch_size) + " " + std::string(sy::enum_name(p.schedule)) +
        " zero" + std::to_string(p.zero_stage) + " " + std::string(sy::enum_name(p.dispatch));
   return s;
+}
+
+// True when mpirun/mpiexec started this process (its launcher environment is set): only then is
+// MPI initialised, so a plain `switchyard ...` never pays for a singleton MPI start.
+inline bool launched_by_mpirun() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"})
+    if (std::getenv(v)) return true;
+  return false;
 }
 
 struct Common {

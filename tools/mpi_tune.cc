@@ -31,12 +31,6 @@ constexpr int kTagDone = 2;
     }                                                                                 \
   } while (0)
 
-bool launched_by_mpirun() {
-  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"})
-    if (std::getenv(v)) return true;
-  return false;
-}
-
 void send_unit(const UnitResult& u) {
   const std::string bytes = encode_unit(u);
   MPI_CHECK(MPI_Send(bytes.data(), static_cast<int>(bytes.size()), MPI_BYTE, 0, kTagUnit,
@@ -57,11 +51,11 @@ bool receive(const std::function<void(UnitResult&&)>& sink) {
   return true;
 }
 
-// The units of `todo` rank `rank` of `size` sweeps.
-std::vector<int64_t> slice(const std::vector<int64_t>& todo, int rank, int size) {
+// The units of `units` that rank `rank` of `size` sweeps.
+std::vector<int64_t> slice(const std::vector<int64_t>& units, int rank, int size) {
   std::vector<int64_t> out;
-  for (size_t i = static_cast<size_t>(rank); i < todo.size(); i += static_cast<size_t>(size))
-    out.push_back(todo[i]);
+  for (size_t i = static_cast<size_t>(rank); i < units.size(); i += static_cast<size_t>(size))
+    out.push_back(units[i]);
   return out;
 }
 
@@ -118,12 +112,12 @@ void MpiTune::cancel() {
 }
 
 SweepFn MpiTune::coordinator_sweep(const SearchSpace& space, int threads) {
-  return [this, &space, threads](const std::vector<int64_t>& todo,
+  return [this, &space, threads](const std::vector<int64_t>& missing,
                                  const std::function<void(UnitResult &&)>& sink) {
     started_ = true;
-    int64_t n = static_cast<int64_t>(todo.size());
+    int64_t n = static_cast<int64_t>(missing.size());
     MPI_CHECK(MPI_Bcast(&n, 1, MPI_INT64_T, 0, MPI_COMM_WORLD));
-    std::vector<int64_t> units = todo;
+    std::vector<int64_t> units = missing;
     if (n > 0)
       MPI_CHECK(MPI_Bcast(units.data(), static_cast<int>(n), MPI_INT64_T, 0, MPI_COMM_WORLD));
     int remaining = size_ - 1;  // workers that have not said "done"

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "tools/cli_common.h"
 #include "tuner/tune.h"
 
 namespace switchyard::cli {

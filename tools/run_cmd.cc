@@ -55,12 +55,6 @@ struct Ranks {
   }
 };
 
-bool launched_by_mpirun() {
-  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
-    if (std::getenv(v)) return true;
-  return false;
-}
-
 Ranks start_ranks(double timeout_s) {
   Ranks r;
 #ifdef SWITCHYARD_HAVE_MPI

@@ -214,19 +214,19 @@ std::vector<Finalist> rerank(const SearchSpace& space, const std::vector<Scored>
       p.grad_bucket_bytes = b;
       jobs.push_back({c, std::move(p), std::nullopt});
     }
-  std::vector<size_t> todo;
+  std::vector<size_t> to_simulate;
   for (size_t i = 0; i < jobs.size(); ++i) {
     const int64_t unit = candidates[jobs[i].candidate].unit;
     if (cache) jobs[i].result = cache->find(jobs[i].plan, space.cluster(unit), space.profile(unit));
     jobs[i].cached = jobs[i].result.has_value();
-    if (!jobs[i].cached) todo.push_back(i);
+    if (!jobs[i].cached) to_simulate.push_back(i);
   }
   std::atomic<size_t> next{0};
   std::exception_ptr failure;
   std::mutex m;
   auto work = [&] {
-    for (size_t t = next++; t < todo.size(); t = next++) {
-      Job& job = jobs[todo[t]];
+    for (size_t t = next++; t < to_simulate.size(); t = next++) {
+      Job& job = jobs[to_simulate[t]];
       const int64_t unit = candidates[job.candidate].unit;
       try {
         job.result = summarize(simulate(space.model(), space.cluster(unit), job.plan,
@@ -234,18 +234,18 @@ std::vector<Finalist> rerank(const SearchSpace& space, const std::vector<Scored>
       } catch (...) {
         std::lock_guard<std::mutex> lock(m);
         if (!failure) failure = std::current_exception();
-        next = todo.size();
+        next = to_simulate.size();
       }
     }
   };
-  const int n = worker_count(threads, todo.size());
+  const int n = worker_count(threads, to_simulate.size());
   std::vector<std::thread> pool;
   for (int t = 1; t < n; ++t) pool.emplace_back(work);
   work();
   for (auto& t : pool) t.join();
   if (failure) std::rethrow_exception(failure);
   if (cache)
-    for (size_t i : todo) {
+    for (size_t i : to_simulate) {
       const int64_t unit = candidates[jobs[i].candidate].unit;
       cache->put(jobs[i].plan, space.cluster(unit), space.profile(unit), *jobs[i].result);
     }

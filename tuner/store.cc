@@ -164,6 +164,13 @@ class Store::Statement {
     while (step()) {
     }
   }
+  // Runs an INSERT ... RETURNING id to completion; the new row's id.
+  int64_t insert_returning_id() {
+    if (!step()) throw std::runtime_error("INSERT ... RETURNING returned no row");
+    const int64_t id = i64(0);
+    run();
+    return id;
+  }
   void reset() {
     sqlite3_reset(stmt_);
     sqlite3_clear_bindings(stmt_);
@@ -439,10 +446,7 @@ int64_t Store::put_prediction(const std::string& model_hash, const std::string& 
       .bind(13, s.peak.ssd)
       .bind(14, s.bottleneck)
       .bind(15, to_json(s).dump());
-  st.step();
-  const int64_t id = st.i64(0);
-  st.run();
-  return id;
+  return st.insert_returning_id();
 }
 
 std::optional<std::pair<int64_t, PredictionSummary>> Store::find_prediction(
@@ -473,10 +477,7 @@ int64_t Store::begin_search(const Json& args, const std::string& space_key, int6
       .bind(2, canonical_dump(args))
       .bind(3, units_total)
       .bind(4, candidates_total);
-  st.step();
-  const int64_t id = st.i64(0);
-  st.run();
-  return id;
+  return st.insert_returning_id();
 }
 
 void Store::set_progress(int64_t search_id, int64_t units_done) {
@@ -580,10 +581,7 @@ int64_t Store::put_measurement(const std::string& model_hash, const std::string&
       .bind(11, m.peak_ssd_bytes)
       .bind(12, m.details.dump())
       .bind(13, m.trace_path);
-  st.step();
-  const int64_t id = st.i64(0);
-  st.run();
-  return id;
+  return st.insert_returning_id();
 }
 
 int64_t Store::put_calibration(const std::string& cluster_hash, const std::string& backend,
@@ -592,10 +590,7 @@ int64_t Store::put_calibration(const std::string& cluster_hash, const std::strin
                "INSERT INTO calibrations(cluster_hash, backend, profile_json, residuals_json) "
                "VALUES (?, ?, ?, ?) RETURNING id");
   st.bind(1, cluster_hash).bind(2, backend).bind(3, profile.dump()).bind(4, residuals.dump());
-  st.step();
-  const int64_t id = st.i64(0);
-  st.run();
-  return id;
+  return st.insert_returning_id();
 }
 
 std::vector<Store::Comparison> Store::comparisons() {

@@ -28,9 +28,9 @@ SearchOutcome search(const SearchSpace& space, Store& store, int64_t search_id,
   // Units still to evaluate: the space's, minus what the store has for this exact space.
   const std::vector<int64_t> done = store.done_units(key);
   const std::set<int64_t> done_set(done.begin(), done.end());
-  std::vector<int64_t> todo;
+  std::vector<int64_t> missing;
   for (int64_t u = 0; u < space.units(); ++u)
-    if (!done_set.count(u)) todo.push_back(u);
+    if (!done_set.count(u)) missing.push_back(u);
   out.reused_units = static_cast<int64_t>(done.size());
 
   int64_t candidates_done = out.reused_units * space.unit_size();
@@ -56,14 +56,14 @@ SearchOutcome search(const SearchSpace& space, Store& store, int64_t search_id,
   };
   const auto sweep_start = Clock::now();
   if (hooks.sweep)
-    hooks.sweep(todo, sink);
+    hooks.sweep(missing, sink);
   else
-    run_sweep(space, todo, settings.threads, sink);
+    run_sweep(space, missing, settings.threads, sink);
   flush();
   out.sweep_s = seconds_since(sweep_start);
-  if (!todo.empty() && out.sweep_s > 0)
+  if (!missing.empty() && out.sweep_s > 0)
     out.candidates_per_s =
-        static_cast<double>(todo.size()) * static_cast<double>(space.unit_size()) / out.sweep_s;
+        static_cast<double>(missing.size()) * static_cast<double>(space.unit_size()) / out.sweep_s;
 
   const std::vector<UnitResult> results = store.load_units(key);
   for (const auto& u : results) {

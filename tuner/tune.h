@@ -24,9 +24,10 @@ struct SearchSettings {
   int threads = 0;          // 0 = every core
 };
 
-// Sweeps `todo` and hands every finished unit to `sink` (one call at a time). The default runs
-// run_sweep() on this process's threads; the CLI replaces it under MPI (ranks split the units).
-using SweepFn = std::function<void(const std::vector<int64_t>& todo,
+// Sweeps `missing` (the units the store lacks) and hands every finished unit to `sink` (one call at
+// a time). The default runs run_sweep() on this process's threads; the CLI replaces it under MPI
+// (ranks split the units).
+using SweepFn = std::function<void(const std::vector<int64_t>& missing,
                                    const std::function<void(UnitResult&&)>& sink)>;
 
 struct SearchHooks {

@@ -10,26 +10,16 @@
 #include <string>
 
 #include "tests/core/test_util.h"
+#include "tests/tools/shell.h"
 
 namespace switchyard {
 namespace {
 
-struct Result {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr together
-};
+using Result = testing::ShellResult;
 
+// The CLI with `args`, stdout and stderr together.
 Result run(const std::string& args) {
-  const std::string cmd = std::string(SWITCHYARD_CLI) + " " + args + " 2>&1";
-  Result r;
-  FILE* pipe = popen(cmd.c_str(), "r");
-  if (!pipe) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) r.output.append(buf, n);
-  const int status = pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  return testing::sh(std::string(SWITCHYARD_CLI) + " " + args + " 2>&1");
 }
 
 class CliTest : public ::testing::Test {

@@ -13,27 +13,13 @@
 #include <string>
 
 #include "core/json_io.h"
+#include "tests/tools/shell.h"
 
 namespace switchyard {
 namespace {
 
-struct Result {
-  int exit_code = -1;
-  int signal = 0;
-  std::string output;
-};
-
-Result sh(const std::string& cmd) {
-  Result r;
-  FILE* pipe = popen(cmd.c_str(), "r");
-  if (!pipe) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) r.output.append(buf, n);
-  const int status = pclose(pipe);
-  if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
-  return r;
-}
+using Result = testing::ShellResult;
+using testing::sh;
 
 const std::string kCli = SWITCHYARD_CLI;
 // A small space: tiny-moe on one 8-GPU node.
