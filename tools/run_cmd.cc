@@ -165,9 +165,16 @@ int cmd_run(const Common& common, const RunFlags& f) {
   std::vector<int64_t> tokens_per_expert;
   int64_t dropped = 0;
   try {
-    auto trainer = MoeTrainer::create(
-        in.model, s, *dev,
-        {dp.get(), ep.get(), edp.get(), ep_intra.get(), ep_inter.get(), pp.get()});
+    TrainGroups groups;
+    groups.dp = dp.get();
+    groups.ep = ep.get();
+    groups.expert_dp = edp.get();
+    groups.ep_intra = ep_intra.get();
+    groups.ep_inter = ep_inter.get();
+    groups.pp = pp.get();
+    groups.tp = tpg.get();
+    groups.ppmoe = ppmoe;
+    auto trainer = MoeTrainer::create(in.model, s, *dev, groups);
     tokens_per_expert.assign(static_cast<size_t>(in.model.moe ? in.model.moe->num_experts : 0), 0);
     for (int i = 0; i < f.warmup; ++i) trainer->step(i);
     dev->memory().reset_peaks();

@@ -319,5 +319,27 @@ TEST_F(RunCliTest, APipelinePlanMatchesTheReference) {
 #endif
 }
 
+TEST_F(RunCliTest, PipelineMoEsDispatchRunsAsTensorParallelismAndMatchesTheReference) {
+#ifndef SWITCHYARD_MPIEXEC
+  GTEST_SKIP() << "built without MPI";
+#else
+  // The bundled tiny-moe-ppmoe: dp 2 x tp 2, the experts over each TP pair, ZeRO-1.
+  const Result r = sh(kMpi + kCli + " run --plan tiny-moe-ppmoe --steps 1 --warmup 1 --check " +
+                      "--json --no-db --trace " + path("ppmoe.json"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const Json j = json_of(r);
+  EXPECT_TRUE(j["check"]["passed"].get<bool>()) << j["check"].dump();
+  // What ran: Megatron's and PPMoE's all-reduces inside the TP pairs, and no all-to-all (the
+  // dispatch is an index slice).
+  std::ifstream trace_file(path("ppmoe.json"));
+  const Json trace = Json::parse(trace_file);
+  std::set<std::string> ops;
+  for (const auto& e : trace["traceEvents"])
+    if (e["ph"] == "X") ops.insert(e["name"].get<std::string>());
+  EXPECT_TRUE(ops.count("all_reduce"));
+  EXPECT_FALSE(ops.count("all_to_allv"));
+#endif
+}
+
 }  // namespace
 }  // namespace switchyard
