@@ -60,7 +60,8 @@ class Communicator {
   virtual double timeout_s() const = 0;
 
   virtual void all_reduce(void* data, size_t count, DType dtype, ReduceOp op) = 0;
-  // recv holds size() * count elements, rank r's at r * count.
+  // recv holds size() * count elements, rank r's at r * count. In place when send is this rank's
+  // block of recv (send == recv + rank() * count elements).
   virtual void all_gather(const void* send, void* recv, size_t count, DType dtype) = 0;
   // send holds size() * count elements; rank r receives the reduction of every rank's r-th block.
   virtual void reduce_scatter(const void* send, void* recv, size_t count, DType dtype,

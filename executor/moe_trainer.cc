@@ -98,7 +98,9 @@ struct MoeTrainer::Impl {
   struct Space {
     std::vector<size_t> members;  // params positions, in order
     size_t total = 0;             // elements
-    size_t shard_begin = 0, shard_end = 0;
+    size_t padded = 0;            // total rounded up to a multiple of the group's size
+    Buffer values, grads;         // every member's value and gradient, in order, then padding
+    Buffer shard_grads;           // ZeRO-1: this rank's reduced shard
     Buffer m, v;
     Communicator* group = nullptr;
   } dense, expert;
@@ -711,68 +713,48 @@ struct MoeTrainer::Impl {
     return loss;
   }
 
-  // Sums a space's gradients over its group and applies Adam (ZeRO-1: on this rank's shard).
+  // Sums a space's gradients over its group and applies Adam (ZeRO-1: on this rank's shard), in
+  // place on the space's flat buffers.
   void reduce_and_update(Space& sp) {
     const int n = sp.group->size();
-    const size_t padded = (sp.total + n - 1) / n * n;
-    Tensor flat = alloc(padded, "gradient bucket");
-    std::fill(flat.p() + sp.total, flat.p() + padded, 0.0f);  // the padding
-    size_t at = 0;
-    for (size_t k : sp.members) {
-      const Parameter& p = (*params)[k];
-      std::memcpy(flat.p() + at, p.g(), sizeof(float) * p.size);
-      at += p.size;
-    }
-    const size_t shard = padded / n;
-    Tensor grads;  // the gradients this rank updates with
-    size_t first = 0, count = padded;
+    const size_t shard = sp.padded / n;
+    float* values = sp.values.as<float>();
+    float* grads = sp.grads.as<float>();
+    const float* gsrc = grads;  // the gradients this rank updates with
+    size_t first = 0, count = sp.padded;
     if (s.zero_stage >= 1 && n > 1) {
-      grads = alloc(shard, "gradient shard");
-      sp.group->reduce_scatter(flat.p(), grads.p(), shard, DType::kFloat32, ReduceOp::kSum);
+      sp.group->reduce_scatter(grads, sp.shard_grads.as<float>(), shard, DType::kFloat32,
+                               ReduceOp::kSum);
+      gsrc = sp.shard_grads.as<float>();
       first = static_cast<size_t>(sp.group->rank()) * shard;
       count = shard;
-    } else {
+    } else if (n > 1) {
       // Gradient buckets: each all-reduce starts as soon as it is issued; wait for all of them.
       // One bucket when the plan names none (<= 0); never fewer than 1 Ki elements per bucket.
       const size_t bucket =
           s.grad_bucket_bytes > 0
               ? std::max<size_t>(1024, static_cast<size_t>(s.grad_bucket_bytes) / 4)
-              : padded;
+              : sp.padded;
       std::vector<std::unique_ptr<PendingOp>> pending;
-      for (size_t b = 0; b < padded; b += bucket)
-        pending.push_back(sp.group->all_reduce_async(flat.p() + b, std::min(bucket, padded - b),
+      for (size_t b = 0; b < sp.padded; b += bucket)
+        pending.push_back(sp.group->all_reduce_async(grads + b, std::min(bucket, sp.padded - b),
                                                      DType::kFloat32, ReduceOp::kSum));
       for (auto& op : pending) op->wait();
-    }
-    const float* gsrc = grads.size ? grads.p() : flat.p() + first;
-    // Flat parameters (only [first, first + count) is updated here).
-    Tensor values = alloc(padded, "parameter gather");
-    std::fill(values.p() + sp.total, values.p() + padded, 0.0f);
-    at = 0;
-    for (size_t k : sp.members) {
-      const Parameter& p = (*params)[k];
-      std::memcpy(values.p() + at, p.v(), sizeof(float) * p.size);
-      at += p.size;
     }
     const double t = static_cast<double>(steps_done);
     const float c1 = static_cast<float>(1.0 - std::pow(s.beta1, t));
     const float c2 = static_cast<float>(1.0 - std::pow(s.beta2, t));
     if (first < sp.total)
-      dev.adam(values.p() + first, gsrc, sp.m.as<float>(), sp.v.as<float>(),
+      dev.adam(values + first, gsrc, sp.m.as<float>(), sp.v.as<float>(),
                std::min(count, sp.total - first), s.lr, s.beta1, s.beta2, s.eps, c1, c2);
-    if (s.zero_stage >= 1 && n > 1) {
-      Tensor gathered = alloc(padded, "parameter gather");
-      sp.group->all_gather(values.p() + first, gathered.p(), shard, DType::kFloat32);
-      values = std::move(gathered);
-    }
-    at = 0;
-    for (size_t k : sp.members) {
-      Parameter& p = (*params)[k];
-      std::memcpy(p.v(), values.p() + at, sizeof(float) * p.size);
-      at += p.size;
-    }
+    // ZeRO-1: every rank's updated shard to every rank (in place: this rank's shard already sits
+    // at its offset).
+    if (s.zero_stage >= 1 && n > 1)
+      sp.group->all_gather(values + first, values, shard, DType::kFloat32);
   }
 
+  // Lays a space's parameters out in flat value and gradient buffers (padded to a multiple of the
+  // group's size, the padding zero) and points each parameter at its slice.
   void setup_space(Space& sp, bool expert_space, Communicator* group) {
     sp.group = group;
     for (size_t k = 0; k < params->size(); ++k)
@@ -781,8 +763,22 @@ struct MoeTrainer::Impl {
         sp.total += (*params)[k].size;
       }
     const int n = group->size();
-    const size_t padded = (sp.total + n - 1) / n * n;
-    const size_t states = s.zero_stage >= 1 && n > 1 ? padded / n : padded;
+    sp.padded = (sp.total + n - 1) / n * n;
+    const std::string what = expert_space ? "expert parameters" : "dense parameters";
+    sp.values = dev.memory().allocate(Tier::kGPU, sp.padded * sizeof(float), what);
+    sp.grads = dev.memory().allocate(Tier::kGPU, sp.padded * sizeof(float), what + " gradients");
+    size_t at = 0;
+    for (size_t k : sp.members) {
+      Parameter& p = (*params)[k];
+      p.value = sp.values.as<float>() + at;
+      p.grad = sp.grads.as<float>() + at;
+      at += p.size;
+    }
+    const bool sharded = s.zero_stage >= 1 && n > 1;
+    const size_t states = sharded ? sp.padded / n : sp.padded;
+    if (sharded)
+      sp.shard_grads =
+          dev.memory().allocate(Tier::kGPU, states * sizeof(float), "reduced gradient shard");
     sp.m = dev.memory().allocate(Tier::kGPU, states * sizeof(float), "Adam momentum");
     sp.v = dev.memory().allocate(Tier::kGPU, states * sizeof(float), "Adam variance");
   }
@@ -872,11 +868,6 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
     p.size = n;
     p.expert = expert;
     p.global_index = std::move(global_index);
-    p.value = device.memory().allocate(Tier::kGPU, n * sizeof(float), name);
-    p.grad = device.memory().allocate(Tier::kGPU, n * sizeof(float), name + " gradient");
-    for (size_t i = 0; i < n; ++i)
-      p.v()[i] =
-          init_value(s.seed, name, p.global_index.empty() ? i : p.global_index[i], s.init_std);
     I.index[name] = t->params_.size();
     t->params_.push_back(std::move(p));
   };
@@ -931,12 +922,17 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
   }
   I.setup_space(I.dense, false, groups.dp);
   I.setup_space(I.expert, true, groups.expert_dp);
+  for (Parameter& p : t->params_)
+    for (size_t i = 0; i < p.size; ++i)
+      p.v()[i] =
+          init_value(s.seed, p.name, p.global_index.empty() ? i : p.global_index[i], s.init_std);
   return t;
 }
 
 StepStats MoeTrainer::forward_backward(int64_t step_index) {
   Impl& I = *impl_;
-  for (Parameter& p : params_) std::memset(p.g(), 0, sizeof(float) * p.size);
+  for (Impl::Space* sp : {&I.dense, &I.expert})
+    if (sp->padded > 0) std::memset(sp->grads.data(), 0, sizeof(float) * sp->padded);
   StepStats st;
   I.dropped = 0;
   st.tokens_per_expert.assign(static_cast<size_t>(I.experts), 0);

@@ -72,7 +72,7 @@ struct TrainGroups {
 // What the CPU runner cannot run (yet) for this model and plan; empty when it can.
 std::vector<ConfigIssue> trainer_unsupported(const ModelSpec& m, const Plan& p);
 
-// One parameter tensor of this rank, its gradient in the device tier's memory.
+// One parameter tensor of this rank, its value and gradient in the device tier's memory.
 struct Parameter {
   std::string name;  // e.g. "layer1.expert3.w1"; canonical across layouts
   size_t size = 0;
@@ -80,10 +80,12 @@ struct Parameter {
   // A tensor-parallel shard: element i is element global_index[i] of the whole tensor (empty:
   // the whole tensor, element i is element i).
   std::vector<size_t> global_index;
-  Buffer value;
-  Buffer grad;
-  float* v() const { return value.as<float>(); }
-  float* g() const { return grad.as<float>(); }
+  // Views into the trainer's flat buffers of its space (dense or expert parameters), as Megatron's
+  // and PyTorch DDP's contiguous gradient buffers: the reduction and Adam run on them in place.
+  float* value = nullptr;
+  float* grad = nullptr;
+  float* v() const { return value; }
+  float* g() const { return grad; }
 };
 
 struct StepStats {

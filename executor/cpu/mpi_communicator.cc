@@ -211,7 +211,15 @@ class MpiCommunicator : public Communicator {
   void all_gather(const void* send, void* recv, size_t count, DType dtype) override {
     MpiPending p(timeout_s_, info("all_gather", count, dtype));
     const int n = as_int(count, "all_gather");
-    MPI_CHECK(MPI_Iallgather(send == recv ? MPI_IN_PLACE : send, n, mpi_type(dtype), recv, n,
+    // In place when this rank's block already sits at its offset of recv.
+    const size_t block = count * dtype_bytes(dtype);
+    const char* mine = static_cast<const char*>(recv) + static_cast<size_t>(rank_) * block;
+    const char* in = static_cast<const char*>(send);
+    if (in != mine && in < static_cast<const char*>(recv) + block * size_ &&
+        in + block > static_cast<const char*>(recv))
+      throw CommError("all_gather on group \"" + name_ +
+                      "\": the send block overlaps recv but is not this rank's block of it");
+    MPI_CHECK(MPI_Iallgather(in == mine ? MPI_IN_PLACE : send, n, mpi_type(dtype), recv, n,
                              mpi_type(dtype), comm_, &p.request_));
     p.wait();
   }

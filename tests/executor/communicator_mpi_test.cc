@@ -41,6 +41,12 @@ TEST(Communicator, AllGatherAndReduceScatterAreRankOrdered) {
     EXPECT_EQ(all[2 * k], k + 0.5);
     EXPECT_EQ(all[2 * k + 1], k + 0.25);
   }
+  // In place: this rank's block already at its offset (ZeRO-1's parameter gather).
+  std::vector<double> inplace(2 * static_cast<size_t>(n), -1.0);
+  inplace[2 * r] = r + 0.5;
+  inplace[2 * r + 1] = r + 0.25;
+  c->all_gather(inplace.data() + 2 * r, inplace.data(), 2, DType::kFloat64);
+  EXPECT_EQ(inplace, all);
   // Block k of rank r holds r + k; rank k receives the sum over r.
   std::vector<float> blocks(3 * static_cast<size_t>(n));
   for (int k = 0; k < n; ++k)
