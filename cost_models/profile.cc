@@ -63,6 +63,9 @@ CostProfile default_cost_profile(const ClusterSpec& cluster) {
   p.nic_half_bw_message_bytes = 64.0 * 1024;  // assumption (InfiniBand with GPUDirect RDMA)
   p.collective_base_s = 8e-6;  // assumption: NCCL small-message all_reduce latency is ~10-20 us
   p.p2p_issue_s = 0.5e-6;      // assumption: cost of one more peer in a grouped send/recv
+  // Assumption: NCCL's collectives overlap compute entirely (they take a few SMs; the slowdown of
+  // the compute they share the GPU with is not modelled). `calibrate` measures it.
+  p.comm_compute_overlap = 1.0;
 
   p.pcie_efficiency = 0.80;  // assumption: cudaMemcpy from pinned memory reaches ~80% of PCIe
   p.pcie_latency_s = 10e-6;  // assumption
@@ -95,6 +98,7 @@ void for_each_scalar(CostProfile& p, F&& f) {
   f("nic_half_bw_message_bytes", p.nic_half_bw_message_bytes, -1.0, 1e12);
   f("collective_base_s", p.collective_base_s, -1.0, 1.0);
   f("p2p_issue_s", p.p2p_issue_s, -1.0, 1.0);
+  f("comm_compute_overlap", p.comm_compute_overlap, -1.0, 1.0);  // in [0, 1]
   f("pcie_efficiency", p.pcie_efficiency, 0.0, 1.0);
   f("pcie_latency_s", p.pcie_latency_s, -1.0, 1.0);
   f("dram_efficiency", p.dram_efficiency, 0.0, 1.0);

@@ -19,7 +19,7 @@ namespace switchyard {
 // The version of the cost models' formulas. Stored predictions carry it (with the hash of the
 // profile's constants), so a cached prediction is reused only by the formulas that made it: bump
 // it whenever a change to cost_models/, simulator/ or the lowering can change a prediction.
-inline constexpr const char* kCostModelVersion = "0.4.0";
+inline constexpr const char* kCostModelVersion = "0.5.0";
 
 // Fraction of peak a GEMM reaches when its smallest dimension is `min_dim` (tile quantisation and
 // wave effects make thin GEMMs slow). Interpolated linearly in log2(min_dim) between points.
@@ -50,6 +50,11 @@ struct CostProfile {
   double nic_half_bw_message_bytes = 0;  // message size at which a NIC reaches half its bandwidth
   double collective_base_s = 0;          // fixed cost of launching one collective
   double p2p_issue_s = 0;                // per peer of a grouped send/recv (all-to-all)
+  // Fraction of a collective's time that can run while the same rank computes. 1: the collective
+  // runs on engines of its own (NCCL's kernels on SMs they hold); 0: the rank's own processor
+  // moves the bytes (MPI's shared-memory transport progresses inside MPI calls on the rank's
+  // core), so an overlapped collective delays the compute by its whole time.
+  double comm_compute_overlap = 1;
 
   // --- Transfers between tiers.
   double pcie_efficiency = 0;

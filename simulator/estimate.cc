@@ -204,7 +204,10 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
     const UnitTime& u = stage[static_cast<size_t>(s)];
     const double last_bwd_unit = u.bwd / vp;
     const double end = pipe - s * (stage[static_cast<size_t>(slowest)].bwd / vp);
-    const double dp_exposed = std::max(u.async - last_bwd_unit, u.async > 0 ? u.last_bucket : 0.0);
+    // The share of the buckets that cannot run beside compute delays it outright.
+    const double f = prof.comm_compute_overlap;
+    const double dp_exposed = (1 - f) * u.async + std::max(f * u.async - last_bwd_unit,
+                                                           u.async > 0 ? f * u.last_bucket : 0.0);
     dp_exposed_s[static_cast<size_t>(s)] = dp_exposed;
     step_time = std::max(step_time, end + dp_exposed + step_s[static_cast<size_t>(s)]);
   }

@@ -20,6 +20,10 @@ struct Inst {
   int32_t micro_batch = 0;
   int16_t chunk = 0;
   StreamKind stream = StreamKind::kCompute;
+  // The compute stream's share of a collective it cannot overlap (comm_compute_overlap < 1): an
+  // instance on the compute stream beside the collective, reported as that collective's exposed
+  // communication.
+  bool shadow = false;
   int32_t pending = 0;    // unfinished dependencies
   int32_t dep_begin = 0;  // dependents: [dep_begin, dep_end) of the CSR array
   int32_t dep_end = 0;
@@ -96,6 +100,22 @@ class Simulation {
     if (from == kNoInst || to == kNoInst) return;
     edges_.emplace_back(from, to);
   }
+  // A collective off the compute stream that the rank's processor must partly carry itself: its
+  // shadow occupies the compute stream for (1 - overlap) of its time, in program order, after the
+  // same dependencies.
+  void shadow(int32_t id, int32_t dep_a, int32_t dep_b) {
+    const Inst in = insts_[static_cast<size_t>(id)];  // a copy: add() may move insts_
+    const double share = 1.0 - prof_.comm_compute_overlap;
+    if (share <= 0 || !in.op || in.stream == StreamKind::kCompute ||
+        in.op->kind != OpKind::kCollective || in.cost.time_s <= 0)
+      return;
+    OpCost cost;
+    cost.time_s = share * in.cost.time_s;
+    const int32_t sid = add(in.op, cost, in.stage, in.micro_batch, in.chunk, StreamKind::kCompute);
+    insts_[static_cast<size_t>(sid)].shadow = true;
+    edge(dep_a, sid);
+    edge(dep_b, sid);
+  }
 
   void build() {
     const int pp = prog_.pp, vp = prog_.vp, m = prog_.num_micro_batches;
@@ -130,7 +150,10 @@ class Simulation {
           const int32_t id = add(&op, costs[i], s, item.micro_batch, item.chunk, op.stream);
           local_[i] = id;
           edge(prev, id);
-          if (op.wait_for >= 0) edge(local_[static_cast<size_t>(op.wait_for)], id);
+          const int32_t waits =
+              op.wait_for >= 0 ? local_[static_cast<size_t>(op.wait_for)] : kNoInst;
+          edge(waits, id);
+          shadow(id, prev, waits);
           // The unit's input (from the neighbouring stage) gates its first synchronous op; a
           // prefetch may start before the input arrives.
           if (unit.first == kNoInst && !op.async) unit.first = id;
@@ -164,6 +187,7 @@ class Simulation {
         edge(prev, id);
         if (i == 0)
           for (int32_t a : async_ops) edge(a, id);
+        shadow(id, prev, kNoInst);
         prev = id;
       }
     }
@@ -233,7 +257,7 @@ class Simulation {
   void start(int32_t id, double now) {
     Inst& in = insts_[static_cast<size_t>(id)];
     in.start = now;
-    if (in.op && in.op->allocates) memory_event(in, in.op->allocates, +1.0, now);
+    if (in.op && in.op->allocates && !in.shadow) memory_event(in, in.op->allocates, +1.0, now);
     if (in.cost.link == Link::kNone || in.cost.time_s <= 0) {
       events_.push({now + in.cost.time_s, id, in.version});
       return;
@@ -254,7 +278,7 @@ class Simulation {
       link.active.erase(std::find(link.active.begin(), link.active.end(), id));
       reschedule(link, now);
     }
-    if (in.op && in.op->frees) memory_event(in, in.op->frees, -1.0, now);
+    if (in.op && in.op->frees && !in.shadow) memory_event(in, in.op->frees, -1.0, now);
     for (int32_t d = in.dep_begin; d < in.dep_end; ++d) {
       Inst& dep = insts_[static_cast<size_t>(dependents_[static_cast<size_t>(d)])];
       dep.last_dep = id;
@@ -343,7 +367,9 @@ class Simulation {
         const double gap = in.start - prev_end;
         if (gap > 0) attribute(b, times * gap, in.last_dep);
         const double busy = times * (in.end - in.start);
-        if (in.op && in.op->kind == OpKind::kOptimizer)
+        if (in.shadow)
+          add_comm(b, in.op->stream, busy);
+        else if (in.op && in.op->kind == OpKind::kOptimizer)
           b.optimizer_s += busy;
         else
           b.compute_s += busy;
@@ -408,11 +434,32 @@ class Simulation {
       p.program = owned_;
       p.timeline.reserve(insts_.size());
       for (const Inst& in : insts_)
-        p.timeline.push_back(
-            {in.stage, in.stream, in.op, in.micro_batch, in.chunk, in.start, in.end});
+        if (!in.shadow)
+          p.timeline.push_back(
+              {in.stage, in.stream, in.op, in.micro_batch, in.chunk, in.start, in.end});
     }
     fill_throughput(p, m_, c_, plan_, w_);
     return p;
+  }
+
+  static void add_comm(TimeBreakdown& b, StreamKind stream, double t) {
+    switch (stream) {
+      case StreamKind::kTpComm:
+        b.tp_comm_s += t;
+        break;
+      case StreamKind::kCpComm:
+        b.cp_comm_s += t;
+        break;
+      case StreamKind::kEpComm:
+        b.ep_comm_s += t;
+        break;
+      case StreamKind::kPpComm:
+        b.pp_comm_s += t;
+        break;
+      default:
+        b.dp_comm_s += t;
+        break;
+    }
   }
 
   void attribute(TimeBreakdown& b, double gap, int32_t dep) const {

@@ -71,6 +71,39 @@ TEST(Simulate, BreakdownSumsToStepTimeAndThroughputFollows) {
   EXPECT_LT(s.mfu, 0.9);
 }
 
+// A backend whose collectives run on the rank's own processor (MPI over shared memory on a CPU:
+// comm_compute_overlap 0) cannot hide the gradient buckets behind the backward: the step grows by
+// exactly the DP communication the overlapping backend hides, the breakdown says so, and estimate
+// agrees with simulate.
+TEST(Simulate, CollectivesThatCannotOverlapComputeAddTheirTime) {
+  const ModelSpec m = moe_model(8);
+  const ClusterSpec cl = small_node(4);
+  // ep 1: no other collective shares the link with the buckets.
+  const Plan p = plan_of(R"({"schema_version": 1, "dp": 4, "grad_bucket_bytes": 4000000})");
+  const Workload w = train(16, 2048);
+  expect_valid(p, m, cl, w);
+  CostProfile overlapping = default_cost_profile(cl), serial = overlapping;
+  serial.comm_compute_overlap = 0;
+  const Prediction a = simulate(m, cl, p, w, overlapping);
+  const Prediction b = simulate(m, cl, p, w, serial);
+  // Every DP collective's time, as op_cost prices it.
+  const StepProgram prog = lower(m, cl, p, w);
+  double dp_total = 0;
+  for (const auto& ops : {prog.stages[0].chunks[0].backward, prog.stages[0].step_ops})
+    for (const OpTemplate& op : ops)
+      if (op.kind == OpKind::kCollective && op.stream == StreamKind::kDpComm)
+        dp_total += op_cost(op, prog, cl, overlapping, w.precision).time_s;
+  ASSERT_GT(dp_total, 0);
+  EXPECT_LT(a.time.dp_comm_s, 0.5 * dp_total);  // mostly hidden
+  EXPECT_NEAR(b.time.dp_comm_s, dp_total, 1e-6 * dp_total);
+  EXPECT_NEAR(b.step_time_s - a.step_time_s, dp_total - a.time.dp_comm_s, 1e-3 * b.step_time_s);
+  EXPECT_NEAR(b.time.total(), b.step_time_s, 1e-6 * b.step_time_s);
+  EXPECT_NEAR(b.time.compute_s, a.time.compute_s, 1e-9 * a.time.compute_s);
+  const Prediction e = estimate(m, cl, p, w, serial);
+  EXPECT_LE(rel_diff(e.step_time_s, b.step_time_s), 0.10);
+  EXPECT_NEAR(e.time.dp_comm_s, dp_total, 0.05 * dp_total);
+}
+
 // Ops of one stream never overlap, and nothing starts before time 0 or ends after the step.
 TEST(Simulate, TimelineIsConsistent) {
   const ModelSpec m = moe_model();
