@@ -20,6 +20,17 @@ double median_abs(std::vector<double> v) {
 
 }  // namespace
 
+MemoryKernel memory_kernel_of_sample(const std::string& kernel) {
+  if (kernel.rfind("rmsnorm", 0) == 0 || kernel.rfind("layernorm", 0) == 0)
+    return MemoryKernel::kNorm;
+  if (kernel.rfind("swiglu", 0) == 0 || kernel.rfind("gelu", 0) == 0)
+    return MemoryKernel::kActivation;
+  if (kernel == "permute" || kernel == "unpermute_combine") return MemoryKernel::kPermute;
+  if (kernel == "cross_entropy") return MemoryKernel::kLoss;
+  if (kernel == "adam") return MemoryKernel::kOptimizer;
+  return MemoryKernel::kStream;
+}
+
 LinearFit fit_line(const std::vector<double>& x, const std::vector<double>& y,
                    bool through_origin) {
   const auto n = static_cast<Eigen::Index>(x.size());
@@ -63,15 +74,51 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
   Json fitted = Json::object();
   const double peak = c.gpu.peak_flops(Precision::kFP32);
 
-  // Streaming kernels first: their intercept is the kernel launch every other class pays too.
+  // Streaming kernels first: the plain copies' intercept is the kernel launch every other class
+  // pays too, their slope the stream bandwidth; each other class of memory-bound kernel gets its
+  // own bandwidth (a least-squares fit through the origin after the launch).
   if (!d.stream.empty()) {
-    std::vector<double> x, y;
-    for (const auto& s : d.stream) x.push_back(s.bytes), y.push_back(s.time_s);
-    const LinearFit f = fit_line(x, y);
-    p.kernel_launch_s = std::max(0.0, f.intercept);
-    p.hbm_efficiency = f.slope > 0 ? 1.0 / (f.slope * c.gpu.hbm_bw_Bps) : p.hbm_efficiency;
-    fitted["kernel_launch_s"] = p.kernel_launch_s;
-    fitted["hbm_efficiency"] = p.hbm_efficiency;
+    std::map<MemoryKernel, std::pair<std::vector<double>, std::vector<double>>> by_class;
+    for (const auto& s : d.stream) {
+      auto& xy = by_class[memory_kernel_of_sample(s.kernel)];
+      xy.first.push_back(s.bytes);
+      xy.second.push_back(s.time_s);
+    }
+    if (const auto it = by_class.find(MemoryKernel::kStream); it != by_class.end()) {
+      const LinearFit f = fit_line(it->second.first, it->second.second);
+      p.kernel_launch_s = std::max(0.0, f.intercept);
+      if (f.slope > 0) p.hbm_efficiency = 1.0 / (f.slope * c.gpu.hbm_bw_Bps);
+      fitted["kernel_launch_s"] = p.kernel_launch_s;
+      fitted["hbm_efficiency"] = p.hbm_efficiency;
+    }
+    for (auto& [kind, xy] : by_class) {
+      if (kind == MemoryKernel::kStream) continue;
+      for (double& y : xy.second) y = std::max(0.0, y - p.kernel_launch_s);
+      const LinearFit f = fit_line(xy.first, xy.second, /*through_origin=*/true);
+      if (f.slope <= 0) continue;
+      const double e = 1.0 / (f.slope * c.gpu.hbm_bw_Bps);
+      const std::string key = std::string(memory_kernel_name(kind)) + "_efficiency";
+      fitted[key] = e;
+      switch (kind) {
+        case MemoryKernel::kNorm:
+          p.norm_efficiency = e;
+          break;
+        case MemoryKernel::kActivation:
+          p.activation_efficiency = e;
+          break;
+        case MemoryKernel::kPermute:
+          p.permute_efficiency = e;
+          break;
+        case MemoryKernel::kLoss:
+          p.loss_efficiency = e;
+          break;
+        case MemoryKernel::kOptimizer:
+          p.optimizer_efficiency = e;
+          break;
+        case MemoryKernel::kStream:
+          break;
+      }
+    }
   }
   // GEMMs by class of their smallest dimension (powers of two).
   if (!d.gemm.empty() && peak > 0) {
@@ -112,23 +159,67 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
     fitted["attention_efficiency"] = p.attention_efficiency;
   }
   if (!d.collectives.empty()) {
+    // time = base + latency + t_move / intra_node_efficiency + t_reduce /
+    // intra_node_reduce_efficiency (latency: the cluster file's link latencies):
+    // t_move is the model's time of a moving collective (all-gather, all-to-all, broadcast) at
+    // efficiency 1 and base 0, t_reduce that of an adding one (all-reduce, reduce-scatter); each
+    // sample is weighted by 1 / time (relative residuals). A class without samples keeps the base.
     CostProfile unit = p;
     unit.intra_node_efficiency = 1.0;
+    unit.intra_node_reduce_efficiency = 0;
     unit.collective_base_s = 0;
     unit.p2p_issue_s = 0;
-    std::vector<double> x, y;
-    for (const auto& s : d.collectives) {
-      const GroupLayout g{s.ranks, s.ranks};
-      x.push_back(collective_cost(s.op, s.bytes, g, c, unit).time_s);
-      y.push_back(s.time_s);
+    // The links' latencies are the cluster file's: only the bandwidth terms scale.
+    CostProfile latency_only = unit;
+    latency_only.intra_node_efficiency = 1e30;
+    const auto n = static_cast<Eigen::Index>(d.collectives.size());
+    Eigen::MatrixXd a = Eigen::MatrixXd::Zero(n, 3);
+    Eigen::VectorXd b(n);
+    bool has[2] = {false, false};
+    for (Eigen::Index i = 0; i < n; ++i) {
+      const CollectiveSample& cs = d.collectives[static_cast<size_t>(i)];
+      const double w = cs.time_s > 0 ? 1.0 / cs.time_s : 1.0;
+      const bool reduces = cs.op == Collective::kAllReduce || cs.op == Collective::kReduceScatter;
+      const GroupLayout g{cs.ranks, cs.ranks};
+      const double lat = collective_cost(cs.op, cs.bytes, g, c, latency_only).time_s;
+      a(i, 0) = w;
+      a(i, reduces ? 2 : 1) = w * (collective_cost(cs.op, cs.bytes, g, c, unit).time_s - lat);
+      has[reduces ? 1 : 0] = true;
+      b(i) = w * (cs.time_s - lat);
     }
-    const LinearFit f = fit_line(x, y);
-    p.collective_base_s = std::max(0.0, f.intercept);
+    std::vector<Eigen::Index> cols = {0};
+    for (int k = 0; k < 2; ++k)
+      if (has[k]) cols.push_back(k + 1);
+    Eigen::MatrixXd used(n, static_cast<Eigen::Index>(cols.size()));
+    for (size_t k = 0; k < cols.size(); ++k)
+      used.col(static_cast<Eigen::Index>(k)) = a.col(cols[k]);
+    Eigen::VectorXd sol = used.colPivHouseholderQr().solve(b);
+    if (sol(0) < 0) {  // a negative fixed cost is not physical: refit without it
+      used = used.rightCols(used.cols() - 1).eval();
+      const Eigen::VectorXd rest = used.colPivHouseholderQr().solve(b);
+      sol = Eigen::VectorXd::Zero(static_cast<Eigen::Index>(cols.size()));
+      sol.tail(rest.size()) = rest;
+    }
+    p.collective_base_s = std::max(0.0, sol(0));
     p.p2p_issue_s = 0;
-    if (f.slope > 0) p.intra_node_efficiency = 1.0 / f.slope;
+    for (size_t k = 1; k < cols.size(); ++k) {
+      const double slope = sol(static_cast<Eigen::Index>(k));
+      if (slope <= 0) continue;
+      (cols[k] == 1 ? p.intra_node_efficiency : p.intra_node_reduce_efficiency) = 1.0 / slope;
+    }
+    if (!has[0] && p.intra_node_reduce_efficiency > 0)
+      p.intra_node_efficiency = p.intra_node_reduce_efficiency;
     fitted["collective_base_s"] = p.collective_base_s;
     fitted["p2p_issue_s"] = p.p2p_issue_s;
     fitted["intra_node_efficiency"] = p.intra_node_efficiency;
+    if (p.intra_node_reduce_efficiency > 0)
+      fitted["intra_node_reduce_efficiency"] = p.intra_node_reduce_efficiency;
+  }
+  if (d.overlap && d.overlap->compute_s > 0 && d.overlap->comm_s > 0) {
+    const OverlapSample& o = *d.overlap;
+    const double hidden = o.compute_s + o.comm_s - o.both_s;
+    p.comm_compute_overlap = std::clamp(hidden / std::min(o.compute_s, o.comm_s), 0.0, 1.0);
+    fitted["comm_compute_overlap"] = p.comm_compute_overlap;
   }
 
   // Residuals under the fitted profile.
@@ -146,9 +237,11 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
                   {"residual", res_gemm.back()}});
   }
   for (const auto& s : d.stream) {
-    const double pred = elementwise_cost(s.bytes, c.gpu, p).time_s;
+    const double pred =
+        elementwise_cost(s.bytes, c.gpu, p, memory_kernel_of_sample(s.kernel)).time_s;
     res_stream.push_back(pred / s.time_s - 1);
-    sj.push_back({{"bytes", s.bytes},
+    sj.push_back({{"kernel", s.kernel},
+                  {"bytes", s.bytes},
                   {"measured_s", s.time_s},
                   {"predicted_s", pred},
                   {"residual", res_stream.back()}});
@@ -180,6 +273,10 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
         {"attention", median_abs(res_attn)},
         {"collectives", median_abs(res_coll)}}},
       {"samples", {{"gemm", gj}, {"stream", sj}, {"attention", aj}, {"collectives", cj}}}};
+  if (d.overlap)
+    out.report["samples"]["overlap"] = {{"compute_s", d.overlap->compute_s},
+                                        {"collective_s", d.overlap->comm_s},
+                                        {"both_s", d.overlap->both_s}};
   out.profile_json = fitted;
   out.profile_json["name"] = p.name;
   out.profile_json["source"] = p.source;

@@ -2,14 +2,19 @@
 // (switchyard calibrate), with the residuals of every sample under the fitted profile. Each
 // constant is fitted where the model is linear in it:
 //  - GEMMs, per smallest-dimension class: time = launch + FLOPs / (peak * efficiency);
-//  - streaming kernels: time = launch + bytes / (memory bandwidth * hbm_efficiency);
+//  - streaming kernels: time = launch + bytes / (memory bandwidth * hbm_efficiency) for plain
+//    copies, and each other class of memory-bound kernel (norm, activation, permute, loss,
+//    optimizer) its own efficiency through the origin after the launch;
 //  - attention: efficiency = FLOPs / (time * peak) (least squares through the origin);
 //  - each collective: time = collective_base + t_model / link_efficiency, where t_model is the
-//    cost model's time for the same operation with base 0 and efficiency 1.
+//    cost model's time for the same operation with base 0 and efficiency 1;
+//  - comm_compute_overlap = (compute + collective - both) / min(compute, collective), in [0, 1].
 // Efficiencies are fractions of the cluster file's nominal figures and are not clipped: a value
 // above 1 says the file's nominal figure is too low (local-cpu's are placeholders).
 #pragma once
 
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "core/cluster.h"
@@ -32,8 +37,9 @@ struct GemmSample {
   double time_s = 0;
 };
 struct StreamSample {
-  double bytes = 0;  // read + written
+  double bytes = 0;  // read + written, as the lowering counts the op the kernel stands for
   double time_s = 0;
+  std::string kernel = "copy";
 };
 struct AttentionSample {
   AttentionShape shape;
@@ -46,11 +52,24 @@ struct CollectiveSample {
   double time_s = 0;
 };
 
+// A collective issued asynchronously while the rank computes: the compute alone, the collective
+// alone, and both (issue, compute, wait).
+struct OverlapSample {
+  double compute_s = 0;
+  double comm_s = 0;
+  double both_s = 0;
+};
+
+// The class of memory-bound kernel a stream sample's kernel belongs to ("copy" -> stream,
+// "rmsnorm_backward" -> norm, "swiglu" -> activation, "adam" -> optimizer, ...).
+MemoryKernel memory_kernel_of_sample(const std::string& kernel);
+
 struct CalibrationData {
   std::vector<GemmSample> gemm;
   std::vector<StreamSample> stream;
   std::vector<AttentionSample> attention;
   std::vector<CollectiveSample> collectives;
+  std::optional<OverlapSample> overlap;
 };
 
 struct Calibration {

@@ -33,9 +33,12 @@ struct Links {
   double inter_lat_s;
 };
 
-Links links_for(const GroupLayout& g, const ClusterSpec& c, const CostProfile& p) {
+Links links_for(const GroupLayout& g, const ClusterSpec& c, const CostProfile& p, Collective op) {
   Links l;
-  l.intra_Bps = c.intra_node.bw_Bps * p.intra_node_efficiency;
+  const bool reduces = op == Collective::kAllReduce || op == Collective::kReduceScatter;
+  l.intra_Bps = c.intra_node.bw_Bps * (reduces && p.intra_node_reduce_efficiency > 0
+                                           ? p.intra_node_reduce_efficiency
+                                           : p.intra_node_efficiency);
   const double share = static_cast<double>(g.ranks_per_node) / static_cast<double>(c.gpus_per_node);
   const double nic_share_Bps = c.inter_node.nics_per_node * c.inter_node.nic_bw_Bps * share;
   l.node_nic_Bps = nic_share_Bps * p.nic_ring_efficiency;
@@ -98,7 +101,7 @@ CollectiveCost all_reduce_cost(double bytes, const GroupLayout& g, const Cluster
                                const CostProfile& p, AllReduceAlgo algo) {
   if (g.ranks <= 1 || bytes <= 0)
     return finish(Collective::kAllReduce, bytes, g, 0, "none", "none");
-  const Links l = links_for(g, c, p);
+  const Links l = links_for(g, c, p, Collective::kAllReduce);
   const int n = g.ranks, nodes = g.nodes();
   const double bus_bytes = 2.0 * (n - 1) / n * bytes;
 
@@ -137,7 +140,7 @@ CollectiveCost collective_cost(Collective c, double bytes, const GroupLayout& g,
   if (c == Collective::kAllReduce) return all_reduce_cost(bytes, g, cluster, p);
   if (c == Collective::kSendRecv) return send_recv_cost(bytes, g.nodes() == 1, cluster, p);
   if (g.ranks <= 1 || bytes <= 0) return finish(c, bytes, g, 0, "none", "none");
-  const Links l = links_for(g, cluster, p);
+  const Links l = links_for(g, cluster, p, c);
   const int n = g.ranks, nodes = g.nodes();
   switch (c) {
     case Collective::kAllGather:
@@ -156,7 +159,7 @@ CollectiveCost collective_cost(Collective c, double bytes, const GroupLayout& g,
 CollectiveCost hierarchical_all_to_all_cost(double bytes, const GroupLayout& g,
                                             const ClusterSpec& cluster, const CostProfile& p) {
   if (g.ranks <= 1 || bytes <= 0) return finish(Collective::kAllToAll, bytes, g, 0, "none", "none");
-  const Links l = links_for(g, cluster, p);
+  const Links l = links_for(g, cluster, p, Collective::kAllToAll);
   if (g.nodes() == 1) return all_to_all(bytes, g, l, p);
   const double local = static_cast<double>(g.ranks_per_node);
   const double nodes = static_cast<double>(g.nodes());

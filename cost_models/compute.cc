@@ -122,12 +122,13 @@ KernelCost attention_backward_cost(const AttentionShape& s, Precision p, const G
   return c;
 }
 
-KernelCost elementwise_cost(double bytes, const GpuSpec& gpu, const CostProfile& prof) {
+KernelCost elementwise_cost(double bytes, const GpuSpec& gpu, const CostProfile& prof,
+                            MemoryKernel kind) {
   KernelCost c;
   if (bytes <= 0) return c;
   c.bytes = bytes;
   c.memory_bound = true;
-  c.time_s = prof.kernel_launch_s + bytes / (gpu.hbm_bw_Bps * prof.hbm_efficiency);
+  c.time_s = prof.kernel_launch_s + bytes / (gpu.hbm_bw_Bps * prof.memory_efficiency(kind));
   return c;
 }
 
@@ -135,7 +136,7 @@ KernelCost norm_cost(int64_t tokens, int64_t hidden, Precision p, const GpuSpec&
                      const CostProfile& prof) {
   return elementwise_cost(
       2.0 * bytes_per_element(p) * static_cast<double>(tokens) * static_cast<double>(hidden), gpu,
-      prof);
+      prof, MemoryKernel::kNorm);
 }
 
 KernelCost gate_topk_cost(int64_t tokens, int64_t hidden, int64_t experts, Precision p,
@@ -156,7 +157,7 @@ KernelCost permute_cost(int64_t tokens, int64_t top_k, int64_t hidden, Precision
                         const GpuSpec& gpu, const CostProfile& prof) {
   return elementwise_cost(2.0 * bytes_per_element(p) * static_cast<double>(tokens) *
                               static_cast<double>(top_k) * static_cast<double>(hidden),
-                          gpu, prof);
+                          gpu, prof, MemoryKernel::kPermute);
 }
 
 }  // namespace switchyard

@@ -43,8 +43,10 @@ KernelCost attention_forward_cost(const AttentionShape& s, Precision p, const Gp
 KernelCost attention_backward_cost(const AttentionShape& s, Precision p, const GpuSpec& gpu,
                                    const CostProfile& prof);
 
-// A kernel that streams `bytes` through HBM (norm, activation, softmax, residual add, copy).
-KernelCost elementwise_cost(double bytes, const GpuSpec& gpu, const CostProfile& prof);
+// A kernel that streams `bytes` through HBM (norm, activation, softmax, residual add, copy) at
+// its class's achieved bandwidth.
+KernelCost elementwise_cost(double bytes, const GpuSpec& gpu, const CostProfile& prof,
+                            MemoryKernel kind = MemoryKernel::kStream);
 // RMSNorm / LayerNorm of tokens x hidden: read input, write output (+ weights, negligible).
 KernelCost norm_cost(int64_t tokens, int64_t hidden, Precision p, const GpuSpec& gpu,
                      const CostProfile& prof);

@@ -24,9 +24,8 @@
 
 #include <vector>
 
-#include "core/error.h"
-
 #include "core/cluster.h"
+#include "core/error.h"
 #include "core/expert_load.h"
 #include "core/model.h"
 #include "core/plan.h"

@@ -25,6 +25,59 @@ double CostProfile::gemm_efficiency_at(double min_dim) const {
   return gemm_efficiency.back().efficiency;
 }
 
+double CostProfile::memory_efficiency(MemoryKernel k) const {
+  double e = 0;
+  switch (k) {
+    case MemoryKernel::kStream:
+      break;
+    case MemoryKernel::kNorm:
+      e = norm_efficiency;
+      break;
+    case MemoryKernel::kActivation:
+      e = activation_efficiency;
+      break;
+    case MemoryKernel::kPermute:
+      e = permute_efficiency;
+      break;
+    case MemoryKernel::kLoss:
+      e = loss_efficiency;
+      break;
+    case MemoryKernel::kOptimizer:
+      e = optimizer_efficiency;
+      break;
+  }
+  return e > 0 ? e : hbm_efficiency;
+}
+
+const char* memory_kernel_name(MemoryKernel k) {
+  switch (k) {
+    case MemoryKernel::kStream:
+      return "stream";
+    case MemoryKernel::kNorm:
+      return "norm";
+    case MemoryKernel::kActivation:
+      return "activation";
+    case MemoryKernel::kPermute:
+      return "permute";
+    case MemoryKernel::kLoss:
+      return "loss";
+    case MemoryKernel::kOptimizer:
+      return "optimizer";
+  }
+  return "stream";
+}
+
+MemoryKernel memory_kernel_of_op(std::string_view name) {
+  const auto ends_with = [&](std::string_view suffix) {
+    return name.size() >= suffix.size() &&
+           name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  if (name.rfind("norm", 0) == 0 || name == "final_norm") return MemoryKernel::kNorm;
+  if (ends_with("act")) return MemoryKernel::kActivation;
+  if (name == "loss") return MemoryKernel::kLoss;
+  return MemoryKernel::kStream;
+}
+
 CostProfile default_cost_profile(const ClusterSpec& cluster) {
   CostProfile p;
   p.name = "default";
@@ -89,9 +142,16 @@ void for_each_scalar(CostProfile& p, F&& f) {
   f("fp8_gemm_efficiency_scale", p.fp8_gemm_efficiency_scale, 0.0, 1.5);
   f("attention_efficiency", p.attention_efficiency, 0.0, 10.0);
   f("hbm_efficiency", p.hbm_efficiency, 0.0, 10.0);
+  // 0 (the default): as hbm_efficiency.
+  f("norm_efficiency", p.norm_efficiency, -1.0, 10.0);
+  f("activation_efficiency", p.activation_efficiency, -1.0, 10.0);
+  f("permute_efficiency", p.permute_efficiency, -1.0, 10.0);
+  f("loss_efficiency", p.loss_efficiency, -1.0, 10.0);
+  f("optimizer_efficiency", p.optimizer_efficiency, -1.0, 10.0);
   f("kernel_launch_s", p.kernel_launch_s, -1.0, 1.0);
   f("host_issue_s", p.host_issue_s, -1.0, 1.0);
   f("intra_node_efficiency", p.intra_node_efficiency, 0.0, 10.0);
+  f("intra_node_reduce_efficiency", p.intra_node_reduce_efficiency, -1.0, 10.0);  // 0: as above
   f("nvls_efficiency", p.nvls_efficiency, 0.0, 1.0);
   f("nic_ring_efficiency", p.nic_ring_efficiency, 0.0, 1.0);
   f("nic_all_to_all_efficiency", p.nic_all_to_all_efficiency, 0.0, 1.0);

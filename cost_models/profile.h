@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/cluster.h"
@@ -28,6 +29,13 @@ struct EfficiencyPoint {
   double efficiency = 0;
 };
 
+// Classes of memory-bound kernels, each with its own achieved bandwidth.
+enum class MemoryKernel { kStream, kNorm, kActivation, kPermute, kLoss, kOptimizer };
+// "stream", "norm", "activation", "permute", "loss", "optimizer".
+const char* memory_kernel_name(MemoryKernel k);
+// The class of a lowered elementwise op by its name ("norm1", "experts_act", "loss", ...).
+MemoryKernel memory_kernel_of_op(std::string_view name);
+
 struct CostProfile {
   std::string name;    // "default" or the calibration it came from
   std::string source;  // where the constants come from (a calibration run, a paper)
@@ -36,14 +44,24 @@ struct CostProfile {
   std::vector<EfficiencyPoint> gemm_efficiency;  // at bf16 (and fp32/tf32)
   double fp8_gemm_efficiency_scale = 1;  // FP8 GEMMs reach this fraction of the bf16 efficiency
   double attention_efficiency = 0;       // fused (flash) attention, fraction of peak
-  double hbm_efficiency = 0;   // achievable fraction of HBM bandwidth (elementwise kernels)
-  double kernel_launch_s = 0;  // launch + tail of one kernel
+  double hbm_efficiency = 0;  // achievable fraction of HBM bandwidth (elementwise kernels)
+  // Kernels that are memory-bound on a GPU but may run slower per byte (on a CPU core their math,
+  // exp and sqrt, bounds them): their own fraction of HBM bandwidth; 0 = hbm_efficiency.
+  double norm_efficiency = 0;        // RMSNorm / LayerNorm, forward and backward
+  double activation_efficiency = 0;  // SwiGLU / GeLU on the FFN's hidden rows
+  double permute_efficiency = 0;     // permute / unpermute-combine by expert, index slice
+  double loss_efficiency = 0;        // softmax cross-entropy over the vocabulary
+  double optimizer_efficiency = 0;   // Adam on the GPU
+  double kernel_launch_s = 0;        // launch + tail of one kernel
   // Host time to issue one op (framework dispatch, launch call). The host runs ahead of the GPU,
   // so an op takes at least this long: tiny ops make a step host-bound.
   double host_issue_s = 0;
 
   // --- Communication (fractions of the ClusterSpec's nominal per-direction bandwidths).
-  double intra_node_efficiency = 0;      // NVLink / NVSwitch / PCIe P2P, ring and all-to-all
+  double intra_node_efficiency = 0;  // NVLink / NVSwitch / PCIe P2P, ring and all-to-all
+  // Collectives that also add (all-reduce, reduce-scatter) inside a node, where the reduction
+  // costs more than the move (MPI on CPU cores); 0 = intra_node_efficiency.
+  double intra_node_reduce_efficiency = 0;
   double nvls_efficiency = 0;            // all-reduce algbw over NVLink SHARP, fraction of link bw
   double nic_ring_efficiency = 0;        // ring / tree collectives across nodes, NICs aggregated
   double nic_all_to_all_efficiency = 0;  // all-to-all across nodes (each GPU on its own rail)
@@ -68,6 +86,8 @@ struct CostProfile {
 
   // GEMM efficiency for the smallest dimension of a GEMM.
   double gemm_efficiency_at(double min_dim) const;
+  // The fraction of HBM bandwidth a memory-bound kernel of this class reaches.
+  double memory_efficiency(MemoryKernel k) const;
 };
 
 // The default profile for a cluster: published-measurement-based fractions (see profile.cc).

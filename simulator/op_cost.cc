@@ -36,8 +36,10 @@ OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec&
                     .time_s;
       break;
     case OpKind::kElementwise:
+      out.time_s = elementwise_cost(op.bytes, gpu, prof, memory_kernel_of_op(op.name)).time_s;
+      break;
     case OpKind::kPermute:
-      out.time_s = elementwise_cost(op.bytes, gpu, prof).time_s;
+      out.time_s = elementwise_cost(op.bytes, gpu, prof, MemoryKernel::kPermute).time_s;
       break;
     case OpKind::kGateTopK: {
       const double t = gate_topk_cost(op.gemm.m, op.gemm.k, op.gemm.n, precision, gpu, prof).time_s;
@@ -46,7 +48,7 @@ OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec&
     }
     case OpKind::kOptimizer: {
       if (!op.on_cpu) {
-        out.time_s = elementwise_cost(op.bytes, gpu, prof).time_s;
+        out.time_s = elementwise_cost(op.bytes, gpu, prof, MemoryKernel::kOptimizer).time_s;
         break;
       }
       // ZeRO-Offload: gradients down and parameters up over PCIe; Adam on the node's CPUs and DRAM,

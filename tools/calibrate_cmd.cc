@@ -54,28 +54,95 @@ std::vector<float> randoms(size_t n) {
 
 void measure_compute(Device& dev, bool quick, CalibrationData& d) {
   const auto none = [] {};
-  // GEMMs over the smallest dimension (tokens of a micro-batch or an expert's rows) and sizes.
+  const int reps = quick ? 3 : 7;
+  // GEMMs over the smallest dimension (tokens of a micro-batch or an expert's rows) and sizes, in
+  // the three layouts a training step runs: forward (X W), data gradient (dY W^T) and weight
+  // gradient (X^T dY), each a sample of its shape.
   const std::vector<int> ms =
       quick ? std::vector<int>{16, 128, 512} : std::vector<int>{16, 32, 64, 128, 256, 512, 1024};
   for (int m : ms)
-    for (int nk : {256, 1024}) {
+    for (int nk : quick ? std::vector<int>{256, 1024} : std::vector<int>{128, 256, 1024}) {
       const auto a = randoms(static_cast<size_t>(m) * nk),
                  b = randoms(static_cast<size_t>(nk) * nk);
-      std::vector<float> c(static_cast<size_t>(m) * nk);
-      const double t = median_s(
-          quick ? 3 : 7,
-          [&] {
-            dev.gemm(false, false, m, nk, nk, 1.0f, a.data(), nk, b.data(), nk, 0.0f, c.data(), nk);
-          },
-          none);
-      d.gemm.push_back({m, nk, nk, t});
+      std::vector<float> c(static_cast<size_t>(std::max(m, nk)) * nk);
+      // forward: [m, k] x [k, n]; dgrad: [m, n] x [k, n]^T; wgrad: [m, k]^T x [m, n] -> [k, n]
+      d.gemm.push_back({m, nk, nk,
+                        median_s(
+                            reps,
+                            [&] {
+                              dev.gemm(false, false, m, nk, nk, 1.0f, a.data(), nk, b.data(), nk,
+                                       0.0f, c.data(), nk);
+                            },
+                            none)});
+      d.gemm.push_back({m, nk, nk,
+                        median_s(
+                            reps,
+                            [&] {
+                              dev.gemm(false, true, m, nk, nk, 1.0f, a.data(), nk, b.data(), nk,
+                                       0.0f, c.data(), nk);
+                            },
+                            none)});
+      d.gemm.push_back({nk, nk, m,
+                        median_s(
+                            reps,
+                            [&] {
+                              dev.gemm(true, false, nk, nk, m, 1.0f, a.data(), nk, a.data(), nk,
+                                       0.0f, c.data(), nk);
+                            },
+                            none)});
     }
-  // Streaming: a copy reads and writes every byte.
-  for (size_t bytes = size_t{1} << 16; bytes <= (size_t{1} << (quick ? 24 : 26)); bytes *= 4) {
+  // Memory-bound kernels, each counted in bytes the way the lowering counts the op it stands for
+  // (core/lower.cc: a norm reads and writes tokens x hidden, its backward 1.5 times that; SwiGLU
+  // streams rows x f x 3; a permute 2 x rows x hidden; the loss 12 bytes per logit; fp32 Adam 28
+  // bytes per parameter), so the fitted bandwidth prices those ops as this backend runs them.
+  const int sreps = quick ? 3 : 9;
+  auto sample = [&](const char* kernel, double bytes, auto&& f) {
+    d.stream.push_back({bytes, median_s(sreps, f, none), kernel});
+  };
+  for (size_t bytes = size_t{1} << 16; bytes <= (size_t{1} << (quick ? 22 : 24)); bytes *= 4) {
     std::vector<float> a(bytes / 4, 1.0f), b(bytes / 4);
-    const double t = median_s(
-        quick ? 3 : 9, [&] { dev.copy(b.data(), a.data(), bytes); }, none);
-    d.stream.push_back({2.0 * static_cast<double>(bytes), t});
+    sample("copy", 2.0 * static_cast<double>(bytes), [&] { dev.copy(b.data(), a.data(), bytes); });
+  }
+  for (int rows : quick ? std::vector<int>{128, 2048} : std::vector<int>{128, 512, 2048})
+    for (int h : {128, 512}) {
+      const size_t n = static_cast<size_t>(rows) * h;
+      const auto x = randoms(n), dy = randoms(n), g = randoms(static_cast<size_t>(h));
+      std::vector<float> y(n), dx(n), dg(static_cast<size_t>(h));
+      const double e = 4.0 * static_cast<double>(n);
+      sample("rmsnorm", 2 * e, [&] { dev.rmsnorm(x.data(), g.data(), rows, h, 1e-5f, y.data()); });
+      sample("rmsnorm_backward", 3 * e, [&] {
+        dev.rmsnorm_backward(x.data(), g.data(), dy.data(), rows, h, 1e-5f, dx.data(), dg.data());
+      });
+      const int f = 2 * h;
+      const auto gu = randoms(n * 4), dout = randoms(n * 2);
+      std::vector<float> act(n * 2), dgu(n * 4);
+      sample("swiglu", 3 * 2 * e, [&] { dev.swiglu(gu.data(), rows, f, act.data()); });
+      sample("swiglu_backward", 4.5 * 2 * e,
+             [&] { dev.swiglu_backward(gu.data(), dout.data(), rows, f, dgu.data()); });
+      // Top-2 of 8 experts: the permuted buffer holds 2 rows per token.
+      const auto logits = randoms(static_cast<size_t>(rows) * 8);
+      std::vector<float> probs(static_cast<size_t>(rows) * 8), perm(n * 2), back(n);
+      const TokenRouting r = dev.route(logits.data(), rows, 8, 2, true, probs.data());
+      sample("permute", 2 * 2 * e, [&] { dev.permute(x.data(), r, h, perm.data()); });
+      sample("unpermute_combine", 2 * 2 * e,
+             [&] { dev.unpermute_combine(perm.data(), r, h, back.data()); });
+      // The loss over a vocabulary 8 times the width.
+      const int vocab = 8 * h;
+      const auto lg = randoms(static_cast<size_t>(rows) * vocab);
+      std::vector<float> work(lg.size());
+      std::vector<int> labels(static_cast<size_t>(rows));
+      for (int t = 0; t < rows; ++t) labels[static_cast<size_t>(t)] = (t * 7) % vocab;
+      sample("cross_entropy", 12.0 * static_cast<double>(lg.size()), [&] {
+        std::copy(lg.begin(), lg.end(), work.begin());
+        dev.cross_entropy(work.data(), labels.data(), rows, vocab, 1.0f);
+      });
+    }
+  for (size_t n = size_t{1} << 16; n <= (size_t{1} << (quick ? 20 : 22)); n *= 4) {
+    std::vector<float> param = randoms(n), grad = randoms(n), m(n, 0.0f), v(n, 0.0f);
+    sample("adam", 28.0 * static_cast<double>(n), [&] {
+      dev.adam(param.data(), grad.data(), m.data(), v.data(), n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f,
+               0.05f);
+    });
   }
   // Attention at the runner's layout.
   for (int seq : {64, 128, 256}) {
@@ -132,6 +199,40 @@ void measure_collectives(Communicator& world, bool quick, CalibrationData& d) {
   }
 }
 
+// How much of an asynchronous all-reduce runs while the rank computes: a GEMM loop and an
+// all-reduce of similar length, alone and together (issue the all-reduce, compute, wait).
+void measure_overlap(Device& dev, Communicator& world, bool quick, CalibrationData& d) {
+  if (world.size() < 2) return;
+  const int m = 256, nk = 512, reps = quick ? 3 : 7;
+  const auto a = randoms(static_cast<size_t>(m) * nk), b = randoms(static_cast<size_t>(nk) * nk);
+  std::vector<float> c(static_cast<size_t>(m) * nk);
+  const size_t count = size_t{1} << (quick ? 20 : 22);
+  std::vector<float> buf(count, 1.0f);
+  const auto sync = [&] { world.barrier(); };
+  const auto compute = [&] {
+    for (int i = 0; i < 16; ++i)
+      dev.gemm(false, false, m, nk, nk, 1.0f, a.data(), nk, b.data(), nk, 0.0f, c.data(), nk);
+  };
+  const auto comm = [&] {
+    world.all_reduce_async(buf.data(), count, DType::kFloat32, ReduceOp::kSum)->wait();
+  };
+  OverlapSample o;
+  o.compute_s = median_s(reps, compute, sync);
+  o.comm_s = median_s(reps, comm, sync);
+  o.both_s = median_s(
+      reps,
+      [&] {
+        auto pending = world.all_reduce_async(buf.data(), count, DType::kFloat32, ReduceOp::kSum);
+        compute();
+        pending->wait();
+      },
+      sync);
+  // The slowest rank decides, as in a step.
+  double t[3] = {o.compute_s, o.comm_s, o.both_s};
+  world.all_reduce(t, 3, DType::kFloat64, ReduceOp::kMax);
+  d.overlap = OverlapSample{t[0], t[1], t[2]};
+}
+
 int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
   if (f.backend != "cpu")
     throw ConfigError("--backend", "\"" + f.backend +
@@ -154,6 +255,7 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
   try {
     measure_compute(*dev, f.quick, data);
     measure_collectives(*world, f.quick, data);
+    measure_overlap(*dev, *world, f.quick, data);
   } catch (const std::exception& e) {
 #ifdef SWITCHYARD_HAVE_MPI
     if (mpi && world->size() > 1) mpi->abort(1, e.what());  // no rank waits for a failed one

@@ -28,6 +28,11 @@ TEST(Calibration, RecoversTheConstantsThatMadeTheSamples) {
   truth.gemm_efficiency = {{16, 0.3}, {64, 0.45}, {256, 0.5}};
   truth.attention_efficiency = 0.15;
   truth.intra_node_efficiency = 0.6;
+  truth.intra_node_reduce_efficiency = 0.25;  // adding costs more than moving (MPI on CPU cores)
+  truth.norm_efficiency = 0.5;
+  truth.activation_efficiency = 0.3;
+  truth.optimizer_efficiency = 0.7;
+  truth.comm_compute_overlap = 0.2;
   truth.collective_base_s = 4e-6;
   truth.p2p_issue_s = 0;
   CalibrationData d;
@@ -35,8 +40,15 @@ TEST(Calibration, RecoversTheConstantsThatMadeTheSamples) {
     for (int64_t nk : {256, 1024})
       d.gemm.push_back(
           {m, nk, nk, gemm_cost({m, nk, nk, 1}, Precision::kFP32, c.gpu, truth).time_s});
-  for (double bytes = 1 << 16; bytes <= (1 << 26); bytes *= 4)
-    d.stream.push_back({bytes, elementwise_cost(bytes, c.gpu, truth).time_s});
+  for (double bytes = 1 << 16; bytes <= (1 << 26); bytes *= 4) {
+    d.stream.push_back({bytes, elementwise_cost(bytes, c.gpu, truth).time_s, "copy"});
+    d.stream.push_back({bytes, elementwise_cost(bytes, c.gpu, truth, MemoryKernel::kNorm).time_s,
+                        "rmsnorm_backward"});
+    d.stream.push_back(
+        {bytes, elementwise_cost(bytes, c.gpu, truth, MemoryKernel::kActivation).time_s, "swiglu"});
+    d.stream.push_back(
+        {bytes, elementwise_cost(bytes, c.gpu, truth, MemoryKernel::kOptimizer).time_s, "adam"});
+  }
   for (int seq : {64, 256}) {
     AttentionShape s;
     s.batch = 1;
@@ -48,8 +60,12 @@ TEST(Calibration, RecoversTheConstantsThatMadeTheSamples) {
     d.attention.push_back({s, attention_forward_cost(s, Precision::kFP32, c.gpu, truth).time_s});
   }
   for (double bytes = 4096; bytes <= (1 << 24); bytes *= 4)
-    for (Collective op : {Collective::kAllReduce, Collective::kAllToAll})
+    for (Collective op : {Collective::kAllReduce, Collective::kAllToAll, Collective::kAllGather,
+                          Collective::kReduceScatter})
       d.collectives.push_back({op, bytes, 2, collective_cost(op, bytes, {2, 2}, c, truth).time_s});
+
+  // An all-reduce beside 10 ms of compute, 20% of it hidden.
+  d.overlap = OverlapSample{10e-3, 5e-3, 10e-3 + 0.8 * 5e-3};
 
   const Calibration cal = fit_calibration(d, c, default_cost_profile(c));
   EXPECT_NEAR(cal.profile.kernel_launch_s, 3e-6, 1e-7);
@@ -58,12 +74,22 @@ TEST(Calibration, RecoversTheConstantsThatMadeTheSamples) {
   EXPECT_NEAR(cal.profile.gemm_efficiency[1].efficiency, 0.45, 5e-3);
   EXPECT_NEAR(cal.profile.attention_efficiency, 0.15, 5e-3);
   EXPECT_NEAR(cal.profile.intra_node_efficiency, 0.6, 0.02);
+  EXPECT_NEAR(cal.profile.intra_node_reduce_efficiency, 0.25, 0.01);
+  EXPECT_NEAR(cal.profile.norm_efficiency, 0.5, 1e-3);
+  EXPECT_NEAR(cal.profile.activation_efficiency, 0.3, 1e-3);
+  EXPECT_NEAR(cal.profile.optimizer_efficiency, 0.7, 1e-3);
+  EXPECT_EQ(cal.profile.permute_efficiency, 0);  // not measured: as hbm_efficiency
+  EXPECT_NEAR(cal.profile.comm_compute_overlap, 0.2, 1e-9);
   EXPECT_NEAR(cal.profile.collective_base_s, 4e-6, 1e-6);
   for (const char* cls : {"gemm", "stream", "attention", "collectives"})
     EXPECT_LT(cal.report["median_abs_residual"][cls].get<double>(), 0.03) << cls;
   // The fitted constants round-trip through a profile file.
   const CostProfile applied = apply_profile_json(cal.profile_json, default_cost_profile(c));
   EXPECT_NEAR(applied.hbm_efficiency, cal.profile.hbm_efficiency, 1e-12);
+  EXPECT_NEAR(applied.norm_efficiency, cal.profile.norm_efficiency, 1e-12);
+  EXPECT_NEAR(applied.intra_node_reduce_efficiency, cal.profile.intra_node_reduce_efficiency,
+              1e-12);
+  EXPECT_EQ(applied.comm_compute_overlap, cal.profile.comm_compute_overlap);
 }
 
 }  // namespace
