@@ -6,11 +6,13 @@
 
 namespace switchyard {
 
-std::vector<RankExperts> expert_rank_loads(const ModelSpec& m, const Plan& plan,
-                                           const Workload& w) {
+std::vector<RankExperts> expert_rank_loads(const ModelSpec& m, const Plan& plan, const Workload& w,
+                                           int moe_layer) {
   if (!m.moe || plan.ep <= 0) return {};
   const int64_t experts = m.moe->num_experts;
   const int ep = plan.ep;
+  // The placement (which experts are replicated, where each copy sits) follows the step's load;
+  // a layer with its own routing then spreads its rows over those copies.
   const std::vector<double> share = expert_load_fractions(w, m);
   std::vector<int> copies(static_cast<size_t>(experts), 1);
   const ExpertReplicas& r = plan.expert_replicas;
@@ -45,6 +47,17 @@ std::vector<RankExperts> expert_rank_loads(const ModelSpec& m, const Plan& plan,
         [](const RankExperts& a, const RankExperts& b) { return a.share < b.share; });
     it->copies.push_back(copy);
     it->share += copy.share;
+  }
+  if (moe_layer >= 0 && w.routing.kind == RoutingKind::kHistogram && !w.routing.per_layer.empty()) {
+    const std::vector<double> layer = expert_load_fractions(w, m, moe_layer);
+    for (RankExperts& rank : ranks) {
+      rank.share = 0;
+      for (ExpertCopy& copy : rank.copies) {
+        const size_t e = static_cast<size_t>(copy.expert);
+        copy.share = std::min(layer[e] / copies[e], cap);
+        rank.share += copy.share;
+      }
+    }
   }
   return ranks;
 }

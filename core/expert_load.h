@@ -23,7 +23,9 @@ struct RankExperts {
 };
 
 // One entry per EP rank; empty for a dense model.
-std::vector<RankExperts> expert_rank_loads(const ModelSpec& m, const Plan& plan, const Workload& w);
+// With `moe_layer` >= 0, the routing of that MoE layer (per-layer histograms), else the step's.
+std::vector<RankExperts> expert_rank_loads(const ModelSpec& m, const Plan& plan, const Workload& w,
+                                           int moe_layer = -1);
 // Index of the rank with the largest share.
 int most_loaded_rank(const std::vector<RankExperts>& ranks);
 // Rows the most loaded rank receives relative to a balanced share (1 = balanced).

@@ -33,10 +33,19 @@ struct Dims {
   std::vector<int64_t> expert_rows;  // rows per local expert copy on the most loaded EP rank
   double dispatch_rows = 0;          // rows this rank sends in the dispatch all-to-all
   int replicated_copies = 0;         // copies on the most loaded rank of experts that have replicas
-  // Rows all local expert copies of the most loaded rank process.
-  double expert_rows_total() const {
+  // Per model layer, when the workload routes each MoE layer its own way: the rows per local
+  // expert copy on that layer's most loaded rank (empty: expert_rows).
+  std::vector<std::vector<int64_t>> layer_expert_rows;
+  const std::vector<int64_t>& rows_of(int layer) const {
+    return layer >= 0 && static_cast<size_t>(layer) < layer_expert_rows.size() &&
+                   !layer_expert_rows[static_cast<size_t>(layer)].empty()
+               ? layer_expert_rows[static_cast<size_t>(layer)]
+               : expert_rows;
+  }
+  // Rows all local expert copies of the most loaded rank process (in `layer`).
+  double expert_rows_total(int layer = -1) const {
     double rows = 0;
-    for (int64_t r : expert_rows) rows += static_cast<double>(r);
+    for (int64_t r : rows_of(layer)) rows += static_cast<double>(r);
     return rows;
   }
 };
@@ -70,11 +79,11 @@ class Builder {
     return op;
   }
   OpTemplate& grouped(std::string_view name, int layer, int64_t n, int64_t k) {
-    fp8_cast(layer, d_.expert_rows_total(), static_cast<double>(k));
+    fp8_cast(layer, d_.expert_rows_total(layer), static_cast<double>(k));
     OpTemplate& op = add(OpKind::kGroupedGemm, name, layer);
-    op.group_rows = d_.expert_rows;
+    op.group_rows = d_.rows_of(layer);
     op.gemm = {0, n, k, 1};
-    const double rows = d_.expert_rows_total();
+    const double rows = d_.expert_rows_total(layer);
     op.flops = 2.0 * rows * static_cast<double>(n) * static_cast<double>(k);
     op.tokens = static_cast<int64_t>(rows);
     return op;
@@ -179,7 +188,7 @@ class Builder {
     const int64_t fe = m_.moe->expert_ffn_hidden_size / d_.etp;
     const int mats = m_.ffn_matrices();
     grouped("experts_fc1", layer, (mats - 1) * fe, d_.h);
-    const double rows = d_.expert_rows_total();
+    const double rows = d_.expert_rows_total(layer);
     elementwise("experts_act", layer, rows * static_cast<double>(fe * mats) * d_.e,
                 static_cast<int64_t>(rows));
     grouped("experts_fc2", layer, d_.h, fe);
@@ -194,7 +203,7 @@ class Builder {
       OpTemplate& gate = add(OpKind::kGateTopK, "router", layer);
       gate.gemm = {d_.t, moe.num_experts, d_.h, 1};
       gate.tokens = d_.t;
-      const double rows = d_.expert_rows_total();
+      const double rows = d_.expert_rows_total(layer);
       OpTemplate& slice = add(OpKind::kPermute, "index_slice", layer);
       slice.bytes = 2 * tok_bytes(rows);
       slice.tokens = static_cast<int64_t>(rows);
@@ -223,11 +232,11 @@ class Builder {
       exchange(layer, "dispatch", bit(TensorClass::kDispatchBuffer), 0);
     if (d_.etp > 1)
       comm(Collective::kAllGather, CommGroup::kExpertTp, "etp_all_gather", layer,
-           rows_bytes() * d_.etp);
+           rows_bytes(layer) * d_.etp);
     experts(layer);
     if (d_.etp > 1)
       comm(Collective::kReduceScatter, CommGroup::kExpertTp, "etp_reduce_scatter", layer,
-           rows_bytes() * d_.etp);
+           rows_bytes(layer) * d_.etp);
     if (!local) exchange(layer, "combine", 0, bit(TensorClass::kDispatchBuffer));
     OpTemplate& unperm = add(OpKind::kPermute, "unpermute", layer);
     unperm.bytes = 2 * tok_bytes(d_.dispatch_rows);
@@ -242,8 +251,8 @@ class Builder {
   }
 
   // Rows received by the most loaded rank, as bytes.
-  double rows_bytes() const {
-    const double rows = d_.expert_rows_total();
+  double rows_bytes(int layer) const {
+    const double rows = d_.expert_rows_total(layer);
     return tok_bytes(rows) / d_.etp;
   }
 
@@ -395,6 +404,22 @@ Dims make_dims(const ModelSpec& m, const Plan& p, const Workload& w, Pass pass =
       for (const ExpertCopy& c : r.copies) ++copies[static_cast<size_t>(c.expert)];
     for (const ExpertCopy& c : hot.copies)
       d.replicated_copies += copies[static_cast<size_t>(c.expert)] > 1 ? 1 : 0;
+    // A routing measured per layer: each MoE layer waits for its own most loaded rank.
+    if (w.routing.kind == RoutingKind::kHistogram && !w.routing.per_layer.empty() &&
+        !p.capacity_factor) {
+      d.layer_expert_rows.assign(static_cast<size_t>(m.num_layers), {});
+      int moe_layer = 0;
+      for (int64_t l = 0; l < m.num_layers; ++l) {
+        if (!m.is_moe_layer(l)) continue;
+        const auto layer_ranks = expert_rank_loads(m, p, w, moe_layer++);
+        const RankExperts& layer_hot =
+            layer_ranks[static_cast<size_t>(most_loaded_rank(layer_ranks))];
+        auto& rows = d.layer_expert_rows[static_cast<size_t>(l)];
+        for (const ExpertCopy& copy : layer_hot.copies)
+          rows.push_back(static_cast<int64_t>(std::llround(copy.share * routed)) *
+                         (d.etp > 1 ? d.etp : 1));
+      }
+    }
   }
   return d;
 }

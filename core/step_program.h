@@ -45,7 +45,16 @@ enum class OpKind {
 enum class CopyPath { kHostToGpu, kGpuToHost, kSsdToHost, kHostToSsd };
 
 enum class CommGroup {
-  kNone, kTp, kCp, kEp, kEpIntra, kEpInter, kExpertTp, kDp, kExpertDp, kPp,
+  kNone,
+  kTp,
+  kCp,
+  kEp,
+  kEpIntra,
+  kEpInter,
+  kExpertTp,
+  kDp,
+  kExpertDp,
+  kPp,
   kReplicas,  // the copies of a replicated (elastic) expert
 };
 inline constexpr int kNumGroups = 11;
@@ -80,7 +89,7 @@ struct OpTemplate {
   double flops = 0;  // executed FLOPs (reported in traces)
   Collective collective = Collective::kAllReduce;
   CommGroup group = CommGroup::kNone;
-  bool on_cpu = false;            // kOptimizer: host Adam (ZeRO-Offload)
+  bool on_cpu = false;                   // kOptimizer: host Adam (ZeRO-Offload)
   CopyPath copy = CopyPath::kHostToGpu;  // kCopy
   bool async = false;             // nothing in the unit waits for it (gradient buckets, prefetches)
   int wait_for = -1;              // index (same op list) of one more op this one waits for: the

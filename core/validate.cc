@@ -246,6 +246,17 @@ void check_workload(Checker& c, const ModelSpec& m, const ClusterSpec& cl, const
               "workload.routing.tokens_per_expert",
               "has " + s(static_cast<int64_t>(w.routing.tokens_per_expert.size())) +
                   " entries but the model has " + s(m.moe->num_experts) + " experts");
+  if (m.moe && !w.routing.per_layer.empty()) {
+    c.require(static_cast<int64_t>(w.routing.per_layer.size()) == m.num_moe_layers(),
+              "workload.routing.per_layer",
+              "has " + s(static_cast<int64_t>(w.routing.per_layer.size())) +
+                  " histograms but the model has " + s(m.num_moe_layers()) + " MoE layers");
+    for (size_t i = 0; i < w.routing.per_layer.size(); ++i)
+      c.require(static_cast<int64_t>(w.routing.per_layer[i].size()) == m.moe->num_experts,
+                index_path("workload.routing.per_layer", i),
+                "has " + s(static_cast<int64_t>(w.routing.per_layer[i].size())) +
+                    " entries but the model has " + s(m.moe->num_experts) + " experts");
+  }
   if (w.routing.kind != RoutingKind::kUniform && !m.moe)
     c.fail("workload.routing", "skewed routing needs an MoE model");
   for (size_t i = 0; i < w.task_routing.size(); ++i) {

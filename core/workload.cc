@@ -17,20 +17,30 @@ Routing parse_routing(const Json& j, const std::string& path, std::vector<Config
       rr.add_issue(rr.path_of("exponent"), "must be >= 0");
   }
   if (r.kind == RoutingKind::kHistogram) {
-    const std::string hpath = rr.path_of("tokens_per_expert");
-    if (const Json* h = rr.child("tokens_per_expert", true)) {
+    const auto histogram = [&](const Json* h, const std::string& hpath, std::vector<double>& out) {
       if (!h->is_array() || h->empty()) {
         rr.add_issue(hpath, "expected a non-empty array of counts");
+        return;
+      }
+      double sum = 0;
+      for (size_t i = 0; i < h->size(); ++i) {
+        auto v = read_number((*h)[i], index_path(hpath, i), issues);
+        if (!v) continue;
+        if (*v < 0) rr.add_issue(index_path(hpath, i), "must be >= 0");
+        sum += *v;
+        out.push_back(*v);
+      }
+      if (!(sum > 0)) rr.add_issue(hpath, "counts sum to 0");
+    };
+    if (const Json* h = rr.child("tokens_per_expert", true))
+      histogram(h, rr.path_of("tokens_per_expert"), r.tokens_per_expert);
+    if (const Json* layers = rr.child("per_layer", false)) {
+      const std::string lpath = rr.path_of("per_layer");
+      if (!layers->is_array() || layers->empty()) {
+        rr.add_issue(lpath, "expected an array of histograms, one per MoE layer");
       } else {
-        double sum = 0;
-        for (size_t i = 0; i < h->size(); ++i) {
-          auto v = read_number((*h)[i], index_path(hpath, i), issues);
-          if (!v) continue;
-          if (*v < 0) rr.add_issue(index_path(hpath, i), "must be >= 0");
-          sum += *v;
-          r.tokens_per_expert.push_back(*v);
-        }
-        if (!(sum > 0)) rr.add_issue(hpath, "counts sum to 0");
+        for (size_t i = 0; i < layers->size(); ++i)
+          histogram(&(*layers)[i], index_path(lpath, i), r.per_layer.emplace_back());
       }
     }
   }
@@ -42,6 +52,7 @@ Json routing_json(const Routing& r) {
   Json j = {{"kind", enum_name(r.kind)}};
   if (r.kind == RoutingKind::kZipf) j["exponent"] = r.zipf_exponent;
   if (r.kind == RoutingKind::kHistogram) j["tokens_per_expert"] = r.tokens_per_expert;
+  if (r.kind == RoutingKind::kHistogram && !r.per_layer.empty()) j["per_layer"] = r.per_layer;
   return j;
 }
 
@@ -178,6 +189,17 @@ std::vector<double> expert_load_fractions(const Routing& r, int64_t num_experts,
     if (!changed) break;
   }
   return share;
+}
+
+std::vector<double> expert_load_fractions(const Workload& w, const ModelSpec& m, int moe_layer) {
+  if (m.moe && w.routing.kind == RoutingKind::kHistogram && moe_layer >= 0 &&
+      static_cast<size_t>(moe_layer) < w.routing.per_layer.size() && w.task_routing.empty()) {
+    Routing layer;
+    layer.kind = RoutingKind::kHistogram;
+    layer.tokens_per_expert = w.routing.per_layer[static_cast<size_t>(moe_layer)];
+    return expert_load_fractions(layer, m.moe->num_experts, m.moe->top_k);
+  }
+  return expert_load_fractions(w, m);
 }
 
 std::vector<double> expert_load_fractions(const Workload& w, const ModelSpec& m) {

@@ -36,6 +36,10 @@ struct Routing {
   RoutingKind kind = RoutingKind::kUniform;
   double zipf_exponent = 0;               // kZipf: expert i (0-based) gets weight 1/(i+1)^s
   std::vector<double> tokens_per_expert;  // kHistogram: relative counts, one per expert
+  // kHistogram, optional: one histogram per MoE layer, in layer order (a measured run's routing:
+  // the experts each layer's router favours differ, and each layer waits for its hottest rank).
+  // tokens_per_expert stays the whole step's.
+  std::vector<std::vector<double>> per_layer;
   bool operator==(const Routing&) const = default;
 };
 
@@ -81,5 +85,8 @@ std::vector<double> expert_load_fractions(const Routing& r, int64_t num_experts,
 // The same for a model: combines the per-task routings by task token share when the workload has
 // them, else uses `w.routing`.
 std::vector<double> expert_load_fractions(const Workload& w, const ModelSpec& m);
+// The share of MoE layer `moe_layer` (0-based among the MoE layers) when the routing has per-layer
+// histograms, else the step's.
+std::vector<double> expert_load_fractions(const Workload& w, const ModelSpec& m, int moe_layer);
 
 }  // namespace switchyard

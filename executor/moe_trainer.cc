@@ -462,7 +462,8 @@ struct MoeTrainer::Impl {
         S.xin_e = dispatch(S.ex, perm.p(), h, "expert input");
         const int R = S.ex.received;
         for (int j = 0; j < local_experts; ++j)
-          tokens_per_expert[first_expert + j] += S.ex.rows_per_local[j];
+          tokens_per_expert[static_cast<size_t>(l) * experts + first_expert + j] +=
+              S.ex.rows_per_local[j];
         std::vector<const float*> w1, w2;
         for (int j = 0; j < local_experts; ++j) {
           w1.push_back(P(E(l, first_expert + j, "w1")).v());
@@ -935,18 +936,22 @@ StepStats MoeTrainer::forward_backward(int64_t step_index) {
     if (sp->padded > 0) std::memset(sp->grads.data(), 0, sizeof(float) * sp->padded);
   StepStats st;
   I.dropped = 0;
-  st.tokens_per_expert.assign(static_cast<size_t>(I.experts), 0);
+  // Counted per (layer, expert) while the step runs; summed over layers at its end.
+  st.tokens_per_layer_expert.assign(static_cast<size_t>(I.layers) * I.experts, 0);
   const int dp = I.g.dp->size();
   const int64_t per_rank = I.s.global_batch / dp;
   const int64_t first = static_cast<int64_t>(I.g.dp->rank()) * per_rank;
   const double scale = 1.0 / (static_cast<double>(I.s.global_batch) * I.seq);
   if (!I.g.pp || I.g.pp->size() == 1) {
     for (int64_t b = 0; b < per_rank; b += I.s.micro_batch_size)
-      st.loss +=
-          I.micro_batch(step_index, first + b, I.s.micro_batch_size, scale, st.tokens_per_expert);
+      st.loss += I.micro_batch(step_index, first + b, I.s.micro_batch_size, scale,
+                               st.tokens_per_layer_expert);
   } else {
-    st.loss = I.pipeline(step_index, first, per_rank, scale, st.tokens_per_expert);
+    st.loss = I.pipeline(step_index, first, per_rank, scale, st.tokens_per_layer_expert);
   }
+  st.tokens_per_expert.assign(static_cast<size_t>(I.experts), 0);
+  for (size_t i = 0; i < st.tokens_per_layer_expert.size(); ++i)
+    st.tokens_per_expert[i % static_cast<size_t>(I.experts)] += st.tokens_per_layer_expert[i];
   st.dropped = I.dropped;
   return st;
 }

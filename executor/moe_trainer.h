@@ -92,6 +92,7 @@ struct StepStats {
   double loss = 0;                         // mean cross-entropy over the global batch
   std::vector<int64_t> tokens_per_expert;  // routed (token, choice) pairs per global expert, all
                                            // MoE layers, this rank's experts' share
+  std::vector<int64_t> tokens_per_layer_expert;  // the same per model layer: [layer * E + e]
   int64_t dropped = 0;  // (token, choice) pairs past capacity, this rank's micro-batches
 };
 

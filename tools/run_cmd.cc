@@ -162,7 +162,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
 
   Json check = nullptr;
   std::vector<double> losses, step_s;
-  std::vector<int64_t> tokens_per_expert;
+  std::vector<int64_t> tokens_per_expert, tokens_per_layer_expert;
   int64_t dropped = 0;
   try {
     TrainGroups groups;
@@ -194,6 +194,9 @@ int cmd_run(const Common& common, const RunFlags& f) {
       losses.push_back(st.loss);
       for (size_t e = 0; e < st.tokens_per_expert.size(); ++e)
         tokens_per_expert[e] += st.tokens_per_expert[e];
+      tokens_per_layer_expert.resize(st.tokens_per_layer_expert.size(), 0);
+      for (size_t i = 0; i < st.tokens_per_layer_expert.size(); ++i)
+        tokens_per_layer_expert[i] += st.tokens_per_layer_expert[i];
       dropped += st.dropped;
     }
     // Per step, the slowest rank's figure for each op name (a fixed list: every rank reduces the
@@ -279,9 +282,12 @@ int cmd_run(const Common& common, const RunFlags& f) {
                       dev->memory().peak(Tier::kSSD)};
   ranks.world->all_reduce(peaks, 3, DType::kInt64, ReduceOp::kMax);
   ranks.world->all_reduce(&dropped, 1, DType::kInt64, ReduceOp::kSum);
-  if (!tokens_per_expert.empty())
+  if (!tokens_per_expert.empty()) {
     ranks.world->all_reduce(tokens_per_expert.data(), tokens_per_expert.size(), DType::kInt64,
                             ReduceOp::kSum);
+    ranks.world->all_reduce(tokens_per_layer_expert.data(), tokens_per_layer_expert.size(),
+                            DType::kInt64, ReduceOp::kSum);
+  }
   // Each expert's owner in every EP group counted its group's tokens: the sum is the total.
   if (r != 0) return check.is_null() || check["passed"].get<bool>() ? 0 : 1;
 
@@ -291,13 +297,20 @@ int cmd_run(const Common& common, const RunFlags& f) {
   SimulateOptions sim_options;
   sim_options.record_timeline = true;
   const Prediction pred = simulate(in.model, c, plan, in.workload, prof, sim_options);
-  // The same prediction with the routing this run measured (an untrained router is not balanced,
-  // and the most loaded EP rank decides the step).
+  // The same prediction with the routing this run measured, layer by layer (an untrained router is
+  // not balanced, each layer favours its own experts, and each layer waits for its most loaded EP
+  // rank).
   std::optional<Prediction> pred_routed;
   if (!tokens_per_expert.empty()) {
     Workload routed = in.workload;
     routed.routing.kind = RoutingKind::kHistogram;
     routed.routing.tokens_per_expert.assign(tokens_per_expert.begin(), tokens_per_expert.end());
+    const size_t experts = tokens_per_expert.size();
+    for (int64_t l = 0; l < in.model.num_layers; ++l) {
+      if (!in.model.is_moe_layer(l)) continue;
+      const auto first = tokens_per_layer_expert.begin() + static_cast<std::ptrdiff_t>(l * experts);
+      routed.routing.per_layer.emplace_back(first, first + static_cast<std::ptrdiff_t>(experts));
+    }
     routed.task_routing.clear();
     pred_routed = simulate(in.model, c, plan, routed, prof);
   }

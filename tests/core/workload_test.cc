@@ -66,6 +66,39 @@ TEST(ExpertLoad, TasksMixByTokenShare) {
   EXPECT_NEAR(sum(f), 1.0, 1e-12);
 }
 
+// A measured run's routing, layer by layer: each MoE layer's share from its own histogram; the
+// histograms round-trip through JSON and change the content hash; bad ones name their path.
+TEST(ExpertLoad, PerLayerHistograms) {
+  const ModelSpec m = parse_model(testing::tiny_model_json());
+  Workload w = parse_workload(Json::parse(R"({
+    "schema_version": 1, "name": "w", "global_batch_size": 8,
+    "routing": {"kind": "histogram", "tokens_per_expert": [1, 1, 1, 1],
+                "per_layer": [[3, 1, 0, 0], [0, 0, 1, 3]]}
+  })"));
+  ASSERT_EQ(w.routing.per_layer.size(), 2u);
+  auto f0 = expert_load_fractions(w, m, 0), f1 = expert_load_fractions(w, m, 1);
+  EXPECT_DOUBLE_EQ(f0[0], 0.5);  // 3/4 capped at 1/top_k = 1/2
+  EXPECT_DOUBLE_EQ(f1[3], 0.5);
+  EXPECT_DOUBLE_EQ(expert_load_fractions(w, m)[0], 0.25);  // the step's
+  EXPECT_EQ(parse_workload(to_json(w)), w);
+  Workload plain = w;
+  plain.routing.per_layer.clear();
+  EXPECT_NE(content_hash(semantic_json(w)), content_hash(semantic_json(plain)));
+  try {
+    parse_workload(Json::parse(R"({
+      "schema_version": 1, "name": "w", "global_batch_size": 8,
+      "routing": {"kind": "histogram", "tokens_per_expert": [1, 1], "per_layer": [[0, 0], 3]}
+    })"));
+    FAIL() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    const std::string all = e.what();
+    EXPECT_NE(all.find("workload.routing.per_layer[0]: counts sum to 0"), std::string::npos) << all;
+    EXPECT_NE(all.find("workload.routing.per_layer[1]: expected a non-empty array"),
+              std::string::npos)
+        << all;
+  }
+}
+
 TEST(WorkloadSpec, RejectsBadInput) {
   try {
     parse_workload(Json::parse(R"({
