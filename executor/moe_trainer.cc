@@ -4,7 +4,10 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <optional>
 #include <stdexcept>
+
+#include "executor/timed.h"
 
 namespace switchyard {
 namespace {
@@ -413,8 +416,15 @@ struct MoeTrainer::Impl {
     const int T = mb.T, sequences = mb.sequences;
     const std::vector<int>& tok = mb.tok;
     const std::vector<int>& label = mb.label;
+    // The StepProgram op each stretch of code runs (the lowering's names), for the measurement.
+    std::optional<ProgramOp> op;
+    const auto at = [&op](const char* name, OpPhase phase = OpPhase::kForward) {
+      op.reset();
+      op.emplace(name, phase);
+    };
     Tensor x;
     if (first_stage()) {
+      at("embedding");
       x = alloc(static_cast<size_t>(T) * h, "hidden states");
       const float* emb = P("embed").v();
       for (int i = 0; i < T; ++i)
@@ -428,36 +438,46 @@ struct MoeTrainer::Impl {
     for (int l = layer_begin; l < layer_end; ++l) {
       LayerSaved& S = saved[static_cast<size_t>(l - layer_begin)];
       S.x_in = std::move(x);
+      at("norm1");
       S.a = alloc(static_cast<size_t>(T) * h, "norm output");
       dev.rmsnorm(S.x_in.p(), P(L(l, "attn_norm")).v(), T, h, eps, S.a.p());
       // Attention: QKV column-parallel (this rank's heads), output projection row-parallel, its
       // partial sums added up over the TP group.
+      at("qkv");
       S.qkv = alloc(static_cast<size_t>(T) * 3 * h_local, "qkv");
       mm(S.a.p(), P(L(l, "wqkv")).v(), T, h, 3 * h_local, S.qkv.p());
+      at("attn_core");
       S.o = alloc(static_cast<size_t>(T) * h_local, "attention output");
       S.lse = alloc(static_cast<size_t>(sequences) * heads_local * seq, "attention lse");
       dev.attention(S.qkv.p(), sequences, seq, heads_local, head_dim, S.o.p(), S.lse.p());
       S.x_mid = alloc(static_cast<size_t>(T) * h, "residual");
       {
+        at("attn_out");
         Tensor proj = alloc(static_cast<size_t>(T) * h, "attention projection");
         mm(S.o.p(), P(L(l, "wo")).v(), T, h_local, h, proj.p());
+        if (tp > 1) at("tp_all_reduce");
         tp_sum(proj.p(), static_cast<size_t>(T) * h);
+        at("residual1");
         for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i)
           S.x_mid.p()[i] = S.x_in.p()[i] + proj.p()[i];
+        x = alloc(static_cast<size_t>(T) * h, "hidden states");
+        std::memcpy(x.p(), S.x_mid.p(), sizeof(float) * T * h);
       }
+      at("norm2");
       S.b = alloc(static_cast<size_t>(T) * h, "norm output");
       dev.rmsnorm(S.x_mid.p(), P(L(l, "ffn_norm")).v(), T, h, eps, S.b.p());
-      x = alloc(static_cast<size_t>(T) * h, "hidden states");
-      std::memcpy(x.p(), S.x_mid.p(), sizeof(float) * T * h);
       if (m.is_moe_layer(l)) {
+        at("router");
         Tensor logits = alloc(static_cast<size_t>(T) * experts, "router logits");
         mm(S.b.p(), P(L(l, "router")).v(), T, h, experts, logits.p());
         S.probs = alloc(static_cast<size_t>(T) * experts, "router probabilities");
         S.routing = dev.route(logits.p(), T, experts, top_k, top_k > 1, S.probs.p(), capacity(T));
         const int kept_rows = T * top_k - S.routing.dropped;
         dropped += S.routing.dropped;
+        at(ppmoe ? "index_slice" : "permute");
         Tensor perm = alloc(static_cast<size_t>(kept_rows) * h, "dispatch buffer");
         dev.permute(S.b.p(), S.routing, h, perm.p());
+        if (!ppmoe) at("dispatch");
         S.ex = plan_exchange(S.routing);
         S.xin_e = dispatch(S.ex, perm.p(), h, "expert input");
         const int R = S.ex.received;
@@ -469,27 +489,41 @@ struct MoeTrainer::Impl {
           w1.push_back(P(E(l, first_expert + j, "w1")).v());
           w2.push_back(P(E(l, first_expert + j, "w2")).v());
         }
+        at("experts_fc1");
         S.gu = alloc(static_cast<size_t>(R) * 2 * f, "expert gate/up");
         dev.grouped_gemm(S.xin_e.p(), h, S.ex.rows_per_local, w1, false, 2 * f, S.gu.p());
+        at("experts_act");
         S.act = alloc(static_cast<size_t>(R) * f, "expert activation");
         dev.swiglu(S.gu.p(), R, f, S.act.p());
+        at("experts_fc2");
         Tensor y = alloc(static_cast<size_t>(R) * h, "expert output");
         dev.grouped_gemm(S.act.p(), f, S.ex.rows_per_local, w2, false, h, y.p());
+        at(ppmoe ? "index_combine" : "combine");
         S.y_perm = alloc(static_cast<size_t>(kept_rows) * h, "combine buffer");
         combine(S.ex, y.p(), h, S.y_perm.p());
+        if (!ppmoe) at("unpermute");
         Tensor moe_out = alloc(static_cast<size_t>(T) * h, "moe output");
         dev.unpermute_combine(S.y_perm.p(), S.routing, h, moe_out.p());
-        if (ppmoe) tp_sum(moe_out.p(), static_cast<size_t>(T) * h);  // PPMoE's one all-reduce
+        if (ppmoe) {
+          at("combine_all_reduce");
+          tp_sum(moe_out.p(), static_cast<size_t>(T) * h);  // PPMoE's one all-reduce
+        }
+        at("residual2");
         for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i) x.p()[i] += moe_out.p()[i];
       } else {
         // Dense FFN: column-parallel gate/up, row-parallel down projection.
+        at("fc1");
         S.gu = alloc(static_cast<size_t>(T) * 2 * ffn_local, "ffn gate/up");
         mm(S.b.p(), P(L(l, "w1")).v(), T, h, 2 * ffn_local, S.gu.p());
+        at("act");
         S.act = alloc(static_cast<size_t>(T) * ffn_local, "ffn activation");
         dev.swiglu(S.gu.p(), T, ffn_local, S.act.p());
+        at("fc2");
         Tensor y = alloc(static_cast<size_t>(T) * h, "ffn output");
         mm(S.act.p(), P(L(l, "w2")).v(), T, ffn_local, h, y.p());
+        if (tp > 1) at("tp_all_reduce");
         tp_sum(y.p(), static_cast<size_t>(T) * h);
+        at("residual2");
         for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i) x.p()[i] += y.p()[i];
       }
     }
@@ -497,15 +531,20 @@ struct MoeTrainer::Impl {
       mb.x = std::move(x);
       return;
     }
+    at("final_norm");
     Tensor xf = alloc(static_cast<size_t>(T) * h, "final norm");
     dev.rmsnorm(x.p(), P("final_norm").v(), T, h, eps, xf.p());
+    at("lm_head");
     Tensor logits = alloc(static_cast<size_t>(T) * vocab, "logits");
     mm(xf.p(), P("head").v(), T, h, vocab, logits.p());
     // Cross-entropy; the logits become d_logits = (softmax - onehot) * loss_scale.
+    at("loss");
     mb.loss = dev.cross_entropy(logits.p(), label.data(), T, vocab, static_cast<float>(loss_scale));
     // Backward.
+    at("lm_head", OpPhase::kBackward);
     Tensor dxf = alloc(static_cast<size_t>(T) * h, "gradient");
     mm_backward(xf.p(), P("head").v(), logits.p(), T, h, vocab, dxf.p(), P("head").g());
+    at("final_norm", OpPhase::kBackward);
     Tensor dx = alloc(static_cast<size_t>(T) * h, "gradient");
     dev.rmsnorm_backward(x.p(), P("final_norm").v(), dxf.p(), T, h, eps, dx.p(),
                          P("final_norm").g());
@@ -518,12 +557,18 @@ struct MoeTrainer::Impl {
     const int T = mb.T, sequences = mb.sequences;
     const std::vector<int>& tok = mb.tok;
     std::vector<LayerSaved>& saved = mb.saved;
+    std::optional<ProgramOp> op;  // as in forward()
+    const auto at = [&op](const char* name) {
+      op.reset();
+      op.emplace(name, OpPhase::kBackward);
+    };
     Tensor dx = std::move(mb.dx);
     for (int l = layer_end - 1; l >= layer_begin; --l) {
       LayerSaved& S = saved[static_cast<size_t>(l - layer_begin)];
       // dx is the gradient at the layer's output = d(x_mid) through the residual + FFN branch.
       Tensor db = alloc(static_cast<size_t>(T) * h, "gradient");
       if (m.is_moe_layer(l)) {
+        at(ppmoe ? "index_combine" : "unpermute");
         const int R = S.ex.received;
         const TokenRouting& r = S.routing;
         // Combine backward: the rows' gradients and the combine weights' gradients.
@@ -544,29 +589,41 @@ struct MoeTrainer::Impl {
         }
         // PPMoE: each TP rank saw only its experts' outputs; the weights' gradients add up.
         if (ppmoe) tp_sum(gw.data(), gw.size());
+        if (!ppmoe) at("combine");
         Tensor dy_e = dispatch(S.ex, dy_perm.p(), h, "gradient");
         Tensor dact = alloc(static_cast<size_t>(R) * f, "gradient");
         Tensor dgu = alloc(static_cast<size_t>(R) * 2 * f, "gradient");
         Tensor dxin = alloc(static_cast<size_t>(R) * h, "gradient");
-        int row = 0;
-        for (int j = 0; j < local_experts; ++j) {
-          const int n = S.ex.rows_per_local[j];
-          if (n == 0) continue;
-          Parameter& w1 = P(E(l, first_expert + j, "w1"));
+        // Each expert's rows: the second GEMM's backward, the activation's, the first GEMM's.
+        const auto each_expert = [&](auto&& body) {
+          int row = 0;
+          for (int j = 0; j < local_experts; ++j) {
+            const int n = S.ex.rows_per_local[j];
+            if (n > 0) body(j, static_cast<size_t>(row), n);
+            row += n;
+          }
+        };
+        at("experts_fc2");
+        each_expert([&](int j, size_t row, int n) {
           Parameter& w2 = P(E(l, first_expert + j, "w2"));
-          mm_backward(S.act.p() + static_cast<size_t>(row) * f, w2.v(),
-                      dy_e.p() + static_cast<size_t>(row) * h, n, f, h,
-                      dact.p() + static_cast<size_t>(row) * f, w2.g());
-          dev.swiglu_backward(S.gu.p() + static_cast<size_t>(row) * 2 * f,
-                              dact.p() + static_cast<size_t>(row) * f, n, f,
-                              dgu.p() + static_cast<size_t>(row) * 2 * f);
-          mm_backward(S.xin_e.p() + static_cast<size_t>(row) * h, w1.v(),
-                      dgu.p() + static_cast<size_t>(row) * 2 * f, n, h, 2 * f,
-                      dxin.p() + static_cast<size_t>(row) * h, w1.g());
-          row += n;
-        }
+          mm_backward(S.act.p() + row * f, w2.v(), dy_e.p() + row * h, n, f, h, dact.p() + row * f,
+                      w2.g());
+        });
+        at("experts_act");
+        each_expert([&](int, size_t row, int n) {
+          dev.swiglu_backward(S.gu.p() + row * 2 * f, dact.p() + row * f, n, f,
+                              dgu.p() + row * 2 * f);
+        });
+        at("experts_fc1");
+        each_expert([&](int j, size_t row, int n) {
+          Parameter& w1 = P(E(l, first_expert + j, "w1"));
+          mm_backward(S.xin_e.p() + row * h, w1.v(), dgu.p() + row * 2 * f, n, h, 2 * f,
+                      dxin.p() + row * h, w1.g());
+        });
+        at(ppmoe ? "index_slice" : "dispatch");
         Tensor dperm = alloc(static_cast<size_t>(kept_rows) * h, "gradient");
         combine(S.ex, dxin.p(), h, dperm.p());
+        if (!ppmoe) at("permute");
         // Every copy of a token's input gets its own gradient back: sum them.
         std::memset(db.p(), 0, sizeof(float) * T * h);
         for (size_t i = 0; i < r.expert.size(); ++i) {
@@ -577,8 +634,12 @@ struct MoeTrainer::Impl {
         }
         // PPMoE: the experts' input gradients are partial per TP rank (the router's part below is
         // computed alike on every rank and added after).
-        if (ppmoe) tp_sum(db.p(), static_cast<size_t>(T) * h);
+        if (ppmoe) {
+          at("combine_all_reduce");
+          tp_sum(db.p(), static_cast<size_t>(T) * h);
+        }
         // Router: through the (renormalised) top-k weights and the softmax.
+        at("router");
         Tensor dlogits = alloc(static_cast<size_t>(T) * experts, "gradient");
         for (int t = 0; t < T; ++t) {
           const float* p = S.probs.p() + static_cast<size_t>(t) * experts;
@@ -602,38 +663,51 @@ struct MoeTrainer::Impl {
         mm_backward(S.b.p(), P(L(l, "router")).v(), dlogits.p(), T, h, experts, db.p(),
                     P(L(l, "router")).g(), /*acc_dx=*/true);
       } else {
+        at("fc2");
         Tensor dact = alloc(static_cast<size_t>(T) * ffn_local, "gradient");
         mm_backward(S.act.p(), P(L(l, "w2")).v(), dx.p(), T, ffn_local, h, dact.p(),
                     P(L(l, "w2")).g());
+        at("act");
         Tensor dgu = alloc(static_cast<size_t>(T) * 2 * ffn_local, "gradient");
         dev.swiglu_backward(S.gu.p(), dact.p(), T, ffn_local, dgu.p());
+        at("fc1");
         mm_backward(S.b.p(), P(L(l, "w1")).v(), dgu.p(), T, h, 2 * ffn_local, db.p(),
                     P(L(l, "w1")).g());
+        if (tp > 1) at("tp_all_reduce");
         tp_sum(db.p(), static_cast<size_t>(T) * h);  // column-parallel input: partial per rank
       }
       // d x_mid = dx (residual) + norm backward of db.
+      at("norm2");
       Tensor dmid = alloc(static_cast<size_t>(T) * h, "gradient");
       dev.rmsnorm_backward(S.x_mid.p(), P(L(l, "ffn_norm")).v(), db.p(), T, h, eps, dmid.p(),
                            P(L(l, "ffn_norm")).g());
+      at("residual2");
       for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i) dmid.p()[i] += dx.p()[i];
       // Attention block.
+      at("attn_out");
       Tensor d_o = alloc(static_cast<size_t>(T) * h_local, "gradient");
       mm_backward(S.o.p(), P(L(l, "wo")).v(), dmid.p(), T, h_local, h, d_o.p(), P(L(l, "wo")).g());
+      at("attn_core");
       Tensor dqkv = alloc(static_cast<size_t>(T) * 3 * h_local, "gradient");
       dev.attention_backward(S.qkv.p(), S.o.p(), S.lse.p(), d_o.p(), sequences, seq, heads_local,
                              head_dim, dqkv.p());
+      at("qkv");
       Tensor da = alloc(static_cast<size_t>(T) * h, "gradient");
       mm_backward(S.a.p(), P(L(l, "wqkv")).v(), dqkv.p(), T, h, 3 * h_local, da.p(),
                   P(L(l, "wqkv")).g());
+      if (tp > 1) at("tp_all_reduce");
       tp_sum(da.p(), static_cast<size_t>(T) * h);  // column-parallel input: partial per rank
+      at("norm1");
       Tensor dxin = alloc(static_cast<size_t>(T) * h, "gradient");
       dev.rmsnorm_backward(S.x_in.p(), P(L(l, "attn_norm")).v(), da.p(), T, h, eps, dxin.p(),
                            P(L(l, "attn_norm")).g());
+      at("residual1");
       for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i) dxin.p()[i] += dmid.p()[i];
       dx = std::move(dxin);
       saved[static_cast<size_t>(l - layer_begin)] = LayerSaved{};  // release its activations
     }
     if (first_stage()) {
+      at("embedding");
       float* demb = P("embed").g();
       for (int i = 0; i < T; ++i)
         for (int c = 0; c < h; ++c)
@@ -718,11 +792,20 @@ struct MoeTrainer::Impl {
   // place on the space's flat buffers.
   void reduce_and_update(Space& sp) {
     const int n = sp.group->size();
+    const bool experts_space = &sp == &expert;
+    std::optional<ProgramOp> op;  // as in forward()
+    const auto at = [&op](const char* name, OpPhase phase = OpPhase::kStep) {
+      op.reset();
+      op.emplace(name, phase);
+    };
     const size_t shard = sp.padded / n;
     float* values = sp.values.as<float>();
     float* grads = sp.grads.as<float>();
     const float* gsrc = grads;  // the gradients this rank updates with
     size_t first = 0, count = sp.padded;
+    // The program issues the buckets in the backward (as gradients become ready); this runner
+    // reduces them after it, still the backward's last work.
+    if (n > 1) at(experts_space ? "edp_grad_bucket" : "dp_grad_bucket", OpPhase::kBackward);
     if (s.zero_stage >= 1 && n > 1) {
       sp.group->reduce_scatter(grads, sp.shard_grads.as<float>(), shard, DType::kFloat32,
                                ReduceOp::kSum);
@@ -745,13 +828,16 @@ struct MoeTrainer::Impl {
     const double t = static_cast<double>(steps_done);
     const float c1 = static_cast<float>(1.0 - std::pow(s.beta1, t));
     const float c2 = static_cast<float>(1.0 - std::pow(s.beta2, t));
+    at("optimizer");
     if (first < sp.total)
       dev.adam(values + first, gsrc, sp.m.as<float>(), sp.v.as<float>(),
                std::min(count, sp.total - first), s.lr, s.beta1, s.beta2, s.eps, c1, c2);
     // ZeRO-1: every rank's updated shard to every rank (in place: this rank's shard already sits
     // at its offset).
-    if (s.zero_stage >= 1 && n > 1)
+    if (s.zero_stage >= 1 && n > 1) {
+      at(experts_space ? "edp_param_all_gather" : "dp_param_all_gather");
       sp.group->all_gather(values + first, values, shard, DType::kFloat32);
+    }
   }
 
   // Lays a space's parameters out in flat value and gradient buffers (padded to a multiple of the

@@ -3,6 +3,42 @@
 #include <chrono>
 
 namespace switchyard {
+
+namespace {
+thread_local OpTimes* program_sink = nullptr;
+}  // namespace
+
+const char* op_phase_name(OpPhase p) {
+  switch (p) {
+    case OpPhase::kForward:
+      return "forward";
+    case OpPhase::kBackward:
+      return "backward";
+    case OpPhase::kStep:
+      return "step";
+  }
+  return "forward";
+}
+
+ProgramOpSink::ProgramOpSink(OpTimes& times) : prev_(program_sink) { program_sink = &times; }
+ProgramOpSink::~ProgramOpSink() { program_sink = prev_; }
+
+ProgramOp::ProgramOp(const char* name, OpPhase phase)
+    : sink_(program_sink), name_(name), phase_(phase) {
+  if (sink_) start_ = std::chrono::steady_clock::now();
+}
+
+ProgramOp::~ProgramOp() {
+  if (!sink_) return;
+  const auto end = std::chrono::steady_clock::now();
+  sink_->program_seconds[std::string(op_phase_name(phase_)) + " " + name_] +=
+      std::chrono::duration<double>(end - start_).count();
+  if (sink_->record)
+    sink_->events.push_back(
+        {name_, false, std::chrono::duration<double>(start_ - sink_->epoch).count(),
+         std::chrono::duration<double>(end - sink_->epoch).count(), true, phase_});
+}
+
 namespace {
 
 class Timer {

@@ -14,25 +14,66 @@
 
 namespace switchyard {
 
-// One measured op, for the trace: seconds since `OpTimes::epoch`.
+// The phase of a StepProgram op.
+enum class OpPhase : uint8_t { kForward, kBackward, kStep };
+const char* op_phase_name(OpPhase p);  // "forward", "backward", "step"
+
+// One measured op, for the trace: seconds since `OpTimes::epoch`. A device or collective call
+// carries its class ("gemm", "all_to_allv"); a program op (`program`) the lowering's op name.
 struct OpEvent {
   const char* op = "";
   bool communication = false;
   double start_s = 0;
   double end_s = 0;
+  bool program = false;
+  OpPhase phase = OpPhase::kForward;
 };
 
 struct OpTimes {
   std::map<std::string, double> seconds;
   std::map<std::string, int64_t> calls;
+  // Wall time per StepProgram op, keyed "<phase> <name>" ("forward experts_fc1"): the scopes the
+  // runner opens with ProgramOp, host work inside them included.
+  std::map<std::string, double> program_seconds;
   bool record = false;  // keep every op as an event (for --trace)
   std::chrono::steady_clock::time_point epoch = std::chrono::steady_clock::now();
   std::vector<OpEvent> events;
   void clear() {
     seconds.clear();
     calls.clear();
+    program_seconds.clear();
     events.clear();
   }
+};
+
+// While alive, ProgramOp scopes opened on this thread record into `times`; without a sink they
+// cost one branch.
+class ProgramOpSink {
+ public:
+  explicit ProgramOpSink(OpTimes& times);
+  ~ProgramOpSink();
+  ProgramOpSink(const ProgramOpSink&) = delete;
+  ProgramOpSink& operator=(const ProgramOpSink&) = delete;
+
+ private:
+  OpTimes* prev_;
+};
+
+// The StepProgram op the runner executes while this scope lives: `name` is the lowering's name
+// ("qkv", "dispatch", "experts_fc1", "dp_grad_bucket", ...; a string literal), so a measurement
+// lines up with the prediction op by op. Scopes do not nest.
+class ProgramOp {
+ public:
+  ProgramOp(const char* name, OpPhase phase);
+  ~ProgramOp();
+  ProgramOp(const ProgramOp&) = delete;
+  ProgramOp& operator=(const ProgramOp&) = delete;
+
+ private:
+  OpTimes* sink_;
+  const char* name_;
+  OpPhase phase_;
+  std::chrono::steady_clock::time_point start_;
 };
 
 // `inner` must outlive the wrapper; `times` too.

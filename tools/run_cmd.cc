@@ -181,6 +181,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
     op_times.clear();
     op_times.record = !f.trace.empty();
     double step_total = 0;
+    // The trainer marks the StepProgram op it runs; its scopes record here.
+    ProgramOpSink program_ops(op_times);
     for (int i = 0; i < f.steps; ++i) {
       if (i == 0) maybe_fail(r);
       ranks.world->barrier();
@@ -251,32 +253,43 @@ int cmd_run(const Common& common, const RunFlags& f) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
   }
+  // Every rank's `mine` to rank 0 (in rank order there; empty elsewhere).
+  const auto gather_json = [&](const Json& mine) {
+    std::vector<Json> all;
+    if (r != 0) {
+      const std::string text = mine.dump();
+      const int64_t n = static_cast<int64_t>(text.size());
+      ranks.world->send(&n, 1, DType::kInt64, 0, 11);
+      ranks.world->send(text.data(), text.size(), DType::kByte, 0, 12);
+      return all;
+    }
+    all.push_back(mine);
+    for (int src = 1; src < ranks.size; ++src) {
+      int64_t n = 0;
+      ranks.world->recv(&n, 1, DType::kInt64, src, 11);
+      std::string buf(static_cast<size_t>(n), '\0');
+      ranks.world->recv(buf.data(), buf.size(), DType::kByte, src, 12);
+      all.push_back(Json::parse(buf));
+    }
+    return all;
+  };
+  // Per StepProgram op, the slowest rank's time per step.
+  std::map<std::string, double> measured_program;
+  for (const Json& rank_ops : gather_json(Json(op_times.program_seconds)))
+    for (const auto& [key, secs] : rank_ops.items())
+      measured_program[key] = std::max(measured_program[key], secs.get<double>() / f.steps);
   // The measured timeline: every rank's events to rank 0.
   std::vector<MeasuredEvent> events;
   if (!f.trace.empty()) {
     Json mine = Json::array();
     for (const OpEvent& e : op_times.events)
-      mine.push_back({e.op, e.communication, e.start_s, e.end_s});
-    const std::string text = mine.dump();
-    auto add = [&events](int rank, const Json& list) {
-      for (const auto& e : list)
-        events.push_back({rank, e[0].get<std::string>(), e[1].get<bool>(), e[2].get<double>(),
-                          e[3].get<double>()});
-    };
-    if (r == 0) {
-      add(0, mine);
-      for (int src = 1; src < ranks.size; ++src) {
-        int64_t n = 0;
-        ranks.world->recv(&n, 1, DType::kInt64, src, 11);
-        std::string buf(static_cast<size_t>(n), '\0');
-        ranks.world->recv(buf.data(), buf.size(), DType::kByte, src, 12);
-        add(src, Json::parse(buf));
-      }
-    } else {
-      const int64_t n = static_cast<int64_t>(text.size());
-      ranks.world->send(&n, 1, DType::kInt64, 0, 11);
-      ranks.world->send(text.data(), text.size(), DType::kByte, 0, 12);
-    }
+      mine.push_back(
+          {e.op, e.communication, e.start_s, e.end_s, e.program ? op_phase_name(e.phase) : ""});
+    const std::vector<Json> all = gather_json(mine);
+    for (size_t rank = 0; rank < all.size(); ++rank)
+      for (const auto& e : all[rank])
+        events.push_back({static_cast<int>(rank), e[0].get<std::string>(), e[1].get<bool>(),
+                          e[2].get<double>(), e[3].get<double>(), e[4].get<std::string>()});
   }
   int64_t peaks[3] = {dev->memory().peak(Tier::kGPU), dev->memory().peak(Tier::kCPU),
                       dev->memory().peak(Tier::kSSD)};
@@ -358,6 +371,40 @@ int cmd_run(const Common& common, const RunFlags& f) {
   Json by_class = Json::object();
   for (const auto& [name, secs] : predicted_class)
     by_class[name] = {{"predicted_s", secs}, {"measured_s", measured_class[name]}};
+  // Op by op: the simulator's time of each StepProgram op (summed over micro-batches and layers,
+  // whatever its stream; the largest over the pipeline stages, as the measurement takes the
+  // slowest rank) beside the measured scope of the same op, in program order; ops only one side
+  // has come last.
+  std::vector<std::string> program_order;
+  std::map<std::string, double> predicted_program;
+  {
+    std::map<std::pair<int, std::string>, double> per_stage;
+    for (const TimelineEvent& e : pred.timeline) {
+      if (!e.op) continue;
+      const OpPhase phase = e.op->phase == Phase::kForward    ? OpPhase::kForward
+                            : e.op->phase == Phase::kBackward ? OpPhase::kBackward
+                                                              : OpPhase::kStep;
+      const std::string key = std::string(op_phase_name(phase)) + " " + std::string(e.op->name);
+      if (!predicted_program.count(key)) program_order.push_back(key);
+      predicted_program[key] = 0;
+      per_stage[{e.stage, key}] += e.end_s - e.start_s;
+    }
+    for (const auto& [stage_key, secs] : per_stage)
+      predicted_program[stage_key.second] = std::max(predicted_program[stage_key.second], secs);
+  }
+  for (const auto& [key, secs] : measured_program)
+    if (!predicted_program.count(key)) program_order.push_back(key);
+  Json program_ops = Json::array();
+  for (const std::string& key : program_order) {
+    const size_t space = key.find(' ');
+    const auto p = predicted_program.find(key);
+    const auto m = measured_program.find(key);
+    program_ops.push_back(
+        {{"op", key.substr(space + 1)},
+         {"phase", key.substr(0, space)},
+         {"predicted_s", p == predicted_program.end() ? Json(nullptr) : Json(p->second)},
+         {"measured_s", m == measured_program.end() ? Json(nullptr) : Json(m->second)}});
+  }
   Json out = {{"model", in.model.name},
               {"cluster", c.name},
               {"ranks", ranks.size},
@@ -373,6 +420,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
               {"dropped_assignments", dropped},
               {"op_seconds_per_step", op_times.seconds},
               {"op_classes", by_class},
+              {"program_ops", program_ops},
               {"predicted_step_time_s", pred.step_time_s},
               {"predicted_breakdown_s",
                {{"compute", pred.time.compute_s},
@@ -407,6 +455,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
     m.trace_path = f.trace;
     m.details = {{"step_times_s", step_s},
                  {"op_classes", by_class},
+                 {"program_ops", program_ops},
                  {"predicted_step_time_with_measured_routing_s",
                   pred_routed ? Json(pred_routed->step_time_s) : Json(nullptr)},
                  {"op_seconds_per_step", op_times.seconds},
@@ -441,6 +490,28 @@ int cmd_run(const Common& common, const RunFlags& f) {
       const double pr = v["predicted_s"].get<double>(), me = v["measured_s"].get<double>();
       std::printf("    %-24s %9.4f s %9.4f s  %s\n", name.c_str(), pr, me,
                   me > 0 ? fmt("%+.0f%%", 100 * (pr / me - 1)).c_str() : "");
+    }
+    // Op by op, where the prediction misses most (the whole list is in --json).
+    std::vector<std::pair<double, const Json*>> misses;
+    for (const Json& o : program_ops)
+      misses.push_back({std::abs((o["predicted_s"].is_null() ? 0 : o["predicted_s"].get<double>()) -
+                                 (o["measured_s"].is_null() ? 0 : o["measured_s"].get<double>())),
+                        &o});
+    std::sort(misses.begin(), misses.end(),
+              [](const auto& a, const auto& b) { return a.first > b.first; });
+    if (!misses.empty()) {
+      std::cout << "  per program op   predicted / measured per step, the "
+                << std::min<size_t>(6, misses.size()) << " largest differences (--json lists all "
+                << misses.size() << ")\n";
+      for (size_t i = 0; i < std::min<size_t>(6, misses.size()); ++i) {
+        const Json& o = *misses[i].second;
+        const auto secs = [](const Json& v) {
+          return v.is_null() ? std::string("        -  ") : fmt("%9.4f s", v.get<double>());
+        };
+        std::printf("    %-24s %s %s\n",
+                    (o["phase"].get<std::string>() + " " + o["op"].get<std::string>()).c_str(),
+                    secs(o["predicted_s"]).c_str(), secs(o["measured_s"]).c_str());
+      }
     }
     if (!tokens_per_expert.empty()) {
       std::cout << "  tokens/expert   ";

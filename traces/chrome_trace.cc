@@ -106,19 +106,24 @@ void write_measured_trace(const std::string& path, const std::vector<MeasuredEve
     sep();
     std::fprintf(f.get(), R"({"ph":"M","name":"process_name","pid":%d,"args":{"name":"rank %d"}})",
                  r, r);
-    for (int t = 0; t < 2; ++t) {
+    static const char* const kTracks[] = {"compute", "communication", "program ops"};
+    for (int t = 0; t < 3; ++t) {
       sep();
       std::fprintf(f.get(),
                    R"({"ph":"M","name":"thread_name","pid":%d,"tid":%d,"args":{"name":"%s"}})", r,
-                   t, t ? "communication" : "compute");
+                   t, kTracks[t]);
     }
   }
   for (const MeasuredEvent& e : events) {
     sep();
-    std::fprintf(f.get(),
-                 R"({"ph":"X","name":"%s","cat":"%s","pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f})",
-                 e.op.c_str(), e.communication ? "communication" : "compute", e.rank,
-                 e.communication ? 1 : 0, e.start_s * 1e6, (e.end_s - e.start_s) * 1e6);
+    const bool program = !e.program_phase.empty();
+    const int tid = program ? 2 : e.communication ? 1 : 0;
+    const std::string cat = program           ? e.program_phase
+                            : e.communication ? "communication"
+                                              : "compute";
+    std::fprintf(
+        f.get(), R"({"ph":"X","name":"%s","cat":"%s","pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f})",
+        e.op.c_str(), cat.c_str(), e.rank, tid, e.start_s * 1e6, (e.end_s - e.start_s) * 1e6);
   }
   std::fputs("\n]}\n", f.get());
   if (std::ferror(f.get())) throw std::runtime_error("error writing trace file " + path);

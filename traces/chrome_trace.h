@@ -25,10 +25,14 @@ struct MeasuredEvent {
   bool communication = false;
   double start_s = 0;
   double end_s = 0;
+  // A StepProgram op's scope (its phase: "forward", "backward", "step"); empty: a device or
+  // collective call of class `op`.
+  std::string program_phase;
 };
 
-// Writes a measured run's ops in the same format (pid = rank, tid 0 = compute, 1 = communication;
-// "kind": "measurement").
+// Writes a measured run's ops in the same format (pid = rank, tid 0 = compute calls, 1 =
+// communication calls, 2 = the StepProgram ops those calls ran for, named as the simulator's trace
+// names them; "kind": "measurement").
 void write_measured_trace(const std::string& path, const std::vector<MeasuredEvent>& events,
                           const Inputs& in, double step_time_s, int ranks);
 

@@ -254,6 +254,28 @@ TEST_F(RunCliTest, FourRanksMatchTheReferenceAndTheMeasurementIsStored) {
   EXPECT_EQ(pids, (std::set<int>{0, 1, 2, 3}));
   for (const char* op : {"gemm", "expert_gemm", "attention", "all_to_allv", "reduce_scatter"})
     EXPECT_TRUE(ops.count(op)) << op;
+  // The StepProgram's ops on their own track, named as the simulator names them.
+  std::set<std::string> program;
+  for (const auto& e : trace["traceEvents"])
+    if (e["ph"] == "X" && e["tid"] == 2)
+      program.insert(e["cat"].get<std::string>() + " " + e["name"].get<std::string>());
+  for (const char* op :
+       {"forward qkv", "forward dispatch", "forward experts_fc1", "backward combine",
+        "backward experts_fc2", "backward dp_grad_bucket", "step optimizer"})
+    EXPECT_TRUE(program.count(op)) << op;
+  // Op by op: every op the simulator times was measured, and the runner ran nothing the program
+  // lacks (ZeRO-1 on dp 4 x ep 2: the dense gradients' reduce-scatter and the gathers).
+  std::set<std::string> both;
+  for (const auto& o : j["program_ops"]) {
+    const std::string key = o["phase"].get<std::string>() + " " + o["op"].get<std::string>();
+    // The CPU backend's cross-entropy writes its gradient in the forward call (fused).
+    if (key == "backward loss") continue;
+    EXPECT_FALSE(o["predicted_s"].is_null()) << key << " measured, not in the program";
+    EXPECT_FALSE(o["measured_s"].is_null()) << key << " in the program, not measured";
+    both.insert(key);
+  }
+  EXPECT_TRUE(both.count("forward experts_fc1"));
+  EXPECT_TRUE(both.count("step dp_param_all_gather"));
   const Result compared = sh(kCli + " compare --json --db " + path("run.db"));
   ASSERT_EQ(compared.exit_code, 0) << compared.output;
   const Json rows = Json::parse(compared.output);
