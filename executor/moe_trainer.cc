@@ -7,6 +7,7 @@
 #include <optional>
 #include <stdexcept>
 
+#include "core/step_program.h"
 #include "executor/timed.h"
 
 namespace switchyard {
@@ -65,8 +66,6 @@ std::vector<ConfigIssue> trainer_unsupported(const ModelSpec& m, const Plan& p) 
     no("plan.tp",
        "tensor parallelism with all-to-all dispatch (sequence parallel); with "
        "ppmoe_index_slice it runs");
-  if (p.pp > 1 && p.schedule == Schedule::kInterleaved1F1B)
-    no("plan.schedule", "interleaved_1f1b (GPipe and 1F1B run)");
   if (p.cp > 1) no("plan.cp", "context parallelism");
   if (p.expert_tp > 1) no("plan.expert_tp", "expert tensor parallelism");
   if (p.zero_stage > 1) no("plan.zero_stage", "ZeRO stages 0 and 1");
@@ -84,8 +83,10 @@ struct MoeTrainer::Impl {
   TrainGroups g;
   int h = 0, heads = 0, head_dim = 0, vocab = 0, seq = 0, experts = 0, top_k = 0, f = 0, ffn = 0;
   int layers = 0, local_experts = 0, first_expert = 0;
-  int layer_begin = 0, layer_end = 0;  // this pipeline stage's layers
-  int tp = 1, tp_rank = 0;             // tensor parallel
+  int layer_begin = 0, layer_end = 0;  // the layers forward() and backward() run: one chunk's
+  // This stage's chunks (model chunks of the interleaved schedule; one otherwise): [begin, end).
+  std::vector<std::pair<int, int>> chunks;
+  int tp = 1, tp_rank = 0;  // tensor parallel
   int heads_local = 0, h_local = 0, ffn_local = 0;
   bool ppmoe = false;
   // Sums a tensor-parallel partial result over the TP group (no-op without TP).
@@ -727,62 +728,63 @@ struct MoeTrainer::Impl {
     return mb.loss * loss_scale;
   }
 
-  // The micro-batches of one step through this pipeline stage in the schedule's order: GPipe (all
-  // forwards, then all backwards) or 1F1B (pp - stage - 1 warm-up forwards, then one forward and
-  // one backward in turn, then the remaining backwards). Activations go forward and their
-  // gradients back with posted sends, so neighbours never wait on each other's sends. Returns
-  // this stage's share of the loss (the last stage's; 0 elsewhere).
+  // The micro-batches of one step through this pipeline stage in the order the StepProgram gives
+  // its units (schedule_order: GPipe, 1F1B, or interleaved 1F1B over this stage's model chunks).
+  // A unit's input comes from the neighbouring virtual stage (chunk c of stage s is virtual stage
+  // c * pp + s); its output goes on with a posted send, so neighbours never wait on each other's
+  // sends. Returns this stage's share of the loss (the last virtual stage's; 0 elsewhere).
   double pipeline(int64_t step, int64_t first_sequence, int64_t sequences, double loss_scale,
                   std::vector<int64_t>& tokens_per_expert) {
     Communicator& pp = *g.pp;
     const int stage = pp.rank(), stages = pp.size();
+    const int vp = static_cast<int>(chunks.size());
     const int mbs = s.micro_batch_size;
     const int count = static_cast<int>(sequences / mbs);
-    std::vector<MicroBatch> mb(static_cast<size_t>(count));
+    std::vector<MicroBatch> mb(static_cast<size_t>(vp) * count);
     std::vector<std::unique_ptr<PendingOp>> sends;
     std::vector<Tensor> outbox;  // what the posted sends read, alive until they complete
     double loss = 0;
-    auto fwd = [&](int k) {
-      MicroBatch& b = mb[static_cast<size_t>(k)];
-      b = make_micro_batch(step, first_sequence + static_cast<int64_t>(k) * mbs, mbs);
-      const size_t n = static_cast<size_t>(b.T) * h;
-      if (!first_stage()) {
-        b.x = alloc(n, "received activation");
-        pp.recv(b.x.p(), n, DType::kFloat32, stage - 1, 2 * k);
-      }
-      forward(b, loss_scale, tokens_per_expert);
-      if (last_stage()) {
-        loss += b.loss * loss_scale;
+    // Tags name the receiving chunk, the micro-batch and the direction.
+    const auto tag = [count](int chunk, int k, bool backward) {
+      return 2 * (chunk * count + k) + (backward ? 1 : 0);
+    };
+    const int next = (stage + 1) % stages, prev = (stage + stages - 1) % stages;
+    for (const ScheduleItem& item : schedule_order(s.schedule, stages, vp, count, stage)) {
+      const int c = item.chunk, k = item.micro_batch;
+      layer_begin = chunks[static_cast<size_t>(c)].first;
+      layer_end = chunks[static_cast<size_t>(c)].second;
+      MicroBatch& b = mb[static_cast<size_t>(c) * count + k];
+      if (!item.backward) {
+        b = make_micro_batch(step, first_sequence + static_cast<int64_t>(k) * mbs, mbs);
+        const size_t n = static_cast<size_t>(b.T) * h;
+        if (!first_stage()) {
+          b.x = alloc(n, "received activation");
+          pp.recv(b.x.p(), n, DType::kFloat32, prev, tag(c, k, false));
+        }
+        forward(b, loss_scale, tokens_per_expert);
+        if (last_stage()) {
+          loss += b.loss * loss_scale;
+        } else {  // to the next virtual stage: the next rank, or chunk c + 1 of stage 0
+          const int to_chunk = stage == stages - 1 ? c + 1 : c;
+          sends.push_back(
+              pp.send_async(b.x.p(), n, DType::kFloat32, next, tag(to_chunk, k, false)));
+          outbox.push_back(std::move(b.x));
+        }
       } else {
-        sends.push_back(pp.send_async(b.x.p(), n, DType::kFloat32, stage + 1, 2 * k));
-        outbox.push_back(std::move(b.x));
+        const size_t n = static_cast<size_t>(b.T) * h;
+        if (!last_stage()) {
+          b.dx = alloc(n, "received gradient");
+          pp.recv(b.dx.p(), n, DType::kFloat32, next, tag(c, k, true));
+        }
+        backward(b);
+        if (!first_stage()) {  // to the previous virtual stage
+          const int to_chunk = stage == 0 ? c - 1 : c;
+          sends.push_back(
+              pp.send_async(b.dx.p(), n, DType::kFloat32, prev, tag(to_chunk, k, true)));
+          outbox.push_back(std::move(b.dx));
+        }
+        b = MicroBatch{};  // release its activations
       }
-    };
-    auto bwd = [&](int k) {
-      MicroBatch& b = mb[static_cast<size_t>(k)];
-      const size_t n = static_cast<size_t>(b.T) * h;
-      if (!last_stage()) {
-        b.dx = alloc(n, "received gradient");
-        pp.recv(b.dx.p(), n, DType::kFloat32, stage + 1, 2 * k + 1);
-      }
-      backward(b);
-      if (!first_stage()) {
-        sends.push_back(pp.send_async(b.dx.p(), n, DType::kFloat32, stage - 1, 2 * k + 1));
-        outbox.push_back(std::move(b.dx));
-      }
-      b = MicroBatch{};  // release its activations
-    };
-    if (s.schedule == Schedule::kGPipe) {
-      for (int k = 0; k < count; ++k) fwd(k);
-      for (int k = 0; k < count; ++k) bwd(k);
-    } else {
-      const int warm = std::min(stages - stage - 1, count);
-      for (int k = 0; k < warm; ++k) fwd(k);
-      for (int i = 0; i < count - warm; ++i) {
-        fwd(warm + i);
-        bwd(i);
-      }
-      for (int i = count - warm; i < count; ++i) bwd(i);
     }
     for (auto& op : sends) op->wait();
     return loss;
@@ -929,9 +931,33 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
       throw ConfigError("plan.stage_layers", "the pipeline has " + std::to_string(stages) +
                                                  " stages; give each its layers (summing to " +
                                                  std::to_string(I.layers) + ")");
+    // Virtual stage (chunk c, stage s) holds stage_layers[s] / vp layers; virtual stages run
+    // chunk-major, so layer indices grow along (c, s) (Megatron's interleaving).
+    const int vp = s.schedule == Schedule::kInterleaved1F1B ? std::max(s.vp, 1) : 1;
+    for (int st = 0; st < stages; ++st)
+      if (s.stage_layers[static_cast<size_t>(st)] % vp != 0)
+        throw ConfigError("plan.vp", std::to_string(vp) + " chunks must divide stage " +
+                                         std::to_string(st) + "'s " +
+                                         std::to_string(s.stage_layers[static_cast<size_t>(st)]) +
+                                         " layers");
+    // Tags: 2 per (chunk, micro-batch), at most 32767.
+    const int64_t units = static_cast<int64_t>(vp) * (s.global_batch / groups.dp->size()) /
+                          std::max(s.micro_batch_size, 1);
+    if (2 * units > 32767)
+      throw ConfigError("plan.vp",
+                        "the CPU runner's pipeline tags hold up to 16383 chunk x "
+                        "micro-batch units per step; this plan has " +
+                            std::to_string(units));
     const int stage = groups.pp->rank();
-    I.layer_begin = std::accumulate(s.stage_layers.begin(), s.stage_layers.begin() + stage, 0);
-    I.layer_end = I.layer_begin + s.stage_layers[static_cast<size_t>(stage)];
+    int next = 0;
+    for (int c = 0; c < vp; ++c)
+      for (int st = 0; st < stages; ++st) {
+        const int n = s.stage_layers[static_cast<size_t>(st)] / vp;
+        if (st == stage) I.chunks.emplace_back(next, next + n);
+        next += n;
+      }
+  } else {
+    I.chunks.emplace_back(0, I.layers);
   }
   I.ffn = static_cast<int>(m.ffn_hidden_size);
   I.ffn_local = I.ffn / I.tp;
@@ -985,8 +1011,11 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
   for (size_t part = 0; part < 2; ++part)
     for (size_t c = 0; c < fl; ++c)
       ffn_cols.push_back(part * static_cast<size_t>(I.ffn) + tr * fl + c);
-  if (I.first_stage()) add("embed", static_cast<size_t>(I.vocab) * h, false);
-  for (int l = I.layer_begin; l < I.layer_end; ++l) {
+  if (I.chunks.front().first == 0) add("embed", static_cast<size_t>(I.vocab) * h, false);
+  for (int l = 0; l < I.layers; ++l) {
+    const bool mine = std::any_of(I.chunks.begin(), I.chunks.end(),
+                                  [l](const auto& c) { return l >= c.first && l < c.second; });
+    if (!mine) continue;
     add(Impl::L(l, "attn_norm"), h, false);
     add(Impl::L(l, "wqkv"), h * 3 * hl, false, columns(h, 3 * h, qkv_cols));
     add(Impl::L(l, "wo"), hl * h, false, rows(h, tr * hl, hl));
@@ -1003,7 +1032,7 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
       add(Impl::L(l, "w2"), fl * h, false, rows(h, tr * fl, fl));
     }
   }
-  if (I.last_stage()) {
+  if (I.chunks.back().second == I.layers) {
     add("final_norm", h, false);
     add("head", h * static_cast<size_t>(I.vocab), false);
   }

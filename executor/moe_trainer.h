@@ -37,10 +37,11 @@ struct TrainSettings {
   int micro_batch_size = 1;
   int zero_stage = 0;
   int64_t grad_bucket_bytes = kDefaultGradBucketBytes;
-  // Pipeline: layers per stage (empty = one stage holding all) and the schedule of micro-batches
-  // (GPipe or 1F1B; interleaving is not run).
+  // Pipeline: layers per stage (empty = one stage holding all), the schedule of micro-batches
+  // (GPipe, 1F1B, interleaved 1F1B) and, interleaved, the model chunks per stage.
   std::vector<int> stage_layers;
   Schedule schedule = Schedule::k1F1B;
+  int vp = 1;
   double capacity_factor = 0;  // 0 = dropless; else per micro-batch and rank, as GShard's groups
   uint64_t seed = 1234;
   float init_std = 0.02f;  // weights ~ N(0, init_std^2); norm gains start at 1

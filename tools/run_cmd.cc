@@ -157,6 +157,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
   if (plan.pp > 1) {
     s.stage_layers = resolve_stage_layers(plan, in.model);
     s.schedule = plan.schedule;
+    s.vp = plan.vp;
   }
   s.seed = f.seed;
 
@@ -181,14 +182,15 @@ int cmd_run(const Common& common, const RunFlags& f) {
     op_times.clear();
     op_times.record = !f.trace.empty();
     double step_total = 0;
-    // The trainer marks the StepProgram op it runs; its scopes record here.
-    ProgramOpSink program_ops(op_times);
     for (int i = 0; i < f.steps; ++i) {
       if (i == 0) maybe_fail(r);
       ranks.world->barrier();
       const auto t0 = Clock::now();
       if (i == 0) op_times.epoch = t0;  // every rank leaves the barrier together: a shared origin
+      // The trainer marks the StepProgram ops it runs; the measured steps' scopes record here.
+      std::optional<ProgramOpSink> program_ops(std::in_place, op_times);
       const StepStats st = trainer->step(f.warmup + i);
+      program_ops.reset();
       double dt = std::chrono::duration<double>(Clock::now() - t0).count();
       ranks.world->all_reduce(&dt, 1, DType::kFloat64, ReduceOp::kMax);
       step_s.push_back(dt);

@@ -16,14 +16,16 @@ namespace {
 
 MpiRuntime* g_mpi = nullptr;
 
-ModelSpec small_model() {
-  return parse_model(Json::parse(R"({
+ModelSpec small_model(int layers = 3) {
+  Json j = Json::parse(R"({
     "schema_version": 1, "name": "small", "num_layers": 3, "hidden_size": 16,
     "ffn_hidden_size": 24, "num_attention_heads": 2, "num_kv_heads": 2, "vocab_size": 32,
     "seq_len": 8, "activation": "swiglu", "norm": "rmsnorm",
     "moe": {"num_experts": 12, "top_k": 2, "expert_ffn_hidden_size": 12,
             "layers": {"every": 2, "offset": 1}}
-  })"));
+  })");
+  j["num_layers"] = layers;
+  return parse_model(j);
 }
 
 struct Case {
@@ -36,10 +38,12 @@ struct Case {
   int pp = 1;           // pipeline stages (the outermost dimension of the rank order)
   int tp = 1;           // tensor parallel (innermost); with MoE layers: ppmoe_index_slice
   Schedule schedule = Schedule::k1F1B;
+  int vp = 1;      // model chunks per stage (interleaved 1F1B)
+  int layers = 3;  // of the small model
 };
 
 void check(const Case& c) {
-  const ModelSpec m = small_model();
+  const ModelSpec m = small_model(c.layers);
   TrainSettings s;
   s.global_batch = 24;  // divisible by dp * micro-batch for 2, 4 and 6 ranks
   s.micro_batch_size = c.micro_batch_size;
@@ -76,6 +80,7 @@ void check(const Case& c) {
     plan.pp = c.pp;
     s.stage_layers = resolve_stage_layers(plan, m);
     s.schedule = c.schedule;
+    s.vp = c.vp;
   }
   std::unique_ptr<Communicator> intra, inter;
   TrainGroups groups{dp.get(), ep.get(), edp.get()};
@@ -91,7 +96,21 @@ void check(const Case& c) {
   auto dev = cpu_device({});
   auto run = MoeTrainer::create(m, s, *dev, groups);
   EXPECT_EQ(run->local_experts(), 12 / (c.tp > 1 ? c.tp : c.ep));
-  (void)stage;
+  // Which layers this stage holds: virtual stages (chunk c, stage t) run chunk-major, each with
+  // stage_layers[t] / vp layers (interleaving: stage 0 holds layers 0 and 2 of 4).
+  if (c.pp > 1) {
+    std::vector<int> owner;
+    for (int ch = 0; ch < c.vp; ++ch)
+      for (int t = 0; t < c.pp; ++t)
+        for (int i = 0; i < s.stage_layers[static_cast<size_t>(t)] / c.vp; ++i) owner.push_back(t);
+    ASSERT_EQ(static_cast<int>(owner.size()), c.layers);
+    for (int l = 0; l < c.layers; ++l) {
+      bool held = false;
+      for (const Parameter& p : run->parameters())
+        held = held || p.name.rfind("layer" + std::to_string(l) + ".", 0) == 0;
+      EXPECT_EQ(held, owner[static_cast<size_t>(l)] == stage) << "layer " << l;
+    }
+  }
 
   int64_t dropped = 0;
   for (int step = 0; step < steps; ++step) {
@@ -149,6 +168,22 @@ TEST(DistributedTraining, PipelineStagesMatchTheReference) {
     Case with_ep{2, 1, 2, 1 << 20, 0.75};  // expert parallel inside each stage, with dropping
     with_ep.pp = 2;
     check(with_ep);
+  }
+}
+TEST(DistributedTraining, InterleavedPipelineMatchesTheReference) {
+  // Megatron's interleaved 1F1B: 2 model chunks per stage (4 layers: stage 0 holds layers 0 and
+  // 2, stage 1 layers 1 and 3), activations wrapping from the last stage back to the first.
+  Case interleaved{1, 1, 1, 1 << 20};
+  interleaved.pp = 2;
+  interleaved.vp = 2;
+  interleaved.layers = 4;
+  interleaved.schedule = Schedule::kInterleaved1F1B;
+  check(interleaved);
+  if (g_mpi->world_size() == 6) {  // three stages of 2 chunks, data parallel 2
+    Case three = interleaved;
+    three.pp = 3;
+    three.layers = 6;
+    check(three);
   }
 }
 TEST(DistributedTraining, TensorParallelPipelineMoeMatchesTheReference) {

@@ -331,13 +331,17 @@ TEST_F(RunCliTest, APipelinePlanMatchesTheReference) {
 #ifndef SWITCHYARD_MPIEXEC
   GTEST_SKIP() << "built without MPI";
 #else
-  // The bundled tiny-moe-local: dp 2 x pp 2 (1F1B), ep 2, ZeRO-1.
-  const Result r =
-      sh(kMpi + kCli + " run --plan tiny-moe-local --steps 1 --warmup 1 --check --json --no-db");
-  ASSERT_EQ(r.exit_code, 0) << r.output;
-  const Json j = json_of(r);
-  EXPECT_TRUE(j["check"]["passed"].get<bool>());
-  EXPECT_GT(j["op_classes"]["pipeline (bubble and p2p)"]["measured_s"].get<double>(), 0);
+  // The bundled tiny-moe-local: dp 2 x pp 2 (1F1B), ep 2, ZeRO-1; and tiny-moe-interleaved, the
+  // same with 2 model chunks per stage (interleaved 1F1B).
+  for (const char* plan : {"tiny-moe-local", "tiny-moe-interleaved"}) {
+    SCOPED_TRACE(plan);
+    const Result r =
+        sh(kMpi + kCli + " run --plan " + plan + " --steps 1 --warmup 1 --check --json --no-db");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    const Json j = json_of(r);
+    EXPECT_TRUE(j["check"]["passed"].get<bool>());
+    EXPECT_GT(j["op_classes"]["pipeline (bubble and p2p)"]["measured_s"].get<double>(), 0);
+  }
 #endif
 }
 
