@@ -62,10 +62,9 @@ std::vector<ConfigIssue> trainer_unsupported(const ModelSpec& m, const Plan& p) 
   if (m.moe && m.moe->num_shared_experts > 0)
     no("model.moe.num_shared_experts", "no shared experts");
   if (!m.tasks.empty()) no("model.tasks", "no multi-task gates");
-  if (p.tp > 1 && p.dispatch != Dispatch::kPPMoEIndexSlice)
-    no("plan.tp",
-       "tensor parallelism with all-to-all dispatch (sequence parallel); with "
-       "ppmoe_index_slice it runs");
+  if (p.tp > 1 && p.sequence_parallel && p.capacity_factor)
+    no("plan.capacity_factor",
+       "capacity per sequence-parallel slice (the one-process reference cannot drop alike)");
   if (p.cp > 1) no("plan.cp", "context parallelism");
   if (p.expert_tp > 1) no("plan.expert_tp", "expert tensor parallelism");
   if (p.zero_stage > 1) no("plan.zero_stage", "ZeRO stages 0 and 1");
@@ -93,6 +92,28 @@ struct MoeTrainer::Impl {
   void tp_sum(float* data, size_t n) {
     if (tp > 1) g.tp->all_reduce(data, n, DType::kFloat32, ReduceOp::kSum);
   }
+  // Sequence parallelism (Megatron-Core's TP with all-to-all dispatch): outside the TP regions each
+  // TP rank holds 1/tp of a micro-batch's tokens (a contiguous slice); entering a column-parallel
+  // GEMM all-gathers them, leaving a row-parallel one reduce-scatters the partial sums.
+  bool sp = false;
+  int local_tokens(int T) const { return sp ? T / tp : T; }
+  // [T/tp, width] slices of every TP rank -> [T, width].
+  Tensor tp_gather(const float* local, int T, int width, const char* what) {
+    Tensor full = alloc(static_cast<size_t>(T) * width, what);
+    g.tp->all_gather(local, full.p(), static_cast<size_t>(local_tokens(T)) * width,
+                     DType::kFloat32);
+    return full;
+  }
+  // [T, width] partial sums -> this rank's [T/tp, width] slice of their sum.
+  Tensor tp_scatter(const float* partial, int T, int width, const char* what) {
+    Tensor local = alloc(static_cast<size_t>(local_tokens(T)) * width, what);
+    g.tp->reduce_scatter(partial, local.p(), static_cast<size_t>(local_tokens(T)) * width,
+                         DType::kFloat32, ReduceOp::kSum);
+    return local;
+  }
+  // Parameters replicated over the TP group whose gradients each TP rank computes from its own
+  // tokens only (norms, router, embedding, head under sequence parallelism): summed over TP.
+  std::vector<size_t> tp_partial_grads;
   int64_t steps_done = 0;
   int64_t dropped = 0;  // in the current step
   std::vector<Parameter>* params = nullptr;
@@ -374,6 +395,7 @@ struct MoeTrainer::Impl {
   // --- What a layer's forward keeps for its backward.
   struct LayerSaved {
     Tensor x_in, a, qkv, o, lse, x_mid, b;
+    Tensor a_full, b_full;  // sequence parallel: the norm outputs gathered over TP
     // MoE
     Tensor probs, xin_e, gu, act, y_perm;
     TokenRouting routing;
@@ -389,6 +411,7 @@ struct MoeTrainer::Impl {
     std::vector<int> tok, label;
     std::vector<LayerSaved> saved;
     Tensor x;   // forward: the input from the previous stage, then this stage's output
+                // (sequence parallel: this TP rank's slice of the tokens)
     Tensor dx;  // backward: the gradient at this stage's output, then at its input
     double loss = 0;
   };
@@ -414,9 +437,11 @@ struct MoeTrainer::Impl {
   // This stage's layers (and the embedding on the first stage). On the last stage the head, the
   // loss and the gradient at the stage's output follow; elsewhere mb.x is the output.
   void forward(MicroBatch& mb, double loss_scale, std::vector<int64_t>& tokens_per_expert) {
-    const int T = mb.T, sequences = mb.sequences;
-    const std::vector<int>& tok = mb.tok;
-    const std::vector<int>& label = mb.label;
+    // T: the micro-batch's tokens (what the TP regions see); Tl: this rank's outside them.
+    const int T = mb.T, sequences = mb.sequences, Tl = local_tokens(T);
+    const size_t first_token = sp ? static_cast<size_t>(tp_rank) * Tl : 0;
+    const int* tok = mb.tok.data() + first_token;
+    const int* label = mb.label.data() + first_token;
     // The StepProgram op each stretch of code runs (the lowering's names), for the measurement.
     std::optional<ProgramOp> op;
     const auto at = [&op](const char* name, OpPhase phase = OpPhase::kForward) {
@@ -426,9 +451,9 @@ struct MoeTrainer::Impl {
     Tensor x;
     if (first_stage()) {
       at("embedding");
-      x = alloc(static_cast<size_t>(T) * h, "hidden states");
+      x = alloc(static_cast<size_t>(Tl) * h, "hidden states");
       const float* emb = P("embed").v();
-      for (int i = 0; i < T; ++i)
+      for (int i = 0; i < Tl; ++i)
         std::memcpy(x.p() + static_cast<size_t>(i) * h, emb + static_cast<size_t>(tok[i]) * h,
                     sizeof(float) * h);
     } else {
@@ -440,40 +465,52 @@ struct MoeTrainer::Impl {
       LayerSaved& S = saved[static_cast<size_t>(l - layer_begin)];
       S.x_in = std::move(x);
       at("norm1");
-      S.a = alloc(static_cast<size_t>(T) * h, "norm output");
-      dev.rmsnorm(S.x_in.p(), P(L(l, "attn_norm")).v(), T, h, eps, S.a.p());
+      S.a = alloc(static_cast<size_t>(Tl) * h, "norm output");
+      dev.rmsnorm(S.x_in.p(), P(L(l, "attn_norm")).v(), Tl, h, eps, S.a.p());
       // Attention: QKV column-parallel (this rank's heads), output projection row-parallel, its
-      // partial sums added up over the TP group.
+      // partial sums added up over the TP group (sequence parallel: gathered before, reduce-
+      // scattered after).
+      if (sp) {
+        at("tp_all_gather");
+        S.a_full = tp_gather(S.a.p(), T, h, "norm output (gathered)");
+      }
+      const float* a_in = sp ? S.a_full.p() : S.a.p();
       at("qkv");
       S.qkv = alloc(static_cast<size_t>(T) * 3 * h_local, "qkv");
-      mm(S.a.p(), P(L(l, "wqkv")).v(), T, h, 3 * h_local, S.qkv.p());
+      mm(a_in, P(L(l, "wqkv")).v(), T, h, 3 * h_local, S.qkv.p());
       at("attn_core");
       S.o = alloc(static_cast<size_t>(T) * h_local, "attention output");
       S.lse = alloc(static_cast<size_t>(sequences) * heads_local * seq, "attention lse");
       dev.attention(S.qkv.p(), sequences, seq, heads_local, head_dim, S.o.p(), S.lse.p());
-      S.x_mid = alloc(static_cast<size_t>(T) * h, "residual");
+      S.x_mid = alloc(static_cast<size_t>(Tl) * h, "residual");
       {
         at("attn_out");
         Tensor proj = alloc(static_cast<size_t>(T) * h, "attention projection");
         mm(S.o.p(), P(L(l, "wo")).v(), T, h_local, h, proj.p());
-        if (tp > 1) at("tp_all_reduce");
-        tp_sum(proj.p(), static_cast<size_t>(T) * h);
+        if (sp) {
+          at("tp_reduce_scatter");
+          proj = tp_scatter(proj.p(), T, h, "attention projection (scattered)");
+        } else if (tp > 1) {
+          at("tp_all_reduce");
+          tp_sum(proj.p(), static_cast<size_t>(T) * h);
+        }
         at("residual1");
-        for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i)
+        for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i)
           S.x_mid.p()[i] = S.x_in.p()[i] + proj.p()[i];
-        x = alloc(static_cast<size_t>(T) * h, "hidden states");
-        std::memcpy(x.p(), S.x_mid.p(), sizeof(float) * T * h);
+        x = alloc(static_cast<size_t>(Tl) * h, "hidden states");
+        std::memcpy(x.p(), S.x_mid.p(), sizeof(float) * Tl * h);
       }
       at("norm2");
-      S.b = alloc(static_cast<size_t>(T) * h, "norm output");
-      dev.rmsnorm(S.x_mid.p(), P(L(l, "ffn_norm")).v(), T, h, eps, S.b.p());
+      S.b = alloc(static_cast<size_t>(Tl) * h, "norm output");
+      dev.rmsnorm(S.x_mid.p(), P(L(l, "ffn_norm")).v(), Tl, h, eps, S.b.p());
       if (m.is_moe_layer(l)) {
+        // The router and the dispatch see this rank's tokens (all of them without SP).
         at("router");
-        Tensor logits = alloc(static_cast<size_t>(T) * experts, "router logits");
-        mm(S.b.p(), P(L(l, "router")).v(), T, h, experts, logits.p());
-        S.probs = alloc(static_cast<size_t>(T) * experts, "router probabilities");
-        S.routing = dev.route(logits.p(), T, experts, top_k, top_k > 1, S.probs.p(), capacity(T));
-        const int kept_rows = T * top_k - S.routing.dropped;
+        Tensor logits = alloc(static_cast<size_t>(Tl) * experts, "router logits");
+        mm(S.b.p(), P(L(l, "router")).v(), Tl, h, experts, logits.p());
+        S.probs = alloc(static_cast<size_t>(Tl) * experts, "router probabilities");
+        S.routing = dev.route(logits.p(), Tl, experts, top_k, top_k > 1, S.probs.p(), capacity(Tl));
+        const int kept_rows = Tl * top_k - S.routing.dropped;
         dropped += S.routing.dropped;
         at(ppmoe ? "index_slice" : "permute");
         Tensor perm = alloc(static_cast<size_t>(kept_rows) * h, "dispatch buffer");
@@ -503,29 +540,38 @@ struct MoeTrainer::Impl {
         S.y_perm = alloc(static_cast<size_t>(kept_rows) * h, "combine buffer");
         combine(S.ex, y.p(), h, S.y_perm.p());
         if (!ppmoe) at("unpermute");
-        Tensor moe_out = alloc(static_cast<size_t>(T) * h, "moe output");
+        Tensor moe_out = alloc(static_cast<size_t>(Tl) * h, "moe output");
         dev.unpermute_combine(S.y_perm.p(), S.routing, h, moe_out.p());
         if (ppmoe) {
           at("combine_all_reduce");
-          tp_sum(moe_out.p(), static_cast<size_t>(T) * h);  // PPMoE's one all-reduce
+          tp_sum(moe_out.p(), static_cast<size_t>(Tl) * h);  // PPMoE's one all-reduce
         }
         at("residual2");
-        for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i) x.p()[i] += moe_out.p()[i];
+        for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i) x.p()[i] += moe_out.p()[i];
       } else {
         // Dense FFN: column-parallel gate/up, row-parallel down projection.
+        if (sp) {
+          at("tp_all_gather");
+          S.b_full = tp_gather(S.b.p(), T, h, "norm output (gathered)");
+        }
         at("fc1");
         S.gu = alloc(static_cast<size_t>(T) * 2 * ffn_local, "ffn gate/up");
-        mm(S.b.p(), P(L(l, "w1")).v(), T, h, 2 * ffn_local, S.gu.p());
+        mm(sp ? S.b_full.p() : S.b.p(), P(L(l, "w1")).v(), T, h, 2 * ffn_local, S.gu.p());
         at("act");
         S.act = alloc(static_cast<size_t>(T) * ffn_local, "ffn activation");
         dev.swiglu(S.gu.p(), T, ffn_local, S.act.p());
         at("fc2");
         Tensor y = alloc(static_cast<size_t>(T) * h, "ffn output");
         mm(S.act.p(), P(L(l, "w2")).v(), T, ffn_local, h, y.p());
-        if (tp > 1) at("tp_all_reduce");
-        tp_sum(y.p(), static_cast<size_t>(T) * h);
+        if (sp) {
+          at("tp_reduce_scatter");
+          y = tp_scatter(y.p(), T, h, "ffn output (scattered)");
+        } else if (tp > 1) {
+          at("tp_all_reduce");
+          tp_sum(y.p(), static_cast<size_t>(T) * h);
+        }
         at("residual2");
-        for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i) x.p()[i] += y.p()[i];
+        for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i) x.p()[i] += y.p()[i];
       }
     }
     if (!last_stage()) {
@@ -533,21 +579,22 @@ struct MoeTrainer::Impl {
       return;
     }
     at("final_norm");
-    Tensor xf = alloc(static_cast<size_t>(T) * h, "final norm");
-    dev.rmsnorm(x.p(), P("final_norm").v(), T, h, eps, xf.p());
+    Tensor xf = alloc(static_cast<size_t>(Tl) * h, "final norm");
+    dev.rmsnorm(x.p(), P("final_norm").v(), Tl, h, eps, xf.p());
     at("lm_head");
-    Tensor logits = alloc(static_cast<size_t>(T) * vocab, "logits");
-    mm(xf.p(), P("head").v(), T, h, vocab, logits.p());
-    // Cross-entropy; the logits become d_logits = (softmax - onehot) * loss_scale.
+    Tensor logits = alloc(static_cast<size_t>(Tl) * vocab, "logits");
+    mm(xf.p(), P("head").v(), Tl, h, vocab, logits.p());
+    // Cross-entropy; the logits become d_logits = (softmax - onehot) * loss_scale. Under sequence
+    // parallelism each TP rank has the head and the loss of its own tokens.
     at("loss");
-    mb.loss = dev.cross_entropy(logits.p(), label.data(), T, vocab, static_cast<float>(loss_scale));
+    mb.loss = dev.cross_entropy(logits.p(), label, Tl, vocab, static_cast<float>(loss_scale));
     // Backward.
     at("lm_head", OpPhase::kBackward);
-    Tensor dxf = alloc(static_cast<size_t>(T) * h, "gradient");
-    mm_backward(xf.p(), P("head").v(), logits.p(), T, h, vocab, dxf.p(), P("head").g());
+    Tensor dxf = alloc(static_cast<size_t>(Tl) * h, "gradient");
+    mm_backward(xf.p(), P("head").v(), logits.p(), Tl, h, vocab, dxf.p(), P("head").g());
     at("final_norm", OpPhase::kBackward);
-    Tensor dx = alloc(static_cast<size_t>(T) * h, "gradient");
-    dev.rmsnorm_backward(x.p(), P("final_norm").v(), dxf.p(), T, h, eps, dx.p(),
+    Tensor dx = alloc(static_cast<size_t>(Tl) * h, "gradient");
+    dev.rmsnorm_backward(x.p(), P("final_norm").v(), dxf.p(), Tl, h, eps, dx.p(),
                          P("final_norm").g());
     mb.dx = std::move(dx);
   }
@@ -555,8 +602,8 @@ struct MoeTrainer::Impl {
   // This stage's backward from mb.dx (the gradient at its output); leaves the gradient at its
   // input in mb.dx (the first stage adds it to the embedding instead).
   void backward(MicroBatch& mb) {
-    const int T = mb.T, sequences = mb.sequences;
-    const std::vector<int>& tok = mb.tok;
+    const int T = mb.T, sequences = mb.sequences, Tl = local_tokens(T);
+    const int* tok = mb.tok.data() + (sp ? static_cast<size_t>(tp_rank) * Tl : 0);
     std::vector<LayerSaved>& saved = mb.saved;
     std::optional<ProgramOp> op;  // as in forward()
     const auto at = [&op](const char* name) {
@@ -567,13 +614,13 @@ struct MoeTrainer::Impl {
     for (int l = layer_end - 1; l >= layer_begin; --l) {
       LayerSaved& S = saved[static_cast<size_t>(l - layer_begin)];
       // dx is the gradient at the layer's output = d(x_mid) through the residual + FFN branch.
-      Tensor db = alloc(static_cast<size_t>(T) * h, "gradient");
+      Tensor db = alloc(static_cast<size_t>(Tl) * h, "gradient");
       if (m.is_moe_layer(l)) {
         at(ppmoe ? "index_combine" : "unpermute");
         const int R = S.ex.received;
         const TokenRouting& r = S.routing;
         // Combine backward: the rows' gradients and the combine weights' gradients.
-        const int kept_rows = T * top_k - r.dropped;
+        const int kept_rows = Tl * top_k - r.dropped;
         Tensor dy_perm = alloc(static_cast<size_t>(kept_rows) * h, "gradient");
         std::vector<float> gw(r.expert.size(), 0.0f);
         for (size_t i = 0; i < r.expert.size(); ++i) {
@@ -626,7 +673,7 @@ struct MoeTrainer::Impl {
         combine(S.ex, dxin.p(), h, dperm.p());
         if (!ppmoe) at("permute");
         // Every copy of a token's input gets its own gradient back: sum them.
-        std::memset(db.p(), 0, sizeof(float) * T * h);
+        std::memset(db.p(), 0, sizeof(float) * Tl * h);
         for (size_t i = 0; i < r.expert.size(); ++i) {
           if (r.row[i] < 0) continue;
           float* d = db.p() + (i / top_k) * h;
@@ -637,12 +684,12 @@ struct MoeTrainer::Impl {
         // computed alike on every rank and added after).
         if (ppmoe) {
           at("combine_all_reduce");
-          tp_sum(db.p(), static_cast<size_t>(T) * h);
+          tp_sum(db.p(), static_cast<size_t>(Tl) * h);
         }
         // Router: through the (renormalised) top-k weights and the softmax.
         at("router");
-        Tensor dlogits = alloc(static_cast<size_t>(T) * experts, "gradient");
-        for (int t = 0; t < T; ++t) {
+        Tensor dlogits = alloc(static_cast<size_t>(Tl) * experts, "gradient");
+        for (int t = 0; t < Tl; ++t) {
           const float* p = S.probs.p() + static_cast<size_t>(t) * experts;
           float* dl = dlogits.p() + static_cast<size_t>(t) * experts;
           std::vector<double> dp(experts, 0.0);
@@ -661,56 +708,82 @@ struct MoeTrainer::Impl {
           for (int e = 0; e < experts; ++e) dot += dp[e] * p[e];
           for (int e = 0; e < experts; ++e) dl[e] = static_cast<float>(p[e] * (dp[e] - dot));
         }
-        mm_backward(S.b.p(), P(L(l, "router")).v(), dlogits.p(), T, h, experts, db.p(),
+        mm_backward(S.b.p(), P(L(l, "router")).v(), dlogits.p(), Tl, h, experts, db.p(),
                     P(L(l, "router")).g(), /*acc_dx=*/true);
       } else {
+        // Sequence parallel: the reduce-scatter after fc2 becomes an all-gather of the gradient
+        // (the program names the backward collectives by what they do).
+        Tensor dy_full;
+        if (sp) {
+          at("tp_all_gather");
+          dy_full = tp_gather(dx.p(), T, h, "gradient (gathered)");
+        }
         at("fc2");
         Tensor dact = alloc(static_cast<size_t>(T) * ffn_local, "gradient");
-        mm_backward(S.act.p(), P(L(l, "w2")).v(), dx.p(), T, ffn_local, h, dact.p(),
-                    P(L(l, "w2")).g());
+        mm_backward(S.act.p(), P(L(l, "w2")).v(), sp ? dy_full.p() : dx.p(), T, ffn_local, h,
+                    dact.p(), P(L(l, "w2")).g());
         at("act");
         Tensor dgu = alloc(static_cast<size_t>(T) * 2 * ffn_local, "gradient");
         dev.swiglu_backward(S.gu.p(), dact.p(), T, ffn_local, dgu.p());
         at("fc1");
-        mm_backward(S.b.p(), P(L(l, "w1")).v(), dgu.p(), T, h, 2 * ffn_local, db.p(),
-                    P(L(l, "w1")).g());
-        if (tp > 1) at("tp_all_reduce");
-        tp_sum(db.p(), static_cast<size_t>(T) * h);  // column-parallel input: partial per rank
+        Tensor db_full = sp ? alloc(static_cast<size_t>(T) * h, "gradient") : Tensor{};
+        mm_backward(sp ? S.b_full.p() : S.b.p(), P(L(l, "w1")).v(), dgu.p(), T, h, 2 * ffn_local,
+                    sp ? db_full.p() : db.p(), P(L(l, "w1")).g());
+        // Column-parallel input: partial per rank (summed; scattered back to the slices).
+        if (sp) {
+          at("tp_reduce_scatter");
+          db = tp_scatter(db_full.p(), T, h, "gradient (scattered)");
+        } else if (tp > 1) {
+          at("tp_all_reduce");
+          tp_sum(db.p(), static_cast<size_t>(T) * h);
+        }
       }
       // d x_mid = dx (residual) + norm backward of db.
       at("norm2");
-      Tensor dmid = alloc(static_cast<size_t>(T) * h, "gradient");
-      dev.rmsnorm_backward(S.x_mid.p(), P(L(l, "ffn_norm")).v(), db.p(), T, h, eps, dmid.p(),
+      Tensor dmid = alloc(static_cast<size_t>(Tl) * h, "gradient");
+      dev.rmsnorm_backward(S.x_mid.p(), P(L(l, "ffn_norm")).v(), db.p(), Tl, h, eps, dmid.p(),
                            P(L(l, "ffn_norm")).g());
       at("residual2");
-      for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i) dmid.p()[i] += dx.p()[i];
+      for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i) dmid.p()[i] += dx.p()[i];
       // Attention block.
+      Tensor dmid_full;
+      if (sp) {
+        at("tp_all_gather");
+        dmid_full = tp_gather(dmid.p(), T, h, "gradient (gathered)");
+      }
       at("attn_out");
       Tensor d_o = alloc(static_cast<size_t>(T) * h_local, "gradient");
-      mm_backward(S.o.p(), P(L(l, "wo")).v(), dmid.p(), T, h_local, h, d_o.p(), P(L(l, "wo")).g());
+      mm_backward(S.o.p(), P(L(l, "wo")).v(), sp ? dmid_full.p() : dmid.p(), T, h_local, h, d_o.p(),
+                  P(L(l, "wo")).g());
       at("attn_core");
       Tensor dqkv = alloc(static_cast<size_t>(T) * 3 * h_local, "gradient");
       dev.attention_backward(S.qkv.p(), S.o.p(), S.lse.p(), d_o.p(), sequences, seq, heads_local,
                              head_dim, dqkv.p());
       at("qkv");
       Tensor da = alloc(static_cast<size_t>(T) * h, "gradient");
-      mm_backward(S.a.p(), P(L(l, "wqkv")).v(), dqkv.p(), T, h, 3 * h_local, da.p(),
-                  P(L(l, "wqkv")).g());
-      if (tp > 1) at("tp_all_reduce");
-      tp_sum(da.p(), static_cast<size_t>(T) * h);  // column-parallel input: partial per rank
+      mm_backward(sp ? S.a_full.p() : S.a.p(), P(L(l, "wqkv")).v(), dqkv.p(), T, h, 3 * h_local,
+                  da.p(), P(L(l, "wqkv")).g());
+      // Column-parallel input: partial per rank (summed; scattered back to the slices).
+      if (sp) {
+        at("tp_reduce_scatter");
+        da = tp_scatter(da.p(), T, h, "gradient (scattered)");
+      } else if (tp > 1) {
+        at("tp_all_reduce");
+        tp_sum(da.p(), static_cast<size_t>(T) * h);
+      }
       at("norm1");
-      Tensor dxin = alloc(static_cast<size_t>(T) * h, "gradient");
-      dev.rmsnorm_backward(S.x_in.p(), P(L(l, "attn_norm")).v(), da.p(), T, h, eps, dxin.p(),
+      Tensor dxin = alloc(static_cast<size_t>(Tl) * h, "gradient");
+      dev.rmsnorm_backward(S.x_in.p(), P(L(l, "attn_norm")).v(), da.p(), Tl, h, eps, dxin.p(),
                            P(L(l, "attn_norm")).g());
       at("residual1");
-      for (size_t i = 0; i < static_cast<size_t>(T) * h; ++i) dxin.p()[i] += dmid.p()[i];
+      for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i) dxin.p()[i] += dmid.p()[i];
       dx = std::move(dxin);
       saved[static_cast<size_t>(l - layer_begin)] = LayerSaved{};  // release its activations
     }
     if (first_stage()) {
       at("embedding");
       float* demb = P("embed").g();
-      for (int i = 0; i < T; ++i)
+      for (int i = 0; i < Tl; ++i)
         for (int c = 0; c < h; ++c)
           demb[static_cast<size_t>(tok[i]) * h + c] += dx.p()[static_cast<size_t>(i) * h + c];
     } else {
@@ -756,7 +829,7 @@ struct MoeTrainer::Impl {
       MicroBatch& b = mb[static_cast<size_t>(c) * count + k];
       if (!item.backward) {
         b = make_micro_batch(step, first_sequence + static_cast<int64_t>(k) * mbs, mbs);
-        const size_t n = static_cast<size_t>(b.T) * h;
+        const size_t n = static_cast<size_t>(local_tokens(b.T)) * h;
         if (!first_stage()) {
           b.x = alloc(n, "received activation");
           pp.recv(b.x.p(), n, DType::kFloat32, prev, tag(c, k, false));
@@ -771,7 +844,7 @@ struct MoeTrainer::Impl {
           outbox.push_back(std::move(b.x));
         }
       } else {
-        const size_t n = static_cast<size_t>(b.T) * h;
+        const size_t n = static_cast<size_t>(local_tokens(b.T)) * h;
         if (!last_stage()) {
           b.dx = alloc(n, "received gradient");
           pp.recv(b.dx.p(), n, DType::kFloat32, next, tag(c, k, true));
@@ -916,10 +989,18 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
     if (I.heads % I.tp != 0 || m.ffn_hidden_size % I.tp != 0)
       throw ConfigError(
           "plan.tp", std::to_string(I.tp) + " must divide the attention heads and the FFN width");
-    if (m.moe && !groups.ppmoe)
-      throw ConfigError("plan.tp",
-                        "with MoE layers the CPU runner runs tensor parallelism with "
-                        "ppmoe_index_slice only");
+    I.sp = s.sequence_parallel && !groups.ppmoe;
+    if (m.moe && !groups.ppmoe && !I.sp)
+      throw ConfigError("plan.sequence_parallel",
+                        "tensor parallelism with all-to-all dispatch needs sequence parallelism "
+                        "(each TP rank dispatches its slice of the tokens)");
+    if (I.sp && (static_cast<int64_t>(s.micro_batch_size) * I.seq) % I.tp != 0)
+      throw ConfigError("plan.sequence_parallel",
+                        "tp " + std::to_string(I.tp) + " must divide a micro-batch's " +
+                            std::to_string(s.micro_batch_size * I.seq) + " tokens");
+    if (I.sp && s.capacity_factor > 0)
+      throw ConfigError("plan.capacity_factor",
+                        "the CPU runner does not drop per sequence-parallel slice");
   }
   I.ppmoe = groups.ppmoe && m.moe.has_value();
   I.heads_local = I.heads / I.tp;
@@ -1038,6 +1119,16 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
   }
   I.setup_space(I.dense, false, groups.dp);
   I.setup_space(I.expert, true, groups.expert_dp);
+  if (I.sp)
+    for (size_t k = 0; k < t->params_.size(); ++k) {
+      const std::string& name = t->params_[k].name;
+      const auto ends_with = [&name](const std::string& suffix) {
+        return name.size() >= suffix.size() &&
+               name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+      };
+      if (name == "embed" || name == "head" || ends_with("_norm") || ends_with(".router"))
+        I.tp_partial_grads.push_back(k);
+    }
   for (Parameter& p : t->params_)
     for (size_t i = 0; i < p.size; ++i)
       p.v()[i] =
@@ -1075,6 +1166,13 @@ StepStats MoeTrainer::step(int64_t step_index) {
   Impl& I = *impl_;
   StepStats st = forward_backward(step_index);
   ++I.steps_done;
+  // Sequence parallel: the replicated parameters saw only this rank's tokens; each TP rank's loss
+  // is its tokens' share.
+  if (I.sp) {
+    for (size_t k : I.tp_partial_grads)
+      I.g.tp->all_reduce(params_[k].g(), params_[k].size, DType::kFloat32, ReduceOp::kSum);
+    I.g.tp->all_reduce(&st.loss, 1, DType::kFloat64, ReduceOp::kSum);
+  }
   I.reduce_and_update(I.dense);
   if (!I.expert.members.empty()) I.reduce_and_update(I.expert);
   I.g.dp->all_reduce(&st.loss, 1, DType::kFloat64, ReduceOp::kSum);

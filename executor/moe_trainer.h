@@ -42,6 +42,9 @@ struct TrainSettings {
   std::vector<int> stage_layers;
   Schedule schedule = Schedule::k1F1B;
   int vp = 1;
+  // Tensor parallelism with sequence parallelism (Megatron-Core's, required with all-to-all
+  // dispatch): outside the TP regions each TP rank holds 1/tp of a micro-batch's tokens.
+  bool sequence_parallel = false;
   double capacity_factor = 0;  // 0 = dropless; else per micro-batch and rank, as GShard's groups
   uint64_t seed = 1234;
   float init_std = 0.02f;  // weights ~ N(0, init_std^2); norm gains start at 1

@@ -125,19 +125,20 @@ int cmd_run(const Common& common, const RunFlags& f) {
   auto dev = timed_device(*backend, op_times);
   const int r = ranks.rank;
   // Rank order (Megatron's): pipeline stage outermost, then data parallel, then tensor parallel
-  // innermost (cp = 1). EP groups are consecutive data-parallel ranks of a stage; with
-  // ppmoe_index_slice the experts are spread over the TP group instead.
+  // innermost (cp = 1). EP groups are consecutive ranks of a stage; with ppmoe_index_slice the
+  // experts are spread over the TP group instead.
   const int per_stage = ranks.size / plan.pp, stage = r / per_stage, q = r % per_stage;
   const int dp_idx = q / plan.tp, tp_idx = q % plan.tp;
   const bool ppmoe = plan.dispatch == Dispatch::kPPMoEIndexSlice;
   const int base = stage * per_stage;
   auto tpg = timed_communicator(ranks.world->split(base + dp_idx, r, "tp"), op_times);
   auto dp = timed_communicator(ranks.world->split(base + tp_idx, r, "dp"), op_times);
+  // Otherwise the stage's ranks refold for the expert layers (expert_tp 1): EP groups of
+  // consecutive ranks, TP peers included (with sequence parallelism each holds its own tokens).
   auto ep = timed_communicator(
-      ranks.world->split(ppmoe ? base + dp_idx : base + dp_idx / plan.ep, r, "ep"), op_times);
+      ranks.world->split(ppmoe ? base + dp_idx : base + q / plan.ep, r, "ep"), op_times);
   auto edp = timed_communicator(
-      ranks.world->split(ppmoe ? base + tp_idx : base + dp_idx % plan.ep, r, "expert_dp"),
-      op_times);
+      ranks.world->split(ppmoe ? base + tp_idx : base + q % plan.ep, r, "expert_dp"), op_times);
   auto pp = timed_communicator(ranks.world->split(q, stage, "pp"), op_times);
   // The hierarchical all-to-all's two levels: the EP ranks on this node, and those with this
   // rank's local index on every node (EP groups are node-aligned: ep ranks are consecutive).
@@ -154,6 +155,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
   s.zero_stage = plan.zero_stage;
   s.grad_bucket_bytes = plan.grad_bucket_bytes;
   s.capacity_factor = plan.capacity_factor.value_or(0.0);
+  s.sequence_parallel = plan.sequence_parallel && plan.tp > 1;
   if (plan.pp > 1) {
     s.stage_layers = resolve_stage_layers(plan, in.model);
     s.schedule = plan.schedule;

@@ -36,7 +36,9 @@ struct Case {
   double capacity_factor = 0;
   int ep_per_node = 0;  // > 0: hierarchical all-to-all with this many EP ranks per "node"
   int pp = 1;           // pipeline stages (the outermost dimension of the rank order)
-  int tp = 1;           // tensor parallel (innermost); with MoE layers: ppmoe_index_slice
+  int tp = 1;           // tensor parallel (innermost); with MoE layers: ppmoe_index_slice, or
+                        // all-to-all dispatch with sequence parallelism (`sp`)
+  bool sp = false;
   Schedule schedule = Schedule::k1F1B;
   int vp = 1;      // model chunks per stage (interleaved 1F1B)
   int layers = 3;  // of the small model
@@ -70,10 +72,11 @@ void check(const Case& c) {
   const int dp_idx = q / c.tp, tp_idx = q % c.tp;
   auto tpg = world->split(stage * 1000 + dp_idx, r, "tp");
   auto dp = world->split(stage * 1000 + tp_idx, r, "dp");
-  auto ep = c.tp > 1 ? world->split(stage * 1000 + dp_idx, r, "ep")
-                     : world->split(stage * 1000 + q / c.ep, r, "ep");
-  auto edp = c.tp > 1 ? world->split(stage * 1000 + tp_idx, r, "expert_dp")
-                      : world->split(stage * 1000 + q % c.ep, r, "expert_dp");
+  const bool ppmoe = c.tp > 1 && !c.sp;
+  auto ep = ppmoe ? world->split(stage * 1000 + dp_idx, r, "ep")
+                  : world->split(stage * 1000 + q / c.ep, r, "ep");
+  auto edp = ppmoe ? world->split(stage * 1000 + tp_idx, r, "expert_dp")
+                   : world->split(stage * 1000 + q % c.ep, r, "expert_dp");
   auto pp = world->split(q, stage, "pp");
   if (c.pp > 1) {
     Plan plan;
@@ -86,7 +89,8 @@ void check(const Case& c) {
   TrainGroups groups{dp.get(), ep.get(), edp.get()};
   groups.pp = pp.get();
   groups.tp = tpg.get();
-  groups.ppmoe = c.tp > 1;
+  groups.ppmoe = ppmoe;
+  s.sequence_parallel = c.sp;
   if (c.ep_per_node > 0) {
     intra = ep->split(ep->rank() / c.ep_per_node, ep->rank(), "ep_intra");
     inter = ep->split(ep->rank() % c.ep_per_node, ep->rank(), "ep_inter");
@@ -95,7 +99,7 @@ void check(const Case& c) {
   }
   auto dev = cpu_device({});
   auto run = MoeTrainer::create(m, s, *dev, groups);
-  EXPECT_EQ(run->local_experts(), 12 / (c.tp > 1 ? c.tp : c.ep));
+  EXPECT_EQ(run->local_experts(), 12 / (ppmoe ? c.tp : c.ep));
   // Which layers this stage holds: virtual stages (chunk c, stage t) run chunk-major, each with
   // stage_layers[t] / vp layers (interleaving: stage 0 holds layers 0 and 2 of 4).
   if (c.pp > 1) {
@@ -200,6 +204,30 @@ TEST(DistributedTraining, TensorParallelPipelineMoeMatchesTheReference) {
     with_pp.tp = 2;
     with_pp.pp = 2;
     check(with_pp);
+  }
+}
+TEST(DistributedTraining, SequenceParallelTensorParallelWithAllToAllMatchesTheReference) {
+  // Megatron-Core's TP for MoE: sequence parallel slices outside the TP regions (all-gather in,
+  // reduce-scatter out), each TP rank routing its own slice through the all-to-all of an EP group
+  // that spans the TP ranks; replicated parameters' gradients summed over TP.
+  Case tp_ep{2, 1, 1, 1 << 20};
+  tp_ep.tp = 2;
+  tp_ep.sp = true;
+  check(tp_ep);
+  const int w = g_mpi->world_size();
+  if (w % 4 == 0) {
+    Case wide = tp_ep;  // ep 4 over two TP pairs, micro-batches of 2 sequences
+    wide.ep = 4;
+    wide.micro_batch_size = 2;
+    check(wide);
+    Case with_pp = tp_ep;  // and two pipeline stages
+    with_pp.pp = 2;
+    check(with_pp);
+  }
+  if (w == 6) {  // tp 3 (the small model's 2 heads do not split in 3): tp 2 x dp 3 with ep 6
+    Case six = tp_ep;
+    six.ep = 6;
+    check(six);
   }
 }
 TEST(DistributedTraining, ExpertAndExpertDataParallelMatchTheReference) {

@@ -97,15 +97,20 @@ TEST(MoeTrainer, TrainingLowersTheLossOfARepeatedBatch) {
 
 TEST(MoeTrainer, RejectsWhatItCannotRunWithPaths) {
   Plan p;
-  p.tp = 2;
-  p.pp = 2;  // tp with all-to-all dispatch (sequence parallel) does not run, nor ZeRO-2
+  p.tp = 2;  // sequence-parallel TP with all-to-all dispatch runs, but not with capacity dropping
+  p.sequence_parallel = true;
+  p.capacity_factor = 1.25;
+  p.pp = 2;
   p.schedule = Schedule::kInterleaved1F1B;  // (interleaving runs)
   p.vp = 2;
-  p.zero_stage = 2;
+  p.zero_stage = 2;  // nor ZeRO-2
   const auto issues = trainer_unsupported(testing::bundled().load_model("tiny-moe"), p);
-  // (capacity factors run: they are not among the issues)
   ASSERT_EQ(issues.size(), 2u);
-  EXPECT_EQ(issues[0].path, "plan.tp");
+  EXPECT_EQ(issues[0].path, "plan.capacity_factor");
+  EXPECT_EQ(issues[1].path, "plan.zero_stage");
+  p.capacity_factor.reset();  // (capacity factors run without sequence parallelism)
+  p.sequence_parallel = false;
+  EXPECT_EQ(trainer_unsupported(testing::bundled().load_model("tiny-moe"), p).size(), 1u);
   EXPECT_TRUE(trainer_unsupported(testing::bundled().load_model("tiny-moe"), Plan{}).empty());
 }
 

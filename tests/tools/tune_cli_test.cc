@@ -318,11 +318,12 @@ TEST_F(RunCliTest, ADeadRankEndsTheRunNamingIt) {
 TEST_F(RunCliTest, PlansItCannotRunAreRefusedWithTheirPaths) {
   const std::string plan = path("tp.json");
   std::ofstream(plan) << R"({"schema_version": 1, "name": "tp", "dp": 2, "tp": 2, "ep": 2,
-                           "sequence_parallel": true, "for": {"model": "tiny-moe",
+                           "sequence_parallel": true, "zero_stage": 2, "for": {"model": "tiny-moe",
                            "cluster": "local-cpu", "workload": "tiny-train"}})";
   const Result r = sh(kCli + " run --plan " + plan + " --no-db 2>&1");
   EXPECT_EQ(r.exit_code, 2) << r.output;
-  EXPECT_NE(r.output.find("plan.tp: the CPU runner does not run this yet"), std::string::npos)
+  EXPECT_NE(r.output.find("plan.zero_stage: the CPU runner does not run this yet"),
+            std::string::npos)
       << r.output;
   EXPECT_NE(r.output.find("mpirun -n 4"), std::string::npos) << r.output;
 }
@@ -342,6 +343,28 @@ TEST_F(RunCliTest, APipelinePlanMatchesTheReference) {
     EXPECT_TRUE(j["check"]["passed"].get<bool>());
     EXPECT_GT(j["op_classes"]["pipeline (bubble and p2p)"]["measured_s"].get<double>(), 0);
   }
+#endif
+}
+
+TEST_F(RunCliTest, SequenceParallelTensorParallelismWithAllToAllMatchesTheReference) {
+#ifndef SWITCHYARD_MPIEXEC
+  GTEST_SKIP() << "built without MPI";
+#else
+  // The bundled tiny-moe-tp-sp: dp 2 x tp 2 with sequence parallelism, ep 2 over the TP pairs.
+  const Result r =
+      sh(kMpi + kCli + " run --plan tiny-moe-tp-sp --steps 1 --warmup 1 --check --json --no-db");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const Json j = json_of(r);
+  EXPECT_TRUE(j["check"]["passed"].get<bool>()) << j["check"].dump();
+  // Sequence parallelism's collectives ran where the program has them.
+  std::set<std::string> measured;
+  for (const auto& o : j["program_ops"])
+    if (!o["measured_s"].is_null())
+      measured.insert(o["phase"].get<std::string>() + " " + o["op"].get<std::string>());
+  for (const char* op :
+       {"forward tp_all_gather", "forward tp_reduce_scatter", "backward tp_all_gather",
+        "backward tp_reduce_scatter", "forward dispatch", "backward combine"})
+    EXPECT_TRUE(measured.count(op)) << op;
 #endif
 }
 
