@@ -442,6 +442,7 @@ class Simulation {
     return p;
   }
 
+  // A collective's exposed time, by the stream (group) it runs on.
   static void add_comm(TimeBreakdown& b, StreamKind stream, double t) {
     switch (stream) {
       case StreamKind::kTpComm:
@@ -469,18 +470,6 @@ class Simulation {
     }
     const Inst& d = insts_[static_cast<size_t>(dep)];
     switch (d.stream) {
-      case StreamKind::kTpComm:
-        b.tp_comm_s += gap;
-        break;
-      case StreamKind::kCpComm:
-        b.cp_comm_s += gap;
-        break;
-      case StreamKind::kEpComm:
-        b.ep_comm_s += gap;
-        break;
-      case StreamKind::kDpComm:
-        b.dp_comm_s += gap;
-        break;
       case StreamKind::kCopy:
         b.stall_s += gap;
         break;
@@ -493,6 +482,9 @@ class Simulation {
       }
       case StreamKind::kCompute:
         b.bubble_s += gap;
+        break;
+      default:
+        add_comm(b, d.stream, gap);
         break;
     }
   }
