@@ -150,6 +150,27 @@ struct MoeTrainer::Impl {
     return "layer" + std::to_string(l) + ".expert" + std::to_string(e) + "." + what;
   }
 
+  // The workload's routing skew on the router's logits of one micro-batch's tokens [first_token,
+  // first_token + rows) (see TrainSettings::routing_share).
+  void bias_gate(float* logits, int rows, int64_t step, int64_t first_sequence, size_t first_token,
+                 int layer) {
+    if (log_share.empty()) return;
+    const size_t sl = static_cast<size_t>(seq);
+    for (int t = 0; t < rows; ++t) {
+      const size_t g = first_token + static_cast<size_t>(t);
+      const uint64_t sequence = static_cast<uint64_t>(first_sequence) + g / sl;
+      const uint64_t key =
+          splitmix64(s.seed ^ splitmix64(static_cast<uint64_t>(step)) ^ splitmix64(sequence) ^
+                     ((g % sl) << 32) ^ (static_cast<uint64_t>(layer) << 48));
+      for (int e = 0; e < experts; ++e) {
+        const double u = uniform01(splitmix64(key + static_cast<uint64_t>(e)));
+        logits[static_cast<size_t>(t) * experts + e] +=
+            static_cast<float>(log_share[static_cast<size_t>(e)] - std::log(-std::log(u)));
+      }
+    }
+  }
+  std::vector<double> log_share;  // log of TrainSettings::routing_share
+
   int token(int64_t step, int64_t sequence, int position) const {
     const uint64_t x = splitmix64(s.seed * 0x9e3779b97f4a7c15ull ^ splitmix64(step) ^
                                   splitmix64(static_cast<uint64_t>(sequence) << 20 | position));
@@ -408,6 +429,7 @@ struct MoeTrainer::Impl {
   struct MicroBatch {
     int sequences = 0;
     int T = 0;
+    int64_t step = 0, first_sequence = 0;
     std::vector<int> tok, label;
     std::vector<LayerSaved> saved;
     Tensor x;   // forward: the input from the previous stage, then this stage's output
@@ -423,6 +445,8 @@ struct MoeTrainer::Impl {
   MicroBatch make_micro_batch(int64_t step, int64_t first_sequence, int sequences) {
     MicroBatch mb;
     mb.sequences = sequences;
+    mb.step = step;
+    mb.first_sequence = first_sequence;
     mb.T = sequences * seq;
     mb.tok.resize(mb.T);
     mb.label.resize(mb.T);
@@ -508,6 +532,7 @@ struct MoeTrainer::Impl {
         at("router");
         Tensor logits = alloc(static_cast<size_t>(Tl) * experts, "router logits");
         mm(S.b.p(), P(L(l, "router")).v(), Tl, h, experts, logits.p());
+        bias_gate(logits.p(), Tl, mb.step, mb.first_sequence, first_token, l);
         S.probs = alloc(static_cast<size_t>(Tl) * experts, "router probabilities");
         S.routing = dev.route(logits.p(), Tl, experts, top_k, top_k > 1, S.probs.p(), capacity(Tl));
         const int kept_rows = Tl * top_k - S.routing.dropped;
@@ -1003,6 +1028,13 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
                         "the CPU runner does not drop per sequence-parallel slice");
   }
   I.ppmoe = groups.ppmoe && m.moe.has_value();
+  if (m.moe && !s.routing_share.empty()) {
+    if (static_cast<int64_t>(s.routing_share.size()) != experts)
+      throw ConfigError("workload.routing", "has " + std::to_string(s.routing_share.size()) +
+                                                " expert shares for " + std::to_string(experts) +
+                                                " experts");
+    for (double x : s.routing_share) I.log_share.push_back(std::log(std::max(x, 1e-30)));
+  }
   I.heads_local = I.heads / I.tp;
   I.h_local = I.heads_local * I.head_dim;
   if (groups.pp && groups.pp->size() > 1) {

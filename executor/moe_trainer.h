@@ -45,6 +45,12 @@ struct TrainSettings {
   // Tensor parallelism with sequence parallelism (Megatron-Core's, required with all-to-all
   // dispatch): outside the TP regions each TP rank holds 1/tp of a micro-batch's tokens.
   bool sequence_parallel = false;
+  // Routing skew the workload asks for (empty: the router alone decides): each expert's share of
+  // the routed rows. The gate adds log(share) plus Gumbel noise, fixed by (seed, step, token,
+  // layer, expert), to the router's logits, so its top-k samples the experts in those proportions
+  // (Gumbel-top-k) while the router still learns through the softmax; every layout of the same
+  // run draws the same noise.
+  std::vector<double> routing_share;
   double capacity_factor = 0;  // 0 = dropless; else per micro-batch and rank, as GShard's groups
   uint64_t seed = 1234;
   float init_std = 0.02f;  // weights ~ N(0, init_std^2); norm gains start at 1

@@ -36,6 +36,7 @@ struct RunFlags {
   std::string profile;
   std::string trace;
   bool json = false;
+  std::string routing = "workload";
 };
 
 // The process's ranks: MPI when launched by mpirun, else one process.
@@ -156,6 +157,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
   s.grad_bucket_bytes = plan.grad_bucket_bytes;
   s.capacity_factor = plan.capacity_factor.value_or(0.0);
   s.sequence_parallel = plan.sequence_parallel && plan.tp > 1;
+  if (f.routing == "workload" && in.model.moe)
+    s.routing_share = expert_load_fractions(in.workload, in.model);
   if (plan.pp > 1) {
     s.stage_layers = resolve_stage_layers(plan, in.model);
     s.schedule = plan.schedule;
@@ -564,6 +567,11 @@ std::function<int()> add_run_command(CLI::App& app, const Common& common) {
                   "Seconds a collective may wait before the run ends with an error")
       ->check(CLI::PositiveNumber);
   run->add_option("--seed", f->seed, "Seed of the parameters and the data");
+  run->add_option("--routing", f->routing,
+                  "workload (default): the gate samples the experts in the workload's proportions "
+                  "(uniform, zipf, histogram: what the prediction assumes); router: the "
+                  "router's own choices")
+      ->check(CLI::IsMember({"workload", "router"}));
   run->add_option("--profile", f->profile, "Cost-model constants for the prediction (JSON)");
   run->add_option("--trace", f->trace,
                   "Write the measured steps' ops as Chrome trace-event JSON (Perfetto), the "

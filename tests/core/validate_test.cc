@@ -164,9 +164,9 @@ TEST_F(ValidateTest, PrecisionNeedsHardwareSupport) {
 }
 
 TEST_F(ValidateTest, RoutingMustFitTheModel) {
-  workload_.routing = Routing{RoutingKind::kHistogram, 0, {1, 2, 3}};
+  workload_.routing = Routing{RoutingKind::kHistogram, 0, {1, 2, 3}, {}};
   expect_issue("workload.routing.tokens_per_expert", "has 3 entries but the model has 64 experts");
-  workload_.routing = Routing{RoutingKind::kHistogram, 0, std::vector<double>(64, 1.0)};
+  workload_.routing = Routing{RoutingKind::kHistogram, 0, std::vector<double>(64, 1.0), {}};
   workload_.routing.per_layer = {std::vector<double>(64, 1.0), {1, 2}};
   expect_issue("workload.routing.per_layer", "has 2 histograms but the model has " +
                                                  std::to_string(model_.num_moe_layers()) +

@@ -135,7 +135,7 @@ TEST_F(MemoryTest, InFlightMicroBatches) {
 // zipf(1) over 4 experts = [12, 6, 4, 3] / 25; experts 0-1 on rank 0 get 0.72 of the rows:
 // 1.44x a balanced share.
 TEST_F(MemoryTest, LoadFactorFromRoutingReplicasAndCapacity) {
-  workload_.routing = Routing{RoutingKind::kZipf, 1.0, {}};
+  workload_.routing = Routing{RoutingKind::kZipf, 1.0, {}, {}};
   EXPECT_NEAR(expert_rank_load_factor(model_, plan_, workload_), 1.44, 1e-12);
   // Two copies of the hottest expert: rank 0 keeps 0.24 + 0.24, the copy's 0.24 goes to rank 1
   // (0.28 + 0.24 = 0.52).
@@ -155,7 +155,7 @@ TEST_F(MemoryTest, LoadFactorFromRoutingReplicasAndCapacity) {
 // Skew raises the peak: the hot rank stores and receives more rows.
 TEST_F(MemoryTest, SkewRaisesActivationsAndDispatchBuffers) {
   const auto balanced = mem();
-  workload_.routing = Routing{RoutingKind::kZipf, 1.0, {}};
+  workload_.routing = Routing{RoutingKind::kZipf, 1.0, {}, {}};
   const auto skewed = mem();
   EXPECT_GT(skewed.activations.gpu, balanced.activations.gpu);
   EXPECT_NEAR(skewed.dispatch_buffers.gpu / balanced.dispatch_buffers.gpu, 1.44, 1e-12);
@@ -165,7 +165,7 @@ TEST_F(MemoryTest, SkewRaisesActivationsAndDispatchBuffers) {
 TEST_F(MemoryTest, CapacityFactorPadsDispatchBuffers) {
   const auto balanced = mem();
   plan_.capacity_factor = 1.25;
-  workload_.routing = Routing{RoutingKind::kZipf, 1.0, {}};
+  workload_.routing = Routing{RoutingKind::kZipf, 1.0, {}, {}};
   const auto padded = mem();
   EXPECT_NEAR(padded.dispatch_buffers.gpu / balanced.dispatch_buffers.gpu, 1.25, 1e-12);
   workload_.routing = Routing{};

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <map>
 
+#include "core/workload.h"
 #include "executor/cpu/mpi_communicator.h"
 #include "executor/moe_trainer.h"
 #include "tests/executor/mpi_test_main.h"
@@ -40,8 +41,9 @@ struct Case {
                         // all-to-all dispatch with sequence parallelism (`sp`)
   bool sp = false;
   Schedule schedule = Schedule::k1F1B;
-  int vp = 1;      // model chunks per stage (interleaved 1F1B)
-  int layers = 3;  // of the small model
+  int vp = 1;           // model chunks per stage (interleaved 1F1B)
+  int layers = 3;       // of the small model
+  bool skewed = false;  // the gate samples zipf(1.2) shares (the workload's routing)
 };
 
 void check(const Case& c) {
@@ -53,6 +55,8 @@ void check(const Case& c) {
   s.grad_bucket_bytes = c.bucket_bytes;
   s.capacity_factor = c.capacity_factor;
   s.lr = 5e-3f;
+  if (c.skewed)
+    s.routing_share = expert_load_fractions(Routing{RoutingKind::kZipf, 1.2, {}, {}}, 12, 1);
   const int steps = 3;
 
   // The reference: one process, every group of one rank.
@@ -145,6 +149,17 @@ TEST(DistributedTraining, ExpertParallelMatchesTheReference) {
 }
 TEST(DistributedTraining, ExpertParallelZero1MicroBatchesMatchTheReference) {
   check({g_mpi->world_size(), 1, 2, 4096});
+}
+TEST(DistributedTraining, SkewedRoutingFromTheWorkloadMatchesTheReference) {
+  Case skewed{g_mpi->world_size(), 1, 2, 1 << 20};
+  skewed.skewed = true;
+  check(skewed);
+  if (g_mpi->world_size() % 4 == 0) {  // and with sequence-parallel TP (tokens drawn per slice)
+    Case tp = skewed;
+    tp.tp = 2;
+    tp.sp = true;
+    check(tp);
+  }
 }
 TEST(DistributedTraining, CapacityDroppingMatchesTheReference) {
   check({g_mpi->world_size(), 1, 1, 1 << 20, /*capacity_factor=*/0.75});

@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "core/workload.h"
 #include "executor/moe_trainer.h"
 #include "tests/core/test_util.h"
 
@@ -80,6 +81,36 @@ void expect_gradients_match(double capacity_factor) {
 TEST(MoeTrainer, GradientsAreTheLossesDerivatives) { expect_gradients_match(0); }
 TEST(MoeTrainer, GradientsAreTheLossesDerivativesWithCapacityDropping) {
   expect_gradients_match(0.75);
+}
+
+// The workload's routing on the gate: with zipf shares the experts are picked in the proportions of
+// Gumbel-top-2 sampling from those shares (expert e is in a token's top 2 with probability
+// f_e + sum_{j != e} f_j f_e / (1 - f_j)), whatever the untrained router says; a run draws the
+// same choices again.
+TEST(MoeTrainer, TheGateSamplesTheWorkloadsRouting) {
+  const ModelSpec m = testing::bundled().load_model("tiny-moe");  // 8 experts, top 2, 4 layers
+  Workload w;
+  w.routing = Routing{RoutingKind::kZipf, 1.0, {}, {}};
+  const std::vector<double> f = expert_load_fractions(w.routing, 8, 1);  // the plain zipf shares
+  TrainSettings s;
+  s.global_batch = 8;
+  s.routing_share = f;
+  Single run(m, s);
+  const StepStats st = run.trainer->forward_backward(0);
+  const double routed = 8.0 * 128 * 2 * 4;
+  for (int e = 0; e < 8; ++e) {
+    double in_top2 = f[e];
+    for (int j = 0; j < 8; ++j)
+      if (j != e) in_top2 += f[j] * f[e] / (1 - f[j]);
+    EXPECT_NEAR(st.tokens_per_expert[e] / routed, in_top2 / 2, 0.015) << "expert " << e;
+  }
+  EXPECT_GT(st.tokens_per_expert[0], 2 * st.tokens_per_expert[7]);
+  Single again(m, s);
+  EXPECT_EQ(again.trainer->forward_backward(0).tokens_per_expert, st.tokens_per_expert);
+  // Without the workload's shares the untrained router decides: another histogram.
+  s.routing_share.clear();
+  Single router(m, s);
+  EXPECT_NE(router.trainer->forward_backward(0).tokens_per_expert, st.tokens_per_expert);
 }
 
 TEST(MoeTrainer, TrainingLowersTheLossOfARepeatedBatch) {

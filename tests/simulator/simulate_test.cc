@@ -266,7 +266,7 @@ TEST(Simulate, HotExpertShowsInStepTime) {
   const double uniform = simulate(m, cl, p, w, prof).step_time_s;
   std::vector<double> hist(32, 1.0);
   hist[0] = 2.0;
-  w.routing = Routing{RoutingKind::kHistogram, 0, hist};
+  w.routing = Routing{RoutingKind::kHistogram, 0, hist, {}};
   expect_valid(p, m, cl, w);
   const double hot = simulate(m, cl, p, w, prof).step_time_s;
   EXPECT_GT(hot, uniform * 1.05) << "uniform " << uniform << " s, hot expert " << hot << " s";
@@ -285,7 +285,7 @@ TEST(Simulate, EachLayerWaitsForItsOwnMostLoadedRank) {
   const CostProfile prof = default_cost_profile(cl);
   // Even layers send 3/4 of their rows to rank 0's experts (0-3), odd layers to rank 1's.
   const std::vector<double> even = {3, 3, 3, 3, 1, 1, 1, 1}, odd = {1, 1, 1, 1, 3, 3, 3, 3};
-  w.routing = Routing{RoutingKind::kHistogram, 0, std::vector<double>(8, 1.0)};
+  w.routing = Routing{RoutingKind::kHistogram, 0, std::vector<double>(8, 1.0), {}};
   expect_valid(p, m, cl, w);
   const Prediction whole = simulate(m, cl, p, w, prof);
   for (int l = 0; l < 8; ++l) w.routing.per_layer.push_back(l % 2 ? odd : even);
@@ -318,7 +318,7 @@ TEST(Simulate, ReplicatingHotExpertsRemovesTheStraggler) {
   const CostProfile prof = default_cost_profile(cl);
   Plan p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "zero_stage": 1})");
   const double balanced = simulate(m, cl, p, w, prof).step_time_s;
-  w.routing = Routing{RoutingKind::kZipf, 1.2, {}};
+  w.routing = Routing{RoutingKind::kZipf, 1.2, {}, {}};
   const double skewed = simulate(m, cl, p, w, prof).step_time_s;
   p.expert_replicas.kind = ExpertReplicas::Kind::kHot;
   p.expert_replicas.hot_experts = 4;
