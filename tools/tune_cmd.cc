@@ -704,8 +704,47 @@ int cmd_plans_export(const Common& common, Store& store, const std::string& ref,
   return 0;
 }
 
-int cmd_compare(Store& store, bool json) {
-  const auto rows = store.comparisons();
+// One stored run op by op: its op classes and its step-program ops, predicted beside measured.
+int compare_one_run(const Store::Comparison& c) {
+  std::cout << "run " << c.measurement_id << ": " << c.model << " on " << c.cluster << ", plan "
+            << c.plan_hash.substr(0, 12) << " (" << c.backend << ", " << c.steps << " steps)\n";
+  const auto secs = [](const Json& v) {
+    return v.is_number() ? fmt("%10.4f s", v.get<double>()) : std::string("         - ");
+  };
+  const auto error = [](const Json& p, const Json& m) {
+    return p.is_number() && m.is_number() && m.get<double>() > 0
+               ? fmt("%+7.0f%%", 100 * (p.get<double>() / m.get<double>() - 1))
+               : std::string("       ");
+  };
+  std::printf("  %-34s %12s %12s %8s\n", "step", "predicted", "measured", "error");
+  std::printf("  %-34s %s %s %s\n", "", secs(Json(c.predicted_step_s)).c_str(),
+              secs(Json(c.measured_step_s)).c_str(),
+              error(Json(c.predicted_step_s), Json(c.measured_step_s)).c_str());
+  if (c.details.contains("op_classes")) {
+    std::printf("  %-34s\n", "per op class (slowest rank)");
+    for (const auto& [name, v] : c.details["op_classes"].items())
+      std::printf("    %-32s %s %s %s\n", name.c_str(), secs(v["predicted_s"]).c_str(),
+                  secs(v["measured_s"]).c_str(), error(v["predicted_s"], v["measured_s"]).c_str());
+  }
+  if (c.details.contains("program_ops")) {
+    std::printf("  %-34s\n", "per step-program op (per step, slowest stage / rank)");
+    for (const auto& o : c.details["program_ops"])
+      std::printf("    %-32s %s %s %s\n",
+                  (o["phase"].get<std::string>() + " " + o["op"].get<std::string>()).c_str(),
+                  secs(o["predicted_s"]).c_str(), secs(o["measured_s"]).c_str(),
+                  error(o["predicted_s"], o["measured_s"]).c_str());
+  }
+  return 0;
+}
+
+int cmd_compare(Store& store, bool json, int64_t run) {
+  auto rows = store.comparisons();
+  if (run > 0) {
+    std::erase_if(rows, [run](const Store::Comparison& c) { return c.measurement_id != run; });
+    if (rows.empty())
+      throw ConfigError("--run", "no stored run " + std::to_string(run) + " (compare lists them)");
+    if (!json) return compare_one_run(rows.front());
+  }
   if (json) {
     Json out = Json::array();
     for (const auto& c : rows)
@@ -723,7 +762,9 @@ int cmd_compare(Store& store, bool json) {
                      {"measured_peak_gpu_bytes", c.measured_peak_gpu_bytes},
                      {"predicted_peak_gpu_bytes", c.predicted_peak_gpu_bytes},
                      {"op_classes",
-                      c.details.contains("op_classes") ? c.details["op_classes"] : Json(nullptr)}});
+                      c.details.contains("op_classes") ? c.details["op_classes"] : Json(nullptr)},
+                     {"program_ops", c.details.contains("program_ops") ? c.details["program_ops"]
+                                                                       : Json(nullptr)}});
     std::cout << out.dump(2) << "\n";
     return 0;
   }
@@ -828,15 +869,20 @@ std::function<int()> add_tune_commands(CLI::App& app, const Common& common) {
       "compare", "Predicted against measured step time (and peak memory) for the stored runs");
   auto compare_db = std::make_shared<std::string>("switchyard.db");
   auto compare_json = std::make_shared<bool>(false);
+  auto compare_run = std::make_shared<int64_t>(0);
   compare->add_option("--db", *compare_db, "Plan store (default ./switchyard.db)");
   compare->add_flag("--json", *compare_json, "Print as JSON");
+  compare
+      ->add_option("--run", *compare_run,
+                   "One stored run op by op: per op class and per step-program op")
+      ->check(CLI::PositiveNumber);
 
   return [=, &common]() -> int {
     if (*compare) {
       if (!std::filesystem::exists(*compare_db))
         throw ConfigError("--db", "no plan store at \"" + *compare_db + "\"");
       auto store = Store::open(*compare_db);
-      return cmd_compare(*store, *compare_json);
+      return cmd_compare(*store, *compare_json, *compare_run);
     }
     if (*tune) {
       for (const char* name : {"--cluster", "--nodes", "--gpus", "--workload", "--objective",

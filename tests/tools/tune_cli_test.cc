@@ -285,6 +285,14 @@ TEST_F(RunCliTest, FourRanksMatchTheReferenceAndTheMeasurementIsStored) {
   EXPECT_NEAR(rows[0]["predicted_step_s"].get<double>(), j["predicted_step_time_s"].get<double>(),
               1e-12);
   EXPECT_EQ(rows[0]["op_classes"], j["op_classes"]);
+  EXPECT_EQ(rows[0]["program_ops"], j["program_ops"]);
+  // One run op by op.
+  const Result one = sh(kCli + " compare --run " + std::to_string(j["measurement_id"].get<int>()) +
+                        " --db " + path("run.db"));
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  EXPECT_NE(one.output.find("per step-program op"), std::string::npos) << one.output;
+  EXPECT_NE(one.output.find("backward experts_fc1"), std::string::npos) << one.output;
+  EXPECT_EQ(sh(kCli + " compare --run 99 --db " + path("run.db") + " 2>&1").exit_code, 2);
 #endif
 }
 
