@@ -68,7 +68,8 @@ std::vector<ConfigIssue> trainer_unsupported(const ModelSpec& m, const Plan& p) 
   if (p.cp > 1) no("plan.cp", "context parallelism");
   if (p.expert_tp > 1) no("plan.expert_tp", "expert tensor parallelism");
   if (p.zero_stage > 1) no("plan.zero_stage", "ZeRO stages 0 and 1");
-  if (p.expert_replicas.kind != ExpertReplicas::Kind::kNone) no("plan.expert_replicas", "replicas");
+  if (p.expert_replicas.kind != ExpertReplicas::Kind::kNone && p.dispatch != Dispatch::kAllToAll)
+    no("plan.expert_replicas", "replicas with the flat all_to_all dispatch only");
   if (p.placement != Placement{} || p.prefetch.direction != PrefetchDirection::kNone)
     no("plan.placement", "every tensor class on the device tier");
   if (p.recompute != Recompute::kNone) no("plan.recompute", "no recompute");
@@ -82,6 +83,13 @@ struct MoeTrainer::Impl {
   TrainGroups g;
   int h = 0, heads = 0, head_dim = 0, vocab = 0, seq = 0, experts = 0, top_k = 0, f = 0, ffn = 0;
   int layers = 0, local_experts = 0, first_expert = 0;
+  // The experts of this rank's slots (local_experts of them; contiguous from first_expert unless
+  // the plan replicates hot experts). With replicas: every EP rank's slots, each expert's copies
+  // (EP ranks, home first), and per replicated expert this rank holds, the group of its copies.
+  std::vector<int> slot_expert;
+  std::vector<std::vector<int>> rank_slots, copies_of;
+  std::vector<std::pair<int, std::unique_ptr<Communicator>>> replica_groups;
+  bool replicated() const { return !rank_slots.empty(); }
   int layer_begin = 0, layer_end = 0;  // the layers forward() and backward() run: one chunk's
   // This stage's chunks (model chunks of the interleaved schedule; one otherwise): [begin, end).
   std::vector<std::pair<int, int>> chunks;
@@ -195,6 +203,9 @@ struct MoeTrainer::Impl {
     std::vector<int> rows_per_local;           // rows of each local expert
     std::vector<int> order;                    // source-major received row -> expert-major row
     int received = 0;
+    // With replicas: the permuted rows in the order they are sent (destination rank, then its
+    // slots; a replicated expert's rows dealt round-robin over its copies).
+    std::vector<int> send_index;
     // Hierarchical exchange: rows from intra-node peer i bound for node n (this rank's local
     // index), [L * N].
     std::vector<int64_t> hier_in;
@@ -215,15 +226,38 @@ struct MoeTrainer::Impl {
     }
     const int ep = g.ep->size();
     x.send_rows.assign(ep, 0);
-    std::vector<int64_t> send_per_expert(static_cast<size_t>(experts));
-    for (int e = 0; e < experts; ++e) {
-      send_per_expert[e] = r.rows_per_expert[e];
-      x.send_rows[e / local_experts] += r.rows_per_expert[e];
-    }
     x.recv_per_expert.assign(static_cast<size_t>(ep) * local_experts, 0);
-    std::vector<size_t> counts(ep, static_cast<size_t>(local_experts));
-    g.ep->all_to_allv(send_per_expert.data(), counts, x.recv_per_expert.data(), counts,
-                      DType::kInt64);
+    if (replicated()) {
+      std::vector<int> offset(static_cast<size_t>(experts) + 1, 0);
+      for (int e = 0; e < experts; ++e) offset[e + 1] = offset[e] + r.rows_per_expert[e];
+      std::vector<int64_t> send_per_slot;
+      std::vector<size_t> send_counts(ep), recv_counts(ep, static_cast<size_t>(local_experts));
+      for (int dst = 0; dst < ep; ++dst) {
+        send_counts[dst] = rank_slots[dst].size();
+        for (int e : rank_slots[dst]) {
+          const auto& copies = copies_of[e];
+          const int n = static_cast<int>(copies.size());
+          const int c =
+              static_cast<int>(std::find(copies.begin(), copies.end(), dst) - copies.begin());
+          int64_t rows = 0;
+          for (int i = c; i < r.rows_per_expert[e]; i += n, ++rows)
+            x.send_index.push_back(offset[e] + i);
+          send_per_slot.push_back(rows);
+          x.send_rows[dst] += static_cast<size_t>(rows);
+        }
+      }
+      g.ep->all_to_allv(send_per_slot.data(), send_counts, x.recv_per_expert.data(), recv_counts,
+                        DType::kInt64);
+    } else {
+      std::vector<int64_t> send_per_expert(static_cast<size_t>(experts));
+      for (int e = 0; e < experts; ++e) {
+        send_per_expert[e] = r.rows_per_expert[e];
+        x.send_rows[e / local_experts] += r.rows_per_expert[e];
+      }
+      std::vector<size_t> counts(ep, static_cast<size_t>(local_experts));
+      g.ep->all_to_allv(send_per_expert.data(), counts, x.recv_per_expert.data(), counts,
+                        DType::kInt64);
+    }
     x.recv_rows.assign(ep, 0);
     x.rows_per_local.assign(local_experts, 0);
     for (int src = 0; src < ep; ++src)
@@ -384,6 +418,14 @@ struct MoeTrainer::Impl {
       return recv;
     }
     Tensor tmp = alloc(static_cast<size_t>(x.received) * width, what);
+    Tensor ordered;  // replicas: the rows in their send order
+    if (!x.send_index.empty()) {
+      ordered = alloc(x.send_index.size() * width, what);
+      for (size_t i = 0; i < x.send_index.size(); ++i)
+        std::memcpy(ordered.p() + i * width, rows + static_cast<size_t>(x.send_index[i]) * width,
+                    sizeof(float) * width);
+      rows = ordered.p();
+    }
     if (hierarchical())
       hier_forward(x, rows, width, tmp.p());
     else
@@ -406,11 +448,19 @@ struct MoeTrainer::Impl {
     for (int i = 0; i < x.received; ++i)
       std::memcpy(tmp.p() + static_cast<size_t>(i) * width,
                   expert_rows + static_cast<size_t>(x.order[i]) * width, sizeof(float) * width);
-    if (hierarchical())
+    if (hierarchical()) {
       hier_reverse(x, tmp.p(), width, out);
-    else
+    } else if (!x.send_index.empty()) {  // replicas: back in send order, then to the rows' places
+      Tensor back = alloc(x.send_index.size() * width, "combine buffer");
+      g.ep->all_to_allv(tmp.p(), times(x.recv_rows, width), back.p(), times(x.send_rows, width),
+                        DType::kFloat32);
+      for (size_t i = 0; i < x.send_index.size(); ++i)
+        std::memcpy(out + static_cast<size_t>(x.send_index[i]) * width, back.p() + i * width,
+                    sizeof(float) * width);
+    } else {
       g.ep->all_to_allv(tmp.p(), times(x.recv_rows, width), out, times(x.send_rows, width),
                         DType::kFloat32);
+    }
   }
 
   // --- What a layer's forward keeps for its backward.
@@ -545,12 +595,12 @@ struct MoeTrainer::Impl {
         S.xin_e = dispatch(S.ex, perm.p(), h, "expert input");
         const int R = S.ex.received;
         for (int j = 0; j < local_experts; ++j)
-          tokens_per_expert[static_cast<size_t>(l) * experts + first_expert + j] +=
+          tokens_per_expert[static_cast<size_t>(l) * experts + slot_expert[j]] +=
               S.ex.rows_per_local[j];
         std::vector<const float*> w1, w2;
         for (int j = 0; j < local_experts; ++j) {
-          w1.push_back(P(E(l, first_expert + j, "w1")).v());
-          w2.push_back(P(E(l, first_expert + j, "w2")).v());
+          w1.push_back(P(E(l, slot_expert[j], "w1")).v());
+          w2.push_back(P(E(l, slot_expert[j], "w2")).v());
         }
         at("experts_fc1");
         S.gu = alloc(static_cast<size_t>(R) * 2 * f, "expert gate/up");
@@ -678,7 +728,7 @@ struct MoeTrainer::Impl {
         };
         at("experts_fc2");
         each_expert([&](int j, size_t row, int n) {
-          Parameter& w2 = P(E(l, first_expert + j, "w2"));
+          Parameter& w2 = P(E(l, slot_expert[j], "w2"));
           mm_backward(S.act.p() + row * f, w2.v(), dy_e.p() + row * h, n, f, h, dact.p() + row * f,
                       w2.g());
         });
@@ -689,7 +739,7 @@ struct MoeTrainer::Impl {
         });
         at("experts_fc1");
         each_expert([&](int j, size_t row, int n) {
-          Parameter& w1 = P(E(l, first_expert + j, "w1"));
+          Parameter& w1 = P(E(l, slot_expert[j], "w1"));
           mm_backward(S.xin_e.p() + row * h, w1.v(), dgu.p() + row * 2 * f, n, h, 2 * f,
                       dxin.p() + row * h, w1.g());
         });
@@ -1083,6 +1133,44 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
     const int ep_rank = I.ppmoe ? I.tp_rank : groups.ep->rank();
     I.local_experts = I.experts / ep_size;
     I.first_expert = ep_rank * I.local_experts;
+    for (int j = 0; j < I.local_experts; ++j) I.slot_expert.push_back(I.first_expert + j);
+    if (!s.rank_experts.empty()) {
+      // Elastic replicas (SE-MoE): the plan's placement, every EP rank's slots.
+      if (I.ppmoe || groups.ep_intra)
+        throw ConfigError("plan.expert_replicas",
+                          "the CPU runner replicates experts with the flat all_to_all only");
+      if (static_cast<int>(s.rank_experts.size()) != ep)
+        throw ConfigError("plan.expert_replicas",
+                          "the placement names " + std::to_string(s.rank_experts.size()) +
+                              " EP ranks, the EP group has " + std::to_string(ep));
+      I.rank_slots = s.rank_experts;
+      I.copies_of.assign(static_cast<size_t>(I.experts), {});
+      for (int r = 0; r < ep; ++r)
+        for (int e : I.rank_slots[r]) {
+          if (e < 0 || e >= I.experts)
+            throw ConfigError("plan.expert_replicas", "expert " + std::to_string(e));
+          auto& copies = I.copies_of[static_cast<size_t>(e)];
+          if (std::find(copies.begin(), copies.end(), r) != copies.end())
+            throw ConfigError("plan.expert_replicas", "two copies of expert " + std::to_string(e) +
+                                                          " on EP rank " + std::to_string(r));
+          copies.push_back(r);
+        }
+      for (int e = 0; e < I.experts; ++e)
+        if (I.copies_of[static_cast<size_t>(e)].empty())
+          throw ConfigError("plan.expert_replicas",
+                            "expert " + std::to_string(e) + " has no copy on any EP rank");
+      I.slot_expert = I.rank_slots[static_cast<size_t>(ep_rank)];
+      I.local_experts = static_cast<int>(I.slot_expert.size());
+      // One group per replicated expert: its copies (every EP rank takes part in each split).
+      for (int e = 0; e < I.experts; ++e) {
+        const auto& copies = I.copies_of[static_cast<size_t>(e)];
+        if (copies.size() < 2) continue;
+        const bool mine = std::find(copies.begin(), copies.end(), ep_rank) != copies.end();
+        auto group = groups.ep->split(mine ? 0 : 1 + ep_rank, ep_rank,
+                                      "replicas of expert " + std::to_string(e));
+        if (mine) I.replica_groups.emplace_back(e, std::move(group));
+      }
+    }
   }
   t->first_expert_ = I.first_expert;
   t->local_experts_ = I.local_experts;
@@ -1136,8 +1224,8 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
     if (m.is_moe_layer(l)) {
       add(Impl::L(l, "router"), h * static_cast<size_t>(I.experts), false);
       for (int j = 0; j < I.local_experts; ++j) {
-        add(Impl::E(l, I.first_expert + j, "w1"), h * 2 * static_cast<size_t>(I.f), true);
-        add(Impl::E(l, I.first_expert + j, "w2"), static_cast<size_t>(I.f) * h, true);
+        add(Impl::E(l, I.slot_expert[j], "w1"), h * 2 * static_cast<size_t>(I.f), true);
+        add(Impl::E(l, I.slot_expert[j], "w2"), static_cast<size_t>(I.f) * h, true);
       }
     } else {
       add(Impl::L(l, "w1"), h * 2 * fl, false,
@@ -1205,6 +1293,12 @@ StepStats MoeTrainer::step(int64_t step_index) {
       I.g.tp->all_reduce(params_[k].g(), params_[k].size, DType::kFloat32, ReduceOp::kSum);
     I.g.tp->all_reduce(&st.loss, 1, DType::kFloat64, ReduceOp::kSum);
   }
+  // Elastic replicas: each copy's gradient covers the rows dealt to it; the copies sum them and
+  // so stay identical.
+  for (auto& [e, group] : I.replica_groups)
+    for (Parameter& p : params_)
+      if (p.expert && p.name.find(".expert" + std::to_string(e) + ".") != std::string::npos)
+        group->all_reduce(p.g(), p.size, DType::kFloat32, ReduceOp::kSum);
   I.reduce_and_update(I.dense);
   if (!I.expert.members.empty()) I.reduce_and_update(I.expert);
   I.g.dp->all_reduce(&st.loss, 1, DType::kFloat64, ReduceOp::kSum);

@@ -51,6 +51,10 @@ struct TrainSettings {
   // (Gumbel-top-k) while the router still learns through the softmax; every layout of the same
   // run draws the same noise.
   std::vector<double> routing_share;
+  // Elastic expert replicas (SE-MoE): per EP rank, the experts of its slots (home experts first,
+  // then copies of hot ones; empty = experts / ep contiguous experts each). A replicated expert's
+  // rows are dealt round-robin over its copies, whose gradients are summed.
+  std::vector<std::vector<int>> rank_experts;
   double capacity_factor = 0;  // 0 = dropless; else per micro-batch and rank, as GShard's groups
   uint64_t seed = 1234;
   float init_std = 0.02f;  // weights ~ N(0, init_std^2); norm gains start at 1

@@ -8,6 +8,7 @@
 #include <optional>
 #include <thread>
 
+#include "core/expert_load.h"
 #include "core/validate.h"
 #include "cost_models/memory.h"
 #include "executor/moe_trainer.h"
@@ -159,6 +160,12 @@ int cmd_run(const Common& common, const RunFlags& f) {
   s.sequence_parallel = plan.sequence_parallel && plan.tp > 1;
   if (f.routing == "workload" && in.model.moe)
     s.routing_share = expert_load_fractions(in.workload, in.model);
+  // Elastic replicas: the placement the simulator assumes (hot experts by the workload's load).
+  if (plan.expert_replicas.kind != ExpertReplicas::Kind::kNone)
+    for (const RankExperts& rank : expert_rank_loads(in.model, plan, in.workload)) {
+      std::vector<int>& slots = s.rank_experts.emplace_back();
+      for (const ExpertCopy& copy : rank.copies) slots.push_back(copy.expert);
+    }
   if (plan.pp > 1) {
     s.stage_layers = resolve_stage_layers(plan, in.model);
     s.schedule = plan.schedule;
@@ -233,6 +240,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
       // Capacity applies per micro-batch: the reference then keeps the plan's micro-batches.
       if (s.capacity_factor <= 0) rs.micro_batch_size = 1;
       rs.zero_stage = 0;
+      rs.rank_experts.clear();  // every expert once, in the one process
       auto ref = MoeTrainer::create(in.model, rs, *ref_dev, {sdp.get(), sep.get(), sedp.get()});
       double loss_err = 0, param_err = 0;
       for (int i = 0; i < f.warmup + f.steps; ++i) {

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <map>
 
+#include "core/expert_load.h"
 #include "core/workload.h"
 #include "executor/cpu/mpi_communicator.h"
 #include "executor/moe_trainer.h"
@@ -41,9 +42,10 @@ struct Case {
                         // all-to-all dispatch with sequence parallelism (`sp`)
   bool sp = false;
   Schedule schedule = Schedule::k1F1B;
-  int vp = 1;           // model chunks per stage (interleaved 1F1B)
-  int layers = 3;       // of the small model
-  bool skewed = false;  // the gate samples zipf(1.2) shares (the workload's routing)
+  int vp = 1;            // model chunks per stage (interleaved 1F1B)
+  int layers = 3;        // of the small model
+  bool skewed = false;   // the gate samples zipf(1.2) shares (the workload's routing)
+  int hot_replicas = 0;  // > 0: the 2 hottest experts get this many copies (elastic replicas)
 };
 
 void check(const Case& c) {
@@ -55,8 +57,8 @@ void check(const Case& c) {
   s.grad_bucket_bytes = c.bucket_bytes;
   s.capacity_factor = c.capacity_factor;
   s.lr = 5e-3f;
-  if (c.skewed)
-    s.routing_share = expert_load_fractions(Routing{RoutingKind::kZipf, 1.2, {}, {}}, 12, 1);
+  const Routing zipf{RoutingKind::kZipf, 1.2, {}, {}};
+  if (c.skewed) s.routing_share = expert_load_fractions(zipf, 12, 1);
   const int steps = 3;
 
   // The reference: one process, every group of one rank.
@@ -101,9 +103,24 @@ void check(const Case& c) {
     groups.ep_intra = intra.get();
     groups.ep_inter = inter.get();
   }
+  if (c.hot_replicas > 0) {  // the simulator's placement of the copies
+    Plan plan;
+    plan.ep = c.ep;
+    plan.expert_replicas.kind = ExpertReplicas::Kind::kHot;
+    plan.expert_replicas.hot_experts = 2;
+    plan.expert_replicas.replicas = c.hot_replicas;
+    Workload w;
+    w.routing = zipf;
+    for (const RankExperts& rank : expert_rank_loads(m, plan, w)) {
+      std::vector<int>& slots = s.rank_experts.emplace_back();
+      for (const ExpertCopy& copy : rank.copies) slots.push_back(copy.expert);
+    }
+  }
   auto dev = cpu_device({});
   auto run = MoeTrainer::create(m, s, *dev, groups);
-  EXPECT_EQ(run->local_experts(), 12 / (ppmoe ? c.tp : c.ep));
+  if (c.hot_replicas == 0) {
+    EXPECT_EQ(run->local_experts(), 12 / (ppmoe ? c.tp : c.ep));
+  }
   // Which layers this stage holds: virtual stages (chunk c, stage t) run chunk-major, each with
   // stage_layers[t] / vp layers (interleaving: stage 0 holds layers 0 and 2 of 4).
   if (c.pp > 1) {
@@ -135,6 +152,25 @@ void check(const Case& c) {
   const double worst = err.relative;
   const std::string& worst_name = err.worst;
   EXPECT_LE(worst, 1e-4) << worst_name;
+  // Copies of a replicated expert hold the same values on every rank that has one.
+  if (c.hot_replicas > 0) {
+    for (int e = 0; e < 2; ++e) {
+      double mine = 0;
+      bool held = false;
+      for (const Parameter& p : run->parameters())
+        if (p.name.find(".expert" + std::to_string(e) + ".") != std::string::npos) {
+          held = true;
+          for (size_t i = 0; i < p.size; ++i) mine += p.v()[i] * (1.0 + 1e-3 * (i % 7));
+        }
+      double copies = held ? 1.0 : 0.0;
+      double lo = held ? mine : 1e300, hi = held ? mine : -1e300;
+      world->all_reduce(&copies, 1, DType::kFloat64, ReduceOp::kSum);
+      world->all_reduce(&lo, 1, DType::kFloat64, ReduceOp::kMin);
+      world->all_reduce(&hi, 1, DType::kFloat64, ReduceOp::kMax);
+      EXPECT_GE(copies, 2.0) << "expert " << e;
+      EXPECT_EQ(lo, hi) << "copies of expert " << e << " differ";
+    }
+  }
   // All ranks hold the same replicated parameters (and every expert lives somewhere).
   double all_worst = worst;
   world->all_reduce(&all_worst, 1, DType::kFloat64, ReduceOp::kMax);
@@ -160,6 +196,19 @@ TEST(DistributedTraining, SkewedRoutingFromTheWorkloadMatchesTheReference) {
     tp.sp = true;
     check(tp);
   }
+}
+TEST(DistributedTraining, ElasticReplicasMatchTheReferenceAndStayIdentical) {
+  // Zipf-skewed routing; the 2 hottest experts get 2 copies on the least loaded EP ranks, their
+  // rows dealt over the copies, the copies' gradients summed (ZeRO 0 and 1, dropping too).
+  Case replicas{g_mpi->world_size(), 0, 1, 1 << 20};
+  replicas.skewed = true;
+  replicas.hot_replicas = 2;
+  check(replicas);
+  Case zero1 = replicas;
+  zero1.zero = 1;
+  zero1.micro_batch_size = 2;
+  zero1.capacity_factor = 1.5;
+  check(zero1);
 }
 TEST(DistributedTraining, CapacityDroppingMatchesTheReference) {
   check({g_mpi->world_size(), 1, 1, 1 << 20, /*capacity_factor=*/0.75});
