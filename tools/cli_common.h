@@ -4,7 +4,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <optional>
 #include <string>
@@ -32,6 +34,29 @@ inline std::string billions(double n) { return fmt("%.3f B", n / 1e9); }
 
 inline void print_issues(const std::vector<sy::ConfigIssue>& issues) {
   for (const auto& issue : issues) std::cerr << "  " << issue.to_string() << "\n";
+}
+
+// A failure before a distributed command's work starts. Under mpirun the first rank to exit
+// non-zero makes mpirun end the others, so rank 0 reports `failure` (as main() would) and every
+// rank leaves only after it has: all pass `barrier`, then return the exit code (2 for bad input).
+inline int report_on_rank0(std::exception_ptr failure, bool rank0,
+                           const std::function<void()>& barrier) {
+  int code = kExitBadInput;
+  if (rank0) {
+    try {
+      std::rethrow_exception(failure);
+    } catch (const sy::ConfigError& e) {
+      std::cerr << "error: " << e.issues().size() << " problem"
+                << (e.issues().size() > 1 ? "s" : "") << " in the input\n";
+      print_issues(e.issues());
+    } catch (const std::exception& e) {
+      std::cerr << "error: " << e.what() << "\n";
+      code = 1;
+    }
+    std::cerr.flush();
+  }
+  barrier();
+  return code;
 }
 
 inline std::string plan_summary(const sy::Plan& p) {

@@ -91,6 +91,8 @@ bool MpiTune::all_ok(bool ok) {
   return all == 1;
 }
 
+void MpiTune::barrier() { MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD)); }
+
 std::string MpiTune::share(std::string text) {
   int64_t n = static_cast<int64_t>(text.size());
   MPI_CHECK(MPI_Bcast(&n, 1, MPI_INT64_T, 0, MPI_COMM_WORLD));
@@ -164,6 +166,7 @@ int MpiTune::default_threads() const { return 0; }
 std::string MpiTune::share(std::string text) { return text; }
 void MpiTune::abort(int code) { std::_Exit(code); }
 bool MpiTune::all_ok(bool ok) { return ok; }
+void MpiTune::barrier() {}
 void MpiTune::cancel() {}
 SweepFn MpiTune::coordinator_sweep(const SearchSpace&, int) { return {}; }
 bool MpiTune::work(const SearchSpace&, int) { return false; }

@@ -33,6 +33,8 @@ class MpiTune {
   // Every rank: true when all ranks got this far without an error (an error on any rank makes
   // every rank stop, so no rank waits on another forever).
   bool all_ok(bool ok);
+  // Every rank: returns when all ranks have called it.
+  void barrier();
   // Rank 0: the sweep run_search() uses (hands units out, receives results).
   SweepFn coordinator_sweep(const SearchSpace& space, int threads);
   // Rank 0, when it fails before its sweep starts: releases the waiting workers.

@@ -110,10 +110,9 @@ int cmd_run(const Common& common, const RunFlags& f) {
   } catch (const ConfigError& e) {
     issues = e.issues();
   }
-  if (!issues.empty()) {
-    if (ranks.rank == 0) throw ConfigError(std::move(issues));
-    return kExitBadInput;
-  }
+  if (!issues.empty())
+    return report_on_rank0(std::make_exception_ptr(ConfigError(std::move(issues))), ranks.rank == 0,
+                           [&] { ranks.world->barrier(); });
 
   const Plan& plan = in.plan;
   const ClusterSpec& c = in.cluster;

@@ -313,10 +313,7 @@ int cmd_tune(const Common& common, TuneFlags f) {
   }
   if (mpi) {
     const std::string shared = mpi->share(failure ? std::string() : f.req.to_json().dump());
-    if (shared.empty()) {
-      if (worker) return kExitBadInput;  // rank 0 reports it
-      std::rethrow_exception(failure);
-    }
+    if (shared.empty()) return report_on_rank0(failure, !worker, [&] { mpi->barrier(); });
     if (worker) f.req = TuneRequest::from_json(Json::parse(shared));
   } else if (failure) {
     std::rethrow_exception(failure);
@@ -331,11 +328,12 @@ int cmd_tune(const Common& common, TuneFlags f) {
   } catch (...) {
     failure = std::current_exception();
   }
-  if (mpi && !mpi->all_ok(!failure)) {
-    if (worker) return kExitBadInput;
-    if (failure) std::rethrow_exception(failure);
-    throw std::runtime_error("another rank could not load the inputs (see its message)");
-  }
+  if (mpi && !mpi->all_ok(!failure))
+    return report_on_rank0(
+        failure
+            ? failure
+            : std::make_exception_ptr(std::runtime_error("another rank could not load the inputs")),
+        !worker, [&] { mpi->barrier(); });
   if (failure) std::rethrow_exception(failure);
   if (worker) return mpi->work(*space, f.threads) ? 0 : kExitBadInput;
 
