@@ -41,12 +41,19 @@ std::vector<RankExperts> expert_rank_loads(const ModelSpec& m, const Plan& plan,
   }
   std::stable_sort(extras.begin(), extras.end(),
                    [](const ExpertCopy& a, const ExpertCopy& b) { return a.share > b.share; });
+  // Each extra copy to the least loaded rank that does not hold that expert yet (a second copy
+  // on the same rank would split nothing).
   for (const ExpertCopy& copy : extras) {
-    auto it = std::min_element(
-        ranks.begin(), ranks.end(),
-        [](const RankExperts& a, const RankExperts& b) { return a.share < b.share; });
-    it->copies.push_back(copy);
-    it->share += copy.share;
+    const auto holds = [&copy](const RankExperts& r) {
+      return std::any_of(r.copies.begin(), r.copies.end(),
+                         [&copy](const ExpertCopy& c) { return c.expert == copy.expert; });
+    };
+    RankExperts* best = nullptr;
+    for (RankExperts& r : ranks)
+      if (!holds(r) && (!best || r.share < best->share)) best = &r;
+    if (!best) continue;  // more copies than ranks: every rank has one
+    best->copies.push_back(copy);
+    best->share += copy.share;
   }
   if (moe_layer >= 0 && w.routing.kind == RoutingKind::kHistogram && !w.routing.per_layer.empty()) {
     const std::vector<double> layer = expert_load_fractions(w, m, moe_layer);

@@ -857,7 +857,28 @@ std::vector<std::vector<std::pair<int, int>>> chunk_ranges(const ModelSpec& m, c
 LayerKindsProgram lower_layer_kinds(const ModelSpec& m, const ClusterSpec& /*cluster*/,
                                     const Plan& p, const Workload& w) {
   LayerKindsProgram out;
-  const Dims d = make_dims(m, p, w);
+  Dims d = make_dims(m, p, w);
+  // Per-layer routing: the representative MoE layer gets the mean over the MoE layers of each
+  // layer's most loaded rank's rows (as many MoE layers as there are, each waiting for its own
+  // hottest rank); copies counted differently across layers fall back to the step's histogram.
+  if (!d.layer_expert_rows.empty()) {
+    std::vector<double> sum;
+    int layers = 0;
+    bool same = true;
+    for (const auto& rows : d.layer_expert_rows) {
+      if (rows.empty()) continue;
+      if (sum.empty()) sum.assign(rows.size(), 0.0);
+      same = same && rows.size() == sum.size();
+      if (!same) break;
+      for (size_t i = 0; i < rows.size(); ++i) sum[i] += static_cast<double>(rows[i]);
+      ++layers;
+    }
+    if (same && layers > 0) {
+      d.expert_rows.clear();
+      for (double x : sum) d.expert_rows.push_back(std::llround(x / layers));
+    }
+    d.layer_expert_rows.clear();
+  }
   for (int l = 0; l < m.num_layers; ++l) {
     int& slot = m.is_moe_layer(l) ? out.moe_layer : out.dense_layer;
     if (slot < 0) slot = l;

@@ -162,7 +162,11 @@ struct MoeTrainer::Impl {
   // first_token + rows) (see TrainSettings::routing_share).
   void bias_gate(float* logits, int rows, int64_t step, int64_t first_sequence, size_t first_token,
                  int layer) {
-    if (log_share.empty()) return;
+    const std::vector<double>& logs = static_cast<size_t>(layer) < log_layer_share.size() &&
+                                              !log_layer_share[static_cast<size_t>(layer)].empty()
+                                          ? log_layer_share[static_cast<size_t>(layer)]
+                                          : log_share;
+    if (logs.empty()) return;
     const size_t sl = static_cast<size_t>(seq);
     for (int t = 0; t < rows; ++t) {
       const size_t g = first_token + static_cast<size_t>(t);
@@ -173,11 +177,12 @@ struct MoeTrainer::Impl {
       for (int e = 0; e < experts; ++e) {
         const double u = uniform01(splitmix64(key + static_cast<uint64_t>(e)));
         logits[static_cast<size_t>(t) * experts + e] +=
-            static_cast<float>(log_share[static_cast<size_t>(e)] - std::log(-std::log(u)));
+            static_cast<float>(logs[static_cast<size_t>(e)] - std::log(-std::log(u)));
       }
     }
   }
-  std::vector<double> log_share;  // log of TrainSettings::routing_share
+  std::vector<double> log_share;                     // log of TrainSettings::routing_share
+  std::vector<std::vector<double>> log_layer_share;  // of routing_layer_share
 
   int token(int64_t step, int64_t sequence, int position) const {
     const uint64_t x = splitmix64(s.seed * 0x9e3779b97f4a7c15ull ^ splitmix64(step) ^
@@ -1085,6 +1090,14 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
                                                 " experts");
     for (double x : s.routing_share) I.log_share.push_back(std::log(std::max(x, 1e-30)));
   }
+  for (const auto& shares : s.routing_layer_share) {
+    if (!shares.empty() && static_cast<int64_t>(shares.size()) != experts)
+      throw ConfigError("workload.routing.per_layer",
+                        "a layer has " + std::to_string(shares.size()) + " expert shares for " +
+                            std::to_string(experts) + " experts");
+    auto& logs = I.log_layer_share.emplace_back();
+    for (double x : shares) logs.push_back(std::log(std::max(x, 1e-30)));
+  }
   I.heads_local = I.heads / I.tp;
   I.h_local = I.heads_local * I.head_dim;
   if (groups.pp && groups.pp->size() > 1) {
@@ -1103,9 +1116,14 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
                                          std::to_string(st) + "'s " +
                                          std::to_string(s.stage_layers[static_cast<size_t>(st)]) +
                                          " layers");
+    const int64_t micro_batches =
+        s.global_batch / groups.dp->size() / std::max(s.micro_batch_size, 1);
+    if (vp > 1 && micro_batches % stages != 0)
+      throw ConfigError("plan.schedule", "interleaved 1F1B needs the micro-batches per step (" +
+                                             std::to_string(micro_batches) +
+                                             ") to be a multiple of pp " + std::to_string(stages));
     // Tags: 2 per (chunk, micro-batch), at most 32767.
-    const int64_t units = static_cast<int64_t>(vp) * (s.global_batch / groups.dp->size()) /
-                          std::max(s.micro_batch_size, 1);
+    const int64_t units = static_cast<int64_t>(vp) * micro_batches;
     if (2 * units > 32767)
       throw ConfigError("plan.vp",
                         "the CPU runner's pipeline tags hold up to 16383 chunk x "

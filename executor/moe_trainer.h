@@ -51,6 +51,9 @@ struct TrainSettings {
   // (Gumbel-top-k) while the router still learns through the softmax; every layout of the same
   // run draws the same noise.
   std::vector<double> routing_share;
+  // The same per model layer when the workload routes each MoE layer its own way (an empty entry,
+  // or none: routing_share).
+  std::vector<std::vector<double>> routing_layer_share;
   // Elastic expert replicas (SE-MoE): per EP rank, the experts of its slots (home experts first,
   // then copies of hot ones; empty = experts / ep contiguous experts each). A replicated expert's
   // rows are dealt round-robin over its copies, whose gradients are summed.

@@ -157,8 +157,17 @@ int cmd_run(const Common& common, const RunFlags& f) {
   s.grad_bucket_bytes = plan.grad_bucket_bytes;
   s.capacity_factor = plan.capacity_factor.value_or(0.0);
   s.sequence_parallel = plan.sequence_parallel && plan.tp > 1;
-  if (f.routing == "workload" && in.model.moe)
+  if (f.routing == "workload" && in.model.moe) {
     s.routing_share = expert_load_fractions(in.workload, in.model);
+    if (!in.workload.routing.per_layer.empty()) {  // each MoE layer its own shares
+      s.routing_layer_share.resize(static_cast<size_t>(in.model.num_layers));
+      int moe_layer = 0;
+      for (int64_t l = 0; l < in.model.num_layers; ++l)
+        if (in.model.is_moe_layer(l))
+          s.routing_layer_share[static_cast<size_t>(l)] =
+              expert_load_fractions(in.workload, in.model, moe_layer++);
+    }
+  }
   // Elastic replicas: the placement the simulator assumes (hot experts by the workload's load).
   if (plan.expert_replicas.kind != ExpertReplicas::Kind::kNone)
     for (const RankExperts& rank : expert_rank_loads(in.model, plan, in.workload)) {
@@ -333,6 +342,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
     routed.routing.kind = RoutingKind::kHistogram;
     routed.routing.tokens_per_expert.assign(tokens_per_expert.begin(), tokens_per_expert.end());
     const size_t experts = tokens_per_expert.size();
+    routed.routing.per_layer.clear();  // the measured ones replace any the workload gave
     for (int64_t l = 0; l < in.model.num_layers; ++l) {
       if (!in.model.is_moe_layer(l)) continue;
       const auto first = tokens_per_layer_expert.begin() + static_cast<std::ptrdiff_t>(l * experts);

@@ -4,6 +4,7 @@
 
 #include <numeric>
 
+#include "core/expert_load.h"
 #include "tests/core/test_util.h"
 
 namespace switchyard {
@@ -18,7 +19,7 @@ TEST(ExpertLoad, UniformSpreadsEvenly) {
 }
 
 TEST(ExpertLoad, ZipfByHand) {
-  Routing r{RoutingKind::kZipf, 1.0, {}};
+  Routing r{RoutingKind::kZipf, 1.0, {}, {}};
   // Weights 1, 1/2, 1/3, 1/4 sum to 25/12.
   auto f = expert_load_fractions(r, 4, 1);
   EXPECT_NEAR(f[0], 12.0 / 25, 1e-12);
@@ -30,7 +31,7 @@ TEST(ExpertLoad, ZipfByHand) {
 // With top-2 routing no expert can see more than half of the assignments: the excess of expert 0
 // under zipf(2) is spread over the others in proportion to their weights.
 TEST(ExpertLoad, CapsAtOneOverTopK) {
-  Routing r{RoutingKind::kZipf, 2.0, {}};
+  Routing r{RoutingKind::kZipf, 2.0, {}, {}};
   auto f = expert_load_fractions(r, 4, 2);
   EXPECT_DOUBLE_EQ(f[0], 0.5);
   const double rest = 0.25 + 1.0 / 9 + 1.0 / 16;
@@ -40,7 +41,7 @@ TEST(ExpertLoad, CapsAtOneOverTopK) {
 }
 
 TEST(ExpertLoad, HistogramIsNormalised) {
-  Routing r{RoutingKind::kHistogram, 0, {3, 1, 0, 0}};
+  Routing r{RoutingKind::kHistogram, 0, {3, 1, 0, 0}, {}};
   auto f = expert_load_fractions(r, 4, 1);
   EXPECT_DOUBLE_EQ(f[0], 0.75);
   EXPECT_DOUBLE_EQ(f[1], 0.25);
@@ -97,6 +98,24 @@ TEST(ExpertLoad, PerLayerHistograms) {
               std::string::npos)
         << all;
   }
+}
+
+// Elastic replicas: an extra copy goes to the least loaded rank that does not hold the expert yet,
+// even when the expert's home rank is the least loaded one (a second copy there splits nothing).
+TEST(ExpertLoad, ReplicasGoToRanksWithoutTheExpert) {
+  const ModelSpec m = parse_model(testing::tiny_model_json());  // 4 experts, top 2
+  Plan p;
+  p.ep = 2;
+  p.expert_replicas.kind = ExpertReplicas::Kind::kHot;
+  p.expert_replicas.hot_experts = 1;
+  p.expert_replicas.replicas = 2;
+  Workload w;  // uniform: the "hottest" expert is expert 0, whose home rank is then the lighter
+  const auto ranks = expert_rank_loads(m, p, w);
+  ASSERT_EQ(ranks.size(), 2u);
+  ASSERT_EQ(ranks[0].copies.size(), 2u);
+  ASSERT_EQ(ranks[1].copies.size(), 3u);
+  EXPECT_EQ(ranks[1].copies.back().expert, 0);
+  EXPECT_NEAR(ranks[0].share + ranks[1].share, 1.0, 1e-12);
 }
 
 TEST(WorkloadSpec, RejectsBadInput) {

@@ -3,6 +3,7 @@
 // router, experts, dense FFN, head), and training lowers the loss of a batch it sees again.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/workload.h"
@@ -107,6 +108,19 @@ TEST(MoeTrainer, TheGateSamplesTheWorkloadsRouting) {
   EXPECT_GT(st.tokens_per_expert[0], 2 * st.tokens_per_expert[7]);
   Single again(m, s);
   EXPECT_EQ(again.trainer->forward_backward(0).tokens_per_expert, st.tokens_per_expert);
+  // Per-layer shares: each layer samples its own (layer l favours expert 2l).
+  s.routing_layer_share.assign(4, {});
+  for (int l = 0; l < 4; ++l) {
+    s.routing_layer_share[l].assign(8, 1.0);
+    s.routing_layer_share[l][2 * l] = 20.0;
+  }
+  Single layered(m, s);
+  const StepStats ls = layered.trainer->forward_backward(0);
+  for (int l = 0; l < 4; ++l) {
+    const auto first = ls.tokens_per_layer_expert.begin() + 8 * l;
+    EXPECT_EQ(std::max_element(first, first + 8) - first, 2 * l) << "layer " << l;
+  }
+  s.routing_layer_share.clear();
   // Without the workload's shares the untrained router decides: another histogram.
   s.routing_share.clear();
   Single router(m, s);

@@ -303,6 +303,14 @@ TEST(Simulate, EachLayerWaitsForItsOwnMostLoadedRank) {
   EXPECT_NEAR(rows_b / rows_a, 1.5, 0.01);
   EXPECT_GT(estimate(m, cl, p, w, prof).step_time_s,
             estimate(m, cl, p, train(16, 2048), prof).step_time_s * 1.05);
+  // The closed form prices the MoE layers by their mean hot rank, as the event simulation does
+  // (also when the first MoE layer, its representative, is the balanced one).
+  Workload mixed = w;
+  mixed.routing.per_layer[0] = std::vector<double>(8, 1.0);
+  const double mixed_sim = simulate(m, cl, p, mixed, prof).step_time_s;
+  EXPECT_NEAR(estimate(m, cl, p, mixed, prof).step_time_s, mixed_sim, 0.10 * mixed_sim);
+  EXPECT_NEAR(estimate(m, cl, p, w, prof).step_time_s, layered.step_time_s,
+              0.10 * layered.step_time_s);
   // Per-layer histograms equal to the step's change nothing.
   for (auto& h : w.routing.per_layer) h = std::vector<double>(8, 1.0);
   EXPECT_NEAR(simulate(m, cl, p, w, prof).step_time_s, whole.step_time_s, 1e-9 * whole.step_time_s);
