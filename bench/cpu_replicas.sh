@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Elastic expert replicas measured against predicted on this machine: calibrate the CPU backend on
+# 2 ranks (one per core), then run tiny-moe dp2 ep2 on a zipf(1.2)-skewed workload (the gate
+# samples the experts in those proportions) without and with 2 copies of the 2 hottest experts,
+# alternating the two plans 3 times each. Prints JSON: each run's measured median step time, the
+# prediction for the workload and the one given the routing measured, and the speedup of
+# replication measured and predicted. Asserts nothing.
+#
+#   bench/cpu_replicas.sh [BUILD_DIR]
+set -euo pipefail
+build=${1:-$(cd "$(dirname "$0")/.." && pwd)/build}
+sy="$build/tools/switchyard"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+mpi="mpiexec -n 2"
+$mpi "$sy" calibrate --gpus 2 --out "$work/profile.json" --no-db > /dev/null
+cat > "$work/zipf.json" <<'JSON'
+{"schema_version": 1, "name": "tiny-train-zipf", "mode": "train", "global_batch_size": 8,
+ "seq_len": 128, "precision": "fp32", "routing": {"kind": "zipf", "exponent": 1.2}}
+JSON
+cat > "$work/plain.json" <<'JSON'
+{"schema_version": 1, "name": "dp2-ep2", "dp": 2, "ep": 2, "zero_stage": 1, "dispatch": "all_to_all"}
+JSON
+cat > "$work/replicas.json" <<'JSON'
+{"schema_version": 1, "name": "dp2-ep2-2hot-x2", "dp": 2, "ep": 2, "zero_stage": 1,
+ "dispatch": "all_to_all", "expert_replicas": {"hot_experts": 2, "replicas": 2}}
+JSON
+for i in 1 2 3; do
+  for p in plain replicas; do
+    $mpi "$sy" run --model tiny-moe --cluster local-cpu --gpus 2 --workload "$work/zipf.json" \
+      --plan "$work/$p.json" --steps 7 --warmup 1 --profile "$work/profile.json" --no-db \
+      --json > "$work/$p-$i.json"
+  done
+done
+python3 - "$work" <<'PY'
+import glob, json, os, statistics, sys
+work = sys.argv[1]
+out = {}
+for p in ("plain", "replicas"):
+    runs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(work, p + "-*.json")))]
+    out[p] = {
+        "plan": runs[0]["plan"]["name"],
+        "measured_step_s": [r["median_step_time_s"] for r in runs],
+        "predicted_step_s": runs[0]["predicted_step_time_s"],
+        "predicted_with_measured_routing_s":
+            [r["predicted_step_time_with_measured_routing_s"] for r in runs],
+        "tokens_per_expert": runs[0]["tokens_per_expert"],
+    }
+m = {p: statistics.median(out[p]["measured_step_s"]) for p in out}
+out["speedup_measured"] = m["plain"] / m["replicas"]
+out["speedup_predicted"] = out["plain"]["predicted_step_s"] / out["replicas"]["predicted_step_s"]
+print(json.dumps(out, indent=2))
+PY
