@@ -339,6 +339,12 @@ void append_backward(const std::vector<OpTemplate>& fwd, std::vector<OpTemplate>
         break;
       case OpKind::kCollective:
         if (it->name.substr(0, 5) == "zero3") break;
+        // Megatron's vocab-parallel embedding sums its partial rows with an all-reduce whose
+        // backward is the identity, and the vocab-parallel loss's reductions have no backward
+        // communication (each rank's logits get their gradient locally).
+        if ((it->name == "embedding_all_reduce" || it->name == "loss_all_reduce") &&
+            !it->allocates && !it->frees)
+          continue;
         if (it->collective == Collective::kAllGather)
           op.collective = Collective::kReduceScatter;
         else if (it->collective == Collective::kReduceScatter)

@@ -82,6 +82,8 @@ struct MoeTrainer::Impl {
   Device& dev;
   TrainGroups g;
   int h = 0, heads = 0, head_dim = 0, vocab = 0, seq = 0, experts = 0, top_k = 0, f = 0, ffn = 0;
+  // Megatron's vocab-parallel embedding and LM head under TP: this rank's rows of the vocabulary.
+  int vocab_local = 0, vocab_first = 0;
   int layers = 0, local_experts = 0, first_expert = 0;
   // The experts of this rank's slots (local_experts of them; contiguous from first_expert unless
   // the plan replicates hot experts). With replicas: every EP rank's slots, each expert's copies
@@ -513,6 +515,45 @@ struct MoeTrainer::Impl {
     return mb;
   }
 
+  // Megatron's vocab-parallel cross-entropy over `rows` tokens whose logits of this rank's
+  // vocabulary rows are [rows, vocab_local]: the max, the sum of exponentials and the target's
+  // logit are combined over TP (the program's loss_all_reduce). Returns the sum of the rows'
+  // losses (the same on every TP rank) and overwrites the logits with d(grad_scale *
+  // loss)/d(logit).
+  double vocab_parallel_cross_entropy(float* logits, const int* labels, int rows,
+                                      float grad_scale) {
+    std::vector<double> mx(static_cast<size_t>(rows)), se_z(2 * static_cast<size_t>(rows), 0.0);
+    for (int t = 0; t < rows; ++t) {
+      const float* l = logits + static_cast<size_t>(t) * vocab_local;
+      mx[t] = *std::max_element(l, l + vocab_local);
+    }
+    std::optional<ProgramOp> op(std::in_place, "loss_all_reduce", OpPhase::kForward);
+    g.tp->all_reduce(mx.data(), mx.size(), DType::kFloat64, ReduceOp::kMax);
+    op.emplace("loss", OpPhase::kForward);
+    for (int t = 0; t < rows; ++t) {
+      const float* l = logits + static_cast<size_t>(t) * vocab_local;
+      double sum = 0;
+      for (int j = 0; j < vocab_local; ++j) sum += std::exp(double{l[j]} - mx[t]);
+      se_z[2 * t] = sum;
+      const int target = labels[t] - vocab_first;
+      if (target >= 0 && target < vocab_local) se_z[2 * t + 1] = l[target];
+    }
+    op.emplace("loss_all_reduce", OpPhase::kForward);
+    g.tp->all_reduce(se_z.data(), se_z.size(), DType::kFloat64, ReduceOp::kSum);
+    op.emplace("loss", OpPhase::kForward);
+    double loss = 0;
+    for (int t = 0; t < rows; ++t) {
+      float* l = logits + static_cast<size_t>(t) * vocab_local;
+      const double sum = se_z[2 * t];
+      loss += std::log(sum) + mx[t] - se_z[2 * t + 1];
+      const int target = labels[t] - vocab_first;
+      for (int j = 0; j < vocab_local; ++j)
+        l[j] = static_cast<float>((std::exp(double{l[j]} - mx[t]) / sum - (j == target ? 1 : 0)) *
+                                  grad_scale);
+    }
+    return loss;
+  }
+
   // This stage's layers (and the embedding on the first stage). On the last stage the head, the
   // loss and the gradient at the stage's output follow; elsewhere mb.x is the output.
   void forward(MicroBatch& mb, double loss_scale, std::vector<int64_t>& tokens_per_expert) {
@@ -530,11 +571,32 @@ struct MoeTrainer::Impl {
     Tensor x;
     if (first_stage()) {
       at("embedding");
-      x = alloc(static_cast<size_t>(Tl) * h, "hidden states");
       const float* emb = P("embed").v();
-      for (int i = 0; i < Tl; ++i)
-        std::memcpy(x.p() + static_cast<size_t>(i) * h, emb + static_cast<size_t>(tok[i]) * h,
-                    sizeof(float) * h);
+      if (tp > 1) {
+        // Vocab-parallel: this rank's rows for the micro-batch's tokens it owns, zeros elsewhere;
+        // the partial sums combine over TP (reduce-scattered into the SP slices).
+        Tensor partial = alloc(static_cast<size_t>(T) * h, "embedding (partial)");
+        std::memset(partial.p(), 0, sizeof(float) * T * h);
+        for (int i = 0; i < T; ++i) {
+          const int row = mb.tok[static_cast<size_t>(i)] - vocab_first;
+          if (row >= 0 && row < vocab_local)
+            std::memcpy(partial.p() + static_cast<size_t>(i) * h,
+                        emb + static_cast<size_t>(row) * h, sizeof(float) * h);
+        }
+        if (sp) {
+          at("embedding_reduce_scatter");
+          x = tp_scatter(partial.p(), T, h, "hidden states");
+        } else {
+          at("embedding_all_reduce");
+          tp_sum(partial.p(), static_cast<size_t>(T) * h);
+          x = std::move(partial);
+        }
+      } else {
+        x = alloc(static_cast<size_t>(Tl) * h, "hidden states");
+        for (int i = 0; i < Tl; ++i)
+          std::memcpy(x.p() + static_cast<size_t>(i) * h, emb + static_cast<size_t>(tok[i]) * h,
+                      sizeof(float) * h);
+      }
     } else {
       x = std::move(mb.x);  // received from the previous stage
     }
@@ -661,17 +723,44 @@ struct MoeTrainer::Impl {
     at("final_norm");
     Tensor xf = alloc(static_cast<size_t>(Tl) * h, "final norm");
     dev.rmsnorm(x.p(), P("final_norm").v(), Tl, h, eps, xf.p());
-    at("lm_head");
-    Tensor logits = alloc(static_cast<size_t>(Tl) * vocab, "logits");
-    mm(xf.p(), P("head").v(), Tl, h, vocab, logits.p());
-    // Cross-entropy; the logits become d_logits = (softmax - onehot) * loss_scale. Under sequence
-    // parallelism each TP rank has the head and the loss of its own tokens.
-    at("loss");
-    mb.loss = dev.cross_entropy(logits.p(), label, Tl, vocab, static_cast<float>(loss_scale));
-    // Backward.
-    at("lm_head", OpPhase::kBackward);
-    Tensor dxf = alloc(static_cast<size_t>(Tl) * h, "gradient");
-    mm_backward(xf.p(), P("head").v(), logits.p(), Tl, h, vocab, dxf.p(), P("head").g());
+    Tensor dxf;
+    if (tp > 1) {
+      // Megatron's column-parallel LM head over the vocabulary and its vocab-parallel
+      // cross-entropy: every TP rank holds the logits of its vocabulary rows for all T tokens.
+      Tensor xf_full;
+      if (sp) {
+        at("tp_all_gather");
+        xf_full = tp_gather(xf.p(), T, h, "final norm (gathered)");
+      }
+      const float* xin = sp ? xf_full.p() : xf.p();
+      at("lm_head");
+      Tensor logits = alloc(static_cast<size_t>(T) * vocab_local, "logits");
+      mm(xin, P("head").v(), T, h, vocab_local, logits.p());
+      at("loss");
+      mb.loss = vocab_parallel_cross_entropy(logits.p(), mb.label.data(), T,
+                                             static_cast<float>(loss_scale));
+      at("lm_head", OpPhase::kBackward);
+      Tensor partial = alloc(static_cast<size_t>(T) * h, "gradient");
+      mm_backward(xin, P("head").v(), logits.p(), T, h, vocab_local, partial.p(), P("head").g());
+      if (sp) {
+        at("tp_reduce_scatter", OpPhase::kBackward);
+        dxf = tp_scatter(partial.p(), T, h, "gradient");
+      } else {
+        at("tp_all_reduce", OpPhase::kBackward);
+        tp_sum(partial.p(), static_cast<size_t>(T) * h);
+        dxf = std::move(partial);
+      }
+    } else {
+      at("lm_head");
+      Tensor logits = alloc(static_cast<size_t>(Tl) * vocab, "logits");
+      mm(xf.p(), P("head").v(), Tl, h, vocab, logits.p());
+      // Cross-entropy; the logits become d_logits = (softmax - onehot) * loss_scale.
+      at("loss");
+      mb.loss = dev.cross_entropy(logits.p(), label, Tl, vocab, static_cast<float>(loss_scale));
+      at("lm_head", OpPhase::kBackward);
+      dxf = alloc(static_cast<size_t>(Tl) * h, "gradient");
+      mm_backward(xf.p(), P("head").v(), logits.p(), Tl, h, vocab, dxf.p(), P("head").g());
+    }
     at("final_norm", OpPhase::kBackward);
     Tensor dx = alloc(static_cast<size_t>(Tl) * h, "gradient");
     dev.rmsnorm_backward(x.p(), P("final_norm").v(), dxf.p(), Tl, h, eps, dx.p(),
@@ -861,11 +950,27 @@ struct MoeTrainer::Impl {
       saved[static_cast<size_t>(l - layer_begin)] = LayerSaved{};  // release its activations
     }
     if (first_stage()) {
-      at("embedding");
       float* demb = P("embed").g();
-      for (int i = 0; i < Tl; ++i)
-        for (int c = 0; c < h; ++c)
-          demb[static_cast<size_t>(tok[i]) * h + c] += dx.p()[static_cast<size_t>(i) * h + c];
+      if (tp > 1) {  // vocab-parallel: this rank's rows, from every token's gradient
+        Tensor full;
+        if (sp) {
+          at("embedding_all_gather");
+          full = tp_gather(dx.p(), T, h, "gradient (gathered)");
+        }
+        at("embedding");
+        const float* g_all = sp ? full.p() : dx.p();
+        for (int i = 0; i < T; ++i) {
+          const int row = mb.tok[static_cast<size_t>(i)] - vocab_first;
+          if (row < 0 || row >= vocab_local) continue;
+          for (int c = 0; c < h; ++c)
+            demb[static_cast<size_t>(row) * h + c] += g_all[static_cast<size_t>(i) * h + c];
+        }
+      } else {
+        at("embedding");
+        for (int i = 0; i < Tl; ++i)
+          for (int c = 0; c < h; ++c)
+            demb[static_cast<size_t>(tok[i]) * h + c] += dx.p()[static_cast<size_t>(i) * h + c];
+      }
     } else {
       mb.dx = std::move(dx);
     }
@@ -1066,9 +1171,10 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
   if (groups.tp && groups.tp->size() > 1) {
     I.tp = groups.tp->size();
     I.tp_rank = groups.tp->rank();
-    if (I.heads % I.tp != 0 || m.ffn_hidden_size % I.tp != 0)
-      throw ConfigError(
-          "plan.tp", std::to_string(I.tp) + " must divide the attention heads and the FFN width");
+    if (I.heads % I.tp != 0 || m.ffn_hidden_size % I.tp != 0 || m.vocab_size % I.tp != 0)
+      throw ConfigError("plan.tp",
+                        std::to_string(I.tp) +
+                            " must divide the attention heads, the FFN width and the vocabulary");
     I.sp = s.sequence_parallel && !groups.ppmoe;
     if (m.moe && !groups.ppmoe && !I.sp)
       throw ConfigError("plan.sequence_parallel",
@@ -1230,7 +1336,13 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
   for (size_t part = 0; part < 2; ++part)
     for (size_t c = 0; c < fl; ++c)
       ffn_cols.push_back(part * static_cast<size_t>(I.ffn) + tr * fl + c);
-  if (I.chunks.front().first == 0) add("embed", static_cast<size_t>(I.vocab) * h, false);
+  // Under TP the embedding's rows and the head's columns are split over the vocabulary.
+  I.vocab_local = I.vocab / I.tp;
+  I.vocab_first = I.tp_rank * I.vocab_local;
+  const size_t vl = static_cast<size_t>(I.vocab_local), vf = static_cast<size_t>(I.vocab_first);
+  std::vector<size_t> vocab_cols;
+  for (size_t c = 0; c < vl; ++c) vocab_cols.push_back(vf + c);
+  if (I.chunks.front().first == 0) add("embed", vl * h, false, rows(h, vf, vl));
   for (int l = 0; l < I.layers; ++l) {
     const bool mine = std::any_of(I.chunks.begin(), I.chunks.end(),
                                   [l](const auto& c) { return l >= c.first && l < c.second; });
@@ -1253,7 +1365,7 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
   }
   if (I.chunks.back().second == I.layers) {
     add("final_norm", h, false);
-    add("head", h * static_cast<size_t>(I.vocab), false);
+    add("head", h * vl, false, columns(h, static_cast<size_t>(I.vocab), vocab_cols));
   }
   I.setup_space(I.dense, false, groups.dp);
   I.setup_space(I.expert, true, groups.expert_dp);
@@ -1264,8 +1376,7 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
         return name.size() >= suffix.size() &&
                name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
       };
-      if (name == "embed" || name == "head" || ends_with("_norm") || ends_with(".router"))
-        I.tp_partial_grads.push_back(k);
+      if (ends_with("_norm") || ends_with(".router")) I.tp_partial_grads.push_back(k);
     }
   for (Parameter& p : t->params_)
     for (size_t i = 0; i < p.size; ++i)
@@ -1304,12 +1415,11 @@ StepStats MoeTrainer::step(int64_t step_index) {
   Impl& I = *impl_;
   StepStats st = forward_backward(step_index);
   ++I.steps_done;
-  // Sequence parallel: the replicated parameters saw only this rank's tokens; each TP rank's loss
-  // is its tokens' share.
+  // Sequence parallel: the replicated parameters (norms, router) saw only this rank's tokens.
+  // (The vocab-parallel loss is the whole micro-batch's on every TP rank.)
   if (I.sp) {
     for (size_t k : I.tp_partial_grads)
       I.g.tp->all_reduce(params_[k].g(), params_[k].size, DType::kFloat32, ReduceOp::kSum);
-    I.g.tp->all_reduce(&st.loss, 1, DType::kFloat64, ReduceOp::kSum);
   }
   // Elastic replicas: each copy's gradient covers the rows dealt to it; the copies sum them and
   // so stay identical.

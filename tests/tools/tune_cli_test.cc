@@ -371,8 +371,17 @@ TEST_F(RunCliTest, SequenceParallelTensorParallelismWithAllToAllMatchesTheRefere
       measured.insert(o["phase"].get<std::string>() + " " + o["op"].get<std::string>());
   for (const char* op :
        {"forward tp_all_gather", "forward tp_reduce_scatter", "backward tp_all_gather",
-        "backward tp_reduce_scatter", "forward dispatch", "backward combine"})
+        "backward tp_reduce_scatter", "forward dispatch", "backward combine",
+        "forward embedding_reduce_scatter", "forward loss_all_reduce"})
     EXPECT_TRUE(measured.count(op)) << op;
+  // Op by op, the program and the run agree (vocab-parallel embedding and loss included), the
+  // CPU cross-entropy's fused backward excepted.
+  for (const auto& o : j["program_ops"]) {
+    const std::string key = o["phase"].get<std::string>() + " " + o["op"].get<std::string>();
+    if (key == "backward loss") continue;
+    EXPECT_FALSE(o["predicted_s"].is_null()) << key << " measured, not in the program";
+    EXPECT_FALSE(o["measured_s"].is_null()) << key << " in the program, not measured";
+  }
 #endif
 }
 
