@@ -8,13 +8,7 @@
 #
 #   bench/cpu_prediction_accuracy.sh [BUILD_DIR]
 set -euo pipefail
-build=${1:-$(cd "$(dirname "$0")/.." && pwd)/build}
-sy="$build/tools/switchyard"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-mpi="mpiexec -n 2"
-$mpi "$sy" calibrate --gpus 2 --out "$work/profile.json" --db "$work/s.db" > "$work/calibrate.txt"
+source "$(dirname "$0")/cpu_bench_common.sh"
 plan() {  # name ep zero micro_batch_size bucket_bytes
   cat > "$work/$1.json" <<JSON
 {"schema_version": 1, "name": "$1", "dp": 2, "ep": $2, "zero_stage": $3,

@@ -8,13 +8,7 @@
 #
 #   bench/cpu_replicas.sh [BUILD_DIR]
 set -euo pipefail
-build=${1:-$(cd "$(dirname "$0")/.." && pwd)/build}
-sy="$build/tools/switchyard"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-mpi="mpiexec -n 2"
-$mpi "$sy" calibrate --gpus 2 --out "$work/profile.json" --no-db > /dev/null
+source "$(dirname "$0")/cpu_bench_common.sh"
 cat > "$work/zipf.json" <<'JSON'
 {"schema_version": 1, "name": "tiny-train-zipf", "mode": "train", "global_batch_size": 8,
  "seq_len": 128, "precision": "fp32", "routing": {"kind": "zipf", "exponent": 1.2}}

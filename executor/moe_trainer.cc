@@ -520,16 +520,16 @@ struct MoeTrainer::Impl {
   // logit are combined over TP (the program's loss_all_reduce). Returns the sum of the rows'
   // losses (the same on every TP rank) and overwrites the logits with d(grad_scale *
   // loss)/d(logit).
-  double vocab_parallel_cross_entropy(float* logits, const int* labels, int rows,
-                                      float grad_scale) {
+  double vocab_parallel_cross_entropy(float* logits, const int* labels, int rows, float grad_scale,
+                                      ProgramOpCursor& op) {
     std::vector<double> mx(static_cast<size_t>(rows)), se_z(2 * static_cast<size_t>(rows), 0.0);
     for (int t = 0; t < rows; ++t) {
       const float* l = logits + static_cast<size_t>(t) * vocab_local;
       mx[t] = *std::max_element(l, l + vocab_local);
     }
-    std::optional<ProgramOp> op(std::in_place, "loss_all_reduce", OpPhase::kForward);
+    op.at("loss_all_reduce", OpPhase::kForward);
     g.tp->all_reduce(mx.data(), mx.size(), DType::kFloat64, ReduceOp::kMax);
-    op.emplace("loss", OpPhase::kForward);
+    op.at("loss", OpPhase::kForward);
     for (int t = 0; t < rows; ++t) {
       const float* l = logits + static_cast<size_t>(t) * vocab_local;
       double sum = 0;
@@ -538,9 +538,9 @@ struct MoeTrainer::Impl {
       const int target = labels[t] - vocab_first;
       if (target >= 0 && target < vocab_local) se_z[2 * t + 1] = l[target];
     }
-    op.emplace("loss_all_reduce", OpPhase::kForward);
+    op.at("loss_all_reduce", OpPhase::kForward);
     g.tp->all_reduce(se_z.data(), se_z.size(), DType::kFloat64, ReduceOp::kSum);
-    op.emplace("loss", OpPhase::kForward);
+    op.at("loss", OpPhase::kForward);
     double loss = 0;
     for (int t = 0; t < rows; ++t) {
       float* l = logits + static_cast<size_t>(t) * vocab_local;
@@ -563,14 +563,10 @@ struct MoeTrainer::Impl {
     const int* tok = mb.tok.data() + first_token;
     const int* label = mb.label.data() + first_token;
     // The StepProgram op each stretch of code runs (the lowering's names), for the measurement.
-    std::optional<ProgramOp> op;
-    const auto at = [&op](const char* name, OpPhase phase = OpPhase::kForward) {
-      op.reset();
-      op.emplace(name, phase);
-    };
+    ProgramOpCursor op(OpPhase::kForward);
     Tensor x;
     if (first_stage()) {
-      at("embedding");
+      op.at("embedding");
       const float* emb = P("embed").v();
       if (tp > 1) {
         // Vocab-parallel: this rank's rows for the micro-batch's tokens it owns, zeros elsewhere;
@@ -584,10 +580,10 @@ struct MoeTrainer::Impl {
                         emb + static_cast<size_t>(row) * h, sizeof(float) * h);
         }
         if (sp) {
-          at("embedding_reduce_scatter");
+          op.at("embedding_reduce_scatter");
           x = tp_scatter(partial.p(), T, h, "hidden states");
         } else {
-          at("embedding_all_reduce");
+          op.at("embedding_all_reduce");
           tp_sum(partial.p(), static_cast<size_t>(T) * h);
           x = std::move(partial);
         }
@@ -605,48 +601,48 @@ struct MoeTrainer::Impl {
     for (int l = layer_begin; l < layer_end; ++l) {
       LayerSaved& S = saved[static_cast<size_t>(l - layer_begin)];
       S.x_in = std::move(x);
-      at("norm1");
+      op.at("norm1");
       S.a = alloc(static_cast<size_t>(Tl) * h, "norm output");
       dev.rmsnorm(S.x_in.p(), P(L(l, "attn_norm")).v(), Tl, h, eps, S.a.p());
       // Attention: QKV column-parallel (this rank's heads), output projection row-parallel, its
       // partial sums added up over the TP group (sequence parallel: gathered before, reduce-
       // scattered after).
       if (sp) {
-        at("tp_all_gather");
+        op.at("tp_all_gather");
         S.a_full = tp_gather(S.a.p(), T, h, "norm output (gathered)");
       }
       const float* a_in = sp ? S.a_full.p() : S.a.p();
-      at("qkv");
+      op.at("qkv");
       S.qkv = alloc(static_cast<size_t>(T) * 3 * h_local, "qkv");
       mm(a_in, P(L(l, "wqkv")).v(), T, h, 3 * h_local, S.qkv.p());
-      at("attn_core");
+      op.at("attn_core");
       S.o = alloc(static_cast<size_t>(T) * h_local, "attention output");
       S.lse = alloc(static_cast<size_t>(sequences) * heads_local * seq, "attention lse");
       dev.attention(S.qkv.p(), sequences, seq, heads_local, head_dim, S.o.p(), S.lse.p());
       S.x_mid = alloc(static_cast<size_t>(Tl) * h, "residual");
       {
-        at("attn_out");
+        op.at("attn_out");
         Tensor proj = alloc(static_cast<size_t>(T) * h, "attention projection");
         mm(S.o.p(), P(L(l, "wo")).v(), T, h_local, h, proj.p());
         if (sp) {
-          at("tp_reduce_scatter");
+          op.at("tp_reduce_scatter");
           proj = tp_scatter(proj.p(), T, h, "attention projection (scattered)");
         } else if (tp > 1) {
-          at("tp_all_reduce");
+          op.at("tp_all_reduce");
           tp_sum(proj.p(), static_cast<size_t>(T) * h);
         }
-        at("residual1");
+        op.at("residual1");
         for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i)
           S.x_mid.p()[i] = S.x_in.p()[i] + proj.p()[i];
         x = alloc(static_cast<size_t>(Tl) * h, "hidden states");
         std::memcpy(x.p(), S.x_mid.p(), sizeof(float) * Tl * h);
       }
-      at("norm2");
+      op.at("norm2");
       S.b = alloc(static_cast<size_t>(Tl) * h, "norm output");
       dev.rmsnorm(S.x_mid.p(), P(L(l, "ffn_norm")).v(), Tl, h, eps, S.b.p());
       if (m.is_moe_layer(l)) {
         // The router and the dispatch see this rank's tokens (all of them without SP).
-        at("router");
+        op.at("router");
         Tensor logits = alloc(static_cast<size_t>(Tl) * experts, "router logits");
         mm(S.b.p(), P(L(l, "router")).v(), Tl, h, experts, logits.p());
         bias_gate(logits.p(), Tl, mb.step, mb.first_sequence, first_token, l);
@@ -654,10 +650,10 @@ struct MoeTrainer::Impl {
         S.routing = dev.route(logits.p(), Tl, experts, top_k, top_k > 1, S.probs.p(), capacity(Tl));
         const int kept_rows = Tl * top_k - S.routing.dropped;
         dropped += S.routing.dropped;
-        at(ppmoe ? "index_slice" : "permute");
+        op.at(ppmoe ? "index_slice" : "permute");
         Tensor perm = alloc(static_cast<size_t>(kept_rows) * h, "dispatch buffer");
         dev.permute(S.b.p(), S.routing, h, perm.p());
-        if (!ppmoe) at("dispatch");
+        if (!ppmoe) op.at("dispatch");
         S.ex = plan_exchange(S.routing);
         S.xin_e = dispatch(S.ex, perm.p(), h, "expert input");
         const int R = S.ex.received;
@@ -669,50 +665,50 @@ struct MoeTrainer::Impl {
           w1.push_back(P(E(l, slot_expert[j], "w1")).v());
           w2.push_back(P(E(l, slot_expert[j], "w2")).v());
         }
-        at("experts_fc1");
+        op.at("experts_fc1");
         S.gu = alloc(static_cast<size_t>(R) * 2 * f, "expert gate/up");
         dev.grouped_gemm(S.xin_e.p(), h, S.ex.rows_per_local, w1, false, 2 * f, S.gu.p());
-        at("experts_act");
+        op.at("experts_act");
         S.act = alloc(static_cast<size_t>(R) * f, "expert activation");
         dev.swiglu(S.gu.p(), R, f, S.act.p());
-        at("experts_fc2");
+        op.at("experts_fc2");
         Tensor y = alloc(static_cast<size_t>(R) * h, "expert output");
         dev.grouped_gemm(S.act.p(), f, S.ex.rows_per_local, w2, false, h, y.p());
-        at(ppmoe ? "index_combine" : "combine");
+        op.at(ppmoe ? "index_combine" : "combine");
         S.y_perm = alloc(static_cast<size_t>(kept_rows) * h, "combine buffer");
         combine(S.ex, y.p(), h, S.y_perm.p());
-        if (!ppmoe) at("unpermute");
+        if (!ppmoe) op.at("unpermute");
         Tensor moe_out = alloc(static_cast<size_t>(Tl) * h, "moe output");
         dev.unpermute_combine(S.y_perm.p(), S.routing, h, moe_out.p());
         if (ppmoe) {
-          at("combine_all_reduce");
+          op.at("combine_all_reduce");
           tp_sum(moe_out.p(), static_cast<size_t>(Tl) * h);  // PPMoE's one all-reduce
         }
-        at("residual2");
+        op.at("residual2");
         for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i) x.p()[i] += moe_out.p()[i];
       } else {
         // Dense FFN: column-parallel gate/up, row-parallel down projection.
         if (sp) {
-          at("tp_all_gather");
+          op.at("tp_all_gather");
           S.b_full = tp_gather(S.b.p(), T, h, "norm output (gathered)");
         }
-        at("fc1");
+        op.at("fc1");
         S.gu = alloc(static_cast<size_t>(T) * 2 * ffn_local, "ffn gate/up");
         mm(sp ? S.b_full.p() : S.b.p(), P(L(l, "w1")).v(), T, h, 2 * ffn_local, S.gu.p());
-        at("act");
+        op.at("act");
         S.act = alloc(static_cast<size_t>(T) * ffn_local, "ffn activation");
         dev.swiglu(S.gu.p(), T, ffn_local, S.act.p());
-        at("fc2");
+        op.at("fc2");
         Tensor y = alloc(static_cast<size_t>(T) * h, "ffn output");
         mm(S.act.p(), P(L(l, "w2")).v(), T, ffn_local, h, y.p());
         if (sp) {
-          at("tp_reduce_scatter");
+          op.at("tp_reduce_scatter");
           y = tp_scatter(y.p(), T, h, "ffn output (scattered)");
         } else if (tp > 1) {
-          at("tp_all_reduce");
+          op.at("tp_all_reduce");
           tp_sum(y.p(), static_cast<size_t>(T) * h);
         }
-        at("residual2");
+        op.at("residual2");
         for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i) x.p()[i] += y.p()[i];
       }
     }
@@ -720,7 +716,7 @@ struct MoeTrainer::Impl {
       mb.x = std::move(x);
       return;
     }
-    at("final_norm");
+    op.at("final_norm");
     Tensor xf = alloc(static_cast<size_t>(Tl) * h, "final norm");
     dev.rmsnorm(x.p(), P("final_norm").v(), Tl, h, eps, xf.p());
     Tensor dxf;
@@ -729,39 +725,39 @@ struct MoeTrainer::Impl {
       // cross-entropy: every TP rank holds the logits of its vocabulary rows for all T tokens.
       Tensor xf_full;
       if (sp) {
-        at("tp_all_gather");
+        op.at("tp_all_gather");
         xf_full = tp_gather(xf.p(), T, h, "final norm (gathered)");
       }
       const float* xin = sp ? xf_full.p() : xf.p();
-      at("lm_head");
+      op.at("lm_head");
       Tensor logits = alloc(static_cast<size_t>(T) * vocab_local, "logits");
       mm(xin, P("head").v(), T, h, vocab_local, logits.p());
-      at("loss");
+      op.at("loss");
       mb.loss = vocab_parallel_cross_entropy(logits.p(), mb.label.data(), T,
-                                             static_cast<float>(loss_scale));
-      at("lm_head", OpPhase::kBackward);
+                                             static_cast<float>(loss_scale), op);
+      op.at("lm_head", OpPhase::kBackward);
       Tensor partial = alloc(static_cast<size_t>(T) * h, "gradient");
       mm_backward(xin, P("head").v(), logits.p(), T, h, vocab_local, partial.p(), P("head").g());
       if (sp) {
-        at("tp_reduce_scatter", OpPhase::kBackward);
+        op.at("tp_reduce_scatter", OpPhase::kBackward);
         dxf = tp_scatter(partial.p(), T, h, "gradient");
       } else {
-        at("tp_all_reduce", OpPhase::kBackward);
+        op.at("tp_all_reduce", OpPhase::kBackward);
         tp_sum(partial.p(), static_cast<size_t>(T) * h);
         dxf = std::move(partial);
       }
     } else {
-      at("lm_head");
+      op.at("lm_head");
       Tensor logits = alloc(static_cast<size_t>(Tl) * vocab, "logits");
       mm(xf.p(), P("head").v(), Tl, h, vocab, logits.p());
       // Cross-entropy; the logits become d_logits = (softmax - onehot) * loss_scale.
-      at("loss");
+      op.at("loss");
       mb.loss = dev.cross_entropy(logits.p(), label, Tl, vocab, static_cast<float>(loss_scale));
-      at("lm_head", OpPhase::kBackward);
+      op.at("lm_head", OpPhase::kBackward);
       dxf = alloc(static_cast<size_t>(Tl) * h, "gradient");
       mm_backward(xf.p(), P("head").v(), logits.p(), Tl, h, vocab, dxf.p(), P("head").g());
     }
-    at("final_norm", OpPhase::kBackward);
+    op.at("final_norm", OpPhase::kBackward);
     Tensor dx = alloc(static_cast<size_t>(Tl) * h, "gradient");
     dev.rmsnorm_backward(x.p(), P("final_norm").v(), dxf.p(), Tl, h, eps, dx.p(),
                          P("final_norm").g());
@@ -774,18 +770,14 @@ struct MoeTrainer::Impl {
     const int T = mb.T, sequences = mb.sequences, Tl = local_tokens(T);
     const int* tok = mb.tok.data() + (sp ? static_cast<size_t>(tp_rank) * Tl : 0);
     std::vector<LayerSaved>& saved = mb.saved;
-    std::optional<ProgramOp> op;  // as in forward()
-    const auto at = [&op](const char* name) {
-      op.reset();
-      op.emplace(name, OpPhase::kBackward);
-    };
+    ProgramOpCursor op(OpPhase::kBackward);  // as in forward()
     Tensor dx = std::move(mb.dx);
     for (int l = layer_end - 1; l >= layer_begin; --l) {
       LayerSaved& S = saved[static_cast<size_t>(l - layer_begin)];
       // dx is the gradient at the layer's output = d(x_mid) through the residual + FFN branch.
       Tensor db = alloc(static_cast<size_t>(Tl) * h, "gradient");
       if (m.is_moe_layer(l)) {
-        at(ppmoe ? "index_combine" : "unpermute");
+        op.at(ppmoe ? "index_combine" : "unpermute");
         const int R = S.ex.received;
         const TokenRouting& r = S.routing;
         // Combine backward: the rows' gradients and the combine weights' gradients.
@@ -806,7 +798,7 @@ struct MoeTrainer::Impl {
         }
         // PPMoE: each TP rank saw only its experts' outputs; the weights' gradients add up.
         if (ppmoe) tp_sum(gw.data(), gw.size());
-        if (!ppmoe) at("combine");
+        if (!ppmoe) op.at("combine");
         Tensor dy_e = dispatch(S.ex, dy_perm.p(), h, "gradient");
         Tensor dact = alloc(static_cast<size_t>(R) * f, "gradient");
         Tensor dgu = alloc(static_cast<size_t>(R) * 2 * f, "gradient");
@@ -820,27 +812,27 @@ struct MoeTrainer::Impl {
             row += n;
           }
         };
-        at("experts_fc2");
+        op.at("experts_fc2");
         each_expert([&](int j, size_t row, int n) {
           Parameter& w2 = P(E(l, slot_expert[j], "w2"));
           mm_backward(S.act.p() + row * f, w2.v(), dy_e.p() + row * h, n, f, h, dact.p() + row * f,
                       w2.g());
         });
-        at("experts_act");
+        op.at("experts_act");
         each_expert([&](int, size_t row, int n) {
           dev.swiglu_backward(S.gu.p() + row * 2 * f, dact.p() + row * f, n, f,
                               dgu.p() + row * 2 * f);
         });
-        at("experts_fc1");
+        op.at("experts_fc1");
         each_expert([&](int j, size_t row, int n) {
           Parameter& w1 = P(E(l, slot_expert[j], "w1"));
           mm_backward(S.xin_e.p() + row * h, w1.v(), dgu.p() + row * 2 * f, n, h, 2 * f,
                       dxin.p() + row * h, w1.g());
         });
-        at(ppmoe ? "index_slice" : "dispatch");
+        op.at(ppmoe ? "index_slice" : "dispatch");
         Tensor dperm = alloc(static_cast<size_t>(kept_rows) * h, "gradient");
         combine(S.ex, dxin.p(), h, dperm.p());
-        if (!ppmoe) at("permute");
+        if (!ppmoe) op.at("permute");
         // Every copy of a token's input gets its own gradient back: sum them.
         std::memset(db.p(), 0, sizeof(float) * Tl * h);
         for (size_t i = 0; i < r.expert.size(); ++i) {
@@ -852,11 +844,11 @@ struct MoeTrainer::Impl {
         // PPMoE: the experts' input gradients are partial per TP rank (the router's part below is
         // computed alike on every rank and added after).
         if (ppmoe) {
-          at("combine_all_reduce");
+          op.at("combine_all_reduce");
           tp_sum(db.p(), static_cast<size_t>(Tl) * h);
         }
         // Router: through the (renormalised) top-k weights and the softmax.
-        at("router");
+        op.at("router");
         Tensor dlogits = alloc(static_cast<size_t>(Tl) * experts, "gradient");
         for (int t = 0; t < Tl; ++t) {
           const float* p = S.probs.p() + static_cast<size_t>(t) * experts;
@@ -884,67 +876,67 @@ struct MoeTrainer::Impl {
         // (the program names the backward collectives by what they do).
         Tensor dy_full;
         if (sp) {
-          at("tp_all_gather");
+          op.at("tp_all_gather");
           dy_full = tp_gather(dx.p(), T, h, "gradient (gathered)");
         }
-        at("fc2");
+        op.at("fc2");
         Tensor dact = alloc(static_cast<size_t>(T) * ffn_local, "gradient");
         mm_backward(S.act.p(), P(L(l, "w2")).v(), sp ? dy_full.p() : dx.p(), T, ffn_local, h,
                     dact.p(), P(L(l, "w2")).g());
-        at("act");
+        op.at("act");
         Tensor dgu = alloc(static_cast<size_t>(T) * 2 * ffn_local, "gradient");
         dev.swiglu_backward(S.gu.p(), dact.p(), T, ffn_local, dgu.p());
-        at("fc1");
+        op.at("fc1");
         Tensor db_full = sp ? alloc(static_cast<size_t>(T) * h, "gradient") : Tensor{};
         mm_backward(sp ? S.b_full.p() : S.b.p(), P(L(l, "w1")).v(), dgu.p(), T, h, 2 * ffn_local,
                     sp ? db_full.p() : db.p(), P(L(l, "w1")).g());
         // Column-parallel input: partial per rank (summed; scattered back to the slices).
         if (sp) {
-          at("tp_reduce_scatter");
+          op.at("tp_reduce_scatter");
           db = tp_scatter(db_full.p(), T, h, "gradient (scattered)");
         } else if (tp > 1) {
-          at("tp_all_reduce");
+          op.at("tp_all_reduce");
           tp_sum(db.p(), static_cast<size_t>(T) * h);
         }
       }
       // d x_mid = dx (residual) + norm backward of db.
-      at("norm2");
+      op.at("norm2");
       Tensor dmid = alloc(static_cast<size_t>(Tl) * h, "gradient");
       dev.rmsnorm_backward(S.x_mid.p(), P(L(l, "ffn_norm")).v(), db.p(), Tl, h, eps, dmid.p(),
                            P(L(l, "ffn_norm")).g());
-      at("residual2");
+      op.at("residual2");
       for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i) dmid.p()[i] += dx.p()[i];
       // Attention block.
       Tensor dmid_full;
       if (sp) {
-        at("tp_all_gather");
+        op.at("tp_all_gather");
         dmid_full = tp_gather(dmid.p(), T, h, "gradient (gathered)");
       }
-      at("attn_out");
+      op.at("attn_out");
       Tensor d_o = alloc(static_cast<size_t>(T) * h_local, "gradient");
       mm_backward(S.o.p(), P(L(l, "wo")).v(), sp ? dmid_full.p() : dmid.p(), T, h_local, h, d_o.p(),
                   P(L(l, "wo")).g());
-      at("attn_core");
+      op.at("attn_core");
       Tensor dqkv = alloc(static_cast<size_t>(T) * 3 * h_local, "gradient");
       dev.attention_backward(S.qkv.p(), S.o.p(), S.lse.p(), d_o.p(), sequences, seq, heads_local,
                              head_dim, dqkv.p());
-      at("qkv");
+      op.at("qkv");
       Tensor da = alloc(static_cast<size_t>(T) * h, "gradient");
       mm_backward(sp ? S.a_full.p() : S.a.p(), P(L(l, "wqkv")).v(), dqkv.p(), T, h, 3 * h_local,
                   da.p(), P(L(l, "wqkv")).g());
       // Column-parallel input: partial per rank (summed; scattered back to the slices).
       if (sp) {
-        at("tp_reduce_scatter");
+        op.at("tp_reduce_scatter");
         da = tp_scatter(da.p(), T, h, "gradient (scattered)");
       } else if (tp > 1) {
-        at("tp_all_reduce");
+        op.at("tp_all_reduce");
         tp_sum(da.p(), static_cast<size_t>(T) * h);
       }
-      at("norm1");
+      op.at("norm1");
       Tensor dxin = alloc(static_cast<size_t>(Tl) * h, "gradient");
       dev.rmsnorm_backward(S.x_in.p(), P(L(l, "attn_norm")).v(), da.p(), Tl, h, eps, dxin.p(),
                            P(L(l, "attn_norm")).g());
-      at("residual1");
+      op.at("residual1");
       for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i) dxin.p()[i] += dmid.p()[i];
       dx = std::move(dxin);
       saved[static_cast<size_t>(l - layer_begin)] = LayerSaved{};  // release its activations
@@ -954,10 +946,10 @@ struct MoeTrainer::Impl {
       if (tp > 1) {  // vocab-parallel: this rank's rows, from every token's gradient
         Tensor full;
         if (sp) {
-          at("embedding_all_gather");
+          op.at("embedding_all_gather");
           full = tp_gather(dx.p(), T, h, "gradient (gathered)");
         }
-        at("embedding");
+        op.at("embedding");
         const float* g_all = sp ? full.p() : dx.p();
         for (int i = 0; i < T; ++i) {
           const int row = mb.tok[static_cast<size_t>(i)] - vocab_first;
@@ -966,7 +958,7 @@ struct MoeTrainer::Impl {
             demb[static_cast<size_t>(row) * h + c] += g_all[static_cast<size_t>(i) * h + c];
         }
       } else {
-        at("embedding");
+        op.at("embedding");
         for (int i = 0; i < Tl; ++i)
           for (int c = 0; c < h; ++c)
             demb[static_cast<size_t>(tok[i]) * h + c] += dx.p()[static_cast<size_t>(i) * h + c];
@@ -1053,11 +1045,7 @@ struct MoeTrainer::Impl {
   void reduce_and_update(Space& sp) {
     const int n = sp.group->size();
     const bool experts_space = &sp == &expert;
-    std::optional<ProgramOp> op;  // as in forward()
-    const auto at = [&op](const char* name, OpPhase phase = OpPhase::kStep) {
-      op.reset();
-      op.emplace(name, phase);
-    };
+    ProgramOpCursor op(OpPhase::kStep);  // as in forward()
     const size_t shard = sp.padded / n;
     float* values = sp.values.as<float>();
     float* grads = sp.grads.as<float>();
@@ -1065,7 +1053,7 @@ struct MoeTrainer::Impl {
     size_t first = 0, count = sp.padded;
     // The program issues the buckets in the backward (as gradients become ready); this runner
     // reduces them after it, still the backward's last work.
-    if (n > 1) at(experts_space ? "edp_grad_bucket" : "dp_grad_bucket", OpPhase::kBackward);
+    if (n > 1) op.at(experts_space ? "edp_grad_bucket" : "dp_grad_bucket", OpPhase::kBackward);
     if (s.zero_stage >= 1 && n > 1) {
       sp.group->reduce_scatter(grads, sp.shard_grads.as<float>(), shard, DType::kFloat32,
                                ReduceOp::kSum);
@@ -1088,14 +1076,14 @@ struct MoeTrainer::Impl {
     const double t = static_cast<double>(steps_done);
     const float c1 = static_cast<float>(1.0 - std::pow(s.beta1, t));
     const float c2 = static_cast<float>(1.0 - std::pow(s.beta2, t));
-    at("optimizer");
+    op.at("optimizer");
     if (first < sp.total)
       dev.adam(values + first, gsrc, sp.m.as<float>(), sp.v.as<float>(),
                std::min(count, sp.total - first), s.lr, s.beta1, s.beta2, s.eps, c1, c2);
     // ZeRO-1: every rank's updated shard to every rank (in place: this rank's shard already sits
     // at its offset).
     if (s.zero_stage >= 1 && n > 1) {
-      at(experts_space ? "edp_param_all_gather" : "dp_param_all_gather");
+      op.at(experts_space ? "edp_param_all_gather" : "dp_param_all_gather");
       sp.group->all_gather(values + first, values, shard, DType::kFloat32);
     }
   }

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -74,6 +75,22 @@ class ProgramOp {
   const char* name_;
   OpPhase phase_;
   std::chrono::steady_clock::time_point start_;
+};
+
+// Consecutive stretches of code as program ops: each at() ends the previous op and opens the next
+// (in `phase` unless named), the last ends with the cursor.
+class ProgramOpCursor {
+ public:
+  explicit ProgramOpCursor(OpPhase phase) : phase_(phase) {}
+  void at(const char* name) { at(name, phase_); }
+  void at(const char* name, OpPhase phase) {
+    op_.reset();
+    op_.emplace(name, phase);
+  }
+
+ private:
+  OpPhase phase_;
+  std::optional<ProgramOp> op_;
 };
 
 // `inner` must outlive the wrapper; `times` too.

@@ -214,6 +214,21 @@ const std::string kMpi =
     "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
     "OMPI_MCA_rmaps_base_oversubscribe=1 timeout 300 " +
     std::string(SWITCHYARD_MPIEXEC) + " -n 4 ";
+
+// Op by op, `run --json`'s program ops: every op the simulator times was measured and the runner
+// ran nothing the program lacks (the CPU cross-entropy writes its gradient in the forward call, so
+// the program's backward loss has no measurement). Returns the ops both sides have.
+std::set<std::string> expect_program_and_run_agree(const Json& run) {
+  std::set<std::string> both;
+  for (const auto& o : run["program_ops"]) {
+    const std::string key = o["phase"].get<std::string>() + " " + o["op"].get<std::string>();
+    if (key == "backward loss") continue;
+    EXPECT_FALSE(o["predicted_s"].is_null()) << key << " measured, not in the program";
+    EXPECT_FALSE(o["measured_s"].is_null()) << key << " in the program, not measured";
+    both.insert(key);
+  }
+  return both;
+}
 #endif
 
 TEST_F(RunCliTest, FourRanksMatchTheReferenceAndTheMeasurementIsStored) {
@@ -263,17 +278,8 @@ TEST_F(RunCliTest, FourRanksMatchTheReferenceAndTheMeasurementIsStored) {
        {"forward qkv", "forward dispatch", "forward experts_fc1", "backward combine",
         "backward experts_fc2", "backward dp_grad_bucket", "step optimizer"})
     EXPECT_TRUE(program.count(op)) << op;
-  // Op by op: every op the simulator times was measured, and the runner ran nothing the program
-  // lacks (ZeRO-1 on dp 4 x ep 2: the dense gradients' reduce-scatter and the gathers).
-  std::set<std::string> both;
-  for (const auto& o : j["program_ops"]) {
-    const std::string key = o["phase"].get<std::string>() + " " + o["op"].get<std::string>();
-    // The CPU backend's cross-entropy writes its gradient in the forward call (fused).
-    if (key == "backward loss") continue;
-    EXPECT_FALSE(o["predicted_s"].is_null()) << key << " measured, not in the program";
-    EXPECT_FALSE(o["measured_s"].is_null()) << key << " in the program, not measured";
-    both.insert(key);
-  }
+  // Op by op (ZeRO-1 on dp 4 x ep 2: the dense gradients' reduce-scatter and the gathers).
+  const std::set<std::string> both = expect_program_and_run_agree(j);
   EXPECT_TRUE(both.count("forward experts_fc1"));
   EXPECT_TRUE(both.count("step dp_param_all_gather"));
   const Result compared = sh(kCli + " compare --json --db " + path("run.db"));
@@ -364,24 +370,14 @@ TEST_F(RunCliTest, SequenceParallelTensorParallelismWithAllToAllMatchesTheRefere
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const Json j = json_of(r);
   EXPECT_TRUE(j["check"]["passed"].get<bool>()) << j["check"].dump();
-  // Sequence parallelism's collectives ran where the program has them.
-  std::set<std::string> measured;
-  for (const auto& o : j["program_ops"])
-    if (!o["measured_s"].is_null())
-      measured.insert(o["phase"].get<std::string>() + " " + o["op"].get<std::string>());
+  // Op by op, vocab-parallel embedding and loss included; sequence parallelism's collectives ran
+  // where the program has them.
+  const std::set<std::string> measured = expect_program_and_run_agree(j);
   for (const char* op :
        {"forward tp_all_gather", "forward tp_reduce_scatter", "backward tp_all_gather",
         "backward tp_reduce_scatter", "forward dispatch", "backward combine",
         "forward embedding_reduce_scatter", "forward loss_all_reduce"})
     EXPECT_TRUE(measured.count(op)) << op;
-  // Op by op, the program and the run agree (vocab-parallel embedding and loss included), the
-  // CPU cross-entropy's fused backward excepted.
-  for (const auto& o : j["program_ops"]) {
-    const std::string key = o["phase"].get<std::string>() + " " + o["op"].get<std::string>();
-    if (key == "backward loss") continue;
-    EXPECT_FALSE(o["predicted_s"].is_null()) << key << " measured, not in the program";
-    EXPECT_FALSE(o["measured_s"].is_null()) << key << " in the program, not measured";
-  }
 #endif
 }
 
