@@ -660,11 +660,21 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
     b.tp_enter(-1);
     OpTemplate& lm = b.gemm("lm_head", -1, d.head_rows, m.vocab_size / d.tp, d.h);
     lm.allocates = bit(TensorClass::kLogits);
-    b.elementwise("loss", -1, 3.0 * 4.0 * static_cast<double>(d.head_rows) * vocab / d.tp,
-                  d.head_rows);
-    if (d.tp > 1)
-      b.comm(Collective::kAllReduce, CommGroup::kTp, "loss_all_reduce", -1,
-             8.0 * static_cast<double>(d.t));
+    if (backward) {
+      b.elementwise("loss", -1, 3.0 * 4.0 * static_cast<double>(d.head_rows) * vocab / d.tp,
+                    d.head_rows);
+      if (d.tp > 1)
+        b.comm(Collective::kAllReduce, CommGroup::kTp, "loss_all_reduce", -1,
+               8.0 * static_cast<double>(d.t));
+    } else {
+      // Inference: the next token of every row, greedy (one pass over the logits for the
+      // argmax); vocab-parallel, each TP rank's best (value, index) pair is reduced.
+      b.elementwise("sample", -1, d.e * static_cast<double>(d.head_rows) * vocab / d.tp,
+                    d.head_rows);
+      if (d.tp > 1)
+        b.comm(Collective::kAllReduce, CommGroup::kTp, "sample_all_reduce", -1,
+               8.0 * static_cast<double>(d.head_rows));
+    }
   }
 
   // Offloaded parameters come to the GPU before each use, `depth` layers ahead when the plan
@@ -672,10 +682,7 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   // Ring-memory inference loads section i+1 (about L / sections layers) while section i computes,
   // unless the plan turns prefetching off (the naive load-then-compute alternative).
   int depth = p.prefetch.ahead() ? p.prefetch.depth : 0;
-  if (p.ring_sections > 0)
-    depth = p.prefetch.direction == PrefetchDirection::kNone
-                ? 0
-                : static_cast<int>((m.num_layers + p.ring_sections - 1) / p.ring_sections);
+  if (p.ring_sections > 0) depth = ring_ahead_layers(m, p);
   std::vector<size_t> fwd_begins;
   std::vector<std::vector<OpTemplate>> fwd_fetches;
   size_t total = embed_fwd.size() + head_fwd.size();
@@ -934,6 +941,11 @@ StepProgram lower_inference(const ModelSpec& m, const ClusterSpec& c, const Plan
       lower_chunk(m, p, make_dims(m, p, w, Pass::kDecode), 0, layers, true, true, false));
   st.order = {{0, 0, false}, {0, 1, false}};
   return prog;
+}
+
+int ring_ahead_layers(const ModelSpec& m, const Plan& p) {
+  if (p.ring_sections <= 0 || p.prefetch.direction == PrefetchDirection::kNone) return 0;
+  return static_cast<int>((m.num_layers + p.ring_sections - 1) / p.ring_sections);
 }
 
 StepProgram lower(const ModelSpec& m, const ClusterSpec& c, const Plan& p, const Workload& w) {

@@ -161,6 +161,11 @@ LayerKindsProgram lower_layer_kinds(const ModelSpec& model, const ClusterSpec& c
 StepProgram lower_frame(const ModelSpec& model, const ClusterSpec& cluster, const Plan& plan,
                         const Workload& workload);
 
+// Ring-memory inference: the layers the ring loads ahead of the one computing (one section,
+// num_layers / ring_sections rounded up; 0 when the plan turns prefetching off: load, then
+// compute).
+int ring_ahead_layers(const ModelSpec& model, const Plan& plan);
+
 StepProgram lower(const ModelSpec& model, const ClusterSpec& cluster, const Plan& plan,
                   const Workload& workload);
 

@@ -7,6 +7,7 @@
 
 #include "cost_models/collectives.h"
 #include "cost_models/compute.h"
+#include "cost_models/transfers.h"
 
 namespace switchyard {
 namespace {
@@ -215,6 +216,22 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
     if (p.intra_node_reduce_efficiency > 0)
       fitted["intra_node_reduce_efficiency"] = p.intra_node_reduce_efficiency;
   }
+  if (d.host_to_device.size() >= 2) {
+    // time = latency + bytes / (pcie_bw * pcie_efficiency): the link's efficiency against the
+    // cluster file's PCIe bandwidth and its fixed cost.
+    std::vector<double> x, y;
+    for (const TransferSample& t : d.host_to_device) {
+      x.push_back(t.bytes);
+      y.push_back(t.time_s);
+    }
+    const LinearFit f = fit_line(x, y);
+    if (f.slope > 0 && c.host.pcie_bw_Bps > 0) {
+      p.pcie_efficiency = std::min(10.0, 1.0 / (f.slope * c.host.pcie_bw_Bps));
+      p.pcie_latency_s = std::max(0.0, f.intercept);
+      fitted["pcie_efficiency"] = p.pcie_efficiency;
+      fitted["pcie_latency_s"] = p.pcie_latency_s;
+    }
+  }
   if (d.overlap && d.overlap->compute_s > 0 && d.overlap->comm_s > 0) {
     const OverlapSample& o = *d.overlap;
     const double hidden = o.compute_s + o.comm_s - o.both_s;
@@ -265,14 +282,31 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
                   {"predicted_s", pred},
                   {"residual", res_coll.back()}});
   }
-  out.report = {
-      {"fitted", fitted},
-      {"median_abs_residual",
-       {{"gemm", median_abs(res_gemm)},
-        {"stream", median_abs(res_stream)},
-        {"attention", median_abs(res_attn)},
-        {"collectives", median_abs(res_coll)}}},
-      {"samples", {{"gemm", gj}, {"stream", sj}, {"attention", aj}, {"collectives", cj}}}};
+  std::vector<double> res_h2d;
+  Json hj = Json::array();
+  for (const TransferSample& t : d.host_to_device) {
+    // As the simulator prices a weight load: every GPU of the node loading at once.
+    const double pred =
+        transfer_cost(TransferPath::kHostToGpu, t.bytes, c, p, c.gpus_per_node).time_s;
+    res_h2d.push_back(pred / t.time_s - 1);
+    hj.push_back({{"bytes", t.bytes},
+                  {"measured_s", t.time_s},
+                  {"predicted_s", pred},
+                  {"residual", res_h2d.back()}});
+  }
+  out.report = {{"fitted", fitted},
+                {"median_abs_residual",
+                 {{"gemm", median_abs(res_gemm)},
+                  {"stream", median_abs(res_stream)},
+                  {"attention", median_abs(res_attn)},
+                  {"collectives", median_abs(res_coll)},
+                  {"host_to_device", median_abs(res_h2d)}}},
+                {"samples",
+                 {{"gemm", gj},
+                  {"stream", sj},
+                  {"attention", aj},
+                  {"collectives", cj},
+                  {"host_to_device", hj}}}};
   if (d.overlap)
     out.report["samples"]["overlap"] = {{"compute_s", d.overlap->compute_s},
                                         {"collective_s", d.overlap->comm_s},

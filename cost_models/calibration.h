@@ -52,6 +52,13 @@ struct CollectiveSample {
   double time_s = 0;
 };
 
+// A copy from host memory to the device arena, as the ring's and the prefetches' weight loads
+// run it (on the backend's copy engine).
+struct TransferSample {
+  double bytes = 0;
+  double time_s = 0;
+};
+
 // A collective issued asynchronously while the rank computes: the compute alone, the collective
 // alone, and both (issue, compute, wait).
 struct OverlapSample {
@@ -69,6 +76,7 @@ struct CalibrationData {
   std::vector<StreamSample> stream;
   std::vector<AttentionSample> attention;
   std::vector<CollectiveSample> collectives;
+  std::vector<TransferSample> host_to_device;
   std::optional<OverlapSample> overlap;
 };
 

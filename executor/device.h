@@ -75,6 +75,15 @@ class Device {
                                   const float* d_out, int batch, int seq, int heads, int head_dim,
                                   float* d_qkv) = 0;
 
+  // Attention of new queries against a key/value cache (inference): per sequence, q_len queries
+  // (rows of q, heads contiguous, row stride ldq) are the last q_len of ctx positions whose keys
+  // and values are rows 0..ctx-1 of that sequence's cache (k and v: [batch, cache_len, h]); query i
+  // sees positions 0..ctx-q_len+i (causal). out is [batch*q_len, h]. q_len = ctx is a prefill,
+  // q_len = 1 one decode step.
+  virtual void attention_cached(const float* q, int ldq, const float* k, const float* v, int batch,
+                                int q_len, int ctx, int cache_len, int heads, int head_dim,
+                                float* out) = 0;
+
   // Softmax cross-entropy of `rows` logit rows against their labels: returns the sum of the rows'
   // losses and overwrites the logits with d(grad_scale * loss sum)/d(logits).
   virtual double cross_entropy(float* logits, const int* labels, int rows, int vocab,

@@ -4,17 +4,25 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <new>
 
 namespace switchyard {
 namespace {
 
+// Bytes in the largest binary unit that keeps the figure at least 1 (GiB for arenas, KiB for
+// the small buffers of tests and tiny models).
 std::string gib(int64_t bytes) {
+  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(bytes);
+  size_t u = 0;
+  while (u + 1 < std::size(kUnits) && std::abs(v) >= 1024.0) v /= 1024.0, ++u;
   char buf[48];
-  std::snprintf(buf, sizeof buf, "%.3f GiB", static_cast<double>(bytes) / double(1ull << 30));
+  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.3f %s", v, kUnits[u]);
   return buf;
 }
 

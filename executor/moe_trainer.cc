@@ -8,27 +8,11 @@
 #include <stdexcept>
 
 #include "core/step_program.h"
+#include "executor/counter_random.h"
 #include "executor/timed.h"
 
 namespace switchyard {
 namespace {
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-uint64_t name_hash(const std::string& s) {
-  uint64_t h = 1469598103934665603ull;  // FNV-1a
-  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
-  return h;
-}
-
-double uniform01(uint64_t bits) {
-  return (static_cast<double>(bits >> 11) + 0.5) / 9007199254740992.0;
-}
 
 // Activations of one rank, counted in the device tier.
 struct Tensor {
@@ -176,11 +160,7 @@ struct MoeTrainer::Impl {
       const uint64_t key =
           splitmix64(s.seed ^ splitmix64(static_cast<uint64_t>(step)) ^ splitmix64(sequence) ^
                      ((g % sl) << 32) ^ (static_cast<uint64_t>(layer) << 48));
-      for (int e = 0; e < experts; ++e) {
-        const double u = uniform01(splitmix64(key + static_cast<uint64_t>(e)));
-        logits[static_cast<size_t>(t) * experts + e] +=
-            static_cast<float>(logs[static_cast<size_t>(e)] - std::log(-std::log(u)));
-      }
+      add_gate_bias(logits + static_cast<size_t>(t) * experts, experts, logs, key);
     }
   }
   std::vector<double> log_share;                     // log of TrainSettings::routing_share

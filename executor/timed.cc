@@ -117,6 +117,11 @@ class TimedDevice : public Device {
     Timer t(t_, "attention");
     d_.attention_backward(qkv, out, lse, d, b, s, heads, hd, dqkv);
   }
+  void attention_cached(const float* q, int ldq, const float* k, const float* v, int b, int q_len,
+                        int ctx, int cache_len, int heads, int hd, float* out) override {
+    Timer t(t_, "attention");
+    d_.attention_cached(q, ldq, k, v, b, q_len, ctx, cache_len, heads, hd, out);
+  }
   double cross_entropy(float* logits, const int* labels, int rows, int vocab,
                        float grad_scale) override {
     Timer t(t_, "loss");

@@ -8,6 +8,7 @@
 
 #include "cost_models/calibration.h"
 #include "executor/communicator.h"
+#include "executor/copy_engine.h"
 #include "executor/device.h"
 #include "tuner/store.h"
 #ifdef SWITCHYARD_HAVE_MPI
@@ -63,11 +64,12 @@ void measure_compute(Device& dev, bool quick, CalibrationData& d) {
     if (acc < 0) std::abort();  // keeps the loop
   };
   const int reps = quick ? 3 : 7;
-  // GEMMs over the smallest dimension (tokens of a micro-batch or an expert's rows) and sizes, in
+  // GEMMs over the smallest dimension (tokens of a micro-batch or an expert's rows, down to the
+  // single rows of a decode step) and sizes, in
   // the three layouts a training step runs: forward (X W), data gradient (dY W^T) and weight
   // gradient (X^T dY), each a sample of its shape.
-  const std::vector<int> ms =
-      quick ? std::vector<int>{16, 128, 512} : std::vector<int>{16, 32, 64, 128, 256, 512, 1024};
+  const std::vector<int> ms = quick ? std::vector<int>{1, 4, 16, 128, 512}
+                                    : std::vector<int>{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024};
   for (int m : ms)
     for (int nk : quick ? std::vector<int>{256, 1024} : std::vector<int>{128, 256, 1024}) {
       const auto a = randoms(static_cast<size_t>(m) * nk),
@@ -215,6 +217,28 @@ void measure_collectives(Communicator& world, bool quick, CalibrationData& d) {
 
 // How much of an asynchronous all-reduce runs while the rank computes: a GEMM loop and an
 // all-reduce of similar length, alone and together (issue the all-reduce, compute, wait).
+// Weight loads: host-tier buffers into the device arena on the copy engine, as the ring and the
+// prefetches run them (submit, wait), 1 to 64 MiB. Each repetition reads another of four host
+// regions, so no load comes from the cache a previous one filled (a model's layers do not either).
+void measure_host_to_device(Device& dev, bool quick, CalibrationData& d) {
+  const size_t top = size_t{1} << (quick ? 24 : 26);
+  constexpr size_t kRegions = 4;
+  Buffer host = dev.memory().allocate(Tier::kCPU, kRegions * top, "calibration host buffer");
+  Buffer device = dev.memory().allocate(Tier::kGPU, top, "calibration device buffer");
+  CopyEngine engine(dev);
+  size_t next = 0;
+  for (size_t bytes = size_t{1} << 20; bytes <= top; bytes *= 4) {
+    const double t = median_s(
+        quick ? 3 : 7,
+        [&] {
+          const char* src = host.as<char>() + (next++ % kRegions) * top;
+          engine.wait(engine.submit(device.data(), src, bytes));
+        },
+        [] {});
+    d.host_to_device.push_back({static_cast<double>(bytes), t});
+  }
+}
+
 void measure_overlap(Device& dev, Communicator& world, bool quick, CalibrationData& d) {
   if (world.size() < 2) return;
   const int m = 256, nk = 512, reps = quick ? 3 : 7;
@@ -270,6 +294,7 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
     measure_compute(*dev, f.quick, data);
     measure_collectives(*world, f.quick, data);
     measure_overlap(*dev, *world, f.quick, data);
+    measure_host_to_device(*dev, f.quick, data);
   } catch (const std::exception& e) {
 #ifdef SWITCHYARD_HAVE_MPI
     if (mpi && world->size() > 1) mpi->abort(1, e.what());  // no rank waits for a failed one

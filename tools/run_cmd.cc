@@ -11,83 +11,16 @@
 #include "core/expert_load.h"
 #include "core/validate.h"
 #include "cost_models/memory.h"
+#include "executor/moe_inference.h"
 #include "executor/moe_trainer.h"
 #include "executor/timed.h"
 #include "simulator/simulator.h"
+#include "tools/run_common.h"
 #include "traces/chrome_trace.h"
 #include "tuner/store.h"
-#ifdef SWITCHYARD_HAVE_MPI
-#include "executor/cpu/mpi_communicator.h"
-#endif
 
 namespace switchyard::cli {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-struct RunFlags {
-  InputNames names;
-  int steps = 5;
-  int warmup = 1;
-  bool check = false;
-  std::string db = "switchyard.db";
-  bool no_db = false;
-  double timeout_s = 300;
-  uint64_t seed = 1234;
-  std::string profile;
-  std::string trace;
-  bool json = false;
-  std::string routing = "workload";
-};
-
-// The process's ranks: MPI when launched by mpirun, else one process.
-struct Ranks {
-#ifdef SWITCHYARD_HAVE_MPI
-  std::unique_ptr<MpiRuntime> mpi;
-#endif
-  std::unique_ptr<Communicator> world;
-  int rank = 0;
-  int size = 1;
-  [[noreturn]] void abort(int code, const std::string& message) {
-#ifdef SWITCHYARD_HAVE_MPI
-    if (mpi) mpi->abort(code, message);
-#endif
-    std::fprintf(stderr, "error: %s\n", message.c_str());
-    std::_Exit(code);
-  }
-};
-
-Ranks start_ranks(double timeout_s) {
-  Ranks r;
-#ifdef SWITCHYARD_HAVE_MPI
-  if (launched_by_mpirun()) {
-    r.mpi = MpiRuntime::start(nullptr, nullptr);
-    r.world = r.mpi->world(timeout_s);
-    r.rank = r.world->rank();
-    r.size = r.world->size();
-    return r;
-  }
-#else
-  (void)timeout_s;
-#endif
-  r.world = self_communicator("world", 0);
-  return r;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-
-// Test hooks: the rank named by SWITCHYARD_TEST_DIE_RANK dies (exits without a word) before the
-// first measured step, as a crashed process would; SWITCHYARD_TEST_HANG_RANK stops responding
-// instead, as a stuck one would.
-void maybe_fail(int rank) {
-  if (const char* r = std::getenv("SWITCHYARD_TEST_DIE_RANK"); r && std::atoi(r) == rank)
-    std::_Exit(137);
-  if (const char* r = std::getenv("SWITCHYARD_TEST_HANG_RANK"); r && std::atoi(r) == rank)
-    std::this_thread::sleep_for(std::chrono::hours(1));
-}
 
 int cmd_run(const Common& common, const RunFlags& f) {
   Ranks ranks = start_ranks(f.timeout_s);
@@ -98,9 +31,9 @@ int cmd_run(const Common& common, const RunFlags& f) {
   try {
     in = load_inputs(reg, f.names);
     issues = validate(in.plan, in.model, in.cluster, in.workload);
-    if (in.workload.mode != Mode::kTrain)
-      issues.push_back({"workload.mode", "run executes training steps; inference runs come next"});
-    const auto unsupported = trainer_unsupported(in.model, in.plan);
+    const auto unsupported = in.workload.mode == Mode::kInference
+                                 ? inference_unsupported(in.model, in.plan)
+                                 : trainer_unsupported(in.model, in.plan);
     issues.insert(issues.end(), unsupported.begin(), unsupported.end());
     if (in.plan.world_size() != ranks.size)
       issues.push_back({"plan", "has " + std::to_string(in.plan.world_size()) +
@@ -114,12 +47,11 @@ int cmd_run(const Common& common, const RunFlags& f) {
     return report_on_rank0(std::make_exception_ptr(ConfigError(std::move(issues))), ranks.rank == 0,
                            [&] { ranks.world->barrier(); });
 
+  if (in.workload.mode == Mode::kInference) return run_inference(f, ranks, in);
+
   const Plan& plan = in.plan;
   const ClusterSpec& c = in.cluster;
-  TierCapacity cap;
-  cap.device_bytes = c.gpu.hbm_bytes;
-  cap.host_bytes = c.host.dram_bytes / std::max(1, c.gpus_per_node);
-  cap.ssd_bytes = c.host.ssd_bytes / std::max(1, c.gpus_per_node);
+  TierCapacity cap = rank_capacity(c);
   auto backend = cpu_device(cap);
   // Per-op times of the measured steps: every device call and collective, by class.
   OpTimes op_times;
@@ -157,17 +89,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
   s.grad_bucket_bytes = plan.grad_bucket_bytes;
   s.capacity_factor = plan.capacity_factor.value_or(0.0);
   s.sequence_parallel = plan.sequence_parallel && plan.tp > 1;
-  if (f.routing == "workload" && in.model.moe) {
-    s.routing_share = expert_load_fractions(in.workload, in.model);
-    if (!in.workload.routing.per_layer.empty()) {  // each MoE layer its own shares
-      s.routing_layer_share.resize(static_cast<size_t>(in.model.num_layers));
-      int moe_layer = 0;
-      for (int64_t l = 0; l < in.model.num_layers; ++l)
-        if (in.model.is_moe_layer(l))
-          s.routing_layer_share[static_cast<size_t>(l)] =
-              expert_load_fractions(in.workload, in.model, moe_layer++);
-    }
-  }
+  if (f.routing == "workload") workload_routing(in, s.routing_share, s.routing_layer_share);
   // Elastic replicas: the placement the simulator assumes (hot experts by the workload's load).
   if (plan.expert_replicas.kind != ExpertReplicas::Kind::kNone)
     for (const RankExperts& rank : expert_rank_loads(in.model, plan, in.workload)) {
@@ -276,29 +198,9 @@ int cmd_run(const Common& common, const RunFlags& f) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
   }
-  // Every rank's `mine` to rank 0 (in rank order there; empty elsewhere).
-  const auto gather_json = [&](const Json& mine) {
-    std::vector<Json> all;
-    if (r != 0) {
-      const std::string text = mine.dump();
-      const int64_t n = static_cast<int64_t>(text.size());
-      ranks.world->send(&n, 1, DType::kInt64, 0, 11);
-      ranks.world->send(text.data(), text.size(), DType::kByte, 0, 12);
-      return all;
-    }
-    all.push_back(mine);
-    for (int src = 1; src < ranks.size; ++src) {
-      int64_t n = 0;
-      ranks.world->recv(&n, 1, DType::kInt64, src, 11);
-      std::string buf(static_cast<size_t>(n), '\0');
-      ranks.world->recv(buf.data(), buf.size(), DType::kByte, src, 12);
-      all.push_back(Json::parse(buf));
-    }
-    return all;
-  };
   // Per StepProgram op, the slowest rank's time per step.
   std::map<std::string, double> measured_program;
-  for (const Json& rank_ops : gather_json(Json(op_times.program_seconds)))
+  for (const Json& rank_ops : gather_json(ranks, Json(op_times.program_seconds)))
     for (const auto& [key, secs] : rank_ops.items())
       measured_program[key] = std::max(measured_program[key], secs.get<double>() / f.steps);
   // The measured timeline: every rank's events to rank 0.
@@ -308,7 +210,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
     for (const OpEvent& e : op_times.events)
       mine.push_back(
           {e.op, e.communication, e.start_s, e.end_s, e.program ? op_phase_name(e.phase) : ""});
-    const std::vector<Json> all = gather_json(mine);
+    const std::vector<Json> all = gather_json(ranks, mine);
     for (size_t rank = 0; rank < all.size(); ++rank)
       for (const auto& e : all[rank])
         events.push_back({static_cast<int>(rank), e[0].get<std::string>(), e[1].get<bool>(),

@@ -106,8 +106,9 @@ void write_measured_trace(const std::string& path, const std::vector<MeasuredEve
     sep();
     std::fprintf(f.get(), R"({"ph":"M","name":"process_name","pid":%d,"args":{"name":"rank %d"}})",
                  r, r);
-    static const char* const kTracks[] = {"compute", "communication", "program ops"};
-    for (int t = 0; t < 3; ++t) {
+    static const char* const kTracks[] = {"compute", "communication", "program ops",
+                                          "copies between tiers"};
+    for (int t = 0; t < 4; ++t) {
       sep();
       std::fprintf(f.get(),
                    R"({"ph":"M","name":"thread_name","pid":%d,"tid":%d,"args":{"name":"%s"}})", r,
@@ -117,8 +118,9 @@ void write_measured_trace(const std::string& path, const std::vector<MeasuredEve
   for (const MeasuredEvent& e : events) {
     sep();
     const bool program = !e.program_phase.empty();
-    const int tid = program ? 2 : e.communication ? 1 : 0;
-    const std::string cat = program           ? e.program_phase
+    const int tid = e.copy ? 3 : program ? 2 : e.communication ? 1 : 0;
+    const std::string cat = e.copy            ? "copy"
+                            : program         ? e.program_phase
                             : e.communication ? "communication"
                                               : "compute";
     std::fprintf(

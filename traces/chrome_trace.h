@@ -28,6 +28,7 @@ struct MeasuredEvent {
   // A StepProgram op's scope (its phase: "forward", "backward", "step"); empty: a device or
   // collective call of class `op`.
   std::string program_phase;
+  bool copy = false;  // a copy between tiers (its own track, as the simulator's copy stream)
 };
 
 // Writes a measured run's ops in the same format (pid = rank, tid 0 = compute calls, 1 =

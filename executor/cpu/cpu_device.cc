@@ -218,6 +218,38 @@ class CpuDevice : public Device {
       }
   }
 
+  void attention_cached(const float* q, int ldq, const float* k, const float* v, int batch,
+                        int q_len, int ctx, int cache_len, int heads, int head_dim,
+                        float* out) override {
+    if (q_len < 1 || ctx < q_len || ctx > cache_len)
+      throw std::invalid_argument("attention_cached: need 1 <= q_len <= ctx <= cache_len");
+    const int h = heads * head_dim;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    const int past = ctx - q_len;
+    RowMajor s(q_len, ctx);
+    for (int b = 0; b < batch; ++b)
+      for (int hd = 0; hd < heads; ++hd) {
+        const ConstMap qm(q + static_cast<size_t>(b) * q_len * ldq + hd * head_dim, q_len, head_dim,
+                          Eigen::OuterStride<>(ldq));
+        const size_t cache = static_cast<size_t>(b) * cache_len * h + hd * head_dim;
+        const ConstMap km(k + cache, ctx, head_dim, Eigen::OuterStride<>(h));
+        const ConstMap vm(v + cache, ctx, head_dim, Eigen::OuterStride<>(h));
+        Map o(out + static_cast<size_t>(b) * q_len * h + hd * head_dim, q_len, head_dim,
+              Eigen::OuterStride<>(h));
+        s.noalias() = scale * qm * km.transpose();
+        for (int i = 0; i < q_len; ++i) {
+          const int last = past + i;  // the newest position query i sees
+          float mx = -INFINITY;
+          for (int j = 0; j <= last; ++j) mx = std::max(mx, s(i, j));
+          double sum = 0;
+          for (int j = 0; j <= last; ++j) sum += (s(i, j) = std::exp(s(i, j) - mx));
+          for (int j = last + 1; j < ctx; ++j) s(i, j) = 0;
+          s.row(i) /= static_cast<float>(sum);
+        }
+        o.noalias() = s * vm;
+      }
+  }
+
   void attention_backward(const float* qkv, const float* out, const float* lse, const float* d_out,
                           int batch, int seq, int heads, int head_dim, float* d_qkv) override {
     const int h = heads * head_dim;

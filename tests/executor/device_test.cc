@@ -8,6 +8,7 @@
 #include <cmath>
 #include <filesystem>
 #include <random>
+#include <stdexcept>
 
 namespace switchyard {
 namespace {
@@ -239,6 +240,40 @@ TEST(CpuDevice, AttentionIsCausalAndItsBackwardMatchesFiniteDifferences) {
         dev->attention(in.data(), batch, seq, heads, d, o.data(), l.data());
       },
       13);
+}
+
+// The cache kernel is the same attention: a prefill (q_len = ctx) equals attention() on the same
+// rows, and decoding the last position alone (q_len 1 against the cache) equals its prefill row.
+TEST(CpuDevice, CachedAttentionMatchesFullAttentionForPrefillAndDecode) {
+  auto dev = cpu_device({});
+  const int batch = 2, seq = 5, heads = 2, d = 4, h = heads * d, cache_len = 7;
+  const auto qkv = random_vector(batch * seq * 3 * h, 21);
+  std::vector<float> want(batch * seq * h), lse(batch * heads * seq);
+  dev->attention(qkv.data(), batch, seq, heads, d, want.data(), lse.data());
+  // Keys and values into [batch, cache_len, h] caches (rows past seq stay garbage: never read).
+  std::vector<float> k(batch * cache_len * h, 1e3f), v(batch * cache_len * h, -1e3f);
+  for (int b = 0; b < batch; ++b)
+    for (int t = 0; t < seq; ++t)
+      for (int c = 0; c < h; ++c) {
+        k[(b * cache_len + t) * h + c] = qkv[(b * seq + t) * 3 * h + h + c];
+        v[(b * cache_len + t) * h + c] = qkv[(b * seq + t) * 3 * h + 2 * h + c];
+      }
+  std::vector<float> out(batch * seq * h);
+  dev->attention_cached(qkv.data(), 3 * h, k.data(), v.data(), batch, seq, seq, cache_len, heads, d,
+                        out.data());
+  for (size_t i = 0; i < out.size(); ++i) EXPECT_NEAR(out[i], want[i], 1e-6) << i;
+  // Decode: only the last query of each sequence, against all seq cached positions.
+  std::vector<float> q(batch * 3 * h), one(batch * h);
+  for (int b = 0; b < batch; ++b)
+    for (int c = 0; c < 3 * h; ++c) q[b * 3 * h + c] = qkv[(b * seq + seq - 1) * 3 * h + c];
+  dev->attention_cached(q.data(), 3 * h, k.data(), v.data(), batch, 1, seq, cache_len, heads, d,
+                        one.data());
+  for (int b = 0; b < batch; ++b)
+    for (int c = 0; c < h; ++c)
+      EXPECT_NEAR(one[b * h + c], want[(b * seq + seq - 1) * h + c], 1e-6);
+  EXPECT_THROW(dev->attention_cached(q.data(), 3 * h, k.data(), v.data(), batch, 1, cache_len + 1,
+                                     cache_len, heads, d, one.data()),
+               std::invalid_argument);
 }
 
 }  // namespace

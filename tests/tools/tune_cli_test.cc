@@ -405,3 +405,98 @@ TEST_F(RunCliTest, PipelineMoEsDispatchRunsAsTensorParallelismAndMatchesTheRefer
 
 }  // namespace
 }  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+// `switchyard run` of inference plans: the ring of sections streams every layer from host memory
+// and generates what the all-resident model generates; the report holds the weight loads beside
+// the simulator's prediction of the same plan, and the trace puts them on their own track.
+class InferenceRunCliTest : public TuneCliTest {};
+
+TEST_F(InferenceRunCliTest, ARingGeneratesWhatTheResidentModelGeneratesAndReportsItsCopies) {
+  const Result r = sh(kCli + " run --plan tiny-moe-ring --steps 1 --warmup 0 --check " +
+                      "--json --db " + path("run.db") + " --trace " + path("ring.json"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const Json out = json_of(r);
+  EXPECT_EQ(out["mode"], "inference");
+  EXPECT_TRUE(out["check"]["passed"].get<bool>()) << out["check"].dump();
+  EXPECT_TRUE(out["check"]["generated_tokens_identical"].get<bool>());
+  // tiny-moe's 4 layers in 4 sections: one layer loads ahead of the one computing.
+  EXPECT_EQ(out["ring"]["layers_ahead"], 1);
+  EXPECT_EQ(out["ring"]["sections"], 4);
+  // Every layer sits in host memory; the device holds two layer slots, not the model.
+  EXPECT_GT(out["peak_bytes"]["cpu"].get<double>(), out["ring"]["slot_bytes"].get<double>());
+  EXPECT_GT(out["weight_copy_s"]["measured"].get<double>(), 0);
+  EXPECT_GT(out["weight_copy_s"]["predicted"].get<double>(), 0);
+  // The program's ops were measured, pass by pass: its weight loads included.
+  std::set<std::string> measured;
+  for (const auto& o : out["program_ops"]) {
+    const std::string key = o["pass"].get<std::string>() + " " + o["op"].get<std::string>();
+    EXPECT_FALSE(o["predicted_s"].is_null()) << key << " measured, not in the program";
+    EXPECT_FALSE(o["measured_s"].is_null()) << key << " in the program, not measured";
+    measured.insert(key);
+  }
+  for (const char* key : {"prefill param_fetch", "decode step param_fetch", "prefill experts_fc1",
+                          "decode step attn_core", "decode step sample"})
+    EXPECT_TRUE(measured.count(key)) << key;
+  // Decoding 16 tokens for 4 sequences: the whole batch's routed rows, every pass.
+  int64_t routed = 0;
+  for (const auto& t : out["tokens_per_expert"]) routed += t.get<int64_t>();
+  EXPECT_EQ(routed, 4 /*layers*/ * 2 /*top-k*/ * 4 * (64 + 16));
+  // The weight loads on the trace's copy track.
+  std::ifstream in(path("ring.json"));
+  const Json trace = Json::parse(in);
+  int loads = 0;
+  for (const auto& e : trace["traceEvents"])
+    if (e.value("name", "") == "param_fetch" && e.value("tid", -1) == 3) ++loads;
+  EXPECT_EQ(loads, 4 * (1 + 16));  // every layer, every pass
+  // The measurement is stored beside its prediction.
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path("run.db").c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* st = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT count(*) FROM measurements", -1, &st, nullptr),
+            SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(st), SQLITE_ROW);
+  EXPECT_EQ(sqlite3_column_int(st, 0), 1);
+  sqlite3_finalize(st);
+  sqlite3_close(db);
+}
+
+TEST_F(InferenceRunCliTest, TheNaiveRingHidesNoCopyTimeInThePrediction) {
+  // The same ring without prefetching: each layer loads, then computes.
+  const std::string plan = path("naive.json");
+  std::ofstream(plan) << R"({"schema_version": 1, "name": "naive", "ring_sections": 4,
+                            "for": {"model": "tiny-moe", "cluster": "local-cpu-ring",
+                                    "workload": "tiny-inference"}})";
+  const Result naive =
+      sh(kCli + " run --plan " + plan + " --steps 1 --warmup 0 " + "--check --json --no-db");
+  ASSERT_EQ(naive.exit_code, 0) << naive.output;
+  const Json n = json_of(naive);
+  EXPECT_EQ(n["ring"]["layers_ahead"], 0);
+  EXPECT_TRUE(n["check"]["passed"].get<bool>());
+  EXPECT_NEAR(n["copy_hidden_fraction"]["predicted"].get<double>(), 0.0, 1e-9);
+  EXPECT_NEAR(n["stall_s"]["predicted"].get<double>(),
+              n["weight_copy_s"]["predicted"].get<double>(),
+              1e-9 * n["weight_copy_s"]["predicted"].get<double>() + 1e-12);
+  const Result ring = sh(kCli + " run --plan tiny-moe-ring --steps 1 --warmup 0 --json --no-db");
+  ASSERT_EQ(ring.exit_code, 0) << ring.output;
+  const Json a = json_of(ring);
+  EXPECT_GT(a["copy_hidden_fraction"]["predicted"].get<double>(), 0.3);
+  EXPECT_LT(a["latency_s"]["predicted"].get<double>(), n["latency_s"]["predicted"].get<double>());
+}
+
+TEST_F(InferenceRunCliTest, InferencePlansItCannotRunAreRefusedWithTheirPaths) {
+  const std::string plan = path("ep.json");
+  std::ofstream(plan) << R"({"schema_version": 1, "name": "ep", "dp": 2, "ep": 2,
+                            "for": {"model": "tiny-moe", "cluster": "local-cpu",
+                                    "workload": "tiny-inference"}})";
+  const Result r = sh(kCli + " run --plan " + plan + " --gpus 2 --no-db 2>&1");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("plan: the CPU runner does not run this yet: inference runs"),
+            std::string::npos)
+      << r.output;
+}
+
+}  // namespace
+}  // namespace switchyard

@@ -1,0 +1,86 @@
+#include "executor/copy_engine.h"
+
+namespace switchyard {
+
+CopyEngine::CopyEngine(Device& device, Clock::time_point epoch)
+    : device_(device), epoch_(epoch), thread_([this] { loop(); }) {}
+
+CopyEngine::~CopyEngine() {
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    stop_ = true;
+  }
+  work_.notify_one();
+  thread_.join();
+}
+
+CopyEngine::Ticket CopyEngine::submit(void* dst, const void* src, size_t bytes) {
+  Ticket t;
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    t = next_++;
+    queue_.push_back({t, dst, src, bytes});
+  }
+  work_.notify_one();
+  return t;
+}
+
+double CopyEngine::wait(Ticket t) {
+  std::unique_lock<std::mutex> lock(m_);
+  if (finished_ >= t) {
+    if (error_) std::rethrow_exception(error_);
+    return 0;
+  }
+  const auto start = Clock::now();
+  done_.wait(lock, [&] { return finished_ >= t; });
+  if (error_) std::rethrow_exception(error_);
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+void CopyEngine::drain() {
+  Ticket last;
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    last = next_ - 1;
+  }
+  wait(last);
+}
+
+std::vector<CopyEngine::Span> CopyEngine::take_spans() {
+  std::lock_guard<std::mutex> lock(m_);
+  std::vector<Span> out;
+  out.swap(spans_);
+  return out;
+}
+
+void CopyEngine::loop() {
+  for (;;) {
+    Job job;
+    {
+      std::unique_lock<std::mutex> lock(m_);
+      work_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping, nothing left
+      job = queue_.front();
+      queue_.pop_front();
+    }
+    const auto start = Clock::now();
+    std::exception_ptr error;
+    try {
+      device_.copy(job.dst, job.src, job.bytes);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    const auto end = Clock::now();
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      spans_.push_back({job.ticket, job.bytes,
+                        std::chrono::duration<double>(start - epoch_).count(),
+                        std::chrono::duration<double>(end - epoch_).count()});
+      finished_ = job.ticket;
+      if (error && !error_) error_ = error;
+    }
+    done_.notify_all();
+  }
+}
+
+}  // namespace switchyard

@@ -1,0 +1,69 @@
+// A copy engine: the CPU backend's counterpart of a CUDA copy stream. Copies between tiers run in
+// submission order on the engine's own thread while the caller computes; wait() blocks until one
+// has finished and says how long the caller stood still for it (a stall). Every finished copy keeps
+// its span, so a run can tell how much copy time compute hid.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "executor/device.h"
+
+namespace switchyard {
+
+class CopyEngine {
+ public:
+  using Clock = std::chrono::steady_clock;
+  using Ticket = uint64_t;
+  // One finished copy, in seconds since the engine's epoch.
+  struct Span {
+    Ticket ticket = 0;
+    size_t bytes = 0;
+    double start_s = 0;
+    double end_s = 0;
+  };
+
+  // `device.copy` runs on the engine's thread: pass the backend itself, not a timing wrapper
+  // (whose counters belong to the computing thread).
+  explicit CopyEngine(Device& device, Clock::time_point epoch = Clock::now());
+  ~CopyEngine();  // finishes the queued copies, then joins
+  CopyEngine(const CopyEngine&) = delete;
+  CopyEngine& operator=(const CopyEngine&) = delete;
+
+  Ticket submit(void* dst, const void* src, size_t bytes);
+  // Blocks until copy `t` has finished; returns the seconds spent waiting (0 when it already had).
+  // A copy that threw rethrows here.
+  double wait(Ticket t);
+  // Waits for every submitted copy.
+  void drain();
+  // The finished copies' spans so far, in order of completion; clears them.
+  std::vector<Span> take_spans();
+
+ private:
+  struct Job {
+    Ticket ticket;
+    void* dst;
+    const void* src;
+    size_t bytes;
+  };
+  void loop();
+  Device& device_;
+  Clock::time_point epoch_;
+  std::mutex m_;
+  std::condition_variable work_, done_;
+  std::deque<Job> queue_;
+  std::vector<Span> spans_;
+  Ticket next_ = 1, finished_ = 0;  // copies finish in ticket order
+  std::exception_ptr error_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+}  // namespace switchyard
