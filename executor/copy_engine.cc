@@ -2,8 +2,7 @@
 
 namespace switchyard {
 
-CopyEngine::CopyEngine(Device& device, Clock::time_point epoch)
-    : device_(device), epoch_(epoch), thread_([this] { loop(); }) {}
+CopyEngine::CopyEngine(Device& device) : device_(device), thread_([this] { loop(); }) {}
 
 CopyEngine::~CopyEngine() {
   {
@@ -73,9 +72,7 @@ void CopyEngine::loop() {
     const auto end = Clock::now();
     {
       std::lock_guard<std::mutex> lock(m_);
-      spans_.push_back({job.ticket, job.bytes,
-                        std::chrono::duration<double>(start - epoch_).count(),
-                        std::chrono::duration<double>(end - epoch_).count()});
+      spans_.push_back({job.ticket, job.bytes, start, end});
       finished_ = job.ticket;
       if (error && !error_) error_ = error;
     }

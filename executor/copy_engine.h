@@ -22,17 +22,17 @@ class CopyEngine {
  public:
   using Clock = std::chrono::steady_clock;
   using Ticket = uint64_t;
-  // One finished copy, in seconds since the engine's epoch.
+  // One finished copy.
   struct Span {
     Ticket ticket = 0;
     size_t bytes = 0;
-    double start_s = 0;
-    double end_s = 0;
+    Clock::time_point start, end;
+    double seconds() const { return std::chrono::duration<double>(end - start).count(); }
   };
 
   // `device.copy` runs on the engine's thread: pass the backend itself, not a timing wrapper
   // (whose counters belong to the computing thread).
-  explicit CopyEngine(Device& device, Clock::time_point epoch = Clock::now());
+  explicit CopyEngine(Device& device);
   ~CopyEngine();  // finishes the queued copies, then joins
   CopyEngine(const CopyEngine&) = delete;
   CopyEngine& operator=(const CopyEngine&) = delete;
@@ -55,7 +55,6 @@ class CopyEngine {
   };
   void loop();
   Device& device_;
-  Clock::time_point epoch_;
   std::mutex m_;
   std::condition_variable work_, done_;
   std::deque<Job> queue_;

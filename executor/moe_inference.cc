@@ -63,7 +63,6 @@ struct MoeInference::Impl {
   std::vector<double> log_share;
   std::vector<std::vector<double>> log_layer_share;
   std::optional<CopyEngine> engine;
-  std::chrono::steady_clock::time_point epoch;  // of the current generate()
 
   Impl(const ModelSpec& model, const InferenceSettings& settings, Device& d, Device& c)
       : m(model), s(settings), dev(d), copier(c) {}
@@ -116,9 +115,10 @@ struct MoeInference::Impl {
         if (l > 0) load(l + ahead);
         const double waited = engine->wait(ticket[static_cast<size_t>(l)]);
         if (waited > 0) {
-          const double end =
-              std::chrono::duration<double>(std::chrono::steady_clock::now() - epoch).count();
-          res.stall_events.push_back({"stall", false, end - waited, end, false, OpPhase::kForward});
+          const auto now = std::chrono::steady_clock::now();
+          record_stall(now - std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                 std::chrono::duration<double>(waited)),
+                       now);
         }
         out.stall_s += waited;
         w = slots[static_cast<size_t>(l) % slots.size()].as<float>();
@@ -369,14 +369,12 @@ std::unique_ptr<MoeInference> MoeInference::create(const ModelSpec& m, const Inf
   return t;
 }
 
-InferenceResult MoeInference::generate(OpTimes* prefill_ops, OpTimes* decode_ops,
-                                       std::chrono::steady_clock::time_point epoch) {
+InferenceResult MoeInference::generate(OpTimes* prefill_ops, OpTimes* decode_ops) {
   Impl& I = *impl_;
   const InferenceSettings& s = I.s;
   InferenceResult res;
   res.tokens_per_layer_expert.assign(static_cast<size_t>(I.layers) * I.experts, 0);
-  I.epoch = epoch;
-  if (s.ring) I.engine.emplace(I.copier, epoch);
+  if (s.ring) I.engine.emplace(I.copier);
   const auto run_pass = [&](bool decode, const std::vector<int>& tokens, int first, int batch,
                             int q_len, int ctx, const std::vector<int64_t>& ids,
                             std::vector<int>& next) {
@@ -384,21 +382,17 @@ InferenceResult MoeInference::generate(OpTimes* prefill_ops, OpTimes* decode_ops
     InferencePass p;
     p.decode = decode;
     const auto t0 = std::chrono::steady_clock::now();
-    {
-      std::optional<ProgramOpSink> sink;
-      if (ops) sink.emplace(*ops);
-      I.pass(tokens, first, batch, q_len, ctx, ids, p, next, res);
-    }
+    std::optional<ProgramOpSink> sink;
+    if (ops) sink.emplace(*ops);
+    I.pass(tokens, first, batch, q_len, ctx, ids, p, next, res);
     p.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (I.engine) {
-      I.engine->drain();
+      I.engine->drain();  // (the pass waited for every load it issued: a no-op)
       for (const CopyEngine::Span& sp : I.engine->take_spans()) {
-        p.copy_s += sp.end_s - sp.start_s;
+        p.copy_s += sp.seconds();
         p.copy_bytes += static_cast<int64_t>(sp.bytes);
-        res.copy_events.push_back(
-            {"param_fetch", false, sp.start_s, sp.end_s, true, OpPhase::kForward});
+        record_copy_op("param_fetch", OpPhase::kForward, sp.start, sp.end);
       }
-      if (ops) ops->program_seconds["forward param_fetch"] += p.copy_s;
     }
     res.passes.push_back(p);
   };

@@ -56,10 +56,6 @@ struct InferenceResult {
   std::vector<int> generated;                    // [decode_tokens][decode_batch] greedy tokens
   std::vector<float> logits;                     // keep_logits: [pass][sequence][vocab]
   std::vector<int64_t> tokens_per_layer_expert;  // routed (token, choice) pairs: [layer * E + e]
-  // For the trace, in seconds since the `epoch` given to generate(): the weight loads
-  // ("param_fetch", program ops of the copy engine) and the compute thread's waits for them
-  // ("stall").
-  std::vector<OpEvent> copy_events, stall_events;
 };
 
 // What the CPU inference runner cannot run (yet) for this model and plan; empty when it can.
@@ -75,10 +71,9 @@ class MoeInference {
 
   // Prefills every prompt (in passes of prefill_batch) and generates decode_tokens tokens for the
   // decode batch. `prefill_ops` / `decode_ops`, when given, collect the StepProgram ops' times of
-  // those passes (ProgramOp scopes, and the weight loads as "forward param_fetch").
-  InferenceResult generate(
-      OpTimes* prefill_ops = nullptr, OpTimes* decode_ops = nullptr,
-      std::chrono::steady_clock::time_point epoch = std::chrono::steady_clock::now());
+  // those passes (ProgramOp scopes, the weight loads as "forward param_fetch" and, when they
+  // record, the loads' spans and the waits for them as "stall" events).
+  InferenceResult generate(OpTimes* prefill_ops = nullptr, OpTimes* decode_ops = nullptr);
 
   int64_t weight_bytes() const;     // all parameters
   int64_t ring_slot_bytes() const;  // device bytes of the ring's slots (0 without a ring)

@@ -39,6 +39,27 @@ ProgramOp::~ProgramOp() {
          std::chrono::duration<double>(end - sink_->epoch).count(), true, phase_});
 }
 
+void record_copy_op(const char* name, OpPhase phase, std::chrono::steady_clock::time_point start,
+                    std::chrono::steady_clock::time_point end) {
+  OpTimes* sink = program_sink;
+  if (!sink) return;
+  sink->program_seconds[std::string(op_phase_name(phase)) + " " + name] +=
+      std::chrono::duration<double>(end - start).count();
+  if (sink->record)
+    sink->events.push_back({name, false, std::chrono::duration<double>(start - sink->epoch).count(),
+                            std::chrono::duration<double>(end - sink->epoch).count(), true, phase,
+                            true});
+}
+
+void record_stall(std::chrono::steady_clock::time_point start,
+                  std::chrono::steady_clock::time_point end) {
+  OpTimes* sink = program_sink;
+  if (!sink || !sink->record) return;
+  sink->events.push_back({"stall", false,
+                          std::chrono::duration<double>(start - sink->epoch).count(),
+                          std::chrono::duration<double>(end - sink->epoch).count()});
+}
+
 namespace {
 
 class Timer {

@@ -28,6 +28,7 @@ struct OpEvent {
   double end_s = 0;
   bool program = false;
   OpPhase phase = OpPhase::kForward;
+  bool copy = false;  // a copy between tiers (the copy engine's, off the computing thread)
 };
 
 struct OpTimes {
@@ -76,6 +77,15 @@ class ProgramOp {
   OpPhase phase_;
   std::chrono::steady_clock::time_point start_;
 };
+
+// A program op that ran off this thread (a copy engine's load between tiers): its time joins the
+// current sink's op "<phase> <name>", and its span the sink's events when it records. No-op
+// without a sink.
+void record_copy_op(const char* name, OpPhase phase, std::chrono::steady_clock::time_point start,
+                    std::chrono::steady_clock::time_point end);
+// The compute thread waiting for such a copy: an event named "stall" when the sink records.
+void record_stall(std::chrono::steady_clock::time_point start,
+                  std::chrono::steady_clock::time_point end);
 
 // Consecutive stretches of code as program ops: each at() ends the previous op and opens the next
 // (in `phase` unless named), the last ends with the cursor.

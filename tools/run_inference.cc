@@ -81,18 +81,18 @@ int run_inference(const RunFlags& f, Ranks& ranks, const Inputs& in) {
       ranks.world->barrier();
       const auto t0 = Clock::now();
       if (i == 0) op_times.epoch = t0;
-      InferenceResult res = runner->generate(&prefill_ops, &decode_ops, op_times.epoch);
+      if (i == 0)
+        for (OpTimes* ops : {&prefill_ops, &decode_ops}) {
+          ops->epoch = t0;
+          ops->record = op_times.record;
+        }
+      InferenceResult res = runner->generate(&prefill_ops, &decode_ops);
       batch_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
       for (const InferencePass& p : res.passes) {
         (p.decode ? decode_s : prefill_s).push_back(p.wall_s);
         (p.decode ? decode_copy : prefill_copy).push_back(p.copy_s);
         (p.decode ? decode_stall : prefill_stall).push_back(p.stall_s);
       }
-      if (op_times.record)
-        for (const auto* list : {&res.copy_events, &res.stall_events})
-          for (const OpEvent& e : *list)
-            events.push_back({r, e.op, false, e.start_s, e.end_s,
-                              e.program ? op_phase_name(e.phase) : "", e.program});
       tokens_per_layer_expert = std::move(res.tokens_per_layer_expert);
       if (i == 0) {
         logits = std::move(res.logits);
@@ -148,9 +148,10 @@ int run_inference(const RunFlags& f, Ranks& ranks, const Inputs& in) {
         measured_ops[pass][key] = std::max(measured_ops[pass][key], secs.get<double>() / per);
   }
   if (!f.trace.empty()) {
-    for (const OpEvent& e : op_times.events)
-      events.push_back({r, e.op, e.communication, e.start_s, e.end_s,
-                        e.program ? op_phase_name(e.phase) : "", false});
+    for (const OpTimes* ops : {&op_times, &prefill_ops, &decode_ops})
+      for (const OpEvent& e : ops->events)
+        events.push_back({r, e.op, e.communication, e.start_s, e.end_s,
+                          e.program ? op_phase_name(e.phase) : "", e.copy});
     Json mine = Json::array();
     for (const MeasuredEvent& e : events)
       mine.push_back({e.op, e.communication, e.start_s, e.end_s, e.program_phase, e.copy});
