@@ -518,8 +518,17 @@ OpTemplate copy_op(std::string_view name, CopyPath path, double bytes, int layer
   return op;
 }
 
-// The copies that bring a layer's offloaded parameters to the GPU: down the levels, SSD -> host
-// -> GPU (the GPU copy waits for the SSD read, set by with_prefetches).
+// Copies down the levels: `ssd` bytes read into host memory, then those and `host` bytes over
+// PCIe to the GPU (the GPU copy waits for the SSD read, set by with_prefetches).
+std::vector<OpTemplate> level_fetches(double host, double ssd, int layer, Phase phase) {
+  std::vector<OpTemplate> out;
+  if (ssd > 0) out.push_back(copy_op("param_ssd_read", CopyPath::kSsdToHost, ssd, layer, phase));
+  if (host + ssd > 0)
+    out.push_back(copy_op("param_fetch", CopyPath::kHostToGpu, host + ssd, layer, phase));
+  return out;
+}
+
+// The copies that bring a layer's offloaded parameters to the GPU.
 std::vector<OpTemplate> param_fetches(const ModelSpec& m, const Plan& p, const Dims& d, int layer,
                                       Phase phase) {
   const Placement& pl = p.placement;
@@ -537,11 +546,17 @@ std::vector<OpTemplate> param_fetches(const ModelSpec& m, const Plan& p, const D
     if (tier == Tier::kCPU) host += params * d.param_bytes;
     if (tier == Tier::kSSD) ssd += params * d.param_bytes;
   }
-  std::vector<OpTemplate> out;
-  if (ssd > 0) out.push_back(copy_op("param_ssd_read", CopyPath::kSsdToHost, ssd, layer, phase));
-  if (host + ssd > 0)
-    out.push_back(copy_op("param_fetch", CopyPath::kHostToGpu, host + ssd, layer, phase));
-  return out;
+  return level_fetches(host, ssd, layer, phase);
+}
+
+// The embedding's or the head's (final norm included) parameters when the plan keeps the dense
+// parameters off the GPU: fetched like a layer's (not in ring-memory inference, which keeps them
+// on the GPU).
+std::vector<OpTemplate> dense_unit_fetches(const Plan& p, const Dims& d, double params,
+                                           Phase phase) {
+  const double bytes = params * d.param_bytes;
+  return p.placement.dense_params == Tier::kSSD ? level_fetches(0, bytes, -1, phase)
+                                                : level_fetches(bytes, 0, -1, phase);
 }
 
 // Offloaded gradients leave the GPU as the layer's backward produces them (and go on to the SSD).
@@ -689,12 +704,24 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   for (const auto& ops : layer_fwd) total += ops.size();
   cp.forward.reserve(total);
   cp.backward.reserve(3 * total);
+  // Units of use: the embedding, the layers, the head (the embedding and the head are fetched
+  // only with the dense parameters off the GPU).
+  const double vocab_rows = static_cast<double>(m.vocab_size) / d.tp * d.h;
+  const bool dense_units = p.ring_sections == 0 && p.placement.dense_params != Tier::kGPU;
+  if (embedding && dense_units) {
+    fwd_begins.push_back(0);
+    fwd_fetches.push_back(dense_unit_fetches(p, d, vocab_rows, Phase::kForward));
+  }
   cp.forward.insert(cp.forward.end(), embed_fwd.begin(), embed_fwd.end());
   for (int i = 0; i < layers; ++i) {
     fwd_begins.push_back(cp.forward.size());
     fwd_fetches.push_back(param_fetches(m, p, d, first_layer + i, Phase::kForward));
     const auto& ops = layer_fwd[static_cast<size_t>(i)];
     cp.forward.insert(cp.forward.end(), ops.begin(), ops.end());
+  }
+  if (head && dense_units) {
+    fwd_begins.push_back(cp.forward.size());
+    fwd_fetches.push_back(dense_unit_fetches(p, d, vocab_rows + d.h, Phase::kForward));
   }
   cp.forward.insert(cp.forward.end(), head_fwd.begin(), head_fwd.end());
   cp.forward = with_prefetches(std::move(cp.forward), fwd_begins, std::move(fwd_fetches), depth);

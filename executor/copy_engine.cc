@@ -13,12 +13,12 @@ CopyEngine::~CopyEngine() {
   thread_.join();
 }
 
-CopyEngine::Ticket CopyEngine::submit(void* dst, const void* src, size_t bytes) {
+CopyEngine::Ticket CopyEngine::submit(void* dst, const void* src, size_t bytes, const char* label) {
   Ticket t;
   {
     std::lock_guard<std::mutex> lock(m_);
     t = next_++;
-    queue_.push_back({t, dst, src, bytes});
+    queue_.push_back({label, t, dst, src, bytes});
   }
   work_.notify_one();
   return t;
@@ -72,7 +72,7 @@ void CopyEngine::loop() {
     const auto end = Clock::now();
     {
       std::lock_guard<std::mutex> lock(m_);
-      spans_.push_back({job.ticket, job.bytes, start, end});
+      spans_.push_back({job.label, job.ticket, job.bytes, start, end});
       finished_ = job.ticket;
       if (error && !error_) error_ = error;
     }

@@ -24,6 +24,7 @@ class CopyEngine {
   using Ticket = uint64_t;
   // One finished copy.
   struct Span {
+    const char* label = "";  // what submit() named it (a StepProgram op: "param_fetch")
     Ticket ticket = 0;
     size_t bytes = 0;
     Clock::time_point start, end;
@@ -37,7 +38,7 @@ class CopyEngine {
   CopyEngine(const CopyEngine&) = delete;
   CopyEngine& operator=(const CopyEngine&) = delete;
 
-  Ticket submit(void* dst, const void* src, size_t bytes);
+  Ticket submit(void* dst, const void* src, size_t bytes, const char* label = "copy");
   // Blocks until copy `t` has finished; returns the seconds spent waiting (0 when it already had).
   // A copy that threw rethrows here.
   double wait(Ticket t);
@@ -48,6 +49,7 @@ class CopyEngine {
 
  private:
   struct Job {
+    const char* label;
     Ticket ticket;
     void* dst;
     const void* src;

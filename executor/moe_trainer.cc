@@ -8,7 +8,9 @@
 #include <stdexcept>
 
 #include "core/step_program.h"
+#include "executor/copy_engine.h"
 #include "executor/counter_random.h"
+#include "executor/host_kernels.h"
 #include "executor/timed.h"
 
 namespace switchyard {
@@ -54,8 +56,16 @@ std::vector<ConfigIssue> trainer_unsupported(const ModelSpec& m, const Plan& p) 
   if (p.zero_stage > 1) no("plan.zero_stage", "ZeRO stages 0 and 1");
   if (p.expert_replicas.kind != ExpertReplicas::Kind::kNone && p.dispatch != Dispatch::kAllToAll)
     no("plan.expert_replicas", "replicas with the flat all_to_all dispatch only");
-  if (p.placement != Placement{} || p.prefetch.direction != PrefetchDirection::kNone)
-    no("plan.placement", "every tensor class on the device tier");
+  const Placement& pl = p.placement;
+  if (pl.gradients != Tier::kGPU) no("plan.placement.gradients", "gradients on the device tier");
+  if (pl.activations != Tier::kGPU)
+    no("plan.placement.activations", "activations on the device tier");
+  const bool params_off = pl.dense_params != Tier::kGPU || pl.expert_params != Tier::kGPU;
+  if (params_off && pl.optimizer_states == Tier::kGPU)
+    no("plan.placement.optimizer_states",
+       "off-device parameters are updated where they live: optimizer states off the device too");
+  if ((params_off || pl.optimizer_states != Tier::kGPU) && p.zero_stage > 0)
+    no("plan.zero_stage", "offloaded parameters or optimizer states with ZeRO stage 0");
   if (p.recompute != Recompute::kNone) no("plan.recompute", "no recompute");
   return out;
 }
@@ -122,7 +132,112 @@ struct MoeTrainer::Impl {
     Buffer shard_grads;           // ZeRO-1: this rank's reduced shard
     Buffer m, v;
     Communicator* group = nullptr;
+    // Tiers (TrainSettings::placement): of the values, and of the optimizer states. Off-device
+    // states: the host's copy of the gradients the update reads, and (values on the device) the
+    // host's master copy of the values it updates.
+    Tier values_tier = Tier::kGPU, states_tier = Tier::kGPU;
+    Buffer host_grads, master;
+    // Off-device values: each fetch unit's elements [first, second) (unit 0: the embedding,
+    // 1..layers: the layers, layers + 1: the final norm and the head), the device slots units
+    // land in, and (values on SSD) the host staging they pass through.
+    std::vector<std::pair<size_t, size_t>> unit_range;
+    std::vector<Buffer> slots, staging;
+    bool streamed() const { return values_tier != Tier::kGPU; }
   } dense, expert;
+
+  // --- Copies between tiers: off-device parameters fetched into device slots, `depth` units
+  // ahead of the one computing (the StepProgram's param_fetch ops, issued by with_prefetches).
+  Device* copier = nullptr;
+  std::optional<CopyEngine> engine;
+  int depth = 0;
+  std::vector<int> pass_units;  // this pass's fetch units, in order of use
+  std::vector<CopyEngine::Ticket> pass_ready;
+  OpPhase pass_phase = OpPhase::kForward;
+  TierStats tier_stats;  // of the current step
+  bool streaming() const { return dense.streamed() || expert.streamed(); }
+  static int embed_unit() { return 0; }
+  int layer_unit(int l) const { return l + 1; }
+  int head_unit() const { return layers + 1; }
+
+  void issue_fetch(size_t i) {
+    if (i >= pass_units.size()) return;
+    const int unit = pass_units[i];
+    const size_t slot = i % static_cast<size_t>(depth + 1);
+    CopyEngine::Ticket last = 0;
+    for (Space* sp : {&dense, &expert}) {
+      if (!sp->streamed()) continue;
+      const auto [first, end] = sp->unit_range[static_cast<size_t>(unit)];
+      if (end == first) continue;
+      const size_t bytes = (end - first) * sizeof(float);
+      const float* home = sp->values.as<float>() + first;
+      if (sp->values_tier == Tier::kSSD) {
+        // Down the levels: the SSD read into host staging, then over the link to the device.
+        engine->submit(sp->staging[slot].data(), home, bytes, "param_ssd_read");
+        home = sp->staging[slot].as<float>();
+      }
+      last = engine->submit(sp->slots[slot].data(), home, bytes, "param_fetch");
+    }
+    pass_ready[i] = last;
+  }
+  // A pass over `units` (forward: embedding, layers, head; backward: the layers in reverse)
+  // starts: its first depth + 1 units load.
+  void begin_fetches(std::vector<int> units, OpPhase phase) {
+    if (!streaming()) return;
+    pass_units = std::move(units);
+    pass_ready.assign(pass_units.size(), 0);
+    pass_phase = phase;
+    for (size_t i = 0; i <= static_cast<size_t>(depth); ++i) issue_fetch(i);
+  }
+  // The pass's i-th unit starts: unit i + depth loads into the slot unit i - 1 left; wait for
+  // unit i and point its parameters at its slot.
+  void fetch(size_t i) {
+    if (!streaming()) return;
+    if (i > 0) issue_fetch(i + static_cast<size_t>(depth));
+    if (pass_ready[i] != 0) {
+      const double waited = engine->wait(pass_ready[i]);
+      if (waited > 0) {
+        const auto now = std::chrono::steady_clock::now();
+        record_stall(now - std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                               std::chrono::duration<double>(waited)),
+                     now);
+        tier_stats.stall_s += waited;
+      }
+    }
+    point_unit(pass_units[i], i % static_cast<size_t>(depth + 1));
+  }
+  // The pass ended: parameters point home again; its copies become program ops.
+  void end_fetches() {
+    if (!streaming()) return;
+    engine->drain();
+    for (int unit : pass_units) point_unit(unit, std::nullopt);
+    collect_copies(pass_phase);
+    pass_units.clear();
+  }
+  // The finished copies into the step's figures; a pass's also as its program ops (the
+  // update's copies are inside the program's optimizer op, whose scope waited for them).
+  void collect_copies(std::optional<OpPhase> phase) {
+    for (const CopyEngine::Span& sp : engine->take_spans()) {
+      (phase ? tier_stats.fetch_s : tier_stats.update_copy_s) += sp.seconds();
+      (phase ? tier_stats.fetch_bytes : tier_stats.update_copy_bytes) +=
+          static_cast<int64_t>(sp.bytes);
+      if (phase) record_copy_op(sp.label, *phase, sp.start, sp.end);
+    }
+  }
+  // Points a unit's parameters of every streamed space at a slot (nullopt: at their home).
+  void point_unit(int unit, std::optional<size_t> slot) {
+    for (Space* sp : {&dense, &expert}) {
+      if (!sp->streamed()) continue;
+      const size_t first = sp->unit_range[static_cast<size_t>(unit)].first;
+      size_t at = 0;
+      for (size_t k : sp->members) {
+        Parameter& p = (*params)[k];
+        if (at >= first && at < sp->unit_range[static_cast<size_t>(unit)].second)
+          p.value =
+              slot ? sp->slots[*slot].as<float>() + (at - first) : sp->values.as<float>() + at;
+        at += p.size;
+      }
+    }
+  }
 
   Impl(const ModelSpec& model, const TrainSettings& settings, Device& d, TrainGroups groups)
       : m(model), s(settings), dev(d), g(groups) {}
@@ -544,8 +659,17 @@ struct MoeTrainer::Impl {
     const int* label = mb.label.data() + first_token;
     // The StepProgram op each stretch of code runs (the lowering's names), for the measurement.
     ProgramOpCursor op(OpPhase::kForward);
+    // Off-device parameters: the embedding, this chunk's layers and the head, in order of use.
+    std::vector<int> units;
+    // (The embedding and the head are units only when the dense parameters are off the device.)
+    if (first_stage() && dense.streamed()) units.push_back(embed_unit());
+    for (int l = layer_begin; l < layer_end; ++l) units.push_back(layer_unit(l));
+    if (last_stage() && dense.streamed()) units.push_back(head_unit());
+    begin_fetches(std::move(units), OpPhase::kForward);
+    size_t next_unit = 0;
     Tensor x;
     if (first_stage()) {
+      if (dense.streamed()) fetch(next_unit++);
       op.at("embedding");
       const float* emb = P("embed").v();
       if (tp > 1) {
@@ -580,6 +704,8 @@ struct MoeTrainer::Impl {
     saved.resize(static_cast<size_t>(layer_end - layer_begin));
     for (int l = layer_begin; l < layer_end; ++l) {
       LayerSaved& S = saved[static_cast<size_t>(l - layer_begin)];
+      op.close();
+      fetch(next_unit++);
       S.x_in = std::move(x);
       op.at("norm1");
       S.a = alloc(static_cast<size_t>(Tl) * h, "norm output");
@@ -693,9 +819,13 @@ struct MoeTrainer::Impl {
       }
     }
     if (!last_stage()) {
+      op.close();
+      end_fetches();
       mb.x = std::move(x);
       return;
     }
+    op.close();
+    if (dense.streamed()) fetch(next_unit++);
     op.at("final_norm");
     Tensor xf = alloc(static_cast<size_t>(Tl) * h, "final norm");
     dev.rmsnorm(x.p(), P("final_norm").v(), Tl, h, eps, xf.p());
@@ -742,6 +872,8 @@ struct MoeTrainer::Impl {
     dev.rmsnorm_backward(x.p(), P("final_norm").v(), dxf.p(), Tl, h, eps, dx.p(),
                          P("final_norm").g());
     mb.dx = std::move(dx);
+    op.close();
+    end_fetches();
   }
 
   // This stage's backward from mb.dx (the gradient at its output); leaves the gradient at its
@@ -751,9 +883,15 @@ struct MoeTrainer::Impl {
     const int* tok = mb.tok.data() + (sp ? static_cast<size_t>(tp_rank) * Tl : 0);
     std::vector<LayerSaved>& saved = mb.saved;
     ProgramOpCursor op(OpPhase::kBackward);  // as in forward()
+    std::vector<int> units;
+    for (int l = layer_end - 1; l >= layer_begin; --l) units.push_back(layer_unit(l));
+    begin_fetches(std::move(units), OpPhase::kBackward);
+    size_t next_unit = 0;
     Tensor dx = std::move(mb.dx);
     for (int l = layer_end - 1; l >= layer_begin; --l) {
       LayerSaved& S = saved[static_cast<size_t>(l - layer_begin)];
+      op.close();
+      fetch(next_unit++);
       // dx is the gradient at the layer's output = d(x_mid) through the residual + FFN branch.
       Tensor db = alloc(static_cast<size_t>(Tl) * h, "gradient");
       if (m.is_moe_layer(l)) {
@@ -946,6 +1084,8 @@ struct MoeTrainer::Impl {
     } else {
       mb.dx = std::move(dx);
     }
+    op.close();
+    end_fetches();
     (void)sequences;
   }
 
@@ -1057,9 +1197,24 @@ struct MoeTrainer::Impl {
     const float c1 = static_cast<float>(1.0 - std::pow(s.beta1, t));
     const float c2 = static_cast<float>(1.0 - std::pow(s.beta2, t));
     op.at("optimizer");
-    if (first < sp.total)
-      dev.adam(values + first, gsrc, sp.m.as<float>(), sp.v.as<float>(),
-               std::min(count, sp.total - first), s.lr, s.beta1, s.beta2, s.eps, c1, c2);
+    const size_t n_upd = first < sp.total ? std::min(count, sp.total - first) : 0;
+    if (sp.states_tier == Tier::kGPU) {
+      if (n_upd > 0)
+        dev.adam(values + first, gsrc, sp.m.as<float>(), sp.v.as<float>(), n_upd, s.lr, s.beta1,
+                 s.beta2, s.eps, c1, c2);
+    } else if (n_upd > 0) {
+      // ZeRO-Offload's update: the gradients down to the host, Adam on the host over the states
+      // in host memory (or their files on SSD), the updated values back up when they live on
+      // the device (otherwise the host's values are the ones updated).
+      CopyEngine& ce = *engine;
+      ce.wait(ce.submit(sp.host_grads.data(), gsrc, n_upd * sizeof(float), "grad_offload"));
+      float* target = sp.values_tier == Tier::kGPU ? sp.master.as<float>() : values;
+      host_adam(target + first, sp.host_grads.as<float>(), sp.m.as<float>(), sp.v.as<float>(),
+                n_upd, s.lr, s.beta1, s.beta2, s.eps, c1, c2);
+      if (sp.values_tier == Tier::kGPU)
+        ce.wait(ce.submit(values + first, target + first, n_upd * sizeof(float), "param_upload"));
+      collect_copies(std::nullopt);
+    }
     // ZeRO-1: every rank's updated shard to every rank (in place: this rank's shard already sits
     // at its offset).
     if (s.zero_stage >= 1 && n > 1) {
@@ -1080,7 +1235,9 @@ struct MoeTrainer::Impl {
     const int n = group->size();
     sp.padded = (sp.total + n - 1) / n * n;
     const std::string what = expert_space ? "expert parameters" : "dense parameters";
-    sp.values = dev.memory().allocate(Tier::kGPU, sp.padded * sizeof(float), what);
+    sp.values_tier = expert_space ? s.placement.expert_params : s.placement.dense_params;
+    sp.states_tier = s.placement.optimizer_states;
+    sp.values = dev.memory().allocate(sp.values_tier, sp.padded * sizeof(float), what);
     sp.grads = dev.memory().allocate(Tier::kGPU, sp.padded * sizeof(float), what + " gradients");
     size_t at = 0;
     for (size_t k : sp.members) {
@@ -1094,16 +1251,56 @@ struct MoeTrainer::Impl {
     if (sharded)
       sp.shard_grads =
           dev.memory().allocate(Tier::kGPU, states * sizeof(float), "reduced gradient shard");
-    sp.m = dev.memory().allocate(Tier::kGPU, states * sizeof(float), "Adam momentum");
-    sp.v = dev.memory().allocate(Tier::kGPU, states * sizeof(float), "Adam variance");
+    sp.m = dev.memory().allocate(sp.states_tier, states * sizeof(float), "Adam momentum");
+    sp.v = dev.memory().allocate(sp.states_tier, states * sizeof(float), "Adam variance");
+    if (sp.states_tier != Tier::kGPU) {
+      sp.host_grads =
+          dev.memory().allocate(Tier::kCPU, states * sizeof(float), what + " gradients (host)");
+      if (sp.values_tier == Tier::kGPU)
+        sp.master =
+            dev.memory().allocate(Tier::kCPU, sp.padded * sizeof(float), what + " (host master)");
+    }
+    if (!sp.streamed()) return;
+    // Fetch units: each parameter belongs to the embedding, a layer ("layer<l>.") or the head.
+    sp.unit_range.assign(static_cast<size_t>(layers) + 2, {0, 0});
+    std::vector<bool> seen(sp.unit_range.size(), false);
+    at = 0;
+    size_t largest = 0;
+    for (size_t k : sp.members) {
+      const Parameter& p = (*params)[k];
+      int unit = head_unit();
+      if (p.name == "embed")
+        unit = embed_unit();
+      else if (p.name.rfind("layer", 0) == 0)
+        unit = layer_unit(std::stoi(p.name.substr(5)));
+      auto& r = sp.unit_range[static_cast<size_t>(unit)];
+      if (!seen[static_cast<size_t>(unit)]) r = {at, at};
+      if (r.second != at)
+        throw std::logic_error("fetch unit of " + p.name + " is not contiguous in its space");
+      seen[static_cast<size_t>(unit)] = true;
+      r.second = at + p.size;
+      largest = std::max(largest, r.second - r.first);
+      at += p.size;
+    }
+    for (int i = 0; i <= depth; ++i) {
+      sp.slots.push_back(dev.memory().allocate(Tier::kGPU, largest * sizeof(float),
+                                               what + " slot " + std::to_string(i), false));
+      if (sp.values_tier == Tier::kSSD)
+        sp.staging.push_back(dev.memory().allocate(Tier::kCPU, largest * sizeof(float),
+                                                   what + " staging " + std::to_string(i), false));
+    }
   }
 };
 
 MoeTrainer::~MoeTrainer() = default;
 
 std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSettings& s,
-                                               Device& device, TrainGroups groups) {
-  std::vector<ConfigIssue> issues = trainer_unsupported(m, Plan{});
+                                               Device& device, TrainGroups groups, Device* copier) {
+  Plan shape;  // what the settings ask of the plan's rules
+  shape.placement = s.placement;
+  shape.zero_stage = s.zero_stage;
+  std::vector<ConfigIssue> issues = trainer_unsupported(m, shape);
+  if (s.prefetch_depth < 0) issues.push_back({"plan.prefetch.depth", "must be >= 0"});
   const int dp = groups.dp->size(), ep = groups.ep->size();
   const int64_t experts = m.moe ? m.moe->num_experts : 0;
   if (m.moe && experts % ep != 0)
@@ -1335,6 +1532,9 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
     add("final_norm", h, false);
     add("head", h * vl, false, columns(h, static_cast<size_t>(I.vocab), vocab_cols));
   }
+  I.copier = copier ? copier : &device;
+  I.depth = s.prefetch_depth;
+  if (s.placement != Placement{}) I.engine.emplace(*I.copier);
   I.setup_space(I.dense, false, groups.dp);
   I.setup_space(I.expert, true, groups.expert_dp);
   if (I.sp)
@@ -1350,6 +1550,8 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
     for (size_t i = 0; i < p.size; ++i)
       p.v()[i] =
           init_value(s.seed, p.name, p.global_index.empty() ? i : p.global_index[i], s.init_std);
+  for (Impl::Space* sp : {&I.dense, &I.expert})
+    if (sp->master) std::memcpy(sp->master.data(), sp->values.data(), sp->padded * sizeof(float));
   return t;
 }
 
@@ -1359,6 +1561,7 @@ StepStats MoeTrainer::forward_backward(int64_t step_index) {
     if (sp->padded > 0) std::memset(sp->grads.data(), 0, sizeof(float) * sp->padded);
   StepStats st;
   I.dropped = 0;
+  I.tier_stats = {};
   // Counted per (layer, expert) while the step runs; summed over layers at its end.
   st.tokens_per_layer_expert.assign(static_cast<size_t>(I.layers) * I.experts, 0);
   const int dp = I.g.dp->size();
@@ -1376,6 +1579,7 @@ StepStats MoeTrainer::forward_backward(int64_t step_index) {
   for (size_t i = 0; i < st.tokens_per_layer_expert.size(); ++i)
     st.tokens_per_expert[i % static_cast<size_t>(I.experts)] += st.tokens_per_layer_expert[i];
   st.dropped = I.dropped;
+  st.tiers = I.tier_stats;
   return st;
 }
 
@@ -1397,6 +1601,7 @@ StepStats MoeTrainer::step(int64_t step_index) {
         group->all_reduce(p.g(), p.size, DType::kFloat32, ReduceOp::kSum);
   I.reduce_and_update(I.dense);
   if (!I.expert.members.empty()) I.reduce_and_update(I.expert);
+  st.tiers = I.tier_stats;  // the update's copies too
   I.g.dp->all_reduce(&st.loss, 1, DType::kFloat64, ReduceOp::kSum);
   // Only the last stage computed a loss: every stage reports the batch's.
   if (I.g.pp && I.g.pp->size() > 1)

@@ -59,6 +59,15 @@ struct TrainSettings {
   // rows are dealt round-robin over its copies, whose gradients are summed.
   std::vector<std::vector<int>> rank_experts;
   double capacity_factor = 0;  // 0 = dropless; else per micro-batch and rank, as GShard's groups
+  // Where the tensor classes live (SE-MoE's hierarchical storage; ZeRO-Offload, ZeRO-Infinity):
+  // dense and expert parameters and the optimizer states on the device, host or SSD tier
+  // (gradients and activations stay on the device). Off-device parameters come to device slots
+  // before each use (the embedding, each layer, the head), `prefetch_depth` units ahead of the one
+  // computing, down the levels (SSD -> host -> device) on the copy engine; off-device optimizer
+  // states are updated on the host (gradients down, Adam, parameters up when they live on the
+  // device).
+  Placement placement;
+  int prefetch_depth = 0;
   uint64_t seed = 1234;
   float init_std = 0.02f;  // weights ~ N(0, init_std^2); norm gains start at 1
   float lr = 1e-3f;
@@ -105,7 +114,17 @@ struct Parameter {
   float* g() const { return grad; }
 };
 
+// Copies between tiers of one step.
+struct TierStats {
+  double fetch_s = 0;  // the copy engine busy with parameter fetches (their spans are program ops)
+  double stall_s = 0;  // compute waiting for them
+  int64_t fetch_bytes = 0;
+  double update_copy_s = 0;  // off-device optimizer states: gradients down, parameters up
+  int64_t update_copy_bytes = 0;
+};
+
 struct StepStats {
+  TierStats tiers;
   double loss = 0;                         // mean cross-entropy over the global batch
   std::vector<int64_t> tokens_per_expert;  // routed (token, choice) pairs per global expert, all
                                            // MoE layers, this rank's experts' share
@@ -116,8 +135,11 @@ struct StepStats {
 class MoeTrainer {
  public:
   // Checks the combination (ConfigError listing what is unsupported or inconsistent).
+  // `copier` runs the copies between tiers on the copy engine's thread (default: `device`; pass
+  // the backend itself when `device` is a timing wrapper).
   static std::unique_ptr<MoeTrainer> create(const ModelSpec& m, const TrainSettings& s,
-                                            Device& device, TrainGroups groups);
+                                            Device& device, TrainGroups groups,
+                                            Device* copier = nullptr);
   ~MoeTrainer();
 
   // One training step: forward and backward of this rank's micro-batches, gradient reduction,

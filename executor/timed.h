@@ -97,6 +97,7 @@ class ProgramOpCursor {
     op_.reset();
     op_.emplace(name, phase);
   }
+  void close() { op_.reset(); }  // ends the open op (time until the next at() is no op's)
 
  private:
   OpPhase phase_;

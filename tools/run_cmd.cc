@@ -102,11 +102,15 @@ int cmd_run(const Common& common, const RunFlags& f) {
     s.vp = plan.vp;
   }
   s.seed = f.seed;
+  // Hierarchical storage: what the plan keeps off the device, fetched `depth` layers ahead.
+  s.placement = plan.placement;
+  s.prefetch_depth = plan.prefetch.ahead() ? plan.prefetch.depth : 0;
 
   Json check = nullptr;
   std::vector<double> losses, step_s;
   std::vector<int64_t> tokens_per_expert, tokens_per_layer_expert;
   int64_t dropped = 0;
+  double tier_copy_s = 0, tier_stall_s = 0;  // copies between tiers, and compute waiting for them
   try {
     TrainGroups groups;
     groups.dp = dp.get();
@@ -117,13 +121,14 @@ int cmd_run(const Common& common, const RunFlags& f) {
     groups.pp = pp.get();
     groups.tp = tpg.get();
     groups.ppmoe = ppmoe;
-    auto trainer = MoeTrainer::create(in.model, s, *dev, groups);
+    auto trainer = MoeTrainer::create(in.model, s, *dev, groups, backend.get());
     tokens_per_expert.assign(static_cast<size_t>(in.model.moe ? in.model.moe->num_experts : 0), 0);
     for (int i = 0; i < f.warmup; ++i) trainer->step(i);
     dev->memory().reset_peaks();
     op_times.clear();
     op_times.record = !f.trace.empty();
     double step_total = 0;
+    tier_copy_s = tier_stall_s = 0;
     for (int i = 0; i < f.steps; ++i) {
       if (i == 0) maybe_fail(r);
       ranks.world->barrier();
@@ -137,6 +142,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
       ranks.world->all_reduce(&dt, 1, DType::kFloat64, ReduceOp::kMax);
       step_s.push_back(dt);
       step_total += dt;
+      tier_copy_s += st.tiers.fetch_s;
+      tier_stall_s += st.tiers.stall_s;
       losses.push_back(st.loss);
       for (size_t e = 0; e < st.tokens_per_expert.size(); ++e)
         tokens_per_expert[e] += st.tokens_per_expert[e];
@@ -171,6 +178,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
       if (s.capacity_factor <= 0) rs.micro_batch_size = 1;
       rs.zero_stage = 0;
       rs.rank_experts.clear();  // every expert once, in the one process
+      rs.placement = {};        // every tensor on the device
+      rs.prefetch_depth = 0;
       auto ref = MoeTrainer::create(in.model, rs, *ref_dev, {sdp.get(), sep.get(), sedp.get()});
       double loss_err = 0, param_err = 0;
       for (int i = 0; i < f.warmup + f.steps; ++i) {
@@ -221,6 +230,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
                       dev->memory().peak(Tier::kSSD)};
   ranks.world->all_reduce(peaks, 3, DType::kInt64, ReduceOp::kMax);
   ranks.world->all_reduce(&dropped, 1, DType::kInt64, ReduceOp::kSum);
+  double tiers[2] = {tier_copy_s / f.steps, tier_stall_s / f.steps};
+  ranks.world->all_reduce(tiers, 2, DType::kFloat64, ReduceOp::kMax);
   if (!tokens_per_expert.empty()) {
     ranks.world->all_reduce(tokens_per_expert.data(), tokens_per_expert.size(), DType::kInt64,
                             ReduceOp::kSum);
@@ -360,6 +371,22 @@ int cmd_run(const Common& common, const RunFlags& f) {
               {"predicted_step_time_with_measured_routing_s",
                pred_routed ? Json(pred_routed->step_time_s) : Json(nullptr)},
               {"check", check}};
+  if (plan.placement != Placement{}) {
+    // Copies between tiers per step: the simulator's copy stream (the critical stage) and its
+    // stalls beside the copy engine's busy time and compute's waits (the slowest rank's).
+    double predicted_copy = 0;
+    for (const TimelineEvent& e : pred.timeline)
+      if (e.op && e.stage == pred.critical_stage && e.stream == StreamKind::kCopy)
+        predicted_copy += e.end_s - e.start_s;
+    const auto hidden = [](double copy, double stall) {
+      return copy > 0 ? Json(std::clamp(1.0 - stall / copy, 0.0, 1.0)) : Json(nullptr);
+    };
+    out["tiers"] = {{"copy_s", {{"measured", tiers[0]}, {"predicted", predicted_copy}}},
+                    {"stall_s", {{"measured", tiers[1]}, {"predicted", pred.time.stall_s}}},
+                    {"copy_hidden_fraction",
+                     {{"measured", hidden(tiers[0], tiers[1])},
+                      {"predicted", hidden(predicted_copy, pred.time.stall_s)}}}};
+  }
   if (!f.trace.empty()) {
     write_measured_trace(f.trace, events, in, measured, ranks.size);
     out["trace"] = f.trace;
@@ -439,6 +466,14 @@ int cmd_run(const Common& common, const RunFlags& f) {
                     (o["phase"].get<std::string>() + " " + o["op"].get<std::string>()).c_str(),
                     secs(o["predicted_s"]).c_str(), secs(o["measured_s"]).c_str());
       }
+    }
+    if (out.contains("tiers")) {
+      const Json& t = out["tiers"];
+      std::cout << "  tier copies      parameter fetches "
+                << fmt("%.4f s", t["copy_s"]["measured"].get<double>()) << " (predicted "
+                << fmt("%.4f s", t["copy_s"]["predicted"].get<double>()) << "), stalls "
+                << fmt("%.4f s", t["stall_s"]["measured"].get<double>()) << " (predicted "
+                << fmt("%.4f s", t["stall_s"]["predicted"].get<double>()) << ") per step\n";
     }
     if (!tokens_per_expert.empty()) {
       std::cout << "  tokens/expert   ";

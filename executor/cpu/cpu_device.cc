@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "executor/device.h"
+#include "executor/host_kernels.h"
 
 namespace switchyard {
 namespace {
@@ -304,12 +305,7 @@ class CpuDevice : public Device {
 
   void adam(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
             float beta2, float eps, float c1, float c2) override {
-    for (size_t i = 0; i < n; ++i) {
-      const float g = grad[i];
-      m[i] = beta1 * m[i] + (1 - beta1) * g;
-      v[i] = beta2 * v[i] + (1 - beta2) * g * g;
-      param[i] -= lr * (m[i] / c1) / (std::sqrt(v[i] / c2) + eps);
-    }
+    host_adam(param, grad, m, v, n, lr, beta1, beta2, eps, c1, c2);
   }
 
   void copy(void* dst, const void* src, size_t bytes) override {

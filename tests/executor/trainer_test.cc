@@ -175,3 +175,66 @@ TEST(MoeTrainer, AnArenaTooSmallIsACleanOutOfMemory) {
 
 }  // namespace
 }  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+// SE-MoE's hierarchical storage in the trainer: parameters on the host or on SSD, fetched into
+// device slots ahead of use, and the optimizer states updated on the host, train exactly what the
+// all-on-device trainer trains; the device arena holds only what the placement keeps there.
+TEST(MoeTrainer, OffloadedParametersAndOptimizerStatesTrainAsOnTheDevice) {
+  const ModelSpec m = testing::bundled().load_model("tiny-moe");
+  TrainSettings s;
+  s.global_batch = 2;
+  s.seq_len = 32;
+  Single ref(m, s);
+  for (int i = 0; i < 3; ++i) ref.trainer->step(i);
+  struct Case {
+    Tier dense, expert, states;
+    int depth;
+  };
+  for (const Case& c :
+       {Case{Tier::kGPU, Tier::kGPU, Tier::kCPU, 0}, Case{Tier::kCPU, Tier::kCPU, Tier::kCPU, 1},
+        Case{Tier::kGPU, Tier::kSSD, Tier::kSSD, 2}, Case{Tier::kSSD, Tier::kCPU, Tier::kCPU, 0}}) {
+    TrainSettings o = s;
+    o.placement.dense_params = c.dense;
+    o.placement.expert_params = c.expert;
+    o.placement.optimizer_states = c.states;
+    o.prefetch_depth = c.depth;
+    Single run(m, o);
+    double copied = 0;
+    for (int i = 0; i < 3; ++i) {
+      const StepStats st = run.trainer->step(i);
+      copied += static_cast<double>(st.tiers.fetch_bytes + st.tiers.update_copy_bytes);
+      // Parameters off the device are fetched; states off it take the gradients down.
+      EXPECT_EQ(st.tiers.fetch_bytes > 0, c.dense != Tier::kGPU || c.expert != Tier::kGPU);
+      EXPECT_GT(st.tiers.update_copy_bytes, 0);
+    }
+    const ParameterError err = parameter_error(*run.trainer, *ref.trainer);
+    EXPECT_EQ(err.relative, 0.0) << "worst " << err.worst << " depth " << c.depth;
+    EXPECT_GT(copied, 0);
+    // What the placement moved off the device is not in the arena.
+    MemoryPools& mem = run.dev->memory();
+    const int64_t off = mem.in_use(Tier::kCPU) + mem.in_use(Tier::kSSD);
+    EXPECT_GT(off, 0);
+    if (c.dense != Tier::kGPU && c.expert != Tier::kGPU)
+      EXPECT_LT(mem.in_use(Tier::kGPU), ref.dev->memory().in_use(Tier::kGPU) / 2);
+  }
+}
+
+TEST(MoeTrainer, PlacementsItCannotRunAreNamed) {
+  const ModelSpec m = testing::bundled().load_model("tiny-moe");
+  Plan p;
+  p.placement.gradients = Tier::kCPU;
+  EXPECT_EQ(trainer_unsupported(m, p).at(0).path, "plan.placement.gradients");
+  p = Plan{};
+  p.placement.expert_params = Tier::kCPU;  // optimizer states left on the device
+  EXPECT_EQ(trainer_unsupported(m, p).at(0).path, "plan.placement.optimizer_states");
+  p.placement.optimizer_states = Tier::kCPU;
+  EXPECT_TRUE(trainer_unsupported(m, p).empty());
+  p.zero_stage = 1;
+  EXPECT_EQ(trainer_unsupported(m, p).at(0).path, "plan.zero_stage");
+}
+
+}  // namespace
+}  // namespace switchyard

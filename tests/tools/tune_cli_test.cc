@@ -329,6 +329,41 @@ TEST_F(RunCliTest, ADeadRankEndsTheRunNamingIt) {
 #endif
 }
 
+TEST_F(RunCliTest, HierarchicalStorageTrainsAsOnTheDeviceAndItsCopiesAreMeasured) {
+#ifndef SWITCHYARD_MPIEXEC
+  GTEST_SKIP() << "built without MPI";
+#else
+  // tiny-moe-offload: dense parameters and Adam's states in host memory, experts on SSD, one
+  // layer fetched ahead down the levels.
+  const Result r = sh(kMpi + kCli + " run --plan tiny-moe-offload --steps 1 --warmup 1 --check " +
+                      "--json --no-db --trace " + path("offload.json"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const Json out = json_of(r);
+  EXPECT_TRUE(out["check"]["passed"].get<bool>()) << out["check"].dump();
+  const std::set<std::string> ops = expect_program_and_run_agree(out);
+  for (const char* op : {"forward param_fetch", "forward param_ssd_read", "backward param_fetch",
+                         "backward param_ssd_read", "step optimizer"})
+    EXPECT_TRUE(ops.count(op)) << op;
+  EXPECT_GT(out["tiers"]["copy_s"]["measured"].get<double>(), 0);
+  EXPECT_GT(out["tiers"]["copy_s"]["predicted"].get<double>(), 0);
+  // Host memory and SSD files hold what the device does not.
+  EXPECT_GT(out["peak_bytes"]["cpu"].get<double>(), 0);
+  EXPECT_GT(out["peak_bytes"]["ssd"].get<double>(), 0);
+  std::ifstream in(path("offload.json"));
+  const Json trace = Json::parse(in);
+  int fetches = 0, reads = 0;
+  for (const auto& e : trace["traceEvents"]) {
+    if (e.value("tid", -1) != 3) continue;
+    fetches += e.value("name", "") == "param_fetch";
+    reads += e.value("name", "") == "param_ssd_read";
+  }
+  // Per rank and micro-batch (2 each), one copy per space a unit has: forward the embedding, 4
+  // layers (dense and expert parts) and the head, backward the 4 layers again.
+  EXPECT_EQ(fetches, 4 * 2 * ((1 + 4 + 1 + 4) + (4 + 4)));
+  EXPECT_EQ(reads, 4 * 2 * (4 + 4));  // the experts' parts, read from SSD first
+#endif
+}
+
 TEST_F(RunCliTest, PlansItCannotRunAreRefusedWithTheirPaths) {
   const std::string plan = path("tp.json");
   std::ofstream(plan) << R"({"schema_version": 1, "name": "tp", "dp": 2, "tp": 2, "ep": 2,
