@@ -1,28 +1,34 @@
 #!/usr/bin/env bash
 # Elastic expert replicas measured against predicted on this machine: calibrate the CPU backend on
-# 2 ranks (one per core), then run tiny-moe dp2 ep2 on a zipf(1.2)-skewed workload (the gate
-# samples the experts in those proportions) without and with 2 copies of the 2 hottest experts,
-# alternating the two plans 3 times each. Prints JSON: each run's measured median step time, the
-# prediction for the workload and the one given the routing measured, and the speedup of
-# replication measured and predicted. Asserts nothing.
+# the ranks the runs use, then run tiny-moe dpR epR (R = $RANKS ranks, default 2; 4 oversubscribes
+# the 2 cores) on a zipf(1.2)-skewed workload (the gate samples the experts in those proportions)
+# without and with 2 copies of the 2 hottest experts, alternating the two plans 3 times each.
+# Prints JSON: each run's measured median step time, the prediction for the workload and the one
+# given the routing measured, and the speedup of replication measured and predicted. Asserts
+# nothing.
 #
-#   bench/cpu_replicas.sh [BUILD_DIR]
+#   [RANKS=4] bench/cpu_replicas.sh [BUILD_DIR]
 set -euo pipefail
+R=${RANKS:-2}
+bench_ranks=$R
 source "$(dirname "$0")/cpu_bench_common.sh"
 cat > "$work/zipf.json" <<'JSON'
 {"schema_version": 1, "name": "tiny-train-zipf", "mode": "train", "global_batch_size": 8,
  "seq_len": 128, "precision": "fp32", "routing": {"kind": "zipf", "exponent": 1.2}}
 JSON
-cat > "$work/plain.json" <<'JSON'
-{"schema_version": 1, "name": "dp2-ep2", "dp": 2, "ep": 2, "zero_stage": 1, "dispatch": "all_to_all"}
+cat > "$work/plain.json" <<JSON
+{"schema_version": 1, "name": "dp$R-ep$R", "dp": $R, "ep": $R, "zero_stage": 1,
+ "dispatch": "all_to_all"}
 JSON
-cat > "$work/replicas.json" <<'JSON'
-{"schema_version": 1, "name": "dp2-ep2-2hot-x2", "dp": 2, "ep": 2, "zero_stage": 1,
+cat > "$work/replicas.json" <<JSON
+{"schema_version": 1, "name": "dp$R-ep$R-2hot-x2", "dp": $R, "ep": $R, "zero_stage": 1,
  "dispatch": "all_to_all", "expert_replicas": {"hot_experts": 2, "replicas": 2}}
 JSON
+export OMPI_MCA_rmaps_base_oversubscribe=1
 for i in 1 2 3; do
   for p in plain replicas; do
-    $mpi "$sy" run --model tiny-moe --cluster local-cpu --gpus 2 --workload "$work/zipf.json" \
+    mpiexec -n "$R" "$sy" run --model tiny-moe --cluster local-cpu --gpus "$R" \
+      --workload "$work/zipf.json" \
       --plan "$work/$p.json" --steps 7 --warmup 1 --profile "$work/profile.json" --no-db \
       --json > "$work/$p-$i.json"
   done

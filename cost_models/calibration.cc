@@ -226,10 +226,18 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
     }
     const LinearFit f = fit_line(x, y);
     if (f.slope > 0 && c.host.pcie_bw_Bps > 0) {
-      p.pcie_efficiency = std::min(10.0, 1.0 / (f.slope * c.host.pcie_bw_Bps));
+      const double bw = 1.0 / f.slope;  // per GPU, all of the node's GPUs loading at once
+      p.pcie_efficiency = std::min(10.0, bw / c.host.pcie_bw_Bps);
       p.pcie_latency_s = std::max(0.0, f.intercept);
       fitted["pcie_efficiency"] = p.pcie_efficiency;
       fitted["pcie_latency_s"] = p.pcie_latency_s;
+      // A load is also capped by the GPU's share of the node's DRAM bandwidth: when the measured
+      // bandwidth is above that cap, DRAM delivers more than the profile assumed.
+      const int sharers = std::max(1, c.gpus_per_node);
+      if (c.host.dram_bw_Bps > 0 && c.host.dram_bw_Bps * p.dram_efficiency / sharers < bw) {
+        p.dram_efficiency = std::min(10.0, bw * sharers / c.host.dram_bw_Bps);
+        fitted["dram_efficiency"] = p.dram_efficiency;
+      }
     }
   }
   if (d.overlap && d.overlap->compute_s > 0 && d.overlap->comm_s > 0) {

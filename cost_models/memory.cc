@@ -8,6 +8,7 @@
 #include <string>
 
 #include "core/expert_load.h"
+#include "core/step_program.h"
 #include "cost_models/compute.h"
 
 namespace switchyard {
@@ -124,6 +125,7 @@ struct StageParams {
   double expert = 0;
   double max_layer_dense = 0;  // one layer's dense params per GPU (working buffers)
   double max_layer_expert = 0;
+  double outside_layers = 0;     // the embedding and the head (with the final norm), in `dense`
   std::vector<bool> moe_layers;  // of this stage
 };
 
@@ -162,6 +164,7 @@ StageParams stage_params(const ModelSpec& m, const Plan& plan, int stage) {
     sp.max_layer_dense = std::max(sp.max_layer_dense, dense);
     sp.max_layer_expert = std::max(sp.max_layer_expert, expert);
   }
+  const double in_layers = sp.dense;
   if (stage == 0)
     sp.dense +=
         v * h / tp + (m.learned_position_embeddings ? static_cast<double>(m.seq_len) * h : 0);
@@ -170,6 +173,7 @@ StageParams stage_params(const ModelSpec& m, const Plan& plan, int stage) {
     if (!m.tied_embeddings || plan.pp > 1) sp.dense += v * h / tp;
     sp.dense += (m.norm == NormKind::kLayerNorm ? 2.0 : 1.0) * h;  // final norm
   }
+  sp.outside_layers = sp.dense - in_layers;
   return sp;
 }
 
@@ -229,12 +233,16 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
   const double dense_p = sp.dense * param_bytes / (z3 ? dense_shard : 1.0);
   const double expert_p = sp.expert * param_bytes / (z3 ? expert_shard : 1.0);
   if (plan.ring_sections > 0 && !train) {
-    // Ring-memory inference: all parameters live in host memory; the GPU holds the section being
-    // computed and the one being loaded.
-    const double all = dense_p + expert_p;
-    mb.dense_params = on(Tier::kCPU, dense_p);
+    // Ring-memory inference: the layers' parameters live in host memory and stream through a
+    // ring of layer slots on the GPU, one for the layer computing and one per layer loading ahead
+    // (core's ring_ahead_layers); the embedding and the head stay on the GPU.
+    const double outside = sp.outside_layers * param_bytes;
+    mb.dense_params = on(Tier::kCPU, dense_p - outside);
+    mb.dense_params.gpu += outside;
     mb.expert_params = on(Tier::kCPU, expert_p);
-    mb.prefetch_buffers.gpu += std::min(all, 2.0 * all / plan.ring_sections);
+    const double slots = std::min<double>(static_cast<double>(sp.moe_layers.size()),
+                                          1.0 + ring_ahead_layers(m, plan));
+    mb.prefetch_buffers.gpu += slots * (sp.max_layer_dense + sp.max_layer_expert) * param_bytes;
   } else {
     mb.dense_params = on(pl.dense_params, dense_p);
     mb.expert_params = on(pl.expert_params, expert_p);

@@ -1,5 +1,8 @@
 #include "executor/copy_engine.h"
 
+#include <stdexcept>
+#include <string>
+
 namespace switchyard {
 
 CopyEngine::CopyEngine(Device& device) : device_(device), thread_([this] { loop(); }) {}
@@ -26,6 +29,9 @@ CopyEngine::Ticket CopyEngine::submit(void* dst, const void* src, size_t bytes, 
 
 double CopyEngine::wait(Ticket t) {
   std::unique_lock<std::mutex> lock(m_);
+  if (t >= next_)
+    throw std::logic_error("CopyEngine::wait: ticket " + std::to_string(t) +
+                           " was never submitted");
   if (finished_ >= t) {
     if (error_) std::rethrow_exception(error_);
     return 0;
@@ -42,7 +48,7 @@ void CopyEngine::drain() {
     std::lock_guard<std::mutex> lock(m_);
     last = next_ - 1;
   }
-  wait(last);
+  if (last > 0) wait(last);
 }
 
 std::vector<CopyEngine::Span> CopyEngine::take_spans() {

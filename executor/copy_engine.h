@@ -40,7 +40,8 @@ class CopyEngine {
 
   Ticket submit(void* dst, const void* src, size_t bytes, const char* label = "copy");
   // Blocks until copy `t` has finished; returns the seconds spent waiting (0 when it already had).
-  // A copy that threw rethrows here.
+  // A copy that threw rethrows here, and so does every later wait: one failed copy leaves the
+  // tiers inconsistent, so the engine stays failed. A ticket never submitted is a logic_error.
   double wait(Ticket t);
   // Waits for every submitted copy.
   void drain();

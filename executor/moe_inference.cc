@@ -112,14 +112,10 @@ struct MoeInference::Impl {
       const LayerLayout& L = layout[static_cast<size_t>(l)];
       const float* w;
       if (s.ring) {
+        op.close();  // a wait for a load is no program op's time (a gap, as the simulator shows)
         if (l > 0) load(l + ahead);
         const double waited = engine->wait(ticket[static_cast<size_t>(l)]);
-        if (waited > 0) {
-          const auto now = std::chrono::steady_clock::now();
-          record_stall(now - std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                                 std::chrono::duration<double>(waited)),
-                       now);
-        }
+        record_stall(waited);
         out.stall_s += waited;
         w = slots[static_cast<size_t>(l) % slots.size()].as<float>();
       } else {
@@ -257,7 +253,7 @@ std::unique_ptr<MoeInference> MoeInference::create(const ModelSpec& m, const Inf
   if (s.decode_batch < 1) issues.push_back({"workload.inference.decode_batch", "must be >= 1"});
   if (s.prompt_len < 1) issues.push_back({"workload.inference.prompt_len", "must be >= 1"});
   if (s.decode_tokens < 0) issues.push_back({"workload.inference.decode_tokens", "must be >= 0"});
-  if (s.ring_ahead < 0) issues.push_back({"plan.prefetch.depth", "must be >= 0"});
+  if (s.ring_ahead < 0) issues.push_back({"plan.ring_sections", "layers ahead must be >= 0"});
   if (!s.prompt_tokens.empty()) {
     const int64_t want = std::max(s.prefill_batch, s.decode_batch) * s.prompt_len;
     if (static_cast<int64_t>(s.prompt_tokens.size()) != want)
@@ -292,7 +288,15 @@ std::unique_ptr<MoeInference> MoeInference::create(const ModelSpec& m, const Inf
       throw ConfigError("workload.routing", "has " + std::to_string(s.routing_share.size()) +
                                                 " expert shares for " + std::to_string(I.experts) +
                                                 " experts");
+    if (static_cast<int64_t>(s.routing_layer_share.size()) > m.num_layers)
+      throw ConfigError("workload.routing.per_layer",
+                        "has shares for " + std::to_string(s.routing_layer_share.size()) +
+                            " layers; the model has " + std::to_string(m.num_layers));
     for (const auto& shares : s.routing_layer_share) {
+      if (!shares.empty() && static_cast<int>(shares.size()) != I.experts)
+        throw ConfigError("workload.routing.per_layer",
+                          "a layer has " + std::to_string(shares.size()) + " expert shares for " +
+                              std::to_string(I.experts) + " experts");
       auto& logs = I.log_layer_share.emplace_back();
       for (double x : shares) logs.push_back(std::log(std::max(x, 1e-30)));
     }
@@ -378,9 +382,12 @@ InferenceResult MoeInference::generate(OpTimes* prefill_ops, OpTimes* decode_ops
   const auto run_pass = [&](bool decode, const std::vector<int>& tokens, int first, int batch,
                             int q_len, int ctx, const std::vector<int64_t>& ids,
                             std::vector<int>& next) {
-    OpTimes* ops = decode ? decode_ops : prefill_ops;
+    // A prefill pass with fewer prompts than prefill_batch (the last of an uneven split) is not
+    // the pass the program describes: it stays out of the program ops.
+    OpTimes* ops = decode ? decode_ops : batch == s.prefill_batch ? prefill_ops : nullptr;
     InferencePass p;
     p.decode = decode;
+    p.sequences = batch;
     const auto t0 = std::chrono::steady_clock::now();
     std::optional<ProgramOpSink> sink;
     if (ops) sink.emplace(*ops);

@@ -45,6 +45,7 @@ struct InferenceSettings {
 // One forward pass: the prefill of a batch of prompts, or one decode step of the decode batch.
 struct InferencePass {
   bool decode = false;
+  int sequences = 0;  // in this pass (a prefill's last pass may hold fewer than prefill_batch)
   double wall_s = 0;
   double copy_s = 0;   // the copy engine's busy time for this pass's weight loads
   double stall_s = 0;  // compute waiting for them

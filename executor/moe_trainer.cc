@@ -195,13 +195,8 @@ struct MoeTrainer::Impl {
     if (i > 0) issue_fetch(i + static_cast<size_t>(depth));
     if (pass_ready[i] != 0) {
       const double waited = engine->wait(pass_ready[i]);
-      if (waited > 0) {
-        const auto now = std::chrono::steady_clock::now();
-        record_stall(now - std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                               std::chrono::duration<double>(waited)),
-                     now);
-        tier_stats.stall_s += waited;
-      }
+      record_stall(waited);
+      tier_stats.stall_s += waited;
     }
     point_unit(pass_units[i], i % static_cast<size_t>(depth + 1));
   }

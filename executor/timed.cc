@@ -51,13 +51,12 @@ void record_copy_op(const char* name, OpPhase phase, std::chrono::steady_clock::
                             true});
 }
 
-void record_stall(std::chrono::steady_clock::time_point start,
-                  std::chrono::steady_clock::time_point end) {
+void record_stall(double seconds) {
   OpTimes* sink = program_sink;
-  if (!sink || !sink->record) return;
-  sink->events.push_back({"stall", false,
-                          std::chrono::duration<double>(start - sink->epoch).count(),
-                          std::chrono::duration<double>(end - sink->epoch).count()});
+  if (!sink || !sink->record || seconds <= 0) return;
+  const double end =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - sink->epoch).count();
+  sink->events.push_back({"stall", false, end - seconds, end});
 }
 
 namespace {

@@ -83,9 +83,9 @@ class ProgramOp {
 // without a sink.
 void record_copy_op(const char* name, OpPhase phase, std::chrono::steady_clock::time_point start,
                     std::chrono::steady_clock::time_point end);
-// The compute thread waiting for such a copy: an event named "stall" when the sink records.
-void record_stall(std::chrono::steady_clock::time_point start,
-                  std::chrono::steady_clock::time_point end);
+// The compute thread waited `seconds` for such a copy, ending now: an event named "stall" when
+// the sink records (no program op: the simulator shows a stall as a gap between ops).
+void record_stall(double seconds);
 
 // Consecutive stretches of code as program ops: each at() ends the previous op and opens the next
 // (in `phase` unless named), the last ends with the cursor.

@@ -215,30 +215,33 @@ void measure_collectives(Communicator& world, bool quick, CalibrationData& d) {
   }
 }
 
-// How much of an asynchronous all-reduce runs while the rank computes: a GEMM loop and an
-// all-reduce of similar length, alone and together (issue the all-reduce, compute, wait).
 // Weight loads: host-tier buffers into the device arena on the copy engine, as the ring and the
-// prefetches run them (submit, wait), 1 to 64 MiB. Each repetition reads another of four host
-// regions, so no load comes from the cache a previous one filled (a model's layers do not either).
-void measure_host_to_device(Device& dev, bool quick, CalibrationData& d) {
+// prefetches run them (submit, wait), 1 to 64 MiB, every rank at once (as a node's GPUs load
+// together; the prediction shares DRAM among them). Each repetition reads the next stretch of a
+// host buffer four times the largest load, so no load comes from a cache a previous one filled
+// (a model's layers do not either).
+void measure_host_to_device(Device& dev, Communicator& world, bool quick, CalibrationData& d) {
   const size_t top = size_t{1} << (quick ? 24 : 26);
-  constexpr size_t kRegions = 4;
-  Buffer host = dev.memory().allocate(Tier::kCPU, kRegions * top, "calibration host buffer");
+  const size_t span = 4 * top;
+  Buffer host = dev.memory().allocate(Tier::kCPU, span, "calibration host buffer");
   Buffer device = dev.memory().allocate(Tier::kGPU, top, "calibration device buffer");
   CopyEngine engine(dev);
-  size_t next = 0;
+  size_t offset = 0;
   for (size_t bytes = size_t{1} << 20; bytes <= top; bytes *= 4) {
     const double t = median_s(
         quick ? 3 : 7,
         [&] {
-          const char* src = host.as<char>() + (next++ % kRegions) * top;
-          engine.wait(engine.submit(device.data(), src, bytes));
+          if (offset + bytes > span) offset = 0;
+          engine.wait(engine.submit(device.data(), host.as<char>() + offset, bytes));
+          offset += bytes;
         },
-        [] {});
+        [&] { world.barrier(); });
     d.host_to_device.push_back({static_cast<double>(bytes), t});
   }
 }
 
+// How much of an asynchronous all-reduce runs while the rank computes: a GEMM loop and an
+// all-reduce of similar length, alone and together (issue the all-reduce, compute, wait).
 void measure_overlap(Device& dev, Communicator& world, bool quick, CalibrationData& d) {
   if (world.size() < 2) return;
   const int m = 256, nk = 512, reps = quick ? 3 : 7;
@@ -294,7 +297,7 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
     measure_compute(*dev, f.quick, data);
     measure_collectives(*world, f.quick, data);
     measure_overlap(*dev, *world, f.quick, data);
-    measure_host_to_device(*dev, f.quick, data);
+    measure_host_to_device(*dev, *world, f.quick, data);
   } catch (const std::exception& e) {
 #ifdef SWITCHYARD_HAVE_MPI
     if (mpi && world->size() > 1) mpi->abort(1, e.what());  // no rank waits for a failed one

@@ -31,6 +31,16 @@ int cmd_run(const Common& common, const RunFlags& f) {
   try {
     in = load_inputs(reg, f.names);
     issues = validate(in.plan, in.model, in.cluster, in.workload);
+    if (in.workload.mode == Mode::kInference && in.workload.inference) {
+      // Every data-parallel replica serves an equal share of the requests.
+      const InferenceSpec& inf = *in.workload.inference;
+      for (const auto& [name, n] : {std::pair{"prefill_batch", inf.prefill_batch},
+                                    std::pair{"decode_batch", inf.decode_batch}})
+        if (n < in.plan.dp || n % in.plan.dp != 0)
+          issues.push_back({std::string("workload.inference.") + name,
+                            std::to_string(n) + " is not a multiple of plan.dp " +
+                                std::to_string(in.plan.dp) + " (each replica serves batch / dp)"});
+    }
     const auto unsupported = in.workload.mode == Mode::kInference
                                  ? inference_unsupported(in.model, in.plan)
                                  : trainer_unsupported(in.model, in.plan);

@@ -44,10 +44,11 @@ int run_inference(const RunFlags& f, Ranks& ranks, const Inputs& in) {
   OpTimes op_times;
   auto dev = timed_device(*backend, op_times);
 
-  // A replica serves batch / dp of the requests (the lowering's share), its own sequences.
+  // A replica serves batch / dp of the requests (the lowering's share; dp divides both batches),
+  // its own sequences.
   InferenceSettings s;
-  s.prefill_batch = std::max<int64_t>(inf.prefill_batch / plan.dp, 1);
-  s.decode_batch = std::max<int64_t>(inf.decode_batch / plan.dp, 1);
+  s.prefill_batch = inf.prefill_batch / plan.dp;
+  s.decode_batch = inf.decode_batch / plan.dp;
   s.prompt_len = inf.prompt_len;
   s.decode_tokens = inf.decode_tokens;
   s.first_sequence = static_cast<int64_t>(r) * std::max(s.prefill_batch, s.decode_batch);
@@ -89,6 +90,7 @@ int run_inference(const RunFlags& f, Ranks& ranks, const Inputs& in) {
       InferenceResult res = runner->generate(&prefill_ops, &decode_ops);
       batch_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
       for (const InferencePass& p : res.passes) {
+        if (!p.decode && p.sequences != s.prefill_batch) continue;  // as the program: full passes
         (p.decode ? decode_s : prefill_s).push_back(p.wall_s);
         (p.decode ? decode_copy : prefill_copy).push_back(p.copy_s);
         (p.decode ? decode_stall : prefill_stall).push_back(p.stall_s);

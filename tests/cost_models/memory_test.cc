@@ -247,16 +247,26 @@ TEST_F(MemoryTest, StageOutOfRangeThrows) {
   EXPECT_THROW(mem(-1), std::out_of_range);
 }
 
-TEST_F(MemoryTest, RingInferenceKeepsTwoSectionsOnTheGpu) {
+TEST_F(MemoryTest, RingInferenceStreamsTheLayersThroughSlotsOnTheGpu) {
   workload_.mode = Mode::kInference;
   workload_.inference = InferenceSpec{2, 4, 2, 2};
   plan_.dp = 1;
   plan_.ep = 1;
-  plan_.ring_sections = 4;
-  const auto m = mem();
+  plan_.ring_sections = 2;
   const double params = (1144 + 4 * 144) * 2.0;  // bf16, one GPU holds every expert
-  EXPECT_DOUBLE_EQ(m.dense_params.cpu + m.expert_params.cpu, params);
-  EXPECT_DOUBLE_EQ(m.prefetch_buffers.gpu, params / 2);
+  // The embedding, the head and the final norm (10 x 8 + 10 x 8 + 8 parameters) stay on the GPU;
+  // the layers live in host memory and the largest, the MoE layer (1168 parameters with its 4
+  // experts and shared expert), sizes a slot.
+  const double outside = 168 * 2.0, largest_layer = 1168 * 2.0;
+  const auto naive = mem();  // no prefetch: one slot, each layer loads then computes
+  EXPECT_DOUBLE_EQ(naive.dense_params.cpu + naive.expert_params.cpu, params - outside);
+  EXPECT_DOUBLE_EQ(naive.dense_params.gpu, outside);
+  EXPECT_DOUBLE_EQ(naive.prefetch_buffers.gpu, largest_layer);
+  // Prefetching ahead: 2 layers / 2 sections = 1 layer loads ahead, two slots.
+  plan_.prefetch.direction = PrefetchDirection::kAhead;
+  plan_.prefetch.depth = 1;
+  const auto m = mem();
+  EXPECT_DOUBLE_EQ(m.prefetch_buffers.gpu, 2 * largest_layer);
   EXPECT_DOUBLE_EQ(m.gradients.total(), 0);
   // KV cache: batch 2 x (4 + 2) tokens x 2 layers x K and V of 1 head x 4 wide x 2 bytes.
   EXPECT_DOUBLE_EQ(m.kv_cache.gpu, 2 * 6 * 2 * 2 * 4 * 2.0);
