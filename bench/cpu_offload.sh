@@ -11,7 +11,7 @@ set -euo pipefail
 bench_ranks=1
 source "$(dirname "$0")/cpu_bench_common.sh"
 for p in down 2d; do
-  depth=$([ "$p" = 2d ] && echo 2 || echo 0)
+  depth=2  # "down" fetches right before use whatever the depth; "2d" also 2 layers ahead
   cat > "$work/$p.json" <<JSON
 {"schema_version": 1, "name": "tiny-moe-offload-$p", "dp": 1,
  "placement": {"dense_params": "cpu", "expert_params": "ssd", "optimizer_states": "cpu"},

@@ -240,6 +240,23 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
       }
     }
   }
+  if (d.ssd_to_host.size() >= 2 && c.host.ssd_read_Bps > 0) {
+    // time = latency + bytes / (ssd_read_Bps * ssd_efficiency / GPUs of the node): every GPU's
+    // rank reads its share at once.
+    std::vector<double> x, y;
+    for (const TransferSample& t : d.ssd_to_host) {
+      x.push_back(t.bytes);
+      y.push_back(t.time_s);
+    }
+    const LinearFit f = fit_line(x, y);
+    if (f.slope > 0) {
+      p.ssd_efficiency =
+          std::min(10.0, std::max(1, c.gpus_per_node) / (f.slope * c.host.ssd_read_Bps));
+      p.ssd_latency_s = std::max(0.0, f.intercept);
+      fitted["ssd_efficiency"] = p.ssd_efficiency;
+      fitted["ssd_latency_s"] = p.ssd_latency_s;
+    }
+  }
   if (d.overlap && d.overlap->compute_s > 0 && d.overlap->comm_s > 0) {
     const OverlapSample& o = *d.overlap;
     const double hidden = o.compute_s + o.comm_s - o.both_s;
@@ -290,31 +307,38 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
                   {"predicted_s", pred},
                   {"residual", res_coll.back()}});
   }
-  std::vector<double> res_h2d;
-  Json hj = Json::array();
-  for (const TransferSample& t : d.host_to_device) {
-    // As the simulator prices a weight load: every GPU of the node loading at once.
-    const double pred =
-        transfer_cost(TransferPath::kHostToGpu, t.bytes, c, p, c.gpus_per_node).time_s;
-    res_h2d.push_back(pred / t.time_s - 1);
-    hj.push_back({{"bytes", t.bytes},
-                  {"measured_s", t.time_s},
-                  {"predicted_s", pred},
-                  {"residual", res_h2d.back()}});
-  }
+  // Transfers as the simulator prices them: every GPU of the node moving its share at once.
+  const auto transfer_residuals = [&](const std::vector<TransferSample>& samples, TransferPath path,
+                                      std::vector<double>& res, Json& rows) {
+    rows = Json::array();
+    for (const TransferSample& t : samples) {
+      const double pred = transfer_cost(path, t.bytes, c, p, c.gpus_per_node).time_s;
+      res.push_back(pred / t.time_s - 1);
+      rows.push_back({{"bytes", t.bytes},
+                      {"measured_s", t.time_s},
+                      {"predicted_s", pred},
+                      {"residual", res.back()}});
+    }
+  };
+  std::vector<double> res_h2d, res_ssd;
+  Json hj, ssdj;
+  transfer_residuals(d.host_to_device, TransferPath::kHostToGpu, res_h2d, hj);
+  transfer_residuals(d.ssd_to_host, TransferPath::kSsdToHost, res_ssd, ssdj);
   out.report = {{"fitted", fitted},
                 {"median_abs_residual",
                  {{"gemm", median_abs(res_gemm)},
                   {"stream", median_abs(res_stream)},
                   {"attention", median_abs(res_attn)},
                   {"collectives", median_abs(res_coll)},
-                  {"host_to_device", median_abs(res_h2d)}}},
+                  {"host_to_device", median_abs(res_h2d)},
+                  {"ssd_to_host", median_abs(res_ssd)}}},
                 {"samples",
                  {{"gemm", gj},
                   {"stream", sj},
                   {"attention", aj},
                   {"collectives", cj},
-                  {"host_to_device", hj}}}};
+                  {"host_to_device", hj},
+                  {"ssd_to_host", ssdj}}}};
   if (d.overlap)
     out.report["samples"]["overlap"] = {{"compute_s", d.overlap->compute_s},
                                         {"collective_s", d.overlap->comm_s},

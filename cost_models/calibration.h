@@ -77,6 +77,9 @@ struct CalibrationData {
   std::vector<AttentionSample> attention;
   std::vector<CollectiveSample> collectives;
   std::vector<TransferSample> host_to_device;
+  // SSD-tier reads into host memory, as the backend keeps that tier (the CPU backend: files mapped
+  // into memory, read through the page cache).
+  std::vector<TransferSample> ssd_to_host;
   std::optional<OverlapSample> overlap;
 };
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <random>
 
@@ -215,16 +216,19 @@ void measure_collectives(Communicator& world, bool quick, CalibrationData& d) {
   }
 }
 
-// Weight loads: host-tier buffers into the device arena on the copy engine, as the ring and the
-// prefetches run them (submit, wait), 1 to 64 MiB, every rank at once (as a node's GPUs load
-// together; the prediction shares DRAM among them). Each repetition reads the next stretch of a
-// host buffer four times the largest load, so no load comes from a cache a previous one filled
-// (a model's layers do not either).
-void measure_host_to_device(Device& dev, Communicator& world, bool quick, CalibrationData& d) {
+// Copies between tiers on the copy engine, as the ring's and the prefetches' loads run them
+// (submit, wait), 1 to 64 MiB, every rank at once (as a node's GPUs move their shares together):
+// host memory into the device arena, and SSD-tier files into host memory. Each repetition reads
+// the next stretch of a source four times the largest copy, so no copy comes from a cache a
+// previous one filled (a model's layers do not either).
+void measure_transfers(Device& dev, Communicator& world, bool quick, Tier from, Tier to,
+                       std::vector<TransferSample>& out) {
   const size_t top = size_t{1} << (quick ? 24 : 26);
   const size_t span = 4 * top;
-  Buffer host = dev.memory().allocate(Tier::kCPU, span, "calibration host buffer");
-  Buffer device = dev.memory().allocate(Tier::kGPU, top, "calibration device buffer");
+  Buffer src = dev.memory().allocate(from, span, "calibration source");
+  Buffer dst = dev.memory().allocate(to, top, "calibration destination");
+  if (from == Tier::kSSD)  // a file written once, as offloaded parameters are
+    std::memset(src.data(), 1, span);
   CopyEngine engine(dev);
   size_t offset = 0;
   for (size_t bytes = size_t{1} << 20; bytes <= top; bytes *= 4) {
@@ -232,11 +236,11 @@ void measure_host_to_device(Device& dev, Communicator& world, bool quick, Calibr
         quick ? 3 : 7,
         [&] {
           if (offset + bytes > span) offset = 0;
-          engine.wait(engine.submit(device.data(), host.as<char>() + offset, bytes));
+          engine.wait(engine.submit(dst.data(), src.as<char>() + offset, bytes));
           offset += bytes;
         },
         [&] { world.barrier(); });
-    d.host_to_device.push_back({static_cast<double>(bytes), t});
+    out.push_back({static_cast<double>(bytes), t});
   }
 }
 
@@ -297,7 +301,8 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
     measure_compute(*dev, f.quick, data);
     measure_collectives(*world, f.quick, data);
     measure_overlap(*dev, *world, f.quick, data);
-    measure_host_to_device(*dev, *world, f.quick, data);
+    measure_transfers(*dev, *world, f.quick, Tier::kCPU, Tier::kGPU, data.host_to_device);
+    measure_transfers(*dev, *world, f.quick, Tier::kSSD, Tier::kCPU, data.ssd_to_host);
   } catch (const std::exception& e) {
 #ifdef SWITCHYARD_HAVE_MPI
     if (mpi && world->size() > 1) mpi->abort(1, e.what());  // no rank waits for a failed one

@@ -6,6 +6,7 @@
 
 #include "cost_models/collectives.h"
 #include "cost_models/compute.h"
+#include "cost_models/transfers.h"
 #include "tests/core/test_util.h"
 
 namespace switchyard {
@@ -64,6 +65,19 @@ TEST(Calibration, RecoversTheConstantsThatMadeTheSamples) {
                           Collective::kReduceScatter})
       d.collectives.push_back({op, bytes, 2, collective_cost(op, bytes, {2, 2}, c, truth).time_s});
 
+  // Copies between tiers, as the two ranks move their shares at once (the placeholder file's
+  // SSD is slower than what its page cache serves: the efficiency exceeds 1).
+  truth.pcie_efficiency = 0.7;
+  truth.pcie_latency_s = 20e-6;
+  truth.ssd_efficiency = 3.0;
+  truth.ssd_latency_s = 50e-6;
+  for (double bytes = 1 << 20; bytes <= (1 << 26); bytes *= 4) {
+    d.host_to_device.push_back(
+        {bytes, transfer_cost(TransferPath::kHostToGpu, bytes, c, truth, 2).time_s});
+    d.ssd_to_host.push_back(
+        {bytes, transfer_cost(TransferPath::kSsdToHost, bytes, c, truth, 2).time_s});
+  }
+
   // An all-reduce beside 10 ms of compute, 20% of it hidden.
   d.overlap = OverlapSample{10e-3, 5e-3, 10e-3 + 0.8 * 5e-3};
 
@@ -81,7 +95,12 @@ TEST(Calibration, RecoversTheConstantsThatMadeTheSamples) {
   EXPECT_EQ(cal.profile.permute_efficiency, 0);  // not measured: as hbm_efficiency
   EXPECT_NEAR(cal.profile.comm_compute_overlap, 0.2, 1e-9);
   EXPECT_NEAR(cal.profile.collective_base_s, 4e-6, 1e-6);
-  for (const char* cls : {"gemm", "stream", "attention", "collectives"})
+  EXPECT_NEAR(cal.profile.pcie_efficiency, 0.7, 1e-6);
+  EXPECT_NEAR(cal.profile.pcie_latency_s, 20e-6, 1e-9);
+  EXPECT_NEAR(cal.profile.ssd_efficiency, 3.0, 1e-6);
+  EXPECT_NEAR(cal.profile.ssd_latency_s, 50e-6, 1e-9);
+  for (const char* cls :
+       {"gemm", "stream", "attention", "collectives", "host_to_device", "ssd_to_host"})
     EXPECT_LT(cal.report["median_abs_residual"][cls].get<double>(), 0.03) << cls;
   // The fitted constants round-trip through a profile file.
   const CostProfile applied = apply_profile_json(cal.profile_json, default_cost_profile(c));
