@@ -11,8 +11,8 @@ trap 'rm -rf "$work"' EXIT
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mpi="mpiexec -n 2"
 if [ "${bench_ranks:-2}" = 1 ]; then
-  "$sy" calibrate --cluster "${bench_cluster:-local-cpu}" --out "$work/profile.json" --no-db \
-    > /dev/null
+  "$sy" calibrate --cluster "${bench_cluster:-local-cpu}" --gpus 1 --out "$work/profile.json" \
+    --no-db > /dev/null
 else
   OMPI_MCA_rmaps_base_oversubscribe=1 mpiexec -n "${bench_ranks:-2}" "$sy" calibrate \
     --cluster "${bench_cluster:-local-cpu}" --gpus "${bench_ranks:-2}" \

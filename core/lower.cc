@@ -815,6 +815,15 @@ std::vector<OpTemplate> lower_step_ops(const ModelSpec& m, const Plan& p, const 
   opt.bytes = (total.dense / dense_shard + total.expert / expert_shard) * bytes_per_param;
   opt.flops = (total.dense / dense_shard + total.expert / expert_shard) * 12.0;  // ~12 FLOPs/param
   opt.on_cpu = p.placement.optimizer_states != Tier::kGPU;
+  if (opt.on_cpu) {
+    // ZeRO-Offload: this rank's gradients go down; the parameters that live on the GPU come back
+    // up updated (off-GPU parameters are updated where they live).
+    const double dense = total.dense / dense_shard, expert = total.expert / expert_shard;
+    opt.host_down_bytes = (dense + expert) * d.grad_bytes;
+    opt.host_up_bytes = ((p.placement.dense_params == Tier::kGPU ? dense : 0) +
+                         (p.placement.expert_params == Tier::kGPU ? expert : 0)) *
+                        d.param_bytes;
+  }
   ops.push_back(opt);
   if (p.zero_stage >= 1 && p.zero_stage < 3) {
     // The distributed optimizer gathers the updated parameter shards.

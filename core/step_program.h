@@ -90,6 +90,8 @@ struct OpTemplate {
   Collective collective = Collective::kAllReduce;
   CommGroup group = CommGroup::kNone;
   bool on_cpu = false;                   // kOptimizer: host Adam (ZeRO-Offload)
+  double host_down_bytes = 0;            // on_cpu: the gradients the host updates with, over PCIe
+  double host_up_bytes = 0;              // on_cpu: the updated parameters back to the GPU
   CopyPath copy = CopyPath::kHostToGpu;  // kCopy
   bool async = false;             // nothing in the unit waits for it (gradient buckets, prefetches)
   int wait_for = -1;              // index (same op list) of one more op this one waits for: the

@@ -226,14 +226,14 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
     }
     const LinearFit f = fit_line(x, y);
     if (f.slope > 0 && c.host.pcie_bw_Bps > 0) {
-      const double bw = 1.0 / f.slope;  // per GPU, all of the node's GPUs loading at once
+      const double bw = 1.0 / f.slope;  // per rank, d.ranks of them loading at once
       p.pcie_efficiency = std::min(10.0, bw / c.host.pcie_bw_Bps);
       p.pcie_latency_s = std::max(0.0, f.intercept);
       fitted["pcie_efficiency"] = p.pcie_efficiency;
       fitted["pcie_latency_s"] = p.pcie_latency_s;
       // A load is also capped by the GPU's share of the node's DRAM bandwidth: when the measured
       // bandwidth is above that cap, DRAM delivers more than the profile assumed.
-      const int sharers = std::max(1, c.gpus_per_node);
+      const int sharers = std::max(1, d.ranks);
       if (c.host.dram_bw_Bps > 0 && c.host.dram_bw_Bps * p.dram_efficiency / sharers < bw) {
         p.dram_efficiency = std::min(10.0, bw * sharers / c.host.dram_bw_Bps);
         fitted["dram_efficiency"] = p.dram_efficiency;
@@ -241,8 +241,8 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
     }
   }
   if (d.ssd_to_host.size() >= 2 && c.host.ssd_read_Bps > 0) {
-    // time = latency + bytes / (ssd_read_Bps * ssd_efficiency / GPUs of the node): every GPU's
-    // rank reads its share at once.
+    // time = latency + bytes / (ssd_read_Bps * ssd_efficiency / d.ranks): the ranks that
+    // measured read their shares at once.
     std::vector<double> x, y;
     for (const TransferSample& t : d.ssd_to_host) {
       x.push_back(t.bytes);
@@ -250,8 +250,7 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
     }
     const LinearFit f = fit_line(x, y);
     if (f.slope > 0) {
-      p.ssd_efficiency =
-          std::min(10.0, std::max(1, c.gpus_per_node) / (f.slope * c.host.ssd_read_Bps));
+      p.ssd_efficiency = std::min(10.0, std::max(1, d.ranks) / (f.slope * c.host.ssd_read_Bps));
       p.ssd_latency_s = std::max(0.0, f.intercept);
       fitted["ssd_efficiency"] = p.ssd_efficiency;
       fitted["ssd_latency_s"] = p.ssd_latency_s;
@@ -307,12 +306,12 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
                   {"predicted_s", pred},
                   {"residual", res_coll.back()}});
   }
-  // Transfers as the simulator prices them: every GPU of the node moving its share at once.
+  // Transfers as the simulator prices them, shared by the ranks that measured them.
   const auto transfer_residuals = [&](const std::vector<TransferSample>& samples, TransferPath path,
                                       std::vector<double>& res, Json& rows) {
     rows = Json::array();
     for (const TransferSample& t : samples) {
-      const double pred = transfer_cost(path, t.bytes, c, p, c.gpus_per_node).time_s;
+      const double pred = transfer_cost(path, t.bytes, c, p, std::max(1, d.ranks)).time_s;
       res.push_back(pred / t.time_s - 1);
       rows.push_back({{"bytes", t.bytes},
                       {"measured_s", t.time_s},

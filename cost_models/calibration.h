@@ -80,6 +80,7 @@ struct CalibrationData {
   // SSD-tier reads into host memory, as the backend keeps that tier (the CPU backend: files mapped
   // into memory, read through the page cache).
   std::vector<TransferSample> ssd_to_host;
+  int ranks = 1;  // that measured the transfers at once (sharing the node's DRAM and SSD)
   std::optional<OverlapSample> overlap;
 };
 

@@ -125,8 +125,11 @@ struct StageParams {
   double expert = 0;
   double max_layer_dense = 0;  // one layer's dense params per GPU (working buffers)
   double max_layer_expert = 0;
-  double outside_layers = 0;     // the embedding and the head (with the final norm), in `dense`
-  std::vector<bool> moe_layers;  // of this stage
+  double max_layer_total = 0;      // the largest layer's dense and expert params together
+  double outside_layers = 0;       // the embedding and the head (with the final norm), in `dense`
+  double embedding = 0, head = 0;  // of those, what the first stage's embedding and the last
+                                   // stage's head (with the final norm) hold
+  std::vector<bool> moe_layers;    // of this stage
 };
 
 StageParams stage_params(const ModelSpec& m, const Plan& plan, int stage) {
@@ -163,17 +166,18 @@ StageParams stage_params(const ModelSpec& m, const Plan& plan, int stage) {
     sp.expert += expert;
     sp.max_layer_dense = std::max(sp.max_layer_dense, dense);
     sp.max_layer_expert = std::max(sp.max_layer_expert, expert);
+    sp.max_layer_total = std::max(sp.max_layer_total, dense + expert);
   }
-  const double in_layers = sp.dense;
   if (stage == 0)
-    sp.dense +=
+    sp.embedding =
         v * h / tp + (m.learned_position_embeddings ? static_cast<double>(m.seq_len) * h : 0);
   if (stage == plan.pp - 1) {
     // An untied LM head, or a tied one's copy on the last stage of a pipeline.
-    if (!m.tied_embeddings || plan.pp > 1) sp.dense += v * h / tp;
-    sp.dense += (m.norm == NormKind::kLayerNorm ? 2.0 : 1.0) * h;  // final norm
+    if (!m.tied_embeddings || plan.pp > 1) sp.head += v * h / tp;
+    sp.head += (m.norm == NormKind::kLayerNorm ? 2.0 : 1.0) * h;  // final norm
   }
-  sp.outside_layers = sp.dense - in_layers;
+  sp.outside_layers = sp.embedding + sp.head;
+  sp.dense += sp.outside_layers;
   return sp;
 }
 
@@ -242,18 +246,29 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
     mb.expert_params = on(Tier::kCPU, expert_p);
     const double slots = std::min<double>(static_cast<double>(sp.moe_layers.size()),
                                           1.0 + ring_ahead_layers(m, plan));
-    mb.prefetch_buffers.gpu += slots * (sp.max_layer_dense + sp.max_layer_expert) * param_bytes;
+    mb.prefetch_buffers.gpu += slots * sp.max_layer_total * param_bytes;
   } else {
     mb.dense_params = on(pl.dense_params, dense_p);
     mb.expert_params = on(pl.expert_params, expert_p);
-    if (pl.dense_params != Tier::kGPU || z3)
-      mb.prefetch_buffers.gpu += working_layers * sp.max_layer_dense * param_bytes;
-    if (pl.expert_params != Tier::kGPU || z3)
-      mb.prefetch_buffers.gpu += working_layers * sp.max_layer_expert * param_bytes;
-    if (pl.dense_params == Tier::kSSD)
-      mb.prefetch_buffers.cpu += working_layers * sp.max_layer_dense * param_bytes;
+    // Offloaded parameters land in slots for the unit computing and each one loading ahead (2D
+    // prefetch; fetched right before use otherwise); with the dense parameters off the GPU the
+    // embedding and the head are units too, and may be the largest. ZeRO-3 gathers
+    // prefetch.depth layers ahead.
+    const double slots = 1.0 + (plan.prefetch.ahead() ? plan.prefetch.depth : 0);
+    const double dense_unit = std::max({sp.max_layer_dense, sp.embedding, sp.head});
+    if (z3) {
+      mb.prefetch_buffers.gpu +=
+          working_layers * (sp.max_layer_dense + sp.max_layer_expert) * param_bytes;
+    } else {
+      if (pl.dense_params != Tier::kGPU)
+        mb.prefetch_buffers.gpu += slots * dense_unit * param_bytes;
+      if (pl.expert_params != Tier::kGPU)
+        mb.prefetch_buffers.gpu += slots * sp.max_layer_expert * param_bytes;
+    }
+    // SSD-resident parameters pass through host staging on their way.
+    if (pl.dense_params == Tier::kSSD) mb.prefetch_buffers.cpu += slots * dense_unit * param_bytes;
     if (pl.expert_params == Tier::kSSD)
-      mb.prefetch_buffers.cpu += working_layers * sp.max_layer_expert * param_bytes;
+      mb.prefetch_buffers.cpu += slots * sp.max_layer_expert * param_bytes;
   }
 
   if (train) {
@@ -265,6 +280,17 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
     const double opt_div_e = plan.zero_stage >= 1 ? expert_shard : 1.0;
     mb.optimizer_states = on(pl.optimizer_states, sp.dense * sb.optimizer / opt_div_d +
                                                       sp.expert * sb.optimizer / opt_div_e);
+    // Off-GPU optimizer states: the host receives the gradients it updates with and, for the
+    // parameters that stay on the GPU in full precision, keeps the master copy it updates (mixed
+    // precision keeps one among the states already).
+    if (pl.optimizer_states != Tier::kGPU) {
+      mb.optimizer_states.cpu +=
+          (sp.dense / opt_div_d + sp.expert / opt_div_e) * sb.grad +
+          (sb.param == 4 ? ((pl.dense_params == Tier::kGPU ? sp.dense / opt_div_d : 0) +
+                            (pl.expert_params == Tier::kGPU ? sp.expert / opt_div_e : 0)) *
+                               sb.param
+                         : 0);
+    }
     // SSD-resident optimizer states are staged through DRAM a few layers (of this rank's shard)
     // at a time; host Adam updates them there.
     if (pl.optimizer_states == Tier::kSSD)

@@ -149,6 +149,17 @@ Buffer MemoryPools::allocate(Tier tier, size_t bytes, const std::string& what, b
   return b;
 }
 
+void Buffer::evict() {
+  if (tier_ != Tier::kSSD || !data_) return;
+  if (msync(data_, bytes_, MS_SYNC) != 0)
+    throw std::runtime_error("SSD tier: cannot write back " + file_.string() + ": " +
+                             std::strerror(errno));
+  // Unmap the pages from this process (a shared file mapping refaults them from the file), then
+  // drop the clean pages from the page cache.
+  madvise(data_, bytes_, MADV_DONTNEED);
+  posix_fadvise(fd_, 0, static_cast<off_t>(bytes_), POSIX_FADV_DONTNEED);
+}
+
 void MemoryPools::give_back(Tier tier, size_t bytes) {
   std::lock_guard<std::mutex> lock(m_);
   in_use_[index_of(tier)] -= static_cast<int64_t>(bytes);

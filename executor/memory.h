@@ -59,6 +59,10 @@ class Buffer {
   size_t bytes() const { return bytes_; }
   Tier tier() const { return tier_; }
   explicit operator bool() const { return data_ != nullptr; }
+  // SSD tier: writes the region back to its file and drops it from memory (this mapping and the
+  // page cache), so the next access reads the disk, as a region kept on an SSD is; a no-op on
+  // the other tiers. Throws std::runtime_error when the write-back fails.
+  void evict();
 
  private:
   friend class MemoryPools;

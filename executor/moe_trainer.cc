@@ -141,6 +141,7 @@ struct MoeTrainer::Impl {
     // 1..layers: the layers, layers + 1: the final norm and the head), the device slots units
     // land in, and (values on SSD) the host staging they pass through.
     std::vector<std::pair<size_t, size_t>> unit_range;
+    std::vector<std::pair<size_t, size_t>> unit_members;  // [first, end) positions in `members`
     std::vector<Buffer> slots, staging;
     bool streamed() const { return values_tier != Tier::kGPU; }
   } dense, expert;
@@ -200,6 +201,17 @@ struct MoeTrainer::Impl {
     }
     point_unit(pass_units[i], i % static_cast<size_t>(depth + 1));
   }
+  // What lives on the SSD tier goes back to its files and leaves memory (after the update wrote
+  // it), so the next step's fetches and updates read the disk.
+  void evict_ssd() {
+    for (Space* sp : {&dense, &expert}) {
+      if (sp->values_tier == Tier::kSSD) sp->values.evict();
+      if (sp->states_tier == Tier::kSSD) {
+        sp->m.evict();
+        sp->v.evict();
+      }
+    }
+  }
   // The pass ended: parameters point home again; its copies become program ops.
   void end_fetches() {
     if (!streaming()) return;
@@ -223,12 +235,12 @@ struct MoeTrainer::Impl {
     for (Space* sp : {&dense, &expert}) {
       if (!sp->streamed()) continue;
       const size_t first = sp->unit_range[static_cast<size_t>(unit)].first;
-      size_t at = 0;
-      for (size_t k : sp->members) {
-        Parameter& p = (*params)[k];
-        if (at >= first && at < sp->unit_range[static_cast<size_t>(unit)].second)
-          p.value =
-              slot ? sp->slots[*slot].as<float>() + (at - first) : sp->values.as<float>() + at;
+      float* base = slot ? sp->slots[*slot].as<float>() : sp->values.as<float>() + first;
+      size_t at = 0;  // from the unit's first element
+      const auto [m0, m1] = sp->unit_members[static_cast<size_t>(unit)];
+      for (size_t j = m0; j < m1; ++j) {
+        Parameter& p = (*params)[sp->members[j]];
+        p.value = base + at;
         at += p.size;
       }
     }
@@ -1258,18 +1270,24 @@ struct MoeTrainer::Impl {
     if (!sp.streamed()) return;
     // Fetch units: each parameter belongs to the embedding, a layer ("layer<l>.") or the head.
     sp.unit_range.assign(static_cast<size_t>(layers) + 2, {0, 0});
+    sp.unit_members.assign(sp.unit_range.size(), {0, 0});
     std::vector<bool> seen(sp.unit_range.size(), false);
     at = 0;
     size_t largest = 0;
-    for (size_t k : sp.members) {
-      const Parameter& p = (*params)[k];
+    for (size_t j = 0; j < sp.members.size(); ++j) {
+      const Parameter& p = (*params)[sp.members[j]];
       int unit = head_unit();
       if (p.name == "embed")
         unit = embed_unit();
       else if (p.name.rfind("layer", 0) == 0)
         unit = layer_unit(std::stoi(p.name.substr(5)));
       auto& r = sp.unit_range[static_cast<size_t>(unit)];
-      if (!seen[static_cast<size_t>(unit)]) r = {at, at};
+      auto& mr = sp.unit_members[static_cast<size_t>(unit)];
+      if (!seen[static_cast<size_t>(unit)]) {
+        r = {at, at};
+        mr = {j, j};
+      }
+      mr.second = j + 1;
       if (r.second != at)
         throw std::logic_error("fetch unit of " + p.name + " is not contiguous in its space");
       seen[static_cast<size_t>(unit)] = true;
@@ -1547,6 +1565,7 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
           init_value(s.seed, p.name, p.global_index.empty() ? i : p.global_index[i], s.init_std);
   for (Impl::Space* sp : {&I.dense, &I.expert})
     if (sp->master) std::memcpy(sp->master.data(), sp->values.data(), sp->padded * sizeof(float));
+  I.evict_ssd();
   return t;
 }
 
@@ -1596,6 +1615,7 @@ StepStats MoeTrainer::step(int64_t step_index) {
         group->all_reduce(p.g(), p.size, DType::kFloat32, ReduceOp::kSum);
   I.reduce_and_update(I.dense);
   if (!I.expert.members.empty()) I.reduce_and_update(I.expert);
+  I.evict_ssd();
   st.tiers = I.tier_stats;  // the update's copies too
   I.g.dp->all_reduce(&st.loss, 1, DType::kFloat64, ReduceOp::kSum);
   // Only the last stage computed a loss: every stage reports the batch's.

@@ -53,14 +53,13 @@ OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec&
       }
       // ZeRO-Offload: gradients down and parameters up over PCIe; Adam on the node's CPUs and DRAM,
       // shared by its GPUs' ranks.
-      const double params = op.flops / 12.0;  // the optimizer op counts 12 FLOPs per parameter
       const int sharers = c.gpus_per_node;
       const double host_s =
           std::max(op.bytes / (c.host.dram_bw_Bps * prof.dram_efficiency / sharers),
                    op.flops / (c.host.cpu_flops / sharers));
       const double pcie_s =
-          transfer_cost(TransferPath::kGpuToHost, params * 2, c, prof, sharers).time_s +
-          transfer_cost(TransferPath::kHostToGpu, params * 2, c, prof, sharers).time_s;
+          transfer_cost(TransferPath::kGpuToHost, op.host_down_bytes, c, prof, sharers).time_s +
+          transfer_cost(TransferPath::kHostToGpu, op.host_up_bytes, c, prof, sharers).time_s;
       out.time_s = host_s + pcie_s;
       break;
     }

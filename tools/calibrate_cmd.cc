@@ -218,7 +218,8 @@ void measure_collectives(Communicator& world, bool quick, CalibrationData& d) {
 
 // Copies between tiers on the copy engine, as the ring's and the prefetches' loads run them
 // (submit, wait), 1 to 64 MiB, every rank at once (as a node's GPUs move their shares together):
-// host memory into the device arena, and SSD-tier files into host memory. Each repetition reads
+// host memory into the device arena, and SSD-tier files into host memory (evicted from memory
+// before each read, so it reads the disk). Each repetition reads
 // the next stretch of a source four times the largest copy, so no copy comes from a cache a
 // previous one filled (a model's layers do not either).
 void measure_transfers(Device& dev, Communicator& world, bool quick, Tier from, Tier to,
@@ -239,7 +240,10 @@ void measure_transfers(Device& dev, Communicator& world, bool quick, Tier from, 
           engine.wait(engine.submit(dst.data(), src.as<char>() + offset, bytes));
           offset += bytes;
         },
-        [&] { world.barrier(); });
+        [&] {
+          src.evict();  // SSD tier: the read comes from the disk
+          world.barrier();
+        });
     out.push_back({static_cast<double>(bytes), t});
   }
 }
@@ -295,6 +299,7 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
   if (f.names.gpus > 0) c = with_gpus(std::move(c), f.names.gpus);
   if (f.names.nodes > 0) c = with_nodes(std::move(c), f.names.nodes);
   CalibrationData data;
+  data.ranks = world->size();
   // Compute micro-benchmarks on every rank at once: a rank's core is shared as in a run.
   auto dev = cpu_device({});
   try {

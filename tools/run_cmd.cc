@@ -240,8 +240,12 @@ int cmd_run(const Common& common, const RunFlags& f) {
                       dev->memory().peak(Tier::kSSD)};
   ranks.world->all_reduce(peaks, 3, DType::kInt64, ReduceOp::kMax);
   ranks.world->all_reduce(&dropped, 1, DType::kInt64, ReduceOp::kSum);
+  // The slowest rank's fetch time and stalls; the fraction hidden of the rank that hid least.
   double tiers[2] = {tier_copy_s / f.steps, tier_stall_s / f.steps};
+  double least_hidden =
+      tier_copy_s > 0 ? std::clamp(1.0 - tier_stall_s / tier_copy_s, 0.0, 1.0) : 1.0;
   ranks.world->all_reduce(tiers, 2, DType::kFloat64, ReduceOp::kMax);
+  ranks.world->all_reduce(&least_hidden, 1, DType::kFloat64, ReduceOp::kMin);
   if (!tokens_per_expert.empty()) {
     ranks.world->all_reduce(tokens_per_expert.data(), tokens_per_expert.size(), DType::kInt64,
                             ReduceOp::kSum);
@@ -394,7 +398,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
     out["tiers"] = {{"copy_s", {{"measured", tiers[0]}, {"predicted", predicted_copy}}},
                     {"stall_s", {{"measured", tiers[1]}, {"predicted", pred.time.stall_s}}},
                     {"copy_hidden_fraction",
-                     {{"measured", hidden(tiers[0], tiers[1])},
+                     {{"measured", tiers[0] > 0 ? Json(least_hidden) : Json(nullptr)},
                       {"predicted", hidden(predicted_copy, pred.time.stall_s)}}}};
   }
   if (!f.trace.empty()) {
@@ -426,6 +430,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
                  {"losses", losses},
                  {"tokens_per_expert", tokens_per_expert},
                  {"check", check}};
+    if (out.contains("tiers")) m.details["tiers"] = out["tiers"];
     out["measurement_id"] = store->put_measurement(mh, ch, wh, ph, m);
     out["db"] = f.db;
   }

@@ -71,6 +71,7 @@ TEST(Calibration, RecoversTheConstantsThatMadeTheSamples) {
   truth.pcie_latency_s = 20e-6;
   truth.ssd_efficiency = 3.0;
   truth.ssd_latency_s = 50e-6;
+  d.ranks = 2;
   for (double bytes = 1 << 20; bytes <= (1 << 26); bytes *= 4) {
     d.host_to_device.push_back(
         {bytes, transfer_cost(TransferPath::kHostToGpu, bytes, c, truth, 2).time_s});
