@@ -217,6 +217,10 @@ struct MoeTrainer::Impl {
     if (!streaming()) return;
     engine->drain();
     for (int unit : pass_units) point_unit(unit, std::nullopt);
+    // Each use reads the SSD, as it does where the tier holds more than memory could (not the
+    // page cache the previous pass filled).
+    for (Space* sp : {&dense, &expert})
+      if (sp->values_tier == Tier::kSSD) sp->values.evict();
     collect_copies(pass_phase);
     pass_units.clear();
   }
