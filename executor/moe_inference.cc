@@ -8,6 +8,7 @@
 
 #include "executor/copy_engine.h"
 #include "executor/counter_random.h"
+#include "executor/model_shape.h"
 #include "executor/moe_trainer.h"
 
 namespace switchyard {
@@ -48,12 +49,11 @@ std::vector<ConfigIssue> inference_unsupported(const ModelSpec& m, const Plan& p
   return out;
 }
 
-struct MoeInference::Impl {
+struct MoeInference::Impl : ModelShape {
   ModelSpec m;
   InferenceSettings s;
   Device& dev;
   Device& copier;
-  int h = 0, heads = 0, head_dim = 0, vocab = 0, layers = 0, experts = 0, top_k = 0, f = 0, ffn = 0;
   int n_seq = 0, cache_len = 0;
   std::vector<LayerLayout> layout;
   // Weights: per layer a block on the device tier, or (ring) on the host tier with device slots.
@@ -270,19 +270,8 @@ std::unique_ptr<MoeInference> MoeInference::create(const ModelSpec& m, const Inf
   std::unique_ptr<MoeInference> t(new MoeInference());
   t->impl_ = std::make_unique<Impl>(m, s, device, copier);
   Impl& I = *t->impl_;
-  I.h = static_cast<int>(m.hidden_size);
-  I.heads = static_cast<int>(m.num_attention_heads);
-  I.head_dim =
-      static_cast<int>(m.head_dim > 0 ? m.head_dim : m.hidden_size / m.num_attention_heads);
-  if (I.head_dim * I.heads != I.h)
-    throw ConfigError("model.head_dim", "the CPU runner needs heads * head_dim = hidden_size");
-  I.vocab = static_cast<int>(m.vocab_size);
-  I.layers = static_cast<int>(m.num_layers);
-  I.ffn = static_cast<int>(m.ffn_hidden_size);
+  static_cast<ModelShape&>(I) = model_shape(m);
   if (m.moe) {
-    I.experts = static_cast<int>(m.moe->num_experts);
-    I.top_k = static_cast<int>(m.moe->top_k);
-    I.f = static_cast<int>(m.moe->expert_ffn_hidden_size);
     for (double x : s.routing_share) I.log_share.push_back(std::log(std::max(x, 1e-30)));
     if (!s.routing_share.empty() && static_cast<int>(s.routing_share.size()) != I.experts)
       throw ConfigError("workload.routing", "has " + std::to_string(s.routing_share.size()) +

@@ -11,6 +11,7 @@
 #include "executor/copy_engine.h"
 #include "executor/counter_random.h"
 #include "executor/host_kernels.h"
+#include "executor/model_shape.h"
 #include "executor/timed.h"
 
 namespace switchyard {
@@ -70,15 +71,15 @@ std::vector<ConfigIssue> trainer_unsupported(const ModelSpec& m, const Plan& p) 
   return out;
 }
 
-struct MoeTrainer::Impl {
+struct MoeTrainer::Impl : ModelShape {
   ModelSpec m;
   TrainSettings s;
   Device& dev;
   TrainGroups g;
-  int h = 0, heads = 0, head_dim = 0, vocab = 0, seq = 0, experts = 0, top_k = 0, f = 0, ffn = 0;
+  int seq = 0;
   // Megatron's vocab-parallel embedding and LM head under TP: this rank's rows of the vocabulary.
   int vocab_local = 0, vocab_first = 0;
-  int layers = 0, local_experts = 0, first_expert = 0;
+  int local_experts = 0, first_expert = 0;
   // The experts of this rank's slots (local_experts of them; contiguous from first_expert unless
   // the plan replicates hot experts). With replicas: every EP rank's slots, each expert's copies
   // (EP ranks, home first), and per replicated expert this rank holds, the group of its copies.
@@ -1340,15 +1341,8 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
   std::unique_ptr<MoeTrainer> t(new MoeTrainer());
   t->impl_ = std::make_unique<Impl>(m, s, device, groups);
   Impl& I = *t->impl_;
-  I.h = static_cast<int>(m.hidden_size);
-  I.heads = static_cast<int>(m.num_attention_heads);
-  I.head_dim =
-      static_cast<int>(m.head_dim > 0 ? m.head_dim : m.hidden_size / m.num_attention_heads);
-  if (I.head_dim * I.heads != I.h)
-    throw ConfigError("model.head_dim", "the CPU runner needs heads * head_dim = hidden_size");
-  I.vocab = static_cast<int>(m.vocab_size);
+  static_cast<ModelShape&>(I) = model_shape(m);
   I.seq = static_cast<int>(s.seq_len > 0 ? s.seq_len : m.seq_len);
-  I.layers = static_cast<int>(m.num_layers);
   I.layer_end = I.layers;
   if (groups.tp && groups.tp->size() > 1) {
     I.tp = groups.tp->size();
@@ -1428,12 +1422,8 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
   } else {
     I.chunks.emplace_back(0, I.layers);
   }
-  I.ffn = static_cast<int>(m.ffn_hidden_size);
   I.ffn_local = I.ffn / I.tp;
   if (m.moe) {
-    I.experts = static_cast<int>(experts);
-    I.top_k = static_cast<int>(m.moe->top_k);
-    I.f = static_cast<int>(m.moe->expert_ffn_hidden_size);
     // PPMoE: the experts are spread over the TP group (ep = tp).
     const int ep_size = I.ppmoe ? I.tp : ep;
     const int ep_rank = I.ppmoe ? I.tp_rank : groups.ep->rank();

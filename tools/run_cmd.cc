@@ -225,16 +225,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
   // The measured timeline: every rank's events to rank 0.
   std::vector<MeasuredEvent> events;
   if (!f.trace.empty()) {
-    Json mine = Json::array();
-    for (const OpEvent& e : op_times.events)
-      mine.push_back({e.op, e.communication, e.start_s, e.end_s,
-                      e.program ? op_phase_name(e.phase) : "", e.copy});
-    const std::vector<Json> all = gather_json(ranks, mine);
-    for (size_t rank = 0; rank < all.size(); ++rank)
-      for (const auto& e : all[rank])
-        events.push_back({static_cast<int>(rank), e[0].get<std::string>(), e[1].get<bool>(),
-                          e[2].get<double>(), e[3].get<double>(), e[4].get<std::string>(),
-                          e[5].get<bool>()});
+    events = gather_events(ranks, {&op_times});
   }
   int64_t peaks[3] = {dev->memory().peak(Tier::kGPU), dev->memory().peak(Tier::kCPU),
                       dev->memory().peak(Tier::kSSD)};

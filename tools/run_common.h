@@ -16,7 +16,9 @@
 #include "core/workload.h"
 #include "executor/communicator.h"
 #include "executor/memory.h"
+#include "executor/timed.h"
 #include "tools/cli_common.h"
+#include "traces/chrome_trace.h"
 #ifdef SWITCHYARD_HAVE_MPI
 #include "executor/cpu/mpi_communicator.h"
 #endif
@@ -108,6 +110,25 @@ inline std::vector<Json> gather_json(Ranks& ranks, const Json& mine) {
     all.push_back(Json::parse(buf));
   }
   return all;
+}
+
+// Every rank's measured events (device and collective calls, program ops, copies between tiers)
+// to rank 0, with their rank (empty elsewhere).
+inline std::vector<MeasuredEvent> gather_events(Ranks& ranks,
+                                                const std::vector<const OpTimes*>& sources) {
+  Json mine = Json::array();
+  for (const OpTimes* t : sources)
+    for (const OpEvent& e : t->events)
+      mine.push_back({e.op, e.communication, e.start_s, e.end_s,
+                      e.program ? op_phase_name(e.phase) : "", e.copy});
+  std::vector<MeasuredEvent> events;
+  const std::vector<Json> all = gather_json(ranks, mine);
+  for (size_t rank = 0; rank < all.size(); ++rank)
+    for (const auto& e : all[rank])
+      events.push_back({static_cast<int>(rank), e[0].get<std::string>(), e[1].get<bool>(),
+                        e[2].get<double>(), e[3].get<double>(), e[4].get<std::string>(),
+                        e[5].get<bool>()});
+  return events;
 }
 
 // One rank's memory: the GPU's HBM as its device arena, its share of the node's DRAM and SSD.

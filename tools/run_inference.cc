@@ -149,22 +149,7 @@ int run_inference(const RunFlags& f, Ranks& ranks, const Inputs& in) {
       for (const auto& [key, secs] : rank_ops.items())
         measured_ops[pass][key] = std::max(measured_ops[pass][key], secs.get<double>() / per);
   }
-  if (!f.trace.empty()) {
-    for (const OpTimes* ops : {&op_times, &prefill_ops, &decode_ops})
-      for (const OpEvent& e : ops->events)
-        events.push_back({r, e.op, e.communication, e.start_s, e.end_s,
-                          e.program ? op_phase_name(e.phase) : "", e.copy});
-    Json mine = Json::array();
-    for (const MeasuredEvent& e : events)
-      mine.push_back({e.op, e.communication, e.start_s, e.end_s, e.program_phase, e.copy});
-    events.clear();
-    const std::vector<Json> all = gather_json(ranks, mine);
-    for (size_t rank = 0; rank < all.size(); ++rank)
-      for (const auto& e : all[rank])
-        events.push_back({static_cast<int>(rank), e[0].get<std::string>(), e[1].get<bool>(),
-                          e[2].get<double>(), e[3].get<double>(), e[4].get<std::string>(),
-                          e[5].get<bool>()});
-  }
+  if (!f.trace.empty()) events = gather_events(ranks, {&op_times, &prefill_ops, &decode_ops});
   int64_t peaks[3] = {dev->memory().peak(Tier::kGPU), dev->memory().peak(Tier::kCPU),
                       dev->memory().peak(Tier::kSSD)};
   ranks.world->all_reduce(peaks, 3, DType::kInt64, ReduceOp::kMax);
