@@ -559,18 +559,24 @@ std::vector<OpTemplate> dense_unit_fetches(const Plan& p, const Dims& d, double 
                                                 : level_fetches(bytes, 0, -1, phase);
 }
 
-// Offloaded gradients leave the GPU as the layer's backward produces them (and go on to the SSD).
-void grad_offload(const ModelSpec& m, const Plan& p, const Dims& d, int layer,
-                  std::vector<OpTemplate>& out) {
+// Offloaded gradients leave the GPU as a unit's backward produces them (and go on to the SSD):
+// `params` of them, of layer `layer` (-1: the embedding or the head).
+void grad_offload_params(const Plan& p, const Dims& d, double params, int layer,
+                         std::vector<OpTemplate>& out) {
   if (p.placement.gradients == Tier::kGPU) return;
-  const LayerParams lp = layer_params(m, p, d, layer);
-  const double bytes = (lp.dense + lp.expert) * d.grad_bytes;
+  const double bytes = params * d.grad_bytes;
   out.push_back(copy_op("grad_offload", CopyPath::kGpuToHost, bytes, layer, Phase::kBackward));
   if (p.placement.gradients == Tier::kSSD) {
     OpTemplate w = copy_op("grad_ssd_write", CopyPath::kHostToSsd, bytes, layer, Phase::kBackward);
     w.wait_for = static_cast<int>(out.size()) - 1;
     out.push_back(std::move(w));
   }
+}
+
+void grad_offload(const ModelSpec& m, const Plan& p, const Dims& d, int layer,
+                  std::vector<OpTemplate>& out) {
+  const LayerParams lp = layer_params(m, p, d, layer);
+  grad_offload_params(p, d, lp.dense + lp.expert, layer, out);
 }
 
 // Rebuilds `ops` with each layer's fetches issued `depth` layers ahead of its use. begins[i] is
@@ -736,6 +742,7 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
 
   // Backward: head, then layers in reverse (recomputing what the plan recomputes), then embedding.
   append_backward(head_fwd, cp.backward);
+  if (head) grad_offload_params(p, d, vocab_rows + d.h, -1, cp.backward);
   BucketFiller buckets(p, d, cp.backward);
   std::vector<size_t> bwd_begins;
   std::vector<std::vector<OpTemplate>> bwd_fetches;
@@ -781,6 +788,7 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   }
   buckets.flush(first_layer);
   append_backward(embed_fwd, cp.backward);
+  if (embedding) grad_offload_params(p, d, vocab_rows, -1, cp.backward);
   cp.backward = with_prefetches(std::move(cp.backward), bwd_begins, std::move(bwd_fetches), depth);
   return cp;
 }

@@ -285,11 +285,20 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
     // precision keeps one among the states already).
     if (pl.optimizer_states != Tier::kGPU) {
       mb.optimizer_states.cpu +=
-          (sp.dense / opt_div_d + sp.expert / opt_div_e) * sb.grad +
+          (pl.gradients == Tier::kGPU ? (sp.dense / opt_div_d + sp.expert / opt_div_e) * sb.grad
+                                      : 0.0) +
           (sb.param == 4 ? ((pl.dense_params == Tier::kGPU ? sp.dense / opt_div_d : 0) +
                             (pl.expert_params == Tier::kGPU ? sp.expert / opt_div_e : 0)) *
                                sb.param
                          : 0);
+    }
+    // Off-GPU gradients: a unit's backward accumulates into one of two GPU slots while the other
+    // goes down through a host buffer to the gradients' home.
+    if (pl.gradients != Tier::kGPU) {
+      const double unit =
+          std::max({sp.max_layer_dense, sp.embedding, sp.head}) + sp.max_layer_expert;
+      mb.prefetch_buffers.gpu += 2.0 * unit * sb.grad;
+      mb.prefetch_buffers.cpu += 2.0 * unit * sb.grad;
     }
     // SSD-resident optimizer states are staged through DRAM a few layers (of this rank's shard)
     // at a time; host Adam updates them there.

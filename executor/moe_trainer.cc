@@ -58,15 +58,18 @@ std::vector<ConfigIssue> trainer_unsupported(const ModelSpec& m, const Plan& p) 
   if (p.expert_replicas.kind != ExpertReplicas::Kind::kNone && p.dispatch != Dispatch::kAllToAll)
     no("plan.expert_replicas", "replicas with the flat all_to_all dispatch only");
   const Placement& pl = p.placement;
-  if (pl.gradients != Tier::kGPU) no("plan.placement.gradients", "gradients on the device tier");
+  if (pl.gradients != Tier::kGPU && pl.optimizer_states == Tier::kGPU)
+    no("plan.placement.optimizer_states",
+       "off-device gradients are applied on the host: optimizer states off the device too");
   if (pl.activations != Tier::kGPU)
     no("plan.placement.activations", "activations on the device tier");
   const bool params_off = pl.dense_params != Tier::kGPU || pl.expert_params != Tier::kGPU;
   if (params_off && pl.optimizer_states == Tier::kGPU)
     no("plan.placement.optimizer_states",
        "off-device parameters are updated where they live: optimizer states off the device too");
-  if ((params_off || pl.optimizer_states != Tier::kGPU) && p.zero_stage > 0)
-    no("plan.zero_stage", "offloaded parameters or optimizer states with ZeRO stage 0");
+  if ((params_off || pl.optimizer_states != Tier::kGPU || pl.gradients != Tier::kGPU) &&
+      p.zero_stage > 0)
+    no("plan.zero_stage", "offloaded parameters, gradients or optimizer states with ZeRO stage 0");
   if (p.recompute != Recompute::kNone) no("plan.recompute", "no recompute");
   return out;
 }
@@ -136,7 +139,7 @@ struct MoeTrainer::Impl : ModelShape {
     // Tiers (TrainSettings::placement): of the values, and of the optimizer states. Off-device
     // states: the host's copy of the gradients the update reads, and (values on the device) the
     // host's master copy of the values it updates.
-    Tier values_tier = Tier::kGPU, states_tier = Tier::kGPU;
+    Tier values_tier = Tier::kGPU, states_tier = Tier::kGPU, grads_tier = Tier::kGPU;
     Buffer host_grads, master;
     // Off-device values: each fetch unit's elements [first, second) (unit 0: the embedding,
     // 1..layers: the layers, layers + 1: the final norm and the head), the device slots units
@@ -145,7 +148,18 @@ struct MoeTrainer::Impl : ModelShape {
     std::vector<std::pair<size_t, size_t>> unit_members;  // [first, end) positions in `members`
     std::vector<Buffer> slots, staging;
     bool streamed() const { return values_tier != Tier::kGPU; }
+    // Off-device gradients (`grads` is their home in host memory or on SSD): a unit's backward
+    // accumulates into one of two device slots, which then goes down to host staging while the
+    // next unit computes, and the host adds it to the home.
+    std::vector<Buffer> grad_slots, grad_staging;
+    struct Offload {
+      int unit = -1;
+      CopyEngine::Ticket ticket = 0;
+    } offload[2];
+    bool grads_off() const { return grads_tier != Tier::kGPU; }
   } dense, expert;
+  int grad_turn = 0;   // the device gradient slot the next unit uses
+  int grad_unit = -1;  // the unit whose gradients the slots take now
 
   // --- Copies between tiers: off-device parameters fetched into device slots, `depth` units
   // ahead of the one computing (the StepProgram's param_fetch ops, issued by with_prefetches).
@@ -184,10 +198,10 @@ struct MoeTrainer::Impl : ModelShape {
   // A pass over `units` (forward: embedding, layers, head; backward: the layers in reverse)
   // starts: its first depth + 1 units load.
   void begin_fetches(std::vector<int> units, OpPhase phase) {
+    pass_phase = phase;
     if (!streaming()) return;
     pass_units = std::move(units);
     pass_ready.assign(pass_units.size(), 0);
-    pass_phase = phase;
     for (size_t i = 0; i <= static_cast<size_t>(depth); ++i) issue_fetch(i);
   }
   // The pass's i-th unit starts: unit i + depth loads into the slot unit i - 1 left; wait for
@@ -207,15 +221,20 @@ struct MoeTrainer::Impl : ModelShape {
   void evict_ssd() {
     for (Space* sp : {&dense, &expert}) {
       if (sp->values_tier == Tier::kSSD) sp->values.evict();
+      if (sp->grads_tier == Tier::kSSD) sp->grads.evict();
       if (sp->states_tier == Tier::kSSD) {
         sp->m.evict();
         sp->v.evict();
       }
     }
   }
-  // The pass ended: parameters point home again; its copies become program ops.
+  // The pass ended: parameters point home again, offloaded gradients have reached their home;
+  // its copies become program ops.
   void end_fetches() {
-    if (!streaming()) return;
+    if (!streaming() && !grads_offloaded()) return;
+    for (Space* sp : {&dense, &expert})
+      if (sp->grads_off())
+        for (int k = 0; k < 2; ++k) settle(*sp, k);
     engine->drain();
     for (int unit : pass_units) point_unit(unit, std::nullopt);
     // Each use reads the SSD, as it does where the tier holds more than memory could (not the
@@ -232,7 +251,11 @@ struct MoeTrainer::Impl : ModelShape {
       (phase ? tier_stats.fetch_s : tier_stats.update_copy_s) += sp.seconds();
       (phase ? tier_stats.fetch_bytes : tier_stats.update_copy_bytes) +=
           static_cast<int64_t>(sp.bytes);
-      if (phase) record_copy_op(sp.label, *phase, sp.start, sp.end);
+      // (Gradients go down in the backward, the head's while the forward runs its backward.)
+      if (phase)
+        record_copy_op(sp.label,
+                       std::string_view(sp.label) == "grad_offload" ? OpPhase::kBackward : *phase,
+                       sp.start, sp.end);
     }
   }
   // Points a unit's parameters of every streamed space at a slot (nullopt: at their home).
@@ -248,6 +271,63 @@ struct MoeTrainer::Impl : ModelShape {
         p.value = base + at;
         at += p.size;
       }
+    }
+  }
+
+  bool grads_offloaded() const { return dense.grads_off() || expert.grads_off(); }
+  // The host adds what slot `k` took down to the gradients' home.
+  void settle(Space& sp, int k) {
+    Space::Offload& o = sp.offload[k];
+    if (o.unit < 0) return;
+    const double waited = engine->wait(o.ticket);
+    record_stall(waited);
+    tier_stats.stall_s += waited;
+    const auto [first, end] = sp.unit_range[static_cast<size_t>(o.unit)];
+    float* home = sp.grads.as<float>() + first;
+    const float* down = sp.grad_staging[static_cast<size_t>(k)].as<float>();
+    for (size_t i = 0; i < end - first; ++i) home[i] += down[i];
+    o.unit = -1;
+  }
+  // A unit's backward starts: its gradients accumulate in a zeroed device slot.
+  void grads_begin(int unit) {
+    if (!grads_offloaded()) return;
+    const int k = grad_turn % 2;
+    for (Space* sp : {&dense, &expert}) {
+      if (!sp->grads_off()) continue;
+      const auto [first, end] = sp->unit_range[static_cast<size_t>(unit)];
+      settle(*sp, k);  // the slot's previous unit reached the host
+      float* slot = sp->grad_slots[static_cast<size_t>(k)].as<float>();
+      std::memset(slot, 0, (end - first) * sizeof(float));
+      point_grads(*sp, unit, slot);
+    }
+    grad_unit = unit;
+  }
+  // ... and ends: the slot goes down to host staging (the program's grad_offload) while the next
+  // unit computes.
+  void grads_end() {
+    if (!grads_offloaded() || grad_unit < 0) return;
+    const int k = grad_turn++ % 2;
+    for (Space* sp : {&dense, &expert}) {
+      if (!sp->grads_off()) continue;
+      const auto [first, end] = sp->unit_range[static_cast<size_t>(grad_unit)];
+      point_grads(*sp, grad_unit, nullptr);
+      if (end == first) continue;
+      sp->offload[k] = {grad_unit, engine->submit(sp->grad_staging[static_cast<size_t>(k)].data(),
+                                                  sp->grad_slots[static_cast<size_t>(k)].data(),
+                                                  (end - first) * sizeof(float), "grad_offload")};
+    }
+    grad_unit = -1;
+  }
+  // Points a unit's gradients of one space at `slot` (nullptr: at their home).
+  void point_grads(Space& sp, int unit, float* slot) {
+    const size_t first = sp.unit_range[static_cast<size_t>(unit)].first;
+    float* base = slot ? slot : sp.grads.as<float>() + first;
+    size_t at = 0;
+    const auto [m0, m1] = sp.unit_members[static_cast<size_t>(unit)];
+    for (size_t j = m0; j < m1; ++j) {
+      Parameter& p = (*params)[sp.members[j]];
+      p.grad = base + at;
+      at += p.size;
     }
   }
 
@@ -838,6 +918,7 @@ struct MoeTrainer::Impl : ModelShape {
     }
     op.close();
     if (dense.streamed()) fetch(next_unit++);
+    grads_begin(head_unit());  // the head's backward runs below
     op.at("final_norm");
     Tensor xf = alloc(static_cast<size_t>(Tl) * h, "final norm");
     dev.rmsnorm(x.p(), P("final_norm").v(), Tl, h, eps, xf.p());
@@ -885,6 +966,7 @@ struct MoeTrainer::Impl : ModelShape {
                          P("final_norm").g());
     mb.dx = std::move(dx);
     op.close();
+    grads_end();
     end_fetches();
   }
 
@@ -904,6 +986,7 @@ struct MoeTrainer::Impl : ModelShape {
       LayerSaved& S = saved[static_cast<size_t>(l - layer_begin)];
       op.close();
       fetch(next_unit++);
+      grads_begin(layer_unit(l));
       // dx is the gradient at the layer's output = d(x_mid) through the residual + FFN branch.
       Tensor db = alloc(static_cast<size_t>(Tl) * h, "gradient");
       if (m.is_moe_layer(l)) {
@@ -1070,8 +1153,11 @@ struct MoeTrainer::Impl : ModelShape {
       for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i) dxin.p()[i] += dmid.p()[i];
       dx = std::move(dxin);
       saved[static_cast<size_t>(l - layer_begin)] = LayerSaved{};  // release its activations
+      op.close();
+      grads_end();
     }
     if (first_stage()) {
+      grads_begin(embed_unit());
       float* demb = P("embed").g();
       if (tp > 1) {  // vocab-parallel: this rank's rows, from every token's gradient
         Tensor full;
@@ -1093,6 +1179,8 @@ struct MoeTrainer::Impl : ModelShape {
           for (int c = 0; c < h; ++c)
             demb[static_cast<size_t>(tok[i]) * h + c] += dx.p()[static_cast<size_t>(i) * h + c];
       }
+      op.close();
+      grads_end();
     } else {
       mb.dx = std::move(dx);
     }
@@ -1218,11 +1306,16 @@ struct MoeTrainer::Impl : ModelShape {
       // ZeRO-Offload's update: the gradients down to the host, Adam on the host over the states
       // in host memory (or their files on SSD), the updated values back up when they live on
       // the device (otherwise the host's values are the ones updated).
+      // (Gradients kept off the device are on the host already.)
       CopyEngine& ce = *engine;
-      ce.wait(ce.submit(sp.host_grads.data(), gsrc, n_upd * sizeof(float), "grad_offload"));
+      const float* host_g = gsrc;
+      if (!sp.grads_off()) {
+        ce.wait(ce.submit(sp.host_grads.data(), gsrc, n_upd * sizeof(float), "grad_offload"));
+        host_g = sp.host_grads.as<float>();
+      }
       float* target = sp.values_tier == Tier::kGPU ? sp.master.as<float>() : values;
-      host_adam(target + first, sp.host_grads.as<float>(), sp.m.as<float>(), sp.v.as<float>(),
-                n_upd, s.lr, s.beta1, s.beta2, s.eps, c1, c2);
+      host_adam(target + first, host_g, sp.m.as<float>(), sp.v.as<float>(), n_upd, s.lr, s.beta1,
+                s.beta2, s.eps, c1, c2);
       if (sp.values_tier == Tier::kGPU)
         ce.wait(ce.submit(values + first, target + first, n_upd * sizeof(float), "param_upload"));
       collect_copies(std::nullopt);
@@ -1249,8 +1342,9 @@ struct MoeTrainer::Impl : ModelShape {
     const std::string what = expert_space ? "expert parameters" : "dense parameters";
     sp.values_tier = expert_space ? s.placement.expert_params : s.placement.dense_params;
     sp.states_tier = s.placement.optimizer_states;
+    sp.grads_tier = s.placement.gradients;
     sp.values = dev.memory().allocate(sp.values_tier, sp.padded * sizeof(float), what);
-    sp.grads = dev.memory().allocate(Tier::kGPU, sp.padded * sizeof(float), what + " gradients");
+    sp.grads = dev.memory().allocate(sp.grads_tier, sp.padded * sizeof(float), what + " gradients");
     size_t at = 0;
     for (size_t k : sp.members) {
       Parameter& p = (*params)[k];
@@ -1265,14 +1359,14 @@ struct MoeTrainer::Impl : ModelShape {
           dev.memory().allocate(Tier::kGPU, states * sizeof(float), "reduced gradient shard");
     sp.m = dev.memory().allocate(sp.states_tier, states * sizeof(float), "Adam momentum");
     sp.v = dev.memory().allocate(sp.states_tier, states * sizeof(float), "Adam variance");
-    if (sp.states_tier != Tier::kGPU) {
+    if (sp.states_tier != Tier::kGPU && !sp.grads_off()) {
       sp.host_grads =
           dev.memory().allocate(Tier::kCPU, states * sizeof(float), what + " gradients (host)");
-      if (sp.values_tier == Tier::kGPU)
-        sp.master =
-            dev.memory().allocate(Tier::kCPU, sp.padded * sizeof(float), what + " (host master)");
     }
-    if (!sp.streamed()) return;
+    if (sp.states_tier != Tier::kGPU && sp.values_tier == Tier::kGPU)
+      sp.master =
+          dev.memory().allocate(Tier::kCPU, sp.padded * sizeof(float), what + " (host master)");
+    if (!sp.streamed() && !sp.grads_off()) return;
     // Fetch units: each parameter belongs to the embedding, a layer ("layer<l>.") or the head.
     sp.unit_range.assign(static_cast<size_t>(layers) + 2, {0, 0});
     sp.unit_members.assign(sp.unit_range.size(), {0, 0});
@@ -1300,7 +1394,15 @@ struct MoeTrainer::Impl : ModelShape {
       largest = std::max(largest, r.second - r.first);
       at += p.size;
     }
-    for (int i = 0; i <= depth; ++i) {
+    for (int k = 0; k < (sp.grads_off() ? 2 : 0); ++k) {
+      sp.grad_slots.push_back(dev.memory().allocate(Tier::kGPU, largest * sizeof(float),
+                                                    what + " gradient slot " + std::to_string(k),
+                                                    false));
+      sp.grad_staging.push_back(
+          dev.memory().allocate(Tier::kCPU, largest * sizeof(float),
+                                what + " gradient staging " + std::to_string(k), false));
+    }
+    for (int i = 0; i <= (sp.streamed() ? depth : -1); ++i) {
       sp.slots.push_back(dev.memory().allocate(Tier::kGPU, largest * sizeof(float),
                                                what + " slot " + std::to_string(i), false));
       if (sp.values_tier == Tier::kSSD)

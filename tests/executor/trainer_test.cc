@@ -190,28 +190,41 @@ TEST(MoeTrainer, OffloadedParametersAndOptimizerStatesTrainAsOnTheDevice) {
   Single ref(m, s);
   for (int i = 0; i < 3; ++i) ref.trainer->step(i);
   struct Case {
-    Tier dense, expert, states;
+    Tier dense, expert, states, grads;
     int depth;
   };
-  for (const Case& c :
-       {Case{Tier::kGPU, Tier::kGPU, Tier::kCPU, 0}, Case{Tier::kCPU, Tier::kCPU, Tier::kCPU, 1},
-        Case{Tier::kGPU, Tier::kSSD, Tier::kSSD, 2}, Case{Tier::kSSD, Tier::kCPU, Tier::kCPU, 0}}) {
+  for (const Case& c : {Case{Tier::kGPU, Tier::kGPU, Tier::kCPU, Tier::kGPU, 0},
+                        Case{Tier::kCPU, Tier::kCPU, Tier::kCPU, Tier::kGPU, 1},
+                        Case{Tier::kGPU, Tier::kSSD, Tier::kSSD, Tier::kGPU, 2},
+                        Case{Tier::kSSD, Tier::kCPU, Tier::kCPU, Tier::kGPU, 0},
+                        Case{Tier::kGPU, Tier::kGPU, Tier::kCPU, Tier::kCPU, 0},
+                        Case{Tier::kCPU, Tier::kSSD, Tier::kSSD, Tier::kSSD, 1}}) {
     TrainSettings o = s;
     o.placement.dense_params = c.dense;
     o.placement.expert_params = c.expert;
     o.placement.optimizer_states = c.states;
+    o.placement.gradients = c.grads;
     o.prefetch_depth = c.depth;
     Single run(m, o);
     double copied = 0;
     for (int i = 0; i < 3; ++i) {
       const StepStats st = run.trainer->step(i);
       copied += static_cast<double>(st.tiers.fetch_bytes + st.tiers.update_copy_bytes);
-      // Parameters off the device are fetched; states off it take the gradients down.
-      EXPECT_EQ(st.tiers.fetch_bytes > 0, c.dense != Tier::kGPU || c.expert != Tier::kGPU);
-      EXPECT_GT(st.tiers.update_copy_bytes, 0);
+      // Parameters off the device are fetched and gradients off it go down during the passes;
+      // otherwise the update takes the gradients down.
+      EXPECT_EQ(st.tiers.fetch_bytes > 0,
+                c.dense != Tier::kGPU || c.expert != Tier::kGPU || c.grads != Tier::kGPU);
+      EXPECT_EQ(st.tiers.update_copy_bytes > 0,
+                c.grads == Tier::kGPU || c.dense == Tier::kGPU || c.expert == Tier::kGPU);
     }
     const ParameterError err = parameter_error(*run.trainer, *ref.trainer);
-    EXPECT_EQ(err.relative, 0.0) << "worst " << err.worst << " depth " << c.depth;
+    // The same arithmetic, bit for bit; except that off-device gradients are summed over the
+    // micro-batches on the host (slot, then home += slot) where the device adds each product
+    // into the running sum inside its GEMM: a rounding apart.
+    if (c.grads == Tier::kGPU)
+      EXPECT_EQ(err.relative, 0.0) << "worst " << err.worst << " depth " << c.depth;
+    else
+      EXPECT_LT(err.relative, 1e-5) << "worst " << err.worst;
     EXPECT_GT(copied, 0);
     // What the placement moved off the device is not in the arena.
     MemoryPools& mem = run.dev->memory();
@@ -225,8 +238,11 @@ TEST(MoeTrainer, OffloadedParametersAndOptimizerStatesTrainAsOnTheDevice) {
 TEST(MoeTrainer, PlacementsItCannotRunAreNamed) {
   const ModelSpec m = testing::bundled().load_model("tiny-moe");
   Plan p;
-  p.placement.gradients = Tier::kCPU;
-  EXPECT_EQ(trainer_unsupported(m, p).at(0).path, "plan.placement.gradients");
+  p.placement.gradients = Tier::kCPU;  // but the device's optimizer would apply them
+  EXPECT_EQ(trainer_unsupported(m, p).at(0).path, "plan.placement.optimizer_states");
+  p = Plan{};
+  p.placement.activations = Tier::kCPU;
+  EXPECT_EQ(trainer_unsupported(m, p).at(0).path, "plan.placement.activations");
   p = Plan{};
   p.placement.expert_params = Tier::kCPU;  // optimizer states left on the device
   EXPECT_EQ(trainer_unsupported(m, p).at(0).path, "plan.placement.optimizer_states");

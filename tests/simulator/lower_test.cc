@@ -188,9 +188,14 @@ TEST_F(LowerTest, OffloadedParametersAreFetchedAhead) {
       ASSERT_GE(fwd[i].wait_for, 0);
       EXPECT_EQ(fwd[static_cast<size_t>(fwd[i].wait_for)].name, "param_ssd_read");
     }
+  // Off-GPU gradients go down as each unit's backward ends: the head, 8 layers, the embedding.
   p.placement.gradients = Tier::kCPU;
-  EXPECT_EQ(count(lower(model_, cluster_, p, work_).stages[0].chunks[0].backward, "grad_offload"),
-            8);
+  const auto bwd = lower(model_, cluster_, p, work_).stages[0].chunks[0].backward;
+  EXPECT_EQ(count(bwd, "grad_offload"), 1 + 8 + 1);
+  // With the dense parameters off the GPU the embedding and the head are fetched like layers.
+  p.placement.dense_params = Tier::kCPU;
+  EXPECT_EQ(count(lower(model_, cluster_, p, work_).stages[0].chunks[0].forward, "param_fetch"),
+            1 + 8 + 1);
 }
 
 // Inference: one stage, a prefill chunk and one decode step, forward only; the decode step's

@@ -333,8 +333,8 @@ TEST_F(RunCliTest, HierarchicalStorageTrainsAsOnTheDeviceAndItsCopiesAreMeasured
 #ifndef SWITCHYARD_MPIEXEC
   GTEST_SKIP() << "built without MPI";
 #else
-  // tiny-moe-offload: dense parameters and Adam's states in host memory, experts on SSD, one
-  // layer fetched ahead down the levels.
+  // tiny-moe-offload: dense parameters, gradients and Adam's states in host memory, experts on
+  // SSD, one layer fetched ahead down the levels.
   const Result r = sh(kMpi + kCli + " run --plan tiny-moe-offload --steps 1 --warmup 1 --check " +
                       "--json --no-db --trace " + path("offload.json"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
@@ -342,7 +342,7 @@ TEST_F(RunCliTest, HierarchicalStorageTrainsAsOnTheDeviceAndItsCopiesAreMeasured
   EXPECT_TRUE(out["check"]["passed"].get<bool>()) << out["check"].dump();
   const std::set<std::string> ops = expect_program_and_run_agree(out);
   for (const char* op : {"forward param_fetch", "forward param_ssd_read", "backward param_fetch",
-                         "backward param_ssd_read", "step optimizer"})
+                         "backward param_ssd_read", "backward grad_offload", "step optimizer"})
     EXPECT_TRUE(ops.count(op)) << op;
   EXPECT_GT(out["tiers"]["copy_s"]["measured"].get<double>(), 0);
   EXPECT_GT(out["tiers"]["copy_s"]["predicted"].get<double>(), 0);
