@@ -724,13 +724,40 @@ int compare_one_run(const Store::Comparison& c) {
       std::printf("    %-32s %s %s %s\n", name.c_str(), secs(v["predicted_s"]).c_str(),
                   secs(v["measured_s"]).c_str(), error(v["predicted_s"], v["measured_s"]).c_str());
   }
+  // Inference runs: per pass; both: the copies between tiers and the stalls they caused.
+  for (const char* key : {"prefill_s", "decode_step_s"})
+    if (c.details.contains(key)) {
+      const Json& v = c.details[key];
+      std::printf("  %-34s %s %s %s\n", key == std::string("prefill_s") ? "prefill" : "decode step",
+                  secs(v["predicted"]).c_str(), secs(v["measured"]).c_str(),
+                  error(v["predicted"], v["measured"]).c_str());
+    }
+  const Json* tiers = c.details.contains("tiers") ? &c.details["tiers"] : &c.details;
+  const char* copy_key = c.details.contains("tiers") ? "copy_s" : "weight_copy_s";
+  if (tiers->contains(copy_key) && tiers->contains("stall_s")) {
+    std::printf("  %-34s\n", "copies between tiers (per step or batch)");
+    for (const auto& [label, key] :
+         {std::pair{"copies", copy_key}, std::pair{"stalls", "stall_s"}}) {
+      const Json& v = (*tiers)[key];
+      std::printf("    %-32s %s %s %s\n", label, secs(v["predicted"]).c_str(),
+                  secs(v["measured"]).c_str(), error(v["predicted"], v["measured"]).c_str());
+    }
+    const Json& h = (*tiers)["copy_hidden_fraction"];
+    const auto pct_of = [](const Json& x) {
+      return x.is_number() ? fmt("%11.1f%%", 100 * x.get<double>()) : std::string("           -");
+    };
+    std::printf("    %-32s %s %s\n", "copy time hidden", pct_of(h["predicted"]).c_str(),
+                pct_of(h["measured"]).c_str());
+  }
   if (c.details.contains("program_ops")) {
     std::printf("  %-34s\n", "per step-program op (per step, slowest stage / rank)");
     for (const auto& o : c.details["program_ops"])
-      std::printf("    %-32s %s %s %s\n",
-                  (o["phase"].get<std::string>() + " " + o["op"].get<std::string>()).c_str(),
-                  secs(o["predicted_s"]).c_str(), secs(o["measured_s"]).c_str(),
-                  error(o["predicted_s"], o["measured_s"]).c_str());
+      std::printf(
+          "    %-32s %s %s %s\n",
+          (o.value("phase", o.value("pass", std::string())) + " " + o["op"].get<std::string>())
+              .c_str(),
+          secs(o["predicted_s"]).c_str(), secs(o["measured_s"]).c_str(),
+          error(o["predicted_s"], o["measured_s"]).c_str());
   }
   return 0;
 }
@@ -761,8 +788,9 @@ int cmd_compare(Store& store, bool json, int64_t run) {
                      {"predicted_peak_gpu_bytes", c.predicted_peak_gpu_bytes},
                      {"op_classes",
                       c.details.contains("op_classes") ? c.details["op_classes"] : Json(nullptr)},
-                     {"program_ops", c.details.contains("program_ops") ? c.details["program_ops"]
-                                                                       : Json(nullptr)}});
+                     {"program_ops",
+                      c.details.contains("program_ops") ? c.details["program_ops"] : Json(nullptr)},
+                     {"details", c.details}});
     std::cout << out.dump(2) << "\n";
     return 0;
   }

@@ -496,6 +496,12 @@ TEST_F(InferenceRunCliTest, ARingGeneratesWhatTheResidentModelGeneratesAndReport
   EXPECT_EQ(sqlite3_column_int(st, 0), 1);
   sqlite3_finalize(st);
   sqlite3_close(db);
+  // compare shows it pass by pass, with its copies and stalls.
+  const Result cmp = sh(kCli + " compare --db " + path("run.db") + " --run 1");
+  ASSERT_EQ(cmp.exit_code, 0) << cmp.output;
+  for (const char* line : {"prefill", "decode step", "copies", "stalls", "copy time hidden",
+                           "decode step param_fetch"})
+    EXPECT_NE(cmp.output.find(line), std::string::npos) << line << "\n" << cmp.output;
 }
 
 TEST_F(InferenceRunCliTest, TheNaiveRingHidesNoCopyTimeInThePrediction) {
