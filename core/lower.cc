@@ -713,6 +713,10 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   // Units of use: the embedding, the layers, the head (the embedding and the head are fetched
   // only with the dense parameters off the GPU).
   const double vocab_rows = static_cast<double>(m.vocab_size) / d.tp * d.h;
+  // The head unit: an untied LM head (or a tied one's copy on a pipeline's last stage) and the
+  // final norm.
+  const double head_params = (!m.tied_embeddings || p.pp > 1 ? vocab_rows : 0.0) +
+                             (m.norm == NormKind::kLayerNorm ? 2.0 : 1.0) * d.h;
   const bool dense_units = p.ring_sections == 0 && p.placement.dense_params != Tier::kGPU;
   if (embedding && dense_units) {
     fwd_begins.push_back(0);
@@ -727,7 +731,7 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   }
   if (head && dense_units) {
     fwd_begins.push_back(cp.forward.size());
-    fwd_fetches.push_back(dense_unit_fetches(p, d, vocab_rows + d.h, Phase::kForward));
+    fwd_fetches.push_back(dense_unit_fetches(p, d, head_params, Phase::kForward));
   }
   cp.forward.insert(cp.forward.end(), head_fwd.begin(), head_fwd.end());
   cp.forward = with_prefetches(std::move(cp.forward), fwd_begins, std::move(fwd_fetches), depth);
@@ -742,7 +746,7 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
 
   // Backward: head, then layers in reverse (recomputing what the plan recomputes), then embedding.
   append_backward(head_fwd, cp.backward);
-  if (head) grad_offload_params(p, d, vocab_rows + d.h, -1, cp.backward);
+  if (head) grad_offload_params(p, d, head_params, -1, cp.backward);
   BucketFiller buckets(p, d, cp.backward);
   std::vector<size_t> bwd_begins;
   std::vector<std::vector<OpTemplate>> bwd_fetches;
@@ -827,7 +831,9 @@ std::vector<OpTemplate> lower_step_ops(const ModelSpec& m, const Plan& p, const 
     // ZeRO-Offload: this rank's gradients go down; the parameters that live on the GPU come back
     // up updated (off-GPU parameters are updated where they live).
     const double dense = total.dense / dense_shard, expert = total.expert / expert_shard;
-    opt.host_down_bytes = (dense + expert) * d.grad_bytes;
+    // (Gradients kept off the GPU went down during the backward: grad_offload.)
+    opt.host_down_bytes =
+        p.placement.gradients == Tier::kGPU ? (dense + expert) * d.grad_bytes : 0.0;
     opt.host_up_bytes = ((p.placement.dense_params == Tier::kGPU ? dense : 0) +
                          (p.placement.expert_params == Tier::kGPU ? expert : 0)) *
                         d.param_bytes;

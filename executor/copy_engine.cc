@@ -21,7 +21,19 @@ CopyEngine::Ticket CopyEngine::submit(void* dst, const void* src, size_t bytes, 
   {
     std::lock_guard<std::mutex> lock(m_);
     t = next_++;
-    queue_.push_back({label, t, dst, src, bytes});
+    queue_.push_back({label, t, dst, src, bytes, {}});
+  }
+  work_.notify_one();
+  return t;
+}
+
+CopyEngine::Ticket CopyEngine::submit(std::function<void()> transfer, size_t bytes,
+                                      const char* label) {
+  Ticket t;
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    t = next_++;
+    queue_.push_back({label, t, nullptr, nullptr, bytes, std::move(transfer)});
   }
   work_.notify_one();
   return t;
@@ -71,7 +83,10 @@ void CopyEngine::loop() {
     const auto start = Clock::now();
     std::exception_ptr error;
     try {
-      device_.copy(job.dst, job.src, job.bytes);
+      if (job.transfer)
+        job.transfer();
+      else
+        device_.copy(job.dst, job.src, job.bytes);
     } catch (...) {
       error = std::current_exception();
     }

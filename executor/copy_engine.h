@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <deque>
 #include <exception>
+#include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -39,6 +40,9 @@ class CopyEngine {
   CopyEngine& operator=(const CopyEngine&) = delete;
 
   Ticket submit(void* dst, const void* src, size_t bytes, const char* label = "copy");
+  // Any other transfer the engine runs in turn with the copies (a write-back to disk): `bytes` is
+  // what it moves, for the spans.
+  Ticket submit(std::function<void()> transfer, size_t bytes, const char* label);
   // Blocks until copy `t` has finished; returns the seconds spent waiting (0 when it already had).
   // A copy that threw rethrows here, and so does every later wait: one failed copy leaves the
   // tiers inconsistent, so the engine stays failed. A ticket never submitted is a logic_error.
@@ -55,6 +59,7 @@ class CopyEngine {
     void* dst;
     const void* src;
     size_t bytes;
+    std::function<void()> transfer;  // instead of the copy, when set
   };
   void loop();
   Device& device_;

@@ -160,6 +160,17 @@ void Buffer::evict() {
   posix_fadvise(fd_, 0, static_cast<off_t>(bytes_), POSIX_FADV_DONTNEED);
 }
 
+void Buffer::write_back(size_t offset, size_t bytes) {
+  if (tier_ != Tier::kSSD || !data_ || bytes == 0) return;
+  // msync takes page-aligned ranges.
+  const auto page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t begin = offset / page * page;
+  const size_t end = std::min(bytes_, offset + bytes);
+  if (msync(static_cast<char*>(data_) + begin, end - begin, MS_SYNC) != 0)
+    throw std::runtime_error("SSD tier: cannot write back " + file_.string() + ": " +
+                             std::strerror(errno));
+}
+
 void MemoryPools::give_back(Tier tier, size_t bytes) {
   std::lock_guard<std::mutex> lock(m_);
   in_use_[index_of(tier)] -= static_cast<int64_t>(bytes);

@@ -63,6 +63,8 @@ class Buffer {
   // page cache), so the next access reads the disk, as a region kept on an SSD is; a no-op on
   // the other tiers. Throws std::runtime_error when the write-back fails.
   void evict();
+  // SSD tier: writes bytes [offset, offset + bytes) back to the file (a no-op on the other tiers).
+  void write_back(size_t offset, size_t bytes);
 
  private:
   friend class MemoryPools;

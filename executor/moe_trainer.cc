@@ -230,12 +230,10 @@ struct MoeTrainer::Impl : ModelShape {
   }
   // The pass ended: parameters point home again, offloaded gradients have reached their home;
   // its copies become program ops.
+  // (Gradients still going down stay in flight: the next unit that needs their slot, or the
+  // step's end, settles them.)
   void end_fetches() {
     if (!streaming() && !grads_offloaded()) return;
-    for (Space* sp : {&dense, &expert})
-      if (sp->grads_off())
-        for (int k = 0; k < 2; ++k) settle(*sp, k);
-    engine->drain();
     for (int unit : pass_units) point_unit(unit, std::nullopt);
     // Each use reads the SSD, as it does where the tier holds more than memory could (not the
     // page cache the previous pass filled).
@@ -253,9 +251,10 @@ struct MoeTrainer::Impl : ModelShape {
           static_cast<int64_t>(sp.bytes);
       // (Gradients go down in the backward, the head's while the forward runs its backward.)
       if (phase)
-        record_copy_op(sp.label,
-                       std::string_view(sp.label) == "grad_offload" ? OpPhase::kBackward : *phase,
-                       sp.start, sp.end);
+        record_copy_op(
+            sp.label,
+            std::string_view(sp.label).rfind("grad_", 0) == 0 ? OpPhase::kBackward : *phase,
+            sp.start, sp.end);
     }
   }
   // Points a unit's parameters of every streamed space at a slot (nullopt: at their home).
@@ -287,6 +286,24 @@ struct MoeTrainer::Impl : ModelShape {
     const float* down = sp.grad_staging[static_cast<size_t>(k)].as<float>();
     for (size_t i = 0; i < end - first; ++i) home[i] += down[i];
     o.unit = -1;
+    // On SSD the sum goes on to the file (the program's grad_ssd_write), on the engine.
+    if (sp.grads_tier == Tier::kSSD) {
+      Buffer* grads = &sp.grads;
+      engine->submit(
+          [grads, first, end] {
+            grads->write_back(first * sizeof(float), (end - first) * sizeof(float));
+          },
+          (end - first) * sizeof(float), "grad_ssd_write");
+    }
+  }
+  // Every gradient still going down reaches its home (the step's last backward work).
+  void settle_all() {
+    if (!grads_offloaded()) return;
+    for (Space* sp : {&dense, &expert})
+      if (sp->grads_off())
+        for (int k = 0; k < 2; ++k) settle(*sp, k);
+    engine->drain();
+    collect_copies(OpPhase::kBackward);
   }
   // A unit's backward starts: its gradients accumulate in a zeroed device slot.
   void grads_begin(int unit) {
@@ -297,7 +314,7 @@ struct MoeTrainer::Impl : ModelShape {
       const auto [first, end] = sp->unit_range[static_cast<size_t>(unit)];
       settle(*sp, k);  // the slot's previous unit reached the host
       float* slot = sp->grad_slots[static_cast<size_t>(k)].as<float>();
-      std::memset(slot, 0, (end - first) * sizeof(float));
+      if (end > first) std::memset(slot, 0, (end - first) * sizeof(float));
       point_grads(*sp, unit, slot);
     }
     grad_unit = unit;
@@ -1688,6 +1705,7 @@ StepStats MoeTrainer::forward_backward(int64_t step_index) {
   st.tokens_per_expert.assign(static_cast<size_t>(I.experts), 0);
   for (size_t i = 0; i < st.tokens_per_layer_expert.size(); ++i)
     st.tokens_per_expert[i % static_cast<size_t>(I.experts)] += st.tokens_per_layer_expert[i];
+  I.settle_all();
   st.dropped = I.dropped;
   st.tiers = I.tier_stats;
   return st;

@@ -734,7 +734,8 @@ int compare_one_run(const Store::Comparison& c) {
     }
   const Json* tiers = c.details.contains("tiers") ? &c.details["tiers"] : &c.details;
   const char* copy_key = c.details.contains("tiers") ? "copy_s" : "weight_copy_s";
-  if (tiers->contains(copy_key) && tiers->contains("stall_s")) {
+  if (tiers->contains(copy_key) && tiers->contains("stall_s") &&
+      tiers->contains("copy_hidden_fraction")) {
     std::printf("  %-34s\n", "copies between tiers (per step or batch)");
     for (const auto& [label, key] :
          {std::pair{"copies", copy_key}, std::pair{"stalls", "stall_s"}}) {
