@@ -527,6 +527,31 @@ TEST_F(InferenceRunCliTest, TheNaiveRingHidesNoCopyTimeInThePrediction) {
   EXPECT_LT(a["latency_s"]["predicted"].get<double>(), n["latency_s"]["predicted"].get<double>());
 }
 
+TEST_F(InferenceRunCliTest, DataParallelReplicasServeTheirShareOfTheRequests) {
+#ifndef SWITCHYARD_MPIEXEC
+  GTEST_SKIP() << "built without MPI";
+#else
+  // Two replicas of tiny-moe, each serving 2 of the 4 prompts as a ring.
+  const std::string plan = path("dp2.json");
+  std::ofstream(plan) << R"({"schema_version": 1, "name": "dp2", "dp": 2, "ring_sections": 2,
+                            "prefetch": {"depth": 1, "direction": "ahead"},
+                            "for": {"model": "tiny-moe", "cluster": "local-cpu",
+                                    "workload": "tiny-inference"}})";
+  const Result r = sh("OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 300 " +
+                      std::string(SWITCHYARD_MPIEXEC) + " -n 2 " + kCli + " run --plan " + plan +
+                      " --gpus 2 --steps 1 --warmup 0 --check --json --no-db");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const Json out = json_of(r);
+  EXPECT_EQ(out["ranks"], 2);
+  EXPECT_TRUE(out["check"]["passed"].get<bool>()) << out["check"].dump();
+  EXPECT_EQ(out["ring"]["layers_ahead"], 2);  // 4 layers in 2 sections
+  // Every request was served once: the replicas' routed rows add up to the whole batch's.
+  int64_t routed = 0;
+  for (const auto& t : out["tokens_per_expert"]) routed += t.get<int64_t>();
+  EXPECT_EQ(routed, 4 /*layers*/ * 2 /*top-k*/ * 4 * (64 + 16));
+#endif
+}
+
 TEST_F(InferenceRunCliTest, InferencePlansItCannotRunAreRefusedWithTheirPaths) {
   const std::string plan = path("ep.json");
   std::ofstream(plan) << R"({"schema_version": 1, "name": "ep", "dp": 2, "ep": 2,
