@@ -15,6 +15,7 @@ namespace {
 enum class Pass { kTrain, kPrefill, kDecode };
 
 struct Dims {
+  Pass pass = Pass::kTrain;
   double e = 2;      // bytes per activation element
   bool fp8 = false;  // FP8 GEMMs (and FP8 token dispatch)
   int64_t h = 0;
@@ -360,6 +361,7 @@ void append_backward(const std::vector<OpTemplate>& fwd, std::vector<OpTemplate>
 
 Dims make_dims(const ModelSpec& m, const Plan& p, const Workload& w, Pass pass = Pass::kTrain) {
   Dims d;
+  d.pass = pass;
   d.e = w.precision == Precision::kFP32 ? 4.0 : 2.0;
   d.fp8 = w.precision == Precision::kFP8;
   d.param_bytes = w.precision == Precision::kFP32 ? 4.0 : 2.0;
@@ -582,13 +584,18 @@ void grad_offload(const ModelSpec& m, const Plan& p, const Dims& d, int layer,
 // Rebuilds `ops` with each layer's fetches issued `depth` layers ahead of its use. begins[i] is
 // where the i-th layer in order of use starts in `ops`, fetches[i] its copies; the layer's first op
 // waits for its last copy. Indices in wait_for are remapped to the new list.
+// The ring of ring-memory inference runs on across passes: the last `depth` layers of a pass
+// already load the next pass's first `depth` layers (`wrap`), so a pass that follows another finds
+// them loaded (`preloaded`) and only issues layer `depth` as it starts.
 std::vector<OpTemplate> with_prefetches(std::vector<OpTemplate> ops,
                                         const std::vector<size_t>& begins,
-                                        std::vector<std::vector<OpTemplate>> fetches, int depth) {
+                                        std::vector<std::vector<OpTemplate>> fetches, int depth,
+                                        bool preloaded = false, bool wrap = false) {
   bool any = false;
   for (const auto& f : fetches) any = any || !f.empty();
   if (!any) return ops;
   const size_t n = begins.size();
+  const std::vector<std::vector<OpTemplate>> fetches_copy = wrap ? fetches : decltype(fetches){};
   std::vector<OpTemplate> out;
   std::vector<int> new_index(ops.size(), -1);
   std::vector<int> ready(n, -1);
@@ -605,10 +612,27 @@ std::vector<OpTemplate> with_prefetches(std::vector<OpTemplate> ops,
   int pending = -1;
   for (size_t pos = 0; pos <= ops.size(); ++pos) {
     while (next < n && begins[next] == pos) {
-      if (next == 0)
-        for (size_t i = 0; i < n && i <= static_cast<size_t>(depth); ++i) issue(i);
-      else if (next + static_cast<size_t>(depth) < n)
-        issue(next + static_cast<size_t>(depth));
+      const size_t d = static_cast<size_t>(depth);
+      if (next == 0) {
+        for (size_t i = preloaded ? std::min(d, n) : 0; i < n && i <= d; ++i) issue(i);
+      } else if (next + d < n) {
+        issue(next + d);
+      } else if (wrap && next + d - n < d) {
+        // The next pass's layer next + depth - n: loads now, waited for by no op of this pass.
+        const size_t j = next + d - n;
+        if (preloaded) {
+          issue(j);  // (never issued in this pass: it came preloaded)
+        } else {
+          std::vector<OpTemplate> copies = fetches_copy[j];
+          int prev = -1;
+          for (OpTemplate& f : copies) {
+            if (prev >= 0) f.wait_for = prev;
+            out.push_back(std::move(f));
+            prev = static_cast<int>(out.size()) - 1;
+          }
+        }
+        ready[j] = -1;
+      }
       pending = ready[next];
       ++next;
     }
@@ -734,7 +758,10 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
     fwd_fetches.push_back(dense_unit_fetches(p, d, head_params, Phase::kForward));
   }
   cp.forward.insert(cp.forward.end(), head_fwd.begin(), head_fwd.end());
-  cp.forward = with_prefetches(std::move(cp.forward), fwd_begins, std::move(fwd_fetches), depth);
+  // Ring-memory inference: the ring runs on into the next pass; a decode step follows one.
+  const bool ring = p.ring_sections > 0;
+  cp.forward = with_prefetches(std::move(cp.forward), fwd_begins, std::move(fwd_fetches), depth,
+                               ring && d.pass == Pass::kDecode, ring);
   if (!backward) {
     // Forward only (inference): nothing is kept for a backward; a layer's working set is freed as
     // it goes (the memory model counts one layer's).

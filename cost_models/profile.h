@@ -20,7 +20,7 @@ namespace switchyard {
 // The version of the cost models' formulas. Stored predictions carry it (with the hash of the
 // profile's constants), so a cached prediction is reused only by the formulas that made it: bump
 // it whenever a change to cost_models/, simulator/ or the lowering can change a prediction.
-inline constexpr const char* kCostModelVersion = "0.5.7";
+inline constexpr const char* kCostModelVersion = "0.5.8";
 
 // Fraction of peak a GEMM reaches when its smallest dimension is `min_dim` (tile quantisation and
 // wave effects make thin GEMMs slow). Interpolated linearly in log2(min_dim) between points.

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <optional>
 #include <string>
 
@@ -63,6 +64,10 @@ struct MoeInference::Impl : ModelShape {
   std::vector<double> log_share;
   std::vector<std::vector<double>> log_layer_share;
   std::optional<CopyEngine> engine;
+  // The ring across one generate(): the global index of this pass's first layer, the end of all
+  // passes' layers, and the loads issued and not yet waited for.
+  int64_t ring_base = 0, ring_end = 0;
+  std::map<int64_t, CopyEngine::Ticket> ring_tickets;
 
   Impl(const ModelSpec& model, const InferenceSettings& settings, Device& d, Device& c)
       : m(model), s(settings), dev(d), copier(c) {}
@@ -96,28 +101,31 @@ struct MoeInference::Impl : ModelShape {
       std::memcpy(x.p() + static_cast<size_t>(t) * h,
                   embed.as<float>() + static_cast<size_t>(tokens[static_cast<size_t>(t)]) * h,
                   sizeof(float) * h);
-    // Ring: the pass starts by loading its first ahead + 1 layers; layer i's start loads layer
-    // i + ahead into the slot layer i - 1 left.
+    // Ring: layers are numbered across the passes of generate() (g = ring_base + l) and land in
+    // slot g % (ahead + 1). Layer g's start loads layer g + ahead into the slot layer g - 1 left
+    // (the last layers of a pass load the next pass's first ones: the ring runs on); a pass starts
+    // by loading whatever of its first ahead + 1 layers the previous pass has not.
     const int ahead = s.ring ? std::min(s.ring_ahead, layers - 1) : 0;
-    std::vector<CopyEngine::Ticket> ticket(static_cast<size_t>(layers), 0);
-    const auto load = [&](int l) {
-      if (!s.ring || l >= layers) return;
-      const size_t bytes = layout[static_cast<size_t>(l)].floats * sizeof(float);
-      ticket[static_cast<size_t>(l)] =
-          engine->submit(slots[static_cast<size_t>(l) % slots.size()].data(),
-                         blocks[static_cast<size_t>(l)].data(), bytes);
+    const int64_t g0 = ring_base;
+    const auto load = [&](int64_t g) {
+      if (!s.ring || g >= ring_end || ring_tickets.count(g)) return;
+      const size_t l = static_cast<size_t>(g % layers);
+      ring_tickets[g] = engine->submit(slots[static_cast<size_t>(g) % slots.size()].data(),
+                                       blocks[l].data(), layout[l].floats * sizeof(float));
     };
-    for (int l = 0; l <= ahead; ++l) load(l);
+    for (int64_t g = g0; g <= g0 + ahead; ++g) load(g);
     for (int l = 0; l < layers; ++l) {
       const LayerLayout& L = layout[static_cast<size_t>(l)];
       const float* w;
       if (s.ring) {
         op.close();  // a wait for a load is no program op's time (a gap, as the simulator shows)
-        if (l > 0) load(l + ahead);
-        const double waited = engine->wait(ticket[static_cast<size_t>(l)]);
+        const int64_t g = g0 + l;
+        if (l > 0) load(g + ahead);
+        const double waited = engine->wait(ring_tickets.at(g));
+        ring_tickets.erase(g);
         record_stall(waited);
         out.stall_s += waited;
-        w = slots[static_cast<size_t>(l) % slots.size()].as<float>();
+        w = slots[static_cast<size_t>(g) % slots.size()].as<float>();
       } else {
         w = blocks[static_cast<size_t>(l)].as<float>();
       }
@@ -368,6 +376,10 @@ InferenceResult MoeInference::generate(OpTimes* prefill_ops, OpTimes* decode_ops
   InferenceResult res;
   res.tokens_per_layer_expert.assign(static_cast<size_t>(I.layers) * I.experts, 0);
   if (s.ring) I.engine.emplace(I.copier);
+  const int64_t prefill_passes = (I.n_seq + s.prefill_batch - 1) / s.prefill_batch;
+  I.ring_base = 0;
+  I.ring_end = (prefill_passes + s.decode_tokens) * I.layers;
+  I.ring_tickets.clear();
   const auto run_pass = [&](bool decode, const std::vector<int>& tokens, int first, int batch,
                             int q_len, int ctx, const std::vector<int64_t>& ids,
                             std::vector<int>& next) {
@@ -381,9 +393,11 @@ InferenceResult MoeInference::generate(OpTimes* prefill_ops, OpTimes* decode_ops
     std::optional<ProgramOpSink> sink;
     if (ops) sink.emplace(*ops);
     I.pass(tokens, first, batch, q_len, ctx, ids, p, next, res);
+    I.ring_base += I.layers;
     p.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (I.engine) {
-      I.engine->drain();  // (the pass waited for every load it issued: a no-op)
+      // The loads finished so far (the next pass's first layers may still be on their way: they
+      // count where they finish).
       for (const CopyEngine::Span& sp : I.engine->take_spans()) {
         p.copy_s += sp.seconds();
         p.copy_bytes += static_cast<int64_t>(sp.bytes);

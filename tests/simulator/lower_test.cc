@@ -226,6 +226,34 @@ TEST_F(LowerTest, InferenceProgram) {
   EXPECT_THROW(lower(model_, cluster_, pp, w), ConfigError);
 }
 
+// Ring-memory inference: the ring runs on across passes. The prefill loads its first depth + 1
+// layers as it starts and its last layers load the decode step's first `depth`; a decode step
+// (which follows another pass) finds those loaded, so its first layers wait for nothing, and it
+// loads every layer once.
+TEST_F(LowerTest, TheRingRunsOnIntoTheNextPass) {
+  Workload w = train(1, 2048);
+  w.mode = Mode::kInference;
+  w.inference = InferenceSpec{1, 512, 1, 16};
+  const Plan p = plan_of(R"({"schema_version": 1, "dp": 8, "ring_sections": 4,
+                             "prefetch": {"depth": 1, "direction": "ahead"}})");
+  const int layers = static_cast<int>(model_.num_layers);
+  const int depth = ring_ahead_layers(model_, p);
+  ASSERT_GT(depth, 0);
+  const StepProgram prog = lower(model_, with_gpus(cluster_, 8), p, w);
+  const auto& prefill = prog.stages[0].chunks[0].forward;
+  const auto& decode = prog.stages[0].chunks[1].forward;
+  EXPECT_EQ(count(prefill, "param_fetch"), layers + depth);
+  EXPECT_EQ(count(decode, "param_fetch"), layers);
+  // In the decode step, no op of the first `depth` layers waits for a fetch; layer `depth`'s
+  // first op does.
+  for (size_t i = 0; i < decode.size(); ++i) {
+    const OpTemplate& op = decode[i];
+    if (op.name == "param_fetch" || op.wait_for < 0) continue;
+    if (decode[static_cast<size_t>(op.wait_for)].name != "param_fetch") continue;
+    EXPECT_GE(op.layer, depth) << op.name;
+  }
+}
+
 // Interleaving: stage s chunk c holds the layers of virtual stage c * pp + s; the embedding sits on
 // the first virtual stage and the LM head on the last.
 TEST_F(LowerTest, InterleavedChunksHoldTheirLayers) {
