@@ -129,7 +129,9 @@ struct StageParams {
   double outside_layers = 0;       // the embedding and the head (with the final norm), in `dense`
   double embedding = 0, head = 0;  // of those, what the first stage's embedding and the last
                                    // stage's head (with the final norm) hold
-  std::vector<bool> moe_layers;    // of this stage
+  // The largest dense part of a unit the runner moves whole (a layer, the embedding, the head).
+  double max_dense_unit() const { return std::max({max_layer_dense, embedding, head}); }
+  std::vector<bool> moe_layers;  // of this stage
 };
 
 StageParams stage_params(const ModelSpec& m, const Plan& plan, int stage) {
@@ -255,7 +257,7 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
     // embedding and the head are units too, and may be the largest. ZeRO-3 gathers
     // prefetch.depth layers ahead.
     const double slots = 1.0 + (plan.prefetch.ahead() ? plan.prefetch.depth : 0);
-    const double dense_unit = std::max({sp.max_layer_dense, sp.embedding, sp.head});
+    const double dense_unit = sp.max_dense_unit();
     if (z3) {
       mb.prefetch_buffers.gpu +=
           working_layers * (sp.max_layer_dense + sp.max_layer_expert) * param_bytes;
@@ -295,8 +297,7 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
     // Off-GPU gradients: a unit's backward accumulates into one of two GPU slots while the other
     // goes down through a host buffer to the gradients' home.
     if (pl.gradients != Tier::kGPU) {
-      const double unit =
-          std::max({sp.max_layer_dense, sp.embedding, sp.head}) + sp.max_layer_expert;
+      const double unit = sp.max_dense_unit() + sp.max_layer_expert;
       mb.prefetch_buffers.gpu += 2.0 * unit * sb.grad;
       mb.prefetch_buffers.cpu += 2.0 * unit * sb.grad;
     }

@@ -110,8 +110,9 @@ struct MoeInference::Impl : ModelShape {
     const auto load = [&](int64_t g) {
       if (!s.ring || g >= ring_end || ring_tickets.count(g)) return;
       const size_t l = static_cast<size_t>(g % layers);
-      ring_tickets[g] = engine->submit(slots[static_cast<size_t>(g) % slots.size()].data(),
-                                       blocks[l].data(), layout[l].floats * sizeof(float));
+      ring_tickets[g] =
+          engine->submit(slots[static_cast<size_t>(g) % slots.size()].data(), blocks[l].data(),
+                         layout[l].floats * sizeof(float), "param_fetch");
     };
     for (int64_t g = g0; g <= g0 + ahead; ++g) load(g);
     for (int l = 0; l < layers; ++l) {
@@ -401,7 +402,7 @@ InferenceResult MoeInference::generate(OpTimes* prefill_ops, OpTimes* decode_ops
       for (const CopyEngine::Span& sp : I.engine->take_spans()) {
         p.copy_s += sp.seconds();
         p.copy_bytes += static_cast<int64_t>(sp.bytes);
-        record_copy_op("param_fetch", OpPhase::kForward, sp.start, sp.end);
+        record_copy_op(sp.label, OpPhase::kForward, sp.start, sp.end);
       }
     }
     res.passes.push_back(p);

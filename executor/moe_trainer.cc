@@ -119,6 +119,19 @@ struct MoeTrainer::Impl : ModelShape {
                          DType::kFloat32, ReduceOp::kSum);
     return local;
   }
+  // Leaving a row-parallel region: [T, h] partial sums become this rank's tokens of their sum
+  // (sequence parallel: its slice, reduce-scattered; otherwise all T, all-reduced over TP).
+  Tensor tp_exit(Tensor partial, int T, const char* what, ProgramOpCursor& op, OpPhase phase) {
+    if (sp) {
+      op.at("tp_reduce_scatter", phase);
+      return tp_scatter(partial.p(), T, h, what);
+    }
+    if (tp > 1) {
+      op.at("tp_all_reduce", phase);
+      tp_sum(partial.p(), static_cast<size_t>(T) * h);
+    }
+    return partial;
+  }
   // Parameters replicated over the TP group whose gradients each TP rank computes from its own
   // tokens only (norms, router, embedding, head under sequence parallelism): summed over TP.
   std::vector<size_t> tp_partial_grads;
@@ -175,6 +188,12 @@ struct MoeTrainer::Impl : ModelShape {
   int layer_unit(int l) const { return l + 1; }
   int head_unit() const { return layers + 1; }
 
+  // Compute waits for a copy: the wait is a stall (a trace event and the step's figure).
+  void wait_for_copy(CopyEngine::Ticket t) {
+    const double waited = engine->wait(t);
+    record_stall(waited);
+    tier_stats.stall_s += waited;
+  }
   void issue_fetch(size_t i) {
     if (i >= pass_units.size()) return;
     const int unit = pass_units[i];
@@ -209,11 +228,7 @@ struct MoeTrainer::Impl : ModelShape {
   void fetch(size_t i) {
     if (!streaming()) return;
     if (i > 0) issue_fetch(i + static_cast<size_t>(depth));
-    if (pass_ready[i] != 0) {
-      const double waited = engine->wait(pass_ready[i]);
-      record_stall(waited);
-      tier_stats.stall_s += waited;
-    }
+    if (pass_ready[i] != 0) wait_for_copy(pass_ready[i]);
     point_unit(pass_units[i], i % static_cast<size_t>(depth + 1));
   }
   // What lives on the SSD tier goes back to its files and leaves memory (after the update wrote
@@ -278,9 +293,7 @@ struct MoeTrainer::Impl : ModelShape {
   void settle(Space& sp, int k) {
     Space::Offload& o = sp.offload[k];
     if (o.unit < 0) return;
-    const double waited = engine->wait(o.ticket);
-    record_stall(waited);
-    tier_stats.stall_s += waited;
+    wait_for_copy(o.ticket);
     const auto [first, end] = sp.unit_range[static_cast<size_t>(o.unit)];
     float* home = sp.grads.as<float>() + first;
     const float* down = sp.grad_staging[static_cast<size_t>(k)].as<float>();
@@ -839,13 +852,8 @@ struct MoeTrainer::Impl : ModelShape {
         op.at("attn_out");
         Tensor proj = alloc(static_cast<size_t>(T) * h, "attention projection");
         mm(S.o.p(), P(L(l, "wo")).v(), T, h_local, h, proj.p());
-        if (sp) {
-          op.at("tp_reduce_scatter");
-          proj = tp_scatter(proj.p(), T, h, "attention projection (scattered)");
-        } else if (tp > 1) {
-          op.at("tp_all_reduce");
-          tp_sum(proj.p(), static_cast<size_t>(T) * h);
-        }
+        proj =
+            tp_exit(std::move(proj), T, "attention projection (scattered)", op, OpPhase::kForward);
         op.at("residual1");
         for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i)
           S.x_mid.p()[i] = S.x_in.p()[i] + proj.p()[i];
@@ -916,13 +924,7 @@ struct MoeTrainer::Impl : ModelShape {
         op.at("fc2");
         Tensor y = alloc(static_cast<size_t>(T) * h, "ffn output");
         mm(S.act.p(), P(L(l, "w2")).v(), T, ffn_local, h, y.p());
-        if (sp) {
-          op.at("tp_reduce_scatter");
-          y = tp_scatter(y.p(), T, h, "ffn output (scattered)");
-        } else if (tp > 1) {
-          op.at("tp_all_reduce");
-          tp_sum(y.p(), static_cast<size_t>(T) * h);
-        }
+        y = tp_exit(std::move(y), T, "ffn output (scattered)", op, OpPhase::kForward);
         op.at("residual2");
         for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i) x.p()[i] += y.p()[i];
       }
@@ -958,14 +960,7 @@ struct MoeTrainer::Impl : ModelShape {
       op.at("lm_head", OpPhase::kBackward);
       Tensor partial = alloc(static_cast<size_t>(T) * h, "gradient");
       mm_backward(xin, P("head").v(), logits.p(), T, h, vocab_local, partial.p(), P("head").g());
-      if (sp) {
-        op.at("tp_reduce_scatter", OpPhase::kBackward);
-        dxf = tp_scatter(partial.p(), T, h, "gradient");
-      } else {
-        op.at("tp_all_reduce", OpPhase::kBackward);
-        tp_sum(partial.p(), static_cast<size_t>(T) * h);
-        dxf = std::move(partial);
-      }
+      dxf = tp_exit(std::move(partial), T, "gradient", op, OpPhase::kBackward);
     } else {
       op.at("lm_head");
       Tensor logits = alloc(static_cast<size_t>(Tl) * vocab, "logits");
@@ -1121,13 +1116,8 @@ struct MoeTrainer::Impl : ModelShape {
         mm_backward(sp ? S.b_full.p() : S.b.p(), P(L(l, "w1")).v(), dgu.p(), T, h, 2 * ffn_local,
                     sp ? db_full.p() : db.p(), P(L(l, "w1")).g());
         // Column-parallel input: partial per rank (summed; scattered back to the slices).
-        if (sp) {
-          op.at("tp_reduce_scatter");
-          db = tp_scatter(db_full.p(), T, h, "gradient (scattered)");
-        } else if (tp > 1) {
-          op.at("tp_all_reduce");
-          tp_sum(db.p(), static_cast<size_t>(T) * h);
-        }
+        db = tp_exit(sp ? std::move(db_full) : std::move(db), T, "gradient (scattered)", op,
+                     OpPhase::kBackward);
       }
       // d x_mid = dx (residual) + norm backward of db.
       op.at("norm2");
@@ -1155,13 +1145,7 @@ struct MoeTrainer::Impl : ModelShape {
       mm_backward(sp ? S.a_full.p() : S.a.p(), P(L(l, "wqkv")).v(), dqkv.p(), T, h, 3 * h_local,
                   da.p(), P(L(l, "wqkv")).g());
       // Column-parallel input: partial per rank (summed; scattered back to the slices).
-      if (sp) {
-        op.at("tp_reduce_scatter");
-        da = tp_scatter(da.p(), T, h, "gradient (scattered)");
-      } else if (tp > 1) {
-        op.at("tp_all_reduce");
-        tp_sum(da.p(), static_cast<size_t>(T) * h);
-      }
+      da = tp_exit(std::move(da), T, "gradient (scattered)", op, OpPhase::kBackward);
       op.at("norm1");
       Tensor dxin = alloc(static_cast<size_t>(Tl) * h, "gradient");
       dev.rmsnorm_backward(S.x_in.p(), P(L(l, "attn_norm")).v(), da.p(), Tl, h, eps, dxin.p(),

@@ -218,10 +218,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
     return 1;
   }
   // Per StepProgram op, the slowest rank's time per step.
-  std::map<std::string, double> measured_program;
-  for (const Json& rank_ops : gather_json(ranks, Json(op_times.program_seconds)))
-    for (const auto& [key, secs] : rank_ops.items())
-      measured_program[key] = std::max(measured_program[key], secs.get<double>() / f.steps);
+  const std::map<std::string, double> measured_program =
+      gather_program_seconds(ranks, op_times, f.steps);
   // The measured timeline: every rank's events to rank 0.
   std::vector<MeasuredEvent> events;
   if (!f.trace.empty()) {
@@ -335,19 +333,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
     for (const auto& [stage_key, secs] : per_stage)
       predicted_program[stage_key.second] = std::max(predicted_program[stage_key.second], secs);
   }
-  for (const auto& [key, secs] : measured_program)
-    if (!predicted_program.count(key)) program_order.push_back(key);
   Json program_ops = Json::array();
-  for (const std::string& key : program_order) {
-    const size_t space = key.find(' ');
-    const auto p = predicted_program.find(key);
-    const auto m = measured_program.find(key);
-    program_ops.push_back(
-        {{"op", key.substr(space + 1)},
-         {"phase", key.substr(0, space)},
-         {"predicted_s", p == predicted_program.end() ? Json(nullptr) : Json(p->second)},
-         {"measured_s", m == measured_program.end() ? Json(nullptr) : Json(m->second)}});
-  }
+  append_program_ops(program_ops, std::move(program_order), predicted_program, measured_program);
   Json out = {{"model", in.model.name},
               {"cluster", c.name},
               {"ranks", ranks.size},
@@ -383,14 +370,11 @@ int cmd_run(const Common& common, const RunFlags& f) {
     for (const TimelineEvent& e : pred.timeline)
       if (e.op && e.stage == pred.critical_stage && e.stream == StreamKind::kCopy)
         predicted_copy += e.end_s - e.start_s;
-    const auto hidden = [](double copy, double stall) {
-      return copy > 0 ? Json(std::clamp(1.0 - stall / copy, 0.0, 1.0)) : Json(nullptr);
-    };
     out["tiers"] = {{"copy_s", {{"measured", tiers[0]}, {"predicted", predicted_copy}}},
                     {"stall_s", {{"measured", tiers[1]}, {"predicted", pred.time.stall_s}}},
                     {"copy_hidden_fraction",
                      {{"measured", tiers[0] > 0 ? Json(least_hidden) : Json(nullptr)},
-                      {"predicted", hidden(predicted_copy, pred.time.stall_s)}}}};
+                      {"predicted", hidden_fraction(predicted_copy, pred.time.stall_s)}}}};
   }
   if (!f.trace.empty()) {
     write_measured_trace(f.trace, events, in, measured, ranks.size);

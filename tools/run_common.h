@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -129,6 +130,46 @@ inline std::vector<MeasuredEvent> gather_events(Ranks& ranks,
                         e[2].get<double>(), e[3].get<double>(), e[4].get<std::string>(),
                         e[5].get<bool>()});
   return events;
+}
+
+// Per StepProgram op ("<phase> <name>"), the slowest rank's seconds in `times`, divided by `per`
+// (the steps or passes they cover); on rank 0 (empty elsewhere).
+inline std::map<std::string, double> gather_program_seconds(Ranks& ranks, const OpTimes& times,
+                                                            double per) {
+  std::map<std::string, double> out;
+  for (const Json& rank_ops : gather_json(ranks, Json(times.program_seconds)))
+    for (const auto& [key, secs] : rank_ops.items())
+      out[key] = std::max(out[key], secs.get<double>() / per);
+  return out;
+}
+
+// Appends predicted beside measured per program op to `out`: the keys of `order` (the program's
+// order), then those only the measurement has. Each entry names its op and its phase, or, for an
+// inference pass, the `pass` (and not the phase: every inference op is a forward one).
+inline void append_program_ops(Json& out, std::vector<std::string> order,
+                               const std::map<std::string, double>& predicted,
+                               const std::map<std::string, double>& measured,
+                               const char* pass = nullptr) {
+  for (const auto& [key, secs] : measured)
+    if (!predicted.count(key)) order.push_back(key);
+  for (const std::string& key : order) {
+    const size_t space = key.find(' ');
+    const auto p = predicted.find(key);
+    const auto m = measured.find(key);
+    Json o = {{"op", key.substr(space + 1)},
+              {"predicted_s", p == predicted.end() ? Json(nullptr) : Json(p->second)},
+              {"measured_s", m == measured.end() ? Json(nullptr) : Json(m->second)}};
+    if (pass)
+      o["pass"] = pass;
+    else
+      o["phase"] = key.substr(0, space);
+    out.push_back(std::move(o));
+  }
+}
+
+// The fraction of copy time compute hid: 1 - stalls / copies (null without copies).
+inline Json hidden_fraction(double copy_s, double stall_s) {
+  return copy_s > 0 ? Json(std::clamp(1.0 - stall_s / copy_s, 0.0, 1.0)) : Json(nullptr);
 }
 
 // One rank's memory: the GPU's HBM as its device arena, its share of the node's DRAM and SSD.

@@ -136,19 +136,15 @@ int run_inference(const RunFlags& f, Ranks& ranks, const Inputs& in) {
                       mean(decode_copy), mean(prefill_stall), mean(decode_stall),
                       median(batch_s)};
   ranks.world->all_reduce(figures, std::size(figures), DType::kFloat64, ReduceOp::kMax);
-  const auto [m_prefill, m_decode, m_prefill_copy, m_decode_copy, m_prefill_stall, m_decode_stall,
-              m_batch] = std::tuple{figures[0], figures[1], figures[2], figures[3],
-                                    figures[4], figures[5], figures[6]};
-  std::map<std::string, double> measured_ops[2];
-  for (int pass = 0; pass < 2; ++pass) {
-    const OpTimes& ops = pass == 0 ? prefill_ops : decode_ops;
-    const double per = static_cast<double>(f.steps) *
-                       (pass == 0 ? static_cast<double>(prefill_passes)
-                                  : static_cast<double>(std::max<int64_t>(inf.decode_tokens, 1)));
-    for (const Json& rank_ops : gather_json(ranks, Json(ops.program_seconds)))
-      for (const auto& [key, secs] : rank_ops.items())
-        measured_ops[pass][key] = std::max(measured_ops[pass][key], secs.get<double>() / per);
-  }
+  const auto& [m_prefill, m_decode, m_prefill_copy, m_decode_copy, m_prefill_stall, m_decode_stall,
+               m_batch] = figures;
+  // Per program op, per prefill pass and per decode step.
+  const std::map<std::string, double> measured_ops[2] = {
+      gather_program_seconds(ranks, prefill_ops,
+                             static_cast<double>(f.steps) * static_cast<double>(prefill_passes)),
+      gather_program_seconds(ranks, decode_ops,
+                             static_cast<double>(f.steps) *
+                                 static_cast<double>(std::max<int64_t>(inf.decode_tokens, 1)))};
   if (!f.trace.empty()) events = gather_events(ranks, {&op_times, &prefill_ops, &decode_ops});
   int64_t peaks[3] = {dev->memory().peak(Tier::kGPU), dev->memory().peak(Tier::kCPU),
                       dev->memory().peak(Tier::kSSD)};
@@ -190,23 +186,10 @@ int run_inference(const RunFlags& f, Ranks& ranks, const Inputs& in) {
   const double m_copy = m_prefill_copy + D * m_decode_copy;
   const double m_stall = m_prefill_stall + D * m_decode_stall;
   const double p_copy_total = p_copy[0] + D * p_copy[1];
-  const auto hidden = [](double copy, double stall) {
-    return copy > 0 ? Json(std::clamp(1.0 - stall / copy, 0.0, 1.0)) : Json(nullptr);
-  };
   Json program_ops = Json::array();
-  for (int pass = 0; pass < 2; ++pass) {
-    for (const auto& [key, secs] : measured_ops[pass])
-      if (!predicted_ops[pass].count(key)) order[pass].push_back(key);
-    for (const std::string& key : order[pass]) {
-      const auto p = predicted_ops[pass].find(key);
-      const auto m = measured_ops[pass].find(key);
-      program_ops.push_back(
-          {{"pass", pass == 0 ? "prefill" : "decode step"},
-           {"op", key.substr(key.find(' ') + 1)},
-           {"predicted_s", p == predicted_ops[pass].end() ? Json(nullptr) : Json(p->second)},
-           {"measured_s", m == measured_ops[pass].end() ? Json(nullptr) : Json(m->second)}});
-    }
-  }
+  for (int pass = 0; pass < 2; ++pass)
+    append_program_ops(program_ops, std::move(order[pass]), predicted_ops[pass], measured_ops[pass],
+                       pass == 0 ? "prefill" : "decode step");
   Json out = {{"model", in.model.name},
               {"cluster", c.name},
               {"ranks", ranks.size},
@@ -232,8 +215,8 @@ int run_inference(const RunFlags& f, Ranks& ranks, const Inputs& in) {
               {"weight_copy_s", versus(m_copy, p_copy_total)},
               {"stall_s", versus(m_stall, pred.time.stall_s)},
               {"copy_hidden_fraction",
-               {{"measured", hidden(m_copy, m_stall)},
-                {"predicted", hidden(p_copy_total, pred.time.stall_s)}}},
+               {{"measured", hidden_fraction(m_copy, m_stall)},
+                {"predicted", hidden_fraction(p_copy_total, pred.time.stall_s)}}},
               {"peak_bytes", {{"gpu", peaks[0]}, {"cpu", peaks[1]}, {"ssd", peaks[2]}}},
               {"predicted_peak_bytes", {{"gpu", pred.peak.gpu}, {"cpu", pred.peak.cpu}}},
               {"tokens_per_expert", tokens_per_expert},
