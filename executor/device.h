@@ -1,10 +1,14 @@
 // Device: where a rank's tensors live and its kernels run. The runner calls only this interface;
-// backends: CPU (Eigen, fp32; executor/cpu/cpu_device.h) and CUDA (cuBLAS + kernels, later). One
+// backends: CPU (Eigen, fp32; executor/cpu/cpu_device.cc) and CUDA (cuBLAS + kernels;
+// executor/cuda/cuda_device.h). One
 // contract test runs every backend against the CPU one.
 //
 // Conventions: fp32, row-major matrices, pointers into buffers of the device's MemoryPools, counts
-// in elements. TokenRouting conventions follow Mixtral/Megatron: softmax over all experts, the
-// top-k kept (ties to the lower expert index), their weights renormalised to sum to 1 when asked.
+// in elements. Every call completes before it returns (the CUDA backend synchronises its stream),
+// so the runner's host-side order is the device's order and wall time around a call is its time;
+// copies issued from another thread (the copy engine's) overlap the calls of this one. TokenRouting
+// conventions follow Mixtral/Megatron: softmax over all experts, the top-k kept (ties to the lower
+// expert index), their weights renormalised to sum to 1 when asked.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +33,11 @@ struct TokenRouting {
   std::vector<int> source;           // [kept rows]: inverse of `row`
   int dropped = 0;                   // (token, choice) pairs past their expert's capacity
 };
+
+// Groups route()'s choices (r.tokens, top_k, experts, expert and weight filled) by expert: each
+// expert keeps its first `capacity` choices in token order (0: all), the rest are dropped (row
+// -1); fills rows_per_expert, row, source and dropped. Every backend's route() ends with it.
+void finish_routing(TokenRouting& r, int capacity);
 
 class Device {
  public:
@@ -92,8 +101,49 @@ class Device {
   virtual void adam(float* param, const float* grad, float* m, float* v, size_t n, float lr,
                     float beta1, float beta2, float eps, float c1, float c2) = 0;
 
-  // Copies between buffers of any tiers (the CPU backend: memcpy; CUDA: cudaMemcpyAsync).
+  // Copies between buffers of any tiers and plain host memory (the CPU backend: memcpy; CUDA:
+  // cudaMemcpyAsync on the calling thread's stream, complete on return).
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
+  // `rows` rows of `row_bytes` each from src (rows `src_pitch` bytes apart) to dst (`dst_pitch`
+  // apart); any tiers.
+  virtual void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                       size_t row_bytes, size_t rows) = 0;
+
+  // --- The runner's work between the kernels above (so no tensor is touched from the host).
+  // Index arrays (`index`, `labels`) are host memory; every pointer to floats or doubles is in a
+  // buffer of this device's MemoryPools.
+  virtual void zero(void* dst, size_t bytes) = 0;
+  // out = a + b over n elements (out may be a or b).
+  virtual void add(const float* a, const float* b, size_t n, float* out) = 0;
+  // dst row i = src row index[i] (rows of `width` floats); index[i] < 0 gives a row of zeros.
+  virtual void gather_rows(const float* src, const int* index, int n, int width, float* dst) = 0;
+  // dst row index[i] = src row i (accumulate: +=, and repeated indices add up); index[i] < 0 is
+  // skipped.
+  virtual void scatter_rows(const float* src, const int* index, int n, int width, float* dst,
+                            bool accumulate) = 0;
+  // The backward of unpermute_combine: d_y[row(t, j)] = weight(t, j) * d_out[t] and d_weight[t *
+  // top_k + j] = <d_out[t], y[row(t, j)]> (0 for a dropped choice, whose d_y row does not exist).
+  virtual void unpermute_combine_backward(const float* y, const float* d_out, const TokenRouting& r,
+                                          int h, float* d_y, float* d_weight) = 0;
+  // The backward of permute: d_x[t] = sum over t's kept choices j of d_perm[row(t, j)]
+  // (overwrites d_x; a token whose choices were all dropped gets zeros).
+  virtual void permute_backward(const float* d_perm, const TokenRouting& r, int h, float* d_x) = 0;
+  // The backward of route's combine weights (d_weight [tokens * top_k]) through the top-k
+  // renormalisation (when asked) and the softmax, from route's probabilities: d_logits
+  // [tokens, experts].
+  virtual void route_backward(const float* probs, const TokenRouting& r, const float* d_weight,
+                              bool renormalize, float* d_logits) = 0;
+  // Megatron's vocab-parallel softmax cross-entropy in three parts (the caller reduces between
+  // them over the vocabulary's ranks): each row's max; each row's sum of exp(logit - max) and its
+  // label's logit (sum_target [2 * rows], the logit 0 where the label is outside this rank's
+  // columns [label_offset, label_offset + cols)); then the loss sum is returned and the logits
+  // overwritten with grad_scale * (softmax - onehot).
+  virtual void row_max(const float* x, int rows, int cols, double* out) = 0;
+  virtual void softmax_sums(const float* logits, const int* labels, int rows, int cols,
+                            int label_offset, const double* row_max, double* sum_target) = 0;
+  virtual double softmax_cross_entropy_grad(float* logits, const int* labels, int rows, int cols,
+                                            int label_offset, const double* row_max,
+                                            const double* sum_target, float grad_scale) = 0;
 };
 
 std::unique_ptr<Device> cpu_device(TierCapacity capacity);

@@ -68,6 +68,8 @@ void Buffer::release() {
     close(fd_);
     std::error_code ec;
     std::filesystem::remove(file_, ec);
+  } else if (pools_ && pools_->allocator_) {
+    pools_->allocator_->release(tier_, data_, bytes_);
   } else {
     std::free(data_);
   }
@@ -78,7 +80,8 @@ void Buffer::release() {
   fd_ = -1;
 }
 
-MemoryPools::MemoryPools(TierCapacity capacity) : capacity_(std::move(capacity)) {
+MemoryPools::MemoryPools(TierCapacity capacity, std::shared_ptr<TierAllocator> allocator)
+    : capacity_(std::move(capacity)), allocator_(std::move(allocator)) {
   if (capacity_.ssd_dir.empty()) capacity_.ssd_dir = std::filesystem::temp_directory_path();
 }
 
@@ -138,14 +141,20 @@ Buffer MemoryPools::allocate(Tier tier, size_t bytes, const std::string& what, b
     b.data_ = p;
     return b;
   }
-  b.data_ = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  b.data_ = allocator_ ? allocator_->allocate(tier, bytes)
+                       : std::aligned_alloc(64, (bytes + 63) / 64 * 64);
   if (!b.data_) {
     give_back(tier, bytes);
     b.pools_ = nullptr;
     throw OutOfMemory(what + " (the host refused the allocation)", tier,
                       static_cast<int64_t>(bytes), in_use(tier), capacity(tier));
   }
-  if (zero) std::memset(b.data_, 0, bytes);
+  if (zero) {
+    if (allocator_)
+      allocator_->zero(tier, b.data_, bytes);
+    else
+      std::memset(b.data_, 0, bytes);
+  }
   return b;
 }
 

@@ -40,6 +40,18 @@ struct TierCapacity {
 
 class MemoryPools;
 
+// Where the device and host tiers' bytes come from. The default (nullptr) is plain host memory
+// for both (the CPU backend); the CUDA backend gives device memory from its stream-ordered pool
+// and pinned host memory, so copies between the tiers run asynchronously on copy streams.
+class TierAllocator {
+ public:
+  virtual ~TierAllocator() = default;
+  // kGPU or kCPU; nullptr when the tier refuses (MemoryPools reports it as OutOfMemory).
+  virtual void* allocate(Tier tier, size_t bytes) = 0;
+  virtual void release(Tier tier, void* p, size_t bytes) = 0;
+  virtual void zero(Tier tier, void* p, size_t bytes) = 0;
+};
+
 // An owned region of one tier. Host and device regions are RAM; an SSD region is a file mapped
 // into memory (written back by the kernel's page cache; the file is deleted when released).
 class Buffer {
@@ -80,7 +92,7 @@ class Buffer {
 // The per-tier accounting. Thread-safe (copy threads allocate staging buffers).
 class MemoryPools {
  public:
-  explicit MemoryPools(TierCapacity capacity);
+  explicit MemoryPools(TierCapacity capacity, std::shared_ptr<TierAllocator> allocator = nullptr);
   // Zero-filled unless `zero` is false (SSD-tier files always read as zeros). Throws OutOfMemory
   // when the tier would exceed its capacity; `what` names the tensor in the message.
   Buffer allocate(Tier tier, size_t bytes, const std::string& what, bool zero = true);
@@ -93,6 +105,7 @@ class MemoryPools {
   friend class Buffer;
   void give_back(Tier tier, size_t bytes);
   TierCapacity capacity_;
+  std::shared_ptr<TierAllocator> allocator_;
   mutable std::mutex m_;
   int64_t in_use_[3] = {0, 0, 0};
   int64_t peak_[3] = {0, 0, 0};

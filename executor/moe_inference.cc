@@ -97,10 +97,7 @@ struct MoeInference::Impl : ModelShape {
     ProgramOpCursor op(OpPhase::kForward);
     op.at("embedding");
     Tensor x = alloc(th, "hidden states");
-    for (int t = 0; t < T; ++t)
-      std::memcpy(x.p() + static_cast<size_t>(t) * h,
-                  embed.as<float>() + static_cast<size_t>(tokens[static_cast<size_t>(t)]) * h,
-                  sizeof(float) * h);
+    dev.gather_rows(embed.as<float>(), tokens.data(), T, h, x.p());
     // Ring: layers are numbered across the passes of generate() (g = ring_base + l) and land in
     // slot g % (ahead + 1). Layer g's start loads layer g + ahead into the slot layer g - 1 left
     // (the last layers of a pass load the next pass's first ones: the ring runs on); a pass starts
@@ -140,13 +137,13 @@ struct MoeInference::Impl : ModelShape {
       // This pass's keys and values join the cache at positions ctx - q_len .. ctx - 1.
       float* kc = k_cache[static_cast<size_t>(l)].as<float>();
       float* vc = v_cache[static_cast<size_t>(l)].as<float>();
-      for (int b = 0; b < batch; ++b)
-        for (int i = 0; i < q_len; ++i) {
-          const float* row = qkv.p() + (static_cast<size_t>(b) * q_len + i) * 3 * h;
-          const size_t at = ((static_cast<size_t>(first) + b) * cache_len + (ctx - q_len + i)) * h;
-          std::memcpy(kc + at, row + h, sizeof(float) * h);
-          std::memcpy(vc + at, row + 2 * h, sizeof(float) * h);
-        }
+      for (int b = 0; b < batch; ++b) {
+        const float* rows = qkv.p() + static_cast<size_t>(b) * q_len * 3 * h;
+        const size_t at = ((static_cast<size_t>(first) + b) * cache_len + (ctx - q_len)) * h;
+        const size_t row_bytes = sizeof(float) * h;
+        dev.copy_2d(kc + at, row_bytes, rows + h, 3 * row_bytes, row_bytes, q_len);
+        dev.copy_2d(vc + at, row_bytes, rows + 2 * h, 3 * row_bytes, row_bytes, q_len);
+      }
       Tensor o = alloc(th, "attention output");
       const size_t cache0 = static_cast<size_t>(first) * cache_len * h;
       dev.attention_cached(qkv.p(), 3 * h, kc + cache0, vc + cache0, batch, q_len, ctx, cache_len,
@@ -155,7 +152,7 @@ struct MoeInference::Impl : ModelShape {
       Tensor proj = alloc(th, "attention projection");
       mm(o.p(), w + L.wo, T, h, h, proj.p());
       op.at("residual1");
-      for (size_t i = 0; i < th; ++i) x.p()[i] += proj.p()[i];
+      dev.add(x.p(), proj.p(), th, x.p());
       op.at("norm2");
       Tensor b2 = alloc(th, "norm output");
       dev.rmsnorm(x.p(), w + L.ffn_norm, T, h, 1e-5f, b2.p());
@@ -168,7 +165,9 @@ struct MoeInference::Impl : ModelShape {
                                                   !log_layer_share[static_cast<size_t>(l)].empty()
                                               ? log_layer_share[static_cast<size_t>(l)]
                                               : log_share;
-        if (!logs.empty())
+        if (!logs.empty()) {
+          // The bias is drawn on the host and added on the device.
+          std::vector<float> bias(static_cast<size_t>(T) * experts, 0.0f);
           for (int b = 0; b < batch; ++b)
             for (int i = 0; i < q_len; ++i) {
               const uint64_t position = static_cast<uint64_t>(ctx - q_len + i);
@@ -176,9 +175,13 @@ struct MoeInference::Impl : ModelShape {
                   s.seed ^ 0x6a09e667f3bcc909ull ^
                   splitmix64(static_cast<uint64_t>(sequence_ids[static_cast<size_t>(b)])) ^
                   (position << 24) ^ (static_cast<uint64_t>(l) << 48));
-              add_gate_bias(logits.p() + (static_cast<size_t>(b) * q_len + i) * experts, experts,
+              add_gate_bias(bias.data() + (static_cast<size_t>(b) * q_len + i) * experts, experts,
                             logs, key);
             }
+          Tensor bd = alloc(bias.size(), "router bias");
+          dev.copy(bd.p(), bias.data(), sizeof(float) * bias.size());
+          dev.add(logits.p(), bd.p(), bias.size(), logits.p());
+        }
         Tensor probs = alloc(static_cast<size_t>(T) * experts, "router probabilities");
         const TokenRouting r = dev.route(logits.p(), T, experts, top_k, top_k > 1, probs.p());
         for (int e = 0; e < experts; ++e)
@@ -215,28 +218,28 @@ struct MoeInference::Impl : ModelShape {
         mm(act.p(), w + L.w2[0], T, ffn, h, y.p());
       }
       op.at("residual2");
-      for (size_t i = 0; i < th; ++i) x.p()[i] += y.p()[i];
+      dev.add(x.p(), y.p(), th, x.p());
     }
     // The next token needs only each sequence's last position.
     op.at("final_norm");
     Tensor last = alloc(static_cast<size_t>(batch) * h, "last positions");
-    for (int b = 0; b < batch; ++b)
-      std::memcpy(last.p() + static_cast<size_t>(b) * h,
-                  x.p() + (static_cast<size_t>(b) * q_len + q_len - 1) * h, sizeof(float) * h);
+    std::vector<int> last_rows(static_cast<size_t>(batch));
+    for (int b = 0; b < batch; ++b) last_rows[static_cast<size_t>(b)] = b * q_len + q_len - 1;
+    dev.gather_rows(x.p(), last_rows.data(), batch, h, last.p());
     Tensor xf = alloc(static_cast<size_t>(batch) * h, "final norm");
     dev.rmsnorm(last.p(), final_norm.as<float>(), batch, h, 1e-5f, xf.p());
     op.at("lm_head");
     Tensor logits = alloc(static_cast<size_t>(batch) * vocab, "logits");
     mm(xf.p(), head.as<float>(), batch, h, vocab, logits.p());
     op.at("sample");
+    std::vector<float> host_logits(static_cast<size_t>(batch) * vocab);
+    dev.copy(host_logits.data(), logits.p(), sizeof(float) * host_logits.size());
     next.resize(static_cast<size_t>(batch));
     for (int b = 0; b < batch; ++b) {
-      const float* row = logits.p() + static_cast<size_t>(b) * vocab;
+      const float* row = host_logits.data() + static_cast<size_t>(b) * vocab;
       next[static_cast<size_t>(b)] = static_cast<int>(std::max_element(row, row + vocab) - row);
     }
-    if (s.keep_logits)
-      res.logits.insert(res.logits.end(), logits.p(),
-                        logits.p() + static_cast<size_t>(batch) * vocab);
+    if (s.keep_logits) res.logits.insert(res.logits.end(), host_logits.begin(), host_logits.end());
   }
 };
 
@@ -336,8 +339,12 @@ std::unique_ptr<MoeInference> MoeInference::create(const ModelSpec& m, const Inf
     }
     largest = std::max(largest, L.floats);
   }
+  // Initialised on the host, copied to wherever the weights live.
+  std::vector<float> init;
   const auto fill = [&](float* p, const std::string& name, size_t n) {
-    for (size_t i = 0; i < n; ++i) p[i] = init_value(s.seed, name, i, s.init_std);
+    init.resize(n);
+    for (size_t i = 0; i < n; ++i) init[i] = init_value(s.seed, name, i, s.init_std);
+    device.copy(p, init.data(), n * sizeof(float));
   };
   MemoryPools& mem = device.memory();
   const size_t vh = static_cast<size_t>(I.vocab) * h;

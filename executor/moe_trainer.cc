@@ -327,7 +327,7 @@ struct MoeTrainer::Impl : ModelShape {
       const auto [first, end] = sp->unit_range[static_cast<size_t>(unit)];
       settle(*sp, k);  // the slot's previous unit reached the host
       float* slot = sp->grad_slots[static_cast<size_t>(k)].as<float>();
-      if (end > first) std::memset(slot, 0, (end - first) * sizeof(float));
+      if (end > first) dev.zero(slot, (end - first) * sizeof(float));
       point_grads(*sp, unit, slot);
     }
     grad_unit = unit;
@@ -390,6 +390,8 @@ struct MoeTrainer::Impl : ModelShape {
                                           ? log_layer_share[static_cast<size_t>(layer)]
                                           : log_share;
     if (logs.empty()) return;
+    // The bias is drawn on the host and added on the device.
+    std::vector<float> bias(static_cast<size_t>(rows) * experts, 0.0f);
     const size_t sl = static_cast<size_t>(seq);
     for (int t = 0; t < rows; ++t) {
       const size_t g = first_token + static_cast<size_t>(t);
@@ -397,8 +399,11 @@ struct MoeTrainer::Impl : ModelShape {
       const uint64_t key =
           splitmix64(s.seed ^ splitmix64(static_cast<uint64_t>(step)) ^ splitmix64(sequence) ^
                      ((g % sl) << 32) ^ (static_cast<uint64_t>(layer) << 48));
-      add_gate_bias(logits + static_cast<size_t>(t) * experts, experts, logs, key);
+      add_gate_bias(bias.data() + static_cast<size_t>(t) * experts, experts, logs, key);
     }
+    Tensor b = alloc(bias.size(), "router bias");
+    dev.copy(b.p(), bias.data(), sizeof(float) * bias.size());
+    dev.add(logits, b.p(), bias.size(), logits);
   }
   std::vector<double> log_share;                     // log of TrainSettings::routing_share
   std::vector<std::vector<double>> log_layer_share;  // of routing_layer_share
@@ -525,11 +530,11 @@ struct MoeTrainer::Impl : ModelShape {
   bool hierarchical() const { return g.ep_intra != nullptr && g.ep_inter != nullptr; }
 
   // Moves `rows` blocks between layouts: `from` and `to` list, per block, its offset in rows.
-  static void move_blocks(const float* src, const std::vector<size_t>& from, float* dst,
-                          const std::vector<size_t>& to, const std::vector<size_t>& rows,
-                          int width) {
+  void move_blocks(const float* src, const std::vector<size_t>& from, float* dst,
+                   const std::vector<size_t>& to, const std::vector<size_t>& rows, int width) {
     for (size_t b = 0; b < rows.size(); ++b)
-      std::memcpy(dst + to[b] * width, src + from[b] * width, sizeof(float) * rows[b] * width);
+      if (rows[b] > 0)
+        dev.copy(dst + to[b] * width, src + from[b] * width, sizeof(float) * rows[b] * width);
   }
   // Offsets of blocks laid out in the order given by `rank_of(block)`.
   static std::vector<size_t> offsets(const std::vector<size_t>& rows,
@@ -637,17 +642,16 @@ struct MoeTrainer::Impl : ModelShape {
   Tensor dispatch(const Exchange& x, const float* rows, int width, const char* what) {
     Tensor recv = alloc(static_cast<size_t>(x.received) * width, what);
     if (ppmoe) {  // the index slice: no communication
-      std::memcpy(recv.p(), rows + static_cast<size_t>(x.block_begin) * width,
-                  sizeof(float) * x.received * width);
+      dev.copy(recv.p(), rows + static_cast<size_t>(x.block_begin) * width,
+               sizeof(float) * x.received * width);
       return recv;
     }
     Tensor tmp = alloc(static_cast<size_t>(x.received) * width, what);
     Tensor ordered;  // replicas: the rows in their send order
     if (!x.send_index.empty()) {
       ordered = alloc(x.send_index.size() * width, what);
-      for (size_t i = 0; i < x.send_index.size(); ++i)
-        std::memcpy(ordered.p() + i * width, rows + static_cast<size_t>(x.send_index[i]) * width,
-                    sizeof(float) * width);
+      dev.gather_rows(rows, x.send_index.data(), static_cast<int>(x.send_index.size()), width,
+                      ordered.p());
       rows = ordered.p();
     }
     if (hierarchical())
@@ -655,32 +659,27 @@ struct MoeTrainer::Impl : ModelShape {
     else
       g.ep->all_to_allv(rows, times(x.send_rows, width), tmp.p(), times(x.recv_rows, width),
                         DType::kFloat32);
-    for (int i = 0; i < x.received; ++i)
-      std::memcpy(recv.p() + static_cast<size_t>(x.order[i]) * width,
-                  tmp.p() + static_cast<size_t>(i) * width, sizeof(float) * width);
+    dev.scatter_rows(tmp.p(), x.order.data(), x.received, width, recv.p(), /*accumulate=*/false);
     return recv;
   }
   // The reverse: expert-major rows on the owners back to their sources' order.
   void combine(const Exchange& x, const float* expert_rows, int width, float* out) {
     if (ppmoe) {  // other ranks' experts' rows stay zero: the TP all-reduce adds them
-      std::memset(out, 0, sizeof(float) * static_cast<size_t>(x.total_rows) * width);
-      std::memcpy(out + static_cast<size_t>(x.block_begin) * width, expert_rows,
-                  sizeof(float) * x.received * width);
+      dev.zero(out, sizeof(float) * static_cast<size_t>(x.total_rows) * width);
+      dev.copy(out + static_cast<size_t>(x.block_begin) * width, expert_rows,
+               sizeof(float) * x.received * width);
       return;
     }
     Tensor tmp = alloc(static_cast<size_t>(x.received) * width, "combine buffer");
-    for (int i = 0; i < x.received; ++i)
-      std::memcpy(tmp.p() + static_cast<size_t>(i) * width,
-                  expert_rows + static_cast<size_t>(x.order[i]) * width, sizeof(float) * width);
+    dev.gather_rows(expert_rows, x.order.data(), x.received, width, tmp.p());
     if (hierarchical()) {
       hier_reverse(x, tmp.p(), width, out);
     } else if (!x.send_index.empty()) {  // replicas: back in send order, then to the rows' places
       Tensor back = alloc(x.send_index.size() * width, "combine buffer");
       g.ep->all_to_allv(tmp.p(), times(x.recv_rows, width), back.p(), times(x.send_rows, width),
                         DType::kFloat32);
-      for (size_t i = 0; i < x.send_index.size(); ++i)
-        std::memcpy(out + static_cast<size_t>(x.send_index[i]) * width, back.p() + i * width,
-                    sizeof(float) * width);
+      dev.scatter_rows(back.p(), x.send_index.data(), static_cast<int>(x.send_index.size()), width,
+                       out, /*accumulate=*/false);
     } else {
       g.ep->all_to_allv(tmp.p(), times(x.recv_rows, width), out, times(x.send_rows, width),
                         DType::kFloat32);
@@ -716,6 +715,16 @@ struct MoeTrainer::Impl : ModelShape {
   bool first_stage() const { return layer_begin == 0; }
   bool last_stage() const { return layer_end == layers; }
 
+  // Vocab-parallel: each token's row in this rank's slice of the vocabulary, -1 outside it.
+  std::vector<int> local_vocab_rows(const std::vector<int>& tokens) const {
+    std::vector<int> rows(tokens.size());
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      const int row = tokens[i] - vocab_first;
+      rows[i] = row >= 0 && row < vocab_local ? row : -1;
+    }
+    return rows;
+  }
+
   MicroBatch make_micro_batch(int64_t step, int64_t first_sequence, int sequences) {
     MicroBatch mb;
     mb.sequences = sequences;
@@ -739,35 +748,21 @@ struct MoeTrainer::Impl : ModelShape {
   // loss)/d(logit).
   double vocab_parallel_cross_entropy(float* logits, const int* labels, int rows, float grad_scale,
                                       ProgramOpCursor& op) {
-    std::vector<double> mx(static_cast<size_t>(rows)), se_z(2 * static_cast<size_t>(rows), 0.0);
-    for (int t = 0; t < rows; ++t) {
-      const float* l = logits + static_cast<size_t>(t) * vocab_local;
-      mx[t] = *std::max_element(l, l + vocab_local);
-    }
+    Buffer mx = dev.memory().allocate(Tier::kGPU, sizeof(double) * rows, "loss row max", false);
+    Buffer se_z =
+        dev.memory().allocate(Tier::kGPU, 2 * sizeof(double) * rows, "loss row sums", false);
+    dev.row_max(logits, rows, vocab_local, mx.as<double>());
     op.at("loss_all_reduce", OpPhase::kForward);
-    g.tp->all_reduce(mx.data(), mx.size(), DType::kFloat64, ReduceOp::kMax);
+    g.tp->all_reduce(mx.data(), static_cast<size_t>(rows), DType::kFloat64, ReduceOp::kMax);
     op.at("loss", OpPhase::kForward);
-    for (int t = 0; t < rows; ++t) {
-      const float* l = logits + static_cast<size_t>(t) * vocab_local;
-      double sum = 0;
-      for (int j = 0; j < vocab_local; ++j) sum += std::exp(double{l[j]} - mx[t]);
-      se_z[2 * t] = sum;
-      const int target = labels[t] - vocab_first;
-      if (target >= 0 && target < vocab_local) se_z[2 * t + 1] = l[target];
-    }
+    dev.softmax_sums(logits, labels, rows, vocab_local, vocab_first, mx.as<double>(),
+                     se_z.as<double>());
     op.at("loss_all_reduce", OpPhase::kForward);
-    g.tp->all_reduce(se_z.data(), se_z.size(), DType::kFloat64, ReduceOp::kSum);
+    g.tp->all_reduce(se_z.data(), 2 * static_cast<size_t>(rows), DType::kFloat64, ReduceOp::kSum);
     op.at("loss", OpPhase::kForward);
-    double loss = 0;
-    for (int t = 0; t < rows; ++t) {
-      float* l = logits + static_cast<size_t>(t) * vocab_local;
-      const double sum = se_z[2 * t];
-      loss += std::log(sum) + mx[t] - se_z[2 * t + 1];
-      const int target = labels[t] - vocab_first;
-      for (int j = 0; j < vocab_local; ++j)
-        l[j] = static_cast<float>((std::exp(double{l[j]} - mx[t]) / sum - (j == target ? 1 : 0)) *
-                                  grad_scale);
-    }
+    const double loss =
+        dev.softmax_cross_entropy_grad(logits, labels, rows, vocab_local, vocab_first,
+                                       mx.as<double>(), se_z.as<double>(), grad_scale);
     return loss;
   }
 
@@ -798,13 +793,8 @@ struct MoeTrainer::Impl : ModelShape {
         // Vocab-parallel: this rank's rows for the micro-batch's tokens it owns, zeros elsewhere;
         // the partial sums combine over TP (reduce-scattered into the SP slices).
         Tensor partial = alloc(static_cast<size_t>(T) * h, "embedding (partial)");
-        std::memset(partial.p(), 0, sizeof(float) * T * h);
-        for (int i = 0; i < T; ++i) {
-          const int row = mb.tok[static_cast<size_t>(i)] - vocab_first;
-          if (row >= 0 && row < vocab_local)
-            std::memcpy(partial.p() + static_cast<size_t>(i) * h,
-                        emb + static_cast<size_t>(row) * h, sizeof(float) * h);
-        }
+        const std::vector<int> rows = local_vocab_rows(mb.tok);
+        dev.gather_rows(emb, rows.data(), T, h, partial.p());
         if (sp) {
           op.at("embedding_reduce_scatter");
           x = tp_scatter(partial.p(), T, h, "hidden states");
@@ -815,9 +805,7 @@ struct MoeTrainer::Impl : ModelShape {
         }
       } else {
         x = alloc(static_cast<size_t>(Tl) * h, "hidden states");
-        for (int i = 0; i < Tl; ++i)
-          std::memcpy(x.p() + static_cast<size_t>(i) * h, emb + static_cast<size_t>(tok[i]) * h,
-                      sizeof(float) * h);
+        dev.gather_rows(emb, tok, Tl, h, x.p());
       }
     } else {
       x = std::move(mb.x);  // received from the previous stage
@@ -855,10 +843,9 @@ struct MoeTrainer::Impl : ModelShape {
         proj =
             tp_exit(std::move(proj), T, "attention projection (scattered)", op, OpPhase::kForward);
         op.at("residual1");
-        for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i)
-          S.x_mid.p()[i] = S.x_in.p()[i] + proj.p()[i];
+        dev.add(S.x_in.p(), proj.p(), static_cast<size_t>(Tl) * h, S.x_mid.p());
         x = alloc(static_cast<size_t>(Tl) * h, "hidden states");
-        std::memcpy(x.p(), S.x_mid.p(), sizeof(float) * Tl * h);
+        dev.copy(x.p(), S.x_mid.p(), sizeof(float) * Tl * h);
       }
       op.at("norm2");
       S.b = alloc(static_cast<size_t>(Tl) * h, "norm output");
@@ -908,7 +895,7 @@ struct MoeTrainer::Impl : ModelShape {
           tp_sum(moe_out.p(), static_cast<size_t>(Tl) * h);  // PPMoE's one all-reduce
         }
         op.at("residual2");
-        for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i) x.p()[i] += moe_out.p()[i];
+        dev.add(x.p(), moe_out.p(), static_cast<size_t>(Tl) * h, x.p());
       } else {
         // Dense FFN: column-parallel gate/up, row-parallel down projection.
         if (sp) {
@@ -926,7 +913,7 @@ struct MoeTrainer::Impl : ModelShape {
         mm(S.act.p(), P(L(l, "w2")).v(), T, ffn_local, h, y.p());
         y = tp_exit(std::move(y), T, "ffn output (scattered)", op, OpPhase::kForward);
         op.at("residual2");
-        for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i) x.p()[i] += y.p()[i];
+        dev.add(x.p(), y.p(), static_cast<size_t>(Tl) * h, x.p());
       }
     }
     if (!last_stage()) {
@@ -1008,21 +995,10 @@ struct MoeTrainer::Impl : ModelShape {
         // Combine backward: the rows' gradients and the combine weights' gradients.
         const int kept_rows = Tl * top_k - r.dropped;
         Tensor dy_perm = alloc(static_cast<size_t>(kept_rows) * h, "gradient");
-        std::vector<float> gw(r.expert.size(), 0.0f);
-        for (size_t i = 0; i < r.expert.size(); ++i) {
-          if (r.row[i] < 0) continue;  // dropped: it changed nothing
-          const float* d = dx.p() + (i / top_k) * h;
-          const float* y = S.y_perm.p() + static_cast<size_t>(r.row[i]) * h;
-          float* dy = dy_perm.p() + static_cast<size_t>(r.row[i]) * h;
-          double dot = 0;
-          for (int c = 0; c < h; ++c) {
-            dot += double{d[c]} * y[c];
-            dy[c] = r.weight[i] * d[c];
-          }
-          gw[i] = static_cast<float>(dot);
-        }
+        Tensor gw = alloc(r.expert.size(), "gradient");
+        dev.unpermute_combine_backward(S.y_perm.p(), dx.p(), r, h, dy_perm.p(), gw.p());
         // PPMoE: each TP rank saw only its experts' outputs; the weights' gradients add up.
-        if (ppmoe) tp_sum(gw.data(), gw.size());
+        if (ppmoe) tp_sum(gw.p(), r.expert.size());
         if (!ppmoe) op.at("combine");
         Tensor dy_e = dispatch(S.ex, dy_perm.p(), h, "gradient");
         Tensor dact = alloc(static_cast<size_t>(R) * f, "gradient");
@@ -1059,13 +1035,7 @@ struct MoeTrainer::Impl : ModelShape {
         combine(S.ex, dxin.p(), h, dperm.p());
         if (!ppmoe) op.at("permute");
         // Every copy of a token's input gets its own gradient back: sum them.
-        std::memset(db.p(), 0, sizeof(float) * Tl * h);
-        for (size_t i = 0; i < r.expert.size(); ++i) {
-          if (r.row[i] < 0) continue;
-          float* d = db.p() + (i / top_k) * h;
-          const float* src = dperm.p() + static_cast<size_t>(r.row[i]) * h;
-          for (int c = 0; c < h; ++c) d[c] += src[c];
-        }
+        dev.permute_backward(dperm.p(), r, h, db.p());
         // PPMoE: the experts' input gradients are partial per TP rank (the router's part below is
         // computed alike on every rank and added after).
         if (ppmoe) {
@@ -1075,25 +1045,7 @@ struct MoeTrainer::Impl : ModelShape {
         // Router: through the (renormalised) top-k weights and the softmax.
         op.at("router");
         Tensor dlogits = alloc(static_cast<size_t>(Tl) * experts, "gradient");
-        for (int t = 0; t < Tl; ++t) {
-          const float* p = S.probs.p() + static_cast<size_t>(t) * experts;
-          float* dl = dlogits.p() + static_cast<size_t>(t) * experts;
-          std::vector<double> dp(experts, 0.0);
-          if (top_k > 1) {
-            double kept = 0, gsum = 0;
-            for (int j = 0; j < top_k; ++j) {
-              kept += p[r.expert[t * top_k + j]];
-              gsum += double{gw[t * top_k + j]} * r.weight[t * top_k + j];
-            }
-            for (int j = 0; j < top_k; ++j)
-              dp[r.expert[t * top_k + j]] = (gw[t * top_k + j] - gsum) / kept;
-          } else {
-            dp[r.expert[t]] = gw[t];
-          }
-          double dot = 0;
-          for (int e = 0; e < experts; ++e) dot += dp[e] * p[e];
-          for (int e = 0; e < experts; ++e) dl[e] = static_cast<float>(p[e] * (dp[e] - dot));
-        }
+        dev.route_backward(S.probs.p(), r, gw.p(), top_k > 1, dlogits.p());
         mm_backward(S.b.p(), P(L(l, "router")).v(), dlogits.p(), Tl, h, experts, db.p(),
                     P(L(l, "router")).g(), /*acc_dx=*/true);
       } else {
@@ -1125,7 +1077,7 @@ struct MoeTrainer::Impl : ModelShape {
       dev.rmsnorm_backward(S.x_mid.p(), P(L(l, "ffn_norm")).v(), db.p(), Tl, h, eps, dmid.p(),
                            P(L(l, "ffn_norm")).g());
       op.at("residual2");
-      for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i) dmid.p()[i] += dx.p()[i];
+      dev.add(dmid.p(), dx.p(), static_cast<size_t>(Tl) * h, dmid.p());
       // Attention block.
       Tensor dmid_full;
       if (sp) {
@@ -1151,7 +1103,7 @@ struct MoeTrainer::Impl : ModelShape {
       dev.rmsnorm_backward(S.x_in.p(), P(L(l, "attn_norm")).v(), da.p(), Tl, h, eps, dxin.p(),
                            P(L(l, "attn_norm")).g());
       op.at("residual1");
-      for (size_t i = 0; i < static_cast<size_t>(Tl) * h; ++i) dxin.p()[i] += dmid.p()[i];
+      dev.add(dxin.p(), dmid.p(), static_cast<size_t>(Tl) * h, dxin.p());
       dx = std::move(dxin);
       saved[static_cast<size_t>(l - layer_begin)] = LayerSaved{};  // release its activations
       op.close();
@@ -1168,17 +1120,11 @@ struct MoeTrainer::Impl : ModelShape {
         }
         op.at("embedding");
         const float* g_all = sp ? full.p() : dx.p();
-        for (int i = 0; i < T; ++i) {
-          const int row = mb.tok[static_cast<size_t>(i)] - vocab_first;
-          if (row < 0 || row >= vocab_local) continue;
-          for (int c = 0; c < h; ++c)
-            demb[static_cast<size_t>(row) * h + c] += g_all[static_cast<size_t>(i) * h + c];
-        }
+        const std::vector<int> rows = local_vocab_rows(mb.tok);
+        dev.scatter_rows(g_all, rows.data(), T, h, demb, /*accumulate=*/true);
       } else {
         op.at("embedding");
-        for (int i = 0; i < Tl; ++i)
-          for (int c = 0; c < h; ++c)
-            demb[static_cast<size_t>(tok[i]) * h + c] += dx.p()[static_cast<size_t>(i) * h + c];
+        dev.scatter_rows(dx.p(), tok, Tl, h, demb, /*accumulate=*/true);
       }
       op.close();
       grads_end();
@@ -1656,12 +1602,17 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
       };
       if (ends_with("_norm") || ends_with(".router")) I.tp_partial_grads.push_back(k);
     }
-  for (Parameter& p : t->params_)
+  // Initialised on the host, copied to wherever each parameter lives.
+  std::vector<float> init;
+  for (Parameter& p : t->params_) {
+    init.resize(p.size);
     for (size_t i = 0; i < p.size; ++i)
-      p.v()[i] =
+      init[i] =
           init_value(s.seed, p.name, p.global_index.empty() ? i : p.global_index[i], s.init_std);
+    device.copy(p.v(), init.data(), p.size * sizeof(float));
+  }
   for (Impl::Space* sp : {&I.dense, &I.expert})
-    if (sp->master) std::memcpy(sp->master.data(), sp->values.data(), sp->padded * sizeof(float));
+    if (sp->master) device.copy(sp->master.data(), sp->values.data(), sp->padded * sizeof(float));
   I.evict_ssd();
   return t;
 }
@@ -1669,7 +1620,7 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
 StepStats MoeTrainer::forward_backward(int64_t step_index) {
   Impl& I = *impl_;
   for (Impl::Space* sp : {&I.dense, &I.expert})
-    if (sp->padded > 0) std::memset(sp->grads.data(), 0, sizeof(float) * sp->padded);
+    if (sp->padded > 0) I.dev.zero(sp->grads.data(), sizeof(float) * sp->padded);
   StepStats st;
   I.dropped = 0;
   I.tier_stats = {};
@@ -1722,6 +1673,18 @@ StepStats MoeTrainer::step(int64_t step_index) {
   return st;
 }
 
+std::vector<float> MoeTrainer::values(const Parameter& p) const {
+  std::vector<float> out(p.size);
+  if (p.size > 0) impl_->dev.copy(out.data(), p.v(), p.size * sizeof(float));
+  return out;
+}
+
+std::vector<float> MoeTrainer::gradients(const Parameter& p) const {
+  std::vector<float> out(p.size);
+  if (p.size > 0) impl_->dev.copy(out.data(), p.g(), p.size * sizeof(float));
+  return out;
+}
+
 ParameterError parameter_error(const MoeTrainer& run, const MoeTrainer& reference) {
   std::map<std::string, const Parameter*> by_name;
   for (const Parameter& p : reference.parameters()) by_name[p.name] = &p;
@@ -1733,14 +1696,15 @@ ParameterError parameter_error(const MoeTrainer& run, const MoeTrainer& referenc
       throw std::invalid_argument("parameter_error: the reference has no " + p.name +
                                   " of that size");
     const Parameter& q = *it->second;
+    const std::vector<float> pv = run.values(p), qv = reference.values(q);
     // A shard is compared with the elements of the whole tensor it holds.
     double diff = 0, scale = 1e-30;
     for (size_t i = 0; i < p.size; ++i) {
       const size_t gi = p.global_index.empty() ? i : p.global_index[i];
       if (gi >= q.size) throw std::invalid_argument("parameter_error: " + p.name + " shard index");
-      const double d = double{p.v()[i]} - q.v()[gi];
+      const double d = double{pv[i]} - qv[gi];
       diff += d * d;
-      scale += double{q.v()[gi]} * q.v()[gi];
+      scale += double{qv[gi]} * qv[gi];
     }
     all_diff += diff;
     all_scale += scale;

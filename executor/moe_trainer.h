@@ -150,6 +150,9 @@ class MoeTrainer {
   StepStats forward_backward(int64_t step_index);
   // This rank's parameters (dense ones replicated, its experts').
   const std::vector<Parameter>& parameters() const { return params_; }
+  // A parameter's values (or gradients) copied to the host, from whichever tier holds them.
+  std::vector<float> values(const Parameter& p) const;
+  std::vector<float> gradients(const Parameter& p) const;
   int first_expert() const { return first_expert_; }
   int local_experts() const { return local_experts_; }
 

@@ -156,6 +156,58 @@ class TimedDevice : public Device {
     Timer t(t_, "copy");
     d_.copy(dst, src, bytes);
   }
+  void copy_2d(void* dst, size_t dp, const void* src, size_t sp, size_t row_bytes,
+               size_t rows) override {
+    Timer t(t_, "copy");
+    d_.copy_2d(dst, dp, src, sp, row_bytes, rows);
+  }
+  void zero(void* dst, size_t bytes) override {
+    Timer t(t_, "elementwise");
+    d_.zero(dst, bytes);
+  }
+  void add(const float* a, const float* b, size_t n, float* out) override {
+    Timer t(t_, "elementwise");
+    d_.add(a, b, n, out);
+  }
+  void gather_rows(const float* src, const int* index, int n, int width, float* dst) override {
+    Timer t(t_, "permute");
+    d_.gather_rows(src, index, n, width, dst);
+  }
+  void scatter_rows(const float* src, const int* index, int n, int width, float* dst,
+                    bool accumulate) override {
+    Timer t(t_, "permute");
+    d_.scatter_rows(src, index, n, width, dst, accumulate);
+  }
+  void unpermute_combine_backward(const float* y, const float* d_out, const TokenRouting& r, int h,
+                                  float* d_y, float* d_weight) override {
+    Timer t(t_, "permute");
+    d_.unpermute_combine_backward(y, d_out, r, h, d_y, d_weight);
+  }
+  void permute_backward(const float* d_perm, const TokenRouting& r, int h, float* d_x) override {
+    Timer t(t_, "permute");
+    d_.permute_backward(d_perm, r, h, d_x);
+  }
+  void route_backward(const float* probs, const TokenRouting& r, const float* d_weight,
+                      bool renormalize, float* d_logits) override {
+    Timer t(t_, "router");
+    d_.route_backward(probs, r, d_weight, renormalize, d_logits);
+  }
+  void row_max(const float* x, int rows, int cols, double* out) override {
+    Timer t(t_, "loss");
+    d_.row_max(x, rows, cols, out);
+  }
+  void softmax_sums(const float* logits, const int* labels, int rows, int cols, int label_offset,
+                    const double* row_max, double* sum_target) override {
+    Timer t(t_, "loss");
+    d_.softmax_sums(logits, labels, rows, cols, label_offset, row_max, sum_target);
+  }
+  double softmax_cross_entropy_grad(float* logits, const int* labels, int rows, int cols,
+                                    int label_offset, const double* row_max,
+                                    const double* sum_target, float grad_scale) override {
+    Timer t(t_, "loss");
+    return d_.softmax_cross_entropy_grad(logits, labels, rows, cols, label_offset, row_max,
+                                         sum_target, grad_scale);
+  }
 
  private:
   Device& d_;

@@ -88,32 +88,7 @@ class CpuDevice : public Device {
         r.weight[at] = renormalize ? p[r.expert[at]] / kept : p[r.expert[at]];
       }
     }
-    // Capacity (a position policy): each expert keeps its first `capacity` assignments in token
-    // order, a token's choices together (GShard instead serves every token's first choice before
-    // any second choice); the rest are dropped (row -1: they add nothing to the output).
-    r.rows_per_expert.assign(static_cast<size_t>(experts), 0);
-    r.dropped = 0;
-    std::vector<char> kept(r.expert.size(), 1);
-    for (size_t i = 0; i < r.expert.size(); ++i) {
-      int& n = r.rows_per_expert[static_cast<size_t>(r.expert[i])];
-      if (capacity > 0 && n >= capacity) {
-        kept[i] = 0;
-        ++r.dropped;
-      } else {
-        ++n;
-      }
-    }
-    std::vector<int> next(static_cast<size_t>(experts), 0);
-    for (int e = 1; e < experts; ++e)
-      next[static_cast<size_t>(e)] =
-          next[static_cast<size_t>(e - 1)] + r.rows_per_expert[static_cast<size_t>(e - 1)];
-    r.row.assign(r.expert.size(), -1);
-    r.source.assign(r.expert.size() - static_cast<size_t>(r.dropped), -1);
-    for (size_t i = 0; i < r.expert.size(); ++i) {
-      if (!kept[i]) continue;
-      r.row[i] = next[static_cast<size_t>(r.expert[i])]++;
-      r.source[static_cast<size_t>(r.row[i])] = static_cast<int>(i);
-    }
+    finish_routing(r, capacity);
     return r;
   }
 
@@ -311,12 +286,165 @@ class CpuDevice : public Device {
   void copy(void* dst, const void* src, size_t bytes) override {
     if (dst != src && bytes > 0) std::memmove(dst, src, bytes);
   }
+  void copy_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes,
+               size_t rows) override {
+    for (size_t i = 0; i < rows; ++i)
+      copy(static_cast<char*>(dst) + i * dst_pitch, static_cast<const char*>(src) + i * src_pitch,
+           row_bytes);
+  }
+
+  void zero(void* dst, size_t bytes) override {
+    if (bytes > 0) std::memset(dst, 0, bytes);
+  }
+  void add(const float* a, const float* b, size_t n, float* out) override {
+    for (size_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+  }
+  void gather_rows(const float* src, const int* index, int n, int width, float* dst) override {
+    const size_t w = static_cast<size_t>(width);
+    for (int i = 0; i < n; ++i) {
+      float* d = dst + static_cast<size_t>(i) * w;
+      if (index[i] < 0)
+        std::memset(d, 0, sizeof(float) * w);
+      else
+        std::memcpy(d, src + static_cast<size_t>(index[i]) * w, sizeof(float) * w);
+    }
+  }
+  void scatter_rows(const float* src, const int* index, int n, int width, float* dst,
+                    bool accumulate) override {
+    const size_t w = static_cast<size_t>(width);
+    for (int i = 0; i < n; ++i) {
+      if (index[i] < 0) continue;
+      float* d = dst + static_cast<size_t>(index[i]) * w;
+      const float* x = src + static_cast<size_t>(i) * w;
+      if (accumulate)
+        for (size_t c = 0; c < w; ++c) d[c] += x[c];
+      else
+        std::memcpy(d, x, sizeof(float) * w);
+    }
+  }
+
+  void unpermute_combine_backward(const float* y, const float* d_out, const TokenRouting& r, int h,
+                                  float* d_y, float* d_weight) override {
+    for (size_t i = 0; i < r.expert.size(); ++i) {
+      d_weight[i] = 0.0f;
+      if (r.row[i] < 0) continue;  // dropped: it changed nothing
+      const float* d = d_out + (i / static_cast<size_t>(r.top_k)) * h;
+      const float* yr = y + static_cast<size_t>(r.row[i]) * h;
+      float* dy = d_y + static_cast<size_t>(r.row[i]) * h;
+      double dot = 0;
+      for (int c = 0; c < h; ++c) {
+        dot += double{d[c]} * yr[c];
+        dy[c] = r.weight[i] * d[c];
+      }
+      d_weight[i] = static_cast<float>(dot);
+    }
+  }
+  void permute_backward(const float* d_perm, const TokenRouting& r, int h, float* d_x) override {
+    std::memset(d_x, 0, sizeof(float) * static_cast<size_t>(r.tokens) * h);
+    for (size_t i = 0; i < r.expert.size(); ++i) {
+      if (r.row[i] < 0) continue;
+      float* d = d_x + (i / static_cast<size_t>(r.top_k)) * h;
+      const float* src = d_perm + static_cast<size_t>(r.row[i]) * h;
+      for (int c = 0; c < h; ++c) d[c] += src[c];
+    }
+  }
+  void route_backward(const float* probs, const TokenRouting& r, const float* d_weight,
+                      bool renormalize, float* d_logits) override {
+    const int experts = r.experts, top_k = r.top_k;
+    std::vector<double> dp(static_cast<size_t>(experts));
+    for (int t = 0; t < r.tokens; ++t) {
+      const float* p = probs + static_cast<size_t>(t) * experts;
+      float* dl = d_logits + static_cast<size_t>(t) * experts;
+      const int* ex = r.expert.data() + static_cast<size_t>(t) * top_k;
+      const float* w = r.weight.data() + static_cast<size_t>(t) * top_k;
+      const float* gw = d_weight + static_cast<size_t>(t) * top_k;
+      std::fill(dp.begin(), dp.end(), 0.0);
+      if (renormalize) {
+        // w_j = p_j / kept: d p_j = (gw_j - sum_i gw_i w_i) / kept.
+        double kept = 0, gsum = 0;
+        for (int j = 0; j < top_k; ++j) {
+          kept += p[ex[j]];
+          gsum += double{gw[j]} * w[j];
+        }
+        for (int j = 0; j < top_k; ++j) dp[static_cast<size_t>(ex[j])] = (gw[j] - gsum) / kept;
+      } else {
+        for (int j = 0; j < top_k; ++j) dp[static_cast<size_t>(ex[j])] += gw[j];
+      }
+      double dot = 0;
+      for (int e = 0; e < experts; ++e) dot += dp[static_cast<size_t>(e)] * p[e];
+      for (int e = 0; e < experts; ++e)
+        dl[e] = static_cast<float>(p[e] * (dp[static_cast<size_t>(e)] - dot));
+    }
+  }
+
+  void row_max(const float* x, int rows, int cols, double* out) override {
+    for (int t = 0; t < rows; ++t) {
+      const float* l = x + static_cast<size_t>(t) * cols;
+      out[t] = cols > 0 ? *std::max_element(l, l + cols) : -INFINITY;
+    }
+  }
+  void softmax_sums(const float* logits, const int* labels, int rows, int cols, int label_offset,
+                    const double* row_max, double* sum_target) override {
+    for (int t = 0; t < rows; ++t) {
+      const float* l = logits + static_cast<size_t>(t) * cols;
+      double sum = 0;
+      for (int j = 0; j < cols; ++j) sum += std::exp(double{l[j]} - row_max[t]);
+      sum_target[2 * t] = sum;
+      const int target = labels[t] - label_offset;
+      sum_target[2 * t + 1] = target >= 0 && target < cols ? l[target] : 0.0;
+    }
+  }
+  double softmax_cross_entropy_grad(float* logits, const int* labels, int rows, int cols,
+                                    int label_offset, const double* row_max,
+                                    const double* sum_target, float grad_scale) override {
+    double loss = 0;
+    for (int t = 0; t < rows; ++t) {
+      float* l = logits + static_cast<size_t>(t) * cols;
+      const double sum = sum_target[2 * t];
+      loss += std::log(sum) + row_max[t] - sum_target[2 * t + 1];
+      const int target = labels[t] - label_offset;
+      for (int j = 0; j < cols; ++j)
+        l[j] = static_cast<float>((std::exp(double{l[j]} - row_max[t]) / sum - (j == target)) *
+                                  grad_scale);
+    }
+    return loss;
+  }
 
  private:
   MemoryPools memory_;
 };
 
 }  // namespace
+
+// Capacity (a position policy): each expert keeps its first `capacity` assignments in token
+// order, a token's choices together (GShard instead serves every token's first choice before any
+// second choice); the rest are dropped (row -1: they add nothing to the output).
+void finish_routing(TokenRouting& r, int capacity) {
+  const int experts = r.experts;
+  r.rows_per_expert.assign(static_cast<size_t>(experts), 0);
+  r.dropped = 0;
+  std::vector<char> kept(r.expert.size(), 1);
+  for (size_t i = 0; i < r.expert.size(); ++i) {
+    int& n = r.rows_per_expert[static_cast<size_t>(r.expert[i])];
+    if (capacity > 0 && n >= capacity) {
+      kept[i] = 0;
+      ++r.dropped;
+    } else {
+      ++n;
+    }
+  }
+  std::vector<int> next(static_cast<size_t>(experts), 0);
+  for (int e = 1; e < experts; ++e)
+    next[static_cast<size_t>(e)] =
+        next[static_cast<size_t>(e - 1)] + r.rows_per_expert[static_cast<size_t>(e - 1)];
+  r.row.assign(r.expert.size(), -1);
+  r.source.assign(r.expert.size() - static_cast<size_t>(r.dropped), -1);
+  for (size_t i = 0; i < r.expert.size(); ++i) {
+    if (!kept[i]) continue;
+    r.row[i] = next[static_cast<size_t>(r.expert[i])]++;
+    r.source[static_cast<size_t>(r.row[i])] = static_cast<int>(i);
+  }
+}
 
 std::unique_ptr<Device> cpu_device(TierCapacity capacity) {
   return std::make_unique<CpuDevice>(std::move(capacity));
