@@ -182,6 +182,125 @@ TEST(CpuDevice, SwigluBackwardMatchesFiniteDifferences) {
       8);
 }
 
+TEST(CpuDevice, RowsGatherWithZerosAndScatterAddingRepeats) {
+  auto dev = cpu_device({});
+  const int width = 3;
+  const std::vector<float> src = {1, 2, 3, 4, 5, 6, 7, 8, 9};  // 3 rows
+  const std::vector<int> index = {2, -1, 0, 2};
+  std::vector<float> gathered(index.size() * width, -1.0f);
+  dev->gather_rows(src.data(), index.data(), 4, width, gathered.data());
+  EXPECT_EQ(gathered, (std::vector<float>{7, 8, 9, 0, 0, 0, 1, 2, 3, 7, 8, 9}));
+  // Scatter back: row 2 receives two rows (added when accumulating, the last one otherwise).
+  std::vector<float> sum(9, 1.0f), put(9, 1.0f);
+  dev->scatter_rows(gathered.data(), index.data(), 4, width, sum.data(), true);
+  EXPECT_EQ(sum, (std::vector<float>{2, 3, 4, 1, 1, 1, 15, 17, 19}));
+  dev->scatter_rows(gathered.data(), index.data(), 4, width, put.data(), false);
+  EXPECT_EQ(put, (std::vector<float>{1, 2, 3, 1, 1, 1, 7, 8, 9}));
+  // Strided copy: the middle column of each row.
+  std::vector<float> col(3);
+  dev->copy_2d(col.data(), sizeof(float), src.data() + 1, width * sizeof(float), sizeof(float), 3);
+  EXPECT_EQ(col, (std::vector<float>{2, 5, 8}));
+  std::vector<float> a = {1, 2}, b = {10, 20};
+  dev->add(a.data(), b.data(), 2, a.data());
+  EXPECT_EQ(a, (std::vector<float>{11, 22}));
+  dev->zero(a.data(), sizeof(float) * 2);
+  EXPECT_EQ(a, (std::vector<float>{0, 0}));
+}
+
+TEST(CpuDevice, PermuteAndCombineBackwardsMatchFiniteDifferences) {
+  auto dev = cpu_device({});
+  const int tokens = 5, experts = 3, top_k = 2, h = 4;
+  const auto logits = random_vector(tokens * experts, 21);
+  std::vector<float> probs(tokens * experts);
+  // Capacity 3 drops some of the 10 choices: their rows do not exist and get no gradient.
+  const TokenRouting r =
+      dev->route(logits.data(), tokens, experts, top_k, true, probs.data(), /*capacity=*/3);
+  ASSERT_GT(r.dropped, 0);
+  const size_t kept = r.source.size();
+  const auto y = random_vector(kept * h, 22), d_out = random_vector(tokens * h, 23);
+  std::vector<float> d_y(kept * h), d_w(r.expert.size());
+  dev->unpermute_combine_backward(y.data(), d_out.data(), r, h, d_y.data(), d_w.data());
+  expect_gradient(
+      y, d_y, tokens * h,
+      [&](const std::vector<float>& in, std::vector<float>& out) {
+        dev->unpermute_combine(in.data(), r, h, out.data());
+      },
+      23);
+  for (size_t i = 0; i < r.expert.size(); ++i) {
+    double dot = 0;
+    if (r.row[i] >= 0)
+      for (int c = 0; c < h; ++c) dot += double{d_out[i / top_k * h + c]} * y[r.row[i] * h + c];
+    EXPECT_NEAR(d_w[i], dot, 1e-5) << i;
+  }
+  const auto x = random_vector(tokens * h, 24), d_perm = random_vector(kept * h, 25);
+  std::vector<float> d_x(tokens * h, 7.0f);  // overwritten
+  dev->permute_backward(d_perm.data(), r, h, d_x.data());
+  expect_gradient(
+      x, d_x, kept * h,
+      [&](const std::vector<float>& in, std::vector<float>& out) {
+        dev->permute(in.data(), r, h, out.data());
+      },
+      25);
+}
+
+TEST(CpuDevice, RouteBackwardMatchesFiniteDifferencesOfTheWeights) {
+  auto dev = cpu_device({});
+  const int tokens = 4, experts = 5;
+  // Logits a step apart: a small perturbation keeps every token's top-k.
+  std::vector<float> logits(tokens * experts);
+  for (int t = 0; t < tokens; ++t)
+    for (int e = 0; e < experts; ++e) logits[t * experts + e] = 0.3f * ((e * 3 + t) % experts);
+  for (int top_k : {1, 2}) {
+    std::vector<float> probs(tokens * experts), d_logits(tokens * experts);
+    const TokenRouting r =
+        dev->route(logits.data(), tokens, experts, top_k, top_k > 1, probs.data());
+    const auto d_w = random_vector(r.expert.size(), 26);
+    dev->route_backward(probs.data(), r, d_w.data(), top_k > 1, d_logits.data());
+    expect_gradient(
+        logits, d_logits, r.expert.size(),
+        [&](const std::vector<float>& in, std::vector<float>& out) {
+          std::vector<float> p(in.size());
+          const TokenRouting q = dev->route(in.data(), tokens, experts, top_k, top_k > 1, p.data());
+          ASSERT_EQ(q.expert, r.expert);
+          out = q.weight;
+        },
+        26);
+  }
+}
+
+TEST(CpuDevice, VocabParallelCrossEntropyEqualsTheWholeOne) {
+  auto dev = cpu_device({});
+  const int rows = 6, vocab = 10, half = vocab / 2;
+  const auto logits = random_vector(rows * vocab, 27, 3.0f);
+  const std::vector<int> labels = {0, 9, 4, 5, 2, 7};
+  std::vector<float> whole = logits;
+  const double want = dev->cross_entropy(whole.data(), labels.data(), rows, vocab, 0.5f);
+  // Two "ranks" of 5 columns each; the reductions between the parts done here by hand.
+  std::vector<std::vector<float>> part(2);
+  std::vector<double> mx(rows, -1e300), sums(2 * rows, 0.0);
+  for (int k = 0; k < 2; ++k) {
+    for (int t = 0; t < rows; ++t)
+      part[k].insert(part[k].end(), logits.begin() + t * vocab + k * half,
+                     logits.begin() + t * vocab + (k + 1) * half);
+    std::vector<double> m(rows);
+    dev->row_max(part[k].data(), rows, half, m.data());
+    for (int t = 0; t < rows; ++t) mx[t] = std::max(mx[t], m[t]);
+  }
+  for (int k = 0; k < 2; ++k) {
+    std::vector<double> s(2 * rows);
+    dev->softmax_sums(part[k].data(), labels.data(), rows, half, k * half, mx.data(), s.data());
+    for (int i = 0; i < 2 * rows; ++i) sums[i] += s[i];
+  }
+  for (int k = 0; k < 2; ++k) {
+    const double loss = dev->softmax_cross_entropy_grad(part[k].data(), labels.data(), rows, half,
+                                                        k * half, mx.data(), sums.data(), 0.5f);
+    EXPECT_NEAR(loss, want, 1e-9 * std::abs(want));
+    for (int t = 0; t < rows; ++t)
+      for (int j = 0; j < half; ++j)
+        EXPECT_NEAR(part[k][t * half + j], whole[t * vocab + k * half + j], 1e-6);
+  }
+}
+
 TEST(CpuDevice, RmsnormBackwardMatchesFiniteDifferences) {
   auto dev = cpu_device({});
   const int rows = 3, h = 6;
