@@ -343,7 +343,7 @@ std::unique_ptr<MoeInference> MoeInference::create(const ModelSpec& m, const Inf
   std::vector<float> init;
   const auto fill = [&](float* p, const std::string& name, size_t n) {
     init.resize(n);
-    for (size_t i = 0; i < n; ++i) init[i] = init_value(s.seed, name, i, s.init_std);
+    init_values(s.seed, name, {}, n, s.init_std, init.data());
     device.copy(p, init.data(), n * sizeof(float));
   };
   MemoryPools& mem = device.memory();

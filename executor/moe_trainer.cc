@@ -6,6 +6,7 @@
 #include <numeric>
 #include <optional>
 #include <stdexcept>
+#include <thread>
 
 #include "core/step_program.h"
 #include "executor/copy_engine.h"
@@ -33,6 +34,21 @@ float init_value(uint64_t seed, const std::string& name, size_t index, float std
   const double u1 = uniform01(splitmix64(base)), u2 = uniform01(splitmix64(base ^ 0x5bd1e995));
   return static_cast<float>(std * std::sqrt(-2.0 * std::log(u1)) *
                             std::cos(6.283185307179586 * u2));
+}
+
+void init_values(uint64_t seed, const std::string& name, const std::vector<size_t>& global_index,
+                 size_t n, float std, float* out) {
+  const auto fill = [&](size_t begin, size_t end) {
+    for (size_t i = begin; i < end; ++i)
+      out[i] = init_value(seed, name, global_index.empty() ? i : global_index[i], std);
+  };
+  const size_t threads =
+      n < (size_t{1} << 20) ? 1 : std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+  if (threads == 1) return fill(0, n);
+  std::vector<std::thread> pool;
+  for (size_t t = 0; t < threads; ++t)
+    pool.emplace_back(fill, n * t / threads, n * (t + 1) / threads);
+  for (auto& th : pool) th.join();
 }
 
 std::vector<ConfigIssue> trainer_unsupported(const ModelSpec& m, const Plan& p) {
@@ -1606,9 +1622,7 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
   std::vector<float> init;
   for (Parameter& p : t->params_) {
     init.resize(p.size);
-    for (size_t i = 0; i < p.size; ++i)
-      init[i] =
-          init_value(s.seed, p.name, p.global_index.empty() ? i : p.global_index[i], s.init_std);
+    init_values(s.seed, p.name, p.global_index, p.size, s.init_std, init.data());
     device.copy(p.v(), init.data(), p.size * sizeof(float));
   }
   for (Impl::Space* sp : {&I.dense, &I.expert})

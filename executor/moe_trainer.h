@@ -180,5 +180,9 @@ ParameterError parameter_error(const MoeTrainer& run, const MoeTrainer& referenc
 // The value a parameter element takes at initialisation (normal with standard deviation `std`;
 // norms' gains 1).
 float init_value(uint64_t seed, const std::string& name, size_t index, float std = 0.02f);
+// init_value of elements 0..n-1 of a tensor (or of a shard: element i is global_index[i]), on
+// every host core for large tensors.
+void init_values(uint64_t seed, const std::string& name, const std::vector<size_t>& global_index,
+                 size_t n, float std, float* out);
 
 }  // namespace switchyard

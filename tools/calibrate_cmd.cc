@@ -15,6 +15,11 @@
 #ifdef SWITCHYARD_HAVE_MPI
 #include "executor/cpu/mpi_communicator.h"
 #endif
+#ifdef SWITCHYARD_HAVE_CUDA
+#include "executor/cuda/cuda_device.h"
+#include "executor/cuda/device_info.h"
+#include "executor/cuda/nccl_communicator.h"
+#endif
 
 namespace switchyard::cli {
 namespace {
@@ -54,7 +59,24 @@ std::vector<float> randoms(size_t n) {
   return v;
 }
 
+// Device memory for the micro-benchmarks: `n` floats, or a host vector's values.
+struct DeviceFloats {
+  Buffer b;
+  float* p() const { return b.as<float>(); }
+};
+DeviceFloats on_device(Device& dev, size_t n) {
+  return {dev.memory().allocate(Tier::kGPU, n * sizeof(float), "calibration buffer")};
+}
+DeviceFloats on_device(Device& dev, const std::vector<float>& v) {
+  DeviceFloats out = on_device(dev, v.size());
+  dev.copy(out.p(), v.data(), v.size() * sizeof(float));
+  return out;
+}
+
+// The shapes measured: the CPU backend's (one core: up to 1024) or a GPU's (up to 8192, where a
+// GEMM fills the chip).
 void measure_compute(Device& dev, bool quick, CalibrationData& d) {
+  const bool gpu = dev.name() != "cpu";
   // Before each repetition, untimed: stream through a buffer twice the core's L2, as the ops
   // between two GEMMs of a step do, so that a kernel does not find its operands where its own
   // previous repetition left them.
@@ -69,36 +91,42 @@ void measure_compute(Device& dev, bool quick, CalibrationData& d) {
   // single rows of a decode step) and sizes, in
   // the three layouts a training step runs: forward (X W), data gradient (dY W^T) and weight
   // gradient (X^T dY), each a sample of its shape.
-  const std::vector<int> ms = quick ? std::vector<int>{1, 4, 16, 128, 512}
-                                    : std::vector<int>{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024};
+  std::vector<int> ms = quick ? std::vector<int>{1, 4, 16, 128, 512}
+                              : std::vector<int>{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024};
+  std::vector<int> nks = quick ? std::vector<int>{256, 1024} : std::vector<int>{128, 256, 1024};
+  if (gpu) {
+    ms = quick ? std::vector<int>{1, 16, 256, 2048, 8192}
+               : std::vector<int>{1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192};
+    nks = quick ? std::vector<int>{1024, 4096} : std::vector<int>{1024, 2048, 4096, 8192};
+  }
   for (int m : ms)
-    for (int nk : quick ? std::vector<int>{256, 1024} : std::vector<int>{128, 256, 1024}) {
-      const auto a = randoms(static_cast<size_t>(m) * nk),
-                 b = randoms(static_cast<size_t>(nk) * nk);
-      std::vector<float> c(static_cast<size_t>(std::max(m, nk)) * nk);
+    for (int nk : nks) {
+      const auto a = on_device(dev, randoms(static_cast<size_t>(m) * nk)),
+                 b = on_device(dev, randoms(static_cast<size_t>(nk) * nk));
+      const auto c = on_device(dev, static_cast<size_t>(std::max(m, nk)) * nk);
       // forward: [m, k] x [k, n]; dgrad: [m, n] x [k, n]^T; wgrad: [m, k]^T x [m, n] -> [k, n]
       d.gemm.push_back({m, nk, nk,
                         median_s(
                             reps,
                             [&] {
-                              dev.gemm(false, false, m, nk, nk, 1.0f, a.data(), nk, b.data(), nk,
-                                       0.0f, c.data(), nk);
+                              dev.gemm(false, false, m, nk, nk, 1.0f, a.p(), nk, b.p(), nk, 0.0f,
+                                       c.p(), nk);
                             },
                             none)});
       d.gemm.push_back({m, nk, nk,
                         median_s(
                             reps,
                             [&] {
-                              dev.gemm(false, true, m, nk, nk, 1.0f, a.data(), nk, b.data(), nk,
-                                       0.0f, c.data(), nk);
+                              dev.gemm(false, true, m, nk, nk, 1.0f, a.p(), nk, b.p(), nk, 0.0f,
+                                       c.p(), nk);
                             },
                             none)});
       d.gemm.push_back({nk, nk, m,
                         median_s(
                             reps,
                             [&] {
-                              dev.gemm(true, false, nk, nk, m, 1.0f, a.data(), nk, a.data(), nk,
-                                       0.0f, c.data(), nk);
+                              dev.gemm(true, false, nk, nk, m, 1.0f, a.p(), nk, a.p(), nk, 0.0f,
+                                       c.p(), nk);
                             },
                             none)});
     }
@@ -110,65 +138,72 @@ void measure_compute(Device& dev, bool quick, CalibrationData& d) {
   auto sample = [&](const char* kernel, double bytes, auto&& f) {
     d.stream.push_back({bytes, median_s(sreps, f, none), kernel});
   };
-  for (size_t bytes = size_t{1} << 16; bytes <= (size_t{1} << (quick ? 22 : 24)); bytes *= 4) {
-    std::vector<float> a(bytes / 4, 1.0f), b(bytes / 4);
-    sample("copy", 2.0 * static_cast<double>(bytes), [&] { dev.copy(b.data(), a.data(), bytes); });
+  const int big = gpu ? 6 : 0;  // a GPU streams 64 times more before bandwidth dominates
+  for (size_t bytes = size_t{1} << 16; bytes <= (size_t{1} << ((quick ? 22 : 24) + big));
+       bytes *= 4) {
+    const auto a = on_device(dev, bytes / 4), b = on_device(dev, bytes / 4);
+    sample("copy", 2.0 * static_cast<double>(bytes), [&] { dev.copy(b.p(), a.p(), bytes); });
   }
   for (int rows : quick ? std::vector<int>{128, 2048} : std::vector<int>{128, 512, 2048})
-    for (int h : {128, 512}) {
+    for (int h : gpu ? std::vector<int>{1024, 4096} : std::vector<int>{128, 512}) {
       const size_t n = static_cast<size_t>(rows) * h;
-      const auto x = randoms(n), dy = randoms(n), g = randoms(static_cast<size_t>(h));
-      std::vector<float> y(n), dx(n), dg(static_cast<size_t>(h));
+      const auto x = on_device(dev, randoms(n)), dy = on_device(dev, randoms(n)),
+                 g = on_device(dev, randoms(static_cast<size_t>(h)));
+      const auto y = on_device(dev, n), dx = on_device(dev, n),
+                 dg = on_device(dev, static_cast<size_t>(h));
       const double e = 4.0 * static_cast<double>(n);
-      sample("rmsnorm", 2 * e, [&] { dev.rmsnorm(x.data(), g.data(), rows, h, 1e-5f, y.data()); });
-      sample("rmsnorm_backward", 3 * e, [&] {
-        dev.rmsnorm_backward(x.data(), g.data(), dy.data(), rows, h, 1e-5f, dx.data(), dg.data());
-      });
+      sample("rmsnorm", 2 * e, [&] { dev.rmsnorm(x.p(), g.p(), rows, h, 1e-5f, y.p()); });
+      sample("rmsnorm_backward", 3 * e,
+             [&] { dev.rmsnorm_backward(x.p(), g.p(), dy.p(), rows, h, 1e-5f, dx.p(), dg.p()); });
       const int f = 2 * h;
-      const auto gu = randoms(n * 4), dout = randoms(n * 2);
-      std::vector<float> act(n * 2), dgu(n * 4);
-      sample("swiglu", 3 * 2 * e, [&] { dev.swiglu(gu.data(), rows, f, act.data()); });
+      const auto gu = on_device(dev, randoms(n * 4)), dout = on_device(dev, randoms(n * 2));
+      const auto act = on_device(dev, n * 2), dgu = on_device(dev, n * 4);
+      sample("swiglu", 3 * 2 * e, [&] { dev.swiglu(gu.p(), rows, f, act.p()); });
       sample("swiglu_backward", 4.5 * 2 * e,
-             [&] { dev.swiglu_backward(gu.data(), dout.data(), rows, f, dgu.data()); });
+             [&] { dev.swiglu_backward(gu.p(), dout.p(), rows, f, dgu.p()); });
       // Top-2 of 8 experts: the permuted buffer holds 2 rows per token.
-      const auto logits = randoms(static_cast<size_t>(rows) * 8);
-      std::vector<float> probs(static_cast<size_t>(rows) * 8), perm(n * 2), back(n);
-      const TokenRouting r = dev.route(logits.data(), rows, 8, 2, true, probs.data());
-      sample("permute", 2 * 2 * e, [&] { dev.permute(x.data(), r, h, perm.data()); });
+      const auto logits = on_device(dev, randoms(static_cast<size_t>(rows) * 8));
+      const auto probs = on_device(dev, static_cast<size_t>(rows) * 8),
+                 perm = on_device(dev, n * 2), back = on_device(dev, n);
+      const TokenRouting r = dev.route(logits.p(), rows, 8, 2, true, probs.p());
+      sample("permute", 2 * 2 * e, [&] { dev.permute(x.p(), r, h, perm.p()); });
       sample("unpermute_combine", 2 * 2 * e,
-             [&] { dev.unpermute_combine(perm.data(), r, h, back.data()); });
+             [&] { dev.unpermute_combine(perm.p(), r, h, back.p()); });
       // The loss over a vocabulary 8 times the width.
       const int vocab = 8 * h;
-      const auto lg = randoms(static_cast<size_t>(rows) * vocab);
-      std::vector<float> work(lg.size());
+      const auto lg = on_device(dev, randoms(static_cast<size_t>(rows) * vocab));
+      const auto work = on_device(dev, static_cast<size_t>(rows) * vocab);
+      const size_t lg_bytes = sizeof(float) * static_cast<size_t>(rows) * vocab;
       std::vector<int> labels(static_cast<size_t>(rows));
       for (int t = 0; t < rows; ++t) labels[static_cast<size_t>(t)] = (t * 7) % vocab;
       // (The kernel overwrites its logits: a fresh copy before each repetition, untimed.)
       d.stream.push_back(
-          {12.0 * static_cast<double>(lg.size()),
+          {12.0 * static_cast<double>(rows) * vocab,
            median_s(
-               sreps, [&] { dev.cross_entropy(work.data(), labels.data(), rows, vocab, 1.0f); },
+               sreps, [&] { dev.cross_entropy(work.p(), labels.data(), rows, vocab, 1.0f); },
                [&] {
                  none();
-                 std::copy(lg.begin(), lg.end(), work.begin());
+                 dev.copy(work.p(), lg.p(), lg_bytes);
                }),
            "cross_entropy"});
     }
-  for (size_t n = size_t{1} << 16; n <= (size_t{1} << (quick ? 20 : 22)); n *= 4) {
-    std::vector<float> param = randoms(n), grad = randoms(n), m(n, 0.0f), v(n, 0.0f);
+  for (size_t n = size_t{1} << 16; n <= (size_t{1} << ((quick ? 20 : 22) + big)); n *= 4) {
+    const auto param = on_device(dev, randoms(n)), grad = on_device(dev, randoms(n));
+    const auto m = on_device(dev, n), v = on_device(dev, n);
+    dev.zero(m.p(), n * sizeof(float));
+    dev.zero(v.p(), n * sizeof(float));
     sample("adam", 28.0 * static_cast<double>(n), [&] {
-      dev.adam(param.data(), grad.data(), m.data(), v.data(), n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f,
-               0.05f);
+      dev.adam(param.p(), grad.p(), m.p(), v.p(), n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.05f);
     });
   }
   // Attention at the runner's layout.
-  for (int seq : {64, 128, 256}) {
-    const int heads = 4, hd = 32, h = heads * hd;
-    const auto qkv = randoms(static_cast<size_t>(seq) * 3 * h);
-    std::vector<float> out(static_cast<size_t>(seq) * h), lse(static_cast<size_t>(heads) * seq);
+  for (int seq : gpu ? std::vector<int>{256, 1024, 2048} : std::vector<int>{64, 128, 256}) {
+    const int heads = gpu ? 16 : 4, hd = gpu ? 64 : 32, h = heads * hd;
+    const auto qkv = on_device(dev, randoms(static_cast<size_t>(seq) * 3 * h));
+    const auto out = on_device(dev, static_cast<size_t>(seq) * h),
+               lse = on_device(dev, static_cast<size_t>(heads) * seq);
     const double t = median_s(
-        quick ? 3 : 7,
-        [&] { dev.attention(qkv.data(), 1, seq, heads, hd, out.data(), lse.data()); }, none);
+        quick ? 3 : 7, [&] { dev.attention(qkv.p(), 1, seq, heads, hd, out.p(), lse.p()); }, none);
     AttentionShape s;
     s.batch = 1;
     s.seq_len = seq;
@@ -180,13 +215,15 @@ void measure_compute(Device& dev, bool quick, CalibrationData& d) {
   }
 }
 
-void measure_collectives(Communicator& world, bool quick, CalibrationData& d) {
+void measure_collectives(Device& dev, Communicator& world, bool quick, CalibrationData& d) {
   if (world.size() < 2) return;
   const int n = world.size();
   const auto sync = [&] { world.barrier(); };
   for (size_t bytes = size_t{1} << 12; bytes <= (size_t{1} << (quick ? 20 : 24)); bytes *= 4) {
     const size_t count = bytes / 4;
-    std::vector<float> buf(count * n, 1.0f), out(count * n);
+    const auto buf_d = on_device(dev, std::vector<float>(count * n, 1.0f)),
+               out_d = on_device(dev, count * n);
+    float *buf = buf_d.p(), *out = out_d.p();
     const int reps = bytes <= (size_t{1} << 16) ? 51 : 9;
     auto record = [&](Collective op, double t) {
       world.all_reduce(&t, 1, DType::kFloat64, ReduceOp::kMax);  // the slowest rank decides
@@ -194,25 +231,20 @@ void measure_collectives(Communicator& world, bool quick, CalibrationData& d) {
     };
     record(Collective::kAllReduce,
            median_s(
-               reps, [&] { world.all_reduce(buf.data(), count, DType::kFloat32, ReduceOp::kSum); },
-               sync));
+               reps, [&] { world.all_reduce(buf, count, DType::kFloat32, ReduceOp::kSum); }, sync));
     // nccl-tests' size for all-gather and reduce-scatter is the whole output / input.
     record(Collective::kAllGather,
            median_s(
-               reps, [&] { world.all_gather(buf.data(), out.data(), count / n, DType::kFloat32); },
+               reps, [&] { world.all_gather(buf, out, count / n, DType::kFloat32); }, sync));
+    record(Collective::kReduceScatter,
+           median_s(
+               reps,
+               [&] { world.reduce_scatter(buf, out, count / n, DType::kFloat32, ReduceOp::kSum); },
                sync));
-    record(Collective::kReduceScatter, median_s(
-                                           reps,
-                                           [&] {
-                                             world.reduce_scatter(buf.data(), out.data(), count / n,
-                                                                  DType::kFloat32, ReduceOp::kSum);
-                                           },
-                                           sync));
     std::vector<size_t> per(n, count / n);
     record(Collective::kAllToAll,
            median_s(
-               reps, [&] { world.all_to_allv(buf.data(), per, out.data(), per, DType::kFloat32); },
-               sync));
+               reps, [&] { world.all_to_allv(buf, per, out, per, DType::kFloat32); }, sync));
   }
 }
 
@@ -253,17 +285,18 @@ void measure_transfers(Device& dev, Communicator& world, bool quick, Tier from, 
 void measure_overlap(Device& dev, Communicator& world, bool quick, CalibrationData& d) {
   if (world.size() < 2) return;
   const int m = 256, nk = 512, reps = quick ? 3 : 7;
-  const auto a = randoms(static_cast<size_t>(m) * nk), b = randoms(static_cast<size_t>(nk) * nk);
-  std::vector<float> c(static_cast<size_t>(m) * nk);
+  const auto a = on_device(dev, randoms(static_cast<size_t>(m) * nk)),
+             b = on_device(dev, randoms(static_cast<size_t>(nk) * nk)),
+             c = on_device(dev, static_cast<size_t>(m) * nk);
   const size_t count = size_t{1} << (quick ? 20 : 22);
-  std::vector<float> buf(count, 1.0f);
+  const auto buf = on_device(dev, std::vector<float>(count, 1.0f));
   const auto sync = [&] { world.barrier(); };
   const auto compute = [&] {
     for (int i = 0; i < 16; ++i)
-      dev.gemm(false, false, m, nk, nk, 1.0f, a.data(), nk, b.data(), nk, 0.0f, c.data(), nk);
+      dev.gemm(false, false, m, nk, nk, 1.0f, a.p(), nk, b.p(), nk, 0.0f, c.p(), nk);
   };
   const auto comm = [&] {
-    world.all_reduce_async(buf.data(), count, DType::kFloat32, ReduceOp::kSum)->wait();
+    world.all_reduce_async(buf.p(), count, DType::kFloat32, ReduceOp::kSum)->wait();
   };
   OverlapSample o;
   o.compute_s = median_s(reps, compute, sync);
@@ -271,7 +304,7 @@ void measure_overlap(Device& dev, Communicator& world, bool quick, CalibrationDa
   o.both_s = median_s(
       reps,
       [&] {
-        auto pending = world.all_reduce_async(buf.data(), count, DType::kFloat32, ReduceOp::kSum);
+        auto pending = world.all_reduce_async(buf.p(), count, DType::kFloat32, ReduceOp::kSum);
         compute();
         pending->wait();
       },
@@ -283,10 +316,15 @@ void measure_overlap(Device& dev, Communicator& world, bool quick, CalibrationDa
 }
 
 int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
-  if (f.backend != "cpu")
-    throw ConfigError("--backend", "\"" + f.backend +
-                                       "\": this build calibrates the cpu backend (the cuda "
-                                       "backend's calibration comes with it)");
+  if (f.backend == "cuda" && f.names.cluster.empty())
+    throw ConfigError("--cluster",
+                      "name the cluster whose GPU this is (e.g. --cluster dgx-h100 --gpus 1)");
+#ifndef SWITCHYARD_HAVE_CUDA
+  if (f.backend == "cuda")
+    throw ConfigError("--backend",
+                      "\"cuda\": this build has no CUDA backend (nvcc and NCCL were not found "
+                      "when it was configured)");
+#endif
 #ifdef SWITCHYARD_HAVE_MPI
   std::unique_ptr<MpiRuntime> mpi;
   if (launched_by_mpirun()) mpi = MpiRuntime::start(nullptr, nullptr);
@@ -300,12 +338,29 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
   if (f.names.nodes > 0) c = with_nodes(std::move(c), f.names.nodes);
   CalibrationData data;
   data.ranks = world->size();
-  // Compute micro-benchmarks on every rank at once: a rank's core is shared as in a run.
-  auto dev = cpu_device({});
+  // Compute micro-benchmarks on every rank at once: a rank's core (or GPU) is shared as in a run.
+  std::unique_ptr<Device> dev;
+  Communicator* collectives = world.get();  // cuda: NCCL over the GPUs
+#ifdef SWITCHYARD_HAVE_CUDA
+  std::unique_ptr<Communicator> nccl;
+  if (f.backend == "cuda") {
+    std::string reason;
+    const auto gpus = cuda_devices(&reason);
+    if (gpus.empty()) throw std::runtime_error("--backend cuda: no CUDA device (" + reason + ")");
+    int local = world->rank();
+    if (const char* l = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) local = std::atoi(l);
+    CudaOptions o;
+    o.device = local % static_cast<int>(gpus.size());
+    dev = cuda_device({}, o);  // fp32 GEMMs, as `run --backend cuda` computes by default
+    nccl = nccl_world(*world, o.device, 300);
+    collectives = nccl.get();
+  }
+#endif
+  if (!dev) dev = cpu_device({});
   try {
     measure_compute(*dev, f.quick, data);
-    measure_collectives(*world, f.quick, data);
-    measure_overlap(*dev, *world, f.quick, data);
+    measure_collectives(*dev, *collectives, f.quick, data);
+    measure_overlap(*dev, *collectives, f.quick, data);
     measure_transfers(*dev, *world, f.quick, Tier::kCPU, Tier::kGPU, data.host_to_device);
     measure_transfers(*dev, *world, f.quick, Tier::kSSD, Tier::kCPU, data.ssd_to_host);
   } catch (const std::exception& e) {
@@ -318,14 +373,16 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
 
   Calibration cal = fit_calibration(data, c, default_cost_profile(c));
   // The CPU backend reserves nothing beside its tensors (no CUDA context, no NCCL buffers).
-  cal.profile.runtime_reserved_bytes = 0;
-  cal.profile_json["runtime_reserved_bytes"] = 0;
+  if (f.backend == "cpu") {
+    cal.profile.runtime_reserved_bytes = 0;
+    cal.profile_json["runtime_reserved_bytes"] = 0;
+  }
   Json out = cal.report;
   out["cluster"] = c.name;
   out["ranks"] = world->size();
   out["profile"] = cal.profile_json;
-  std::cout << "calibration of cluster \"" << c.name << "\" (cpu backend, " << world->size()
-            << " rank" << (world->size() > 1 ? "s" : "") << ")\n";
+  std::cout << "calibration of cluster \"" << c.name << "\" (" << f.backend << " backend, "
+            << world->size() << " rank" << (world->size() > 1 ? "s" : "") << ")\n";
   if (!data.collectives.empty()) {
     std::cout << "  collectives (nccl-tests conventions, slowest rank):\n";
     std::cout << "    op               size(B)    time(us)  algbw(GB/s)  busbw(GB/s)\n";
@@ -354,7 +411,7 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
   if (!f.no_db) {
     auto store = Store::open(f.db);
     const std::string ch = store->put_cluster(c);
-    store->put_calibration(ch, "cpu", cal.profile_json, out);
+    store->put_calibration(ch, f.backend, cal.profile_json, out);
     std::cout << "  stored in " << f.db << "\n";
   }
   return 0;
@@ -368,7 +425,9 @@ std::function<int()> add_calibrate_command(CLI::App& app, const Common& common) 
       "calibrate",
       "Measure GEMMs, memory streaming, attention and (under mpirun) collectives; fit the "
       "cluster's cost-model constants by least squares, with residuals");
-  cmd->add_option("--backend", f->backend, "cpu");
+  cmd->add_option("--backend", f->backend,
+                  "cpu (default) or cuda (this rank's GPU: cuBLAS fp32 GEMMs, HBM, PCIe, NCCL)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--cluster", f->names.cluster, "Cluster to calibrate (default local-cpu)");
   auto* nodes = cmd->add_option("--nodes", f->names.nodes, "Override the node count")
                     ->check(CLI::PositiveNumber);

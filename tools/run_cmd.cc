@@ -62,7 +62,9 @@ int cmd_run(const Common& common, const RunFlags& f) {
   const Plan& plan = in.plan;
   const ClusterSpec& c = in.cluster;
   TierCapacity cap = rank_capacity(c);
-  auto backend = cpu_device(cap);
+  Backend be = make_backend(f, ranks, cap, load_profile(c, f.profile).runtime_reserved_bytes);
+  std::unique_ptr<Device>& backend = be.device;
+  Communicator& groups_world = *be.groups_world;
   // Per-op times of the measured steps: every device call and collective, by class.
   OpTimes op_times;
   auto dev = timed_device(*backend, op_times);
@@ -74,15 +76,15 @@ int cmd_run(const Common& common, const RunFlags& f) {
   const int dp_idx = q / plan.tp, tp_idx = q % plan.tp;
   const bool ppmoe = plan.dispatch == Dispatch::kPPMoEIndexSlice;
   const int base = stage * per_stage;
-  auto tpg = timed_communicator(ranks.world->split(base + dp_idx, r, "tp"), op_times);
-  auto dp = timed_communicator(ranks.world->split(base + tp_idx, r, "dp"), op_times);
+  auto tpg = timed_communicator(groups_world.split(base + dp_idx, r, "tp"), op_times);
+  auto dp = timed_communicator(groups_world.split(base + tp_idx, r, "dp"), op_times);
   // Otherwise the stage's ranks refold for the expert layers (expert_tp 1): EP groups of
   // consecutive ranks, TP peers included (with sequence parallelism each holds its own tokens).
   auto ep = timed_communicator(
-      ranks.world->split(ppmoe ? base + dp_idx : base + q / plan.ep, r, "ep"), op_times);
+      groups_world.split(ppmoe ? base + dp_idx : base + q / plan.ep, r, "ep"), op_times);
   auto edp = timed_communicator(
-      ranks.world->split(ppmoe ? base + tp_idx : base + q % plan.ep, r, "expert_dp"), op_times);
-  auto pp = timed_communicator(ranks.world->split(q, stage, "pp"), op_times);
+      groups_world.split(ppmoe ? base + tp_idx : base + q % plan.ep, r, "expert_dp"), op_times);
+  auto pp = timed_communicator(groups_world.split(q, stage, "pp"), op_times);
   // The hierarchical all-to-all's two levels: the EP ranks on this node, and those with this
   // rank's local index on every node (EP groups are node-aligned: ep ranks are consecutive).
   std::unique_ptr<Communicator> ep_intra, ep_inter;
@@ -388,7 +390,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
       store->put_prediction(mh, ch, wh, ph, profile_hash(prof), summarize(pred));
     }
     Store::Measurement m;
-    m.backend = "cpu";
+    m.backend = f.backend;
     m.steps = f.steps;
     m.step_time_s = measured;
     m.tokens_per_s = tokens / measured;
@@ -413,7 +415,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
     std::cout << out.dump(2) << "\n";
   } else {
     std::cout << in.model.name << " on " << ranks.size << " rank" << (ranks.size > 1 ? "s" : "")
-              << " (" << c.name << ", cpu backend), plan " << plan_summary(plan) << "\n";
+              << " (" << c.name << ", " << f.backend << " backend), plan " << plan_summary(plan)
+              << "\n";
     std::cout << "  measured step    " << fmt("%.4f s", measured) << " (median of " << f.steps
               << " after " << f.warmup << " warm-up), " << fmt("%.0f tokens/s", tokens / measured)
               << "\n";
@@ -491,7 +494,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
 std::function<int()> add_run_command(CLI::App& app, const Common& common) {
   auto f = std::make_shared<RunFlags>();
   auto* run = app.add_subcommand(
-      "run", "Run a plan for real (CPU backend; under mpirun -n RANKS), measure it, check it");
+      "run",
+      "Run a plan for real (CPU or CUDA backend; under mpirun -n RANKS), measure it, check it");
   run->add_option("--model", f->names.model, "Model (default: the plan's \"for\")");
   run->add_option("--cluster", f->names.cluster, "Cluster (default: the plan's \"for\")");
   auto* nodes = run->add_option("--nodes", f->names.nodes, "Override the cluster's node count")
@@ -522,6 +526,14 @@ std::function<int()> add_run_command(CLI::App& app, const Common& common) {
                   "Write the measured steps' ops as Chrome trace-event JSON (Perfetto), the "
                   "simulator's format");
   run->add_flag("--json", f->json, "Print the result as JSON");
+  run->add_option(
+         "--backend", f->backend,
+         "cpu (default: Eigen + MPI) or cuda (cuBLAS and kernels + NCCL, one GPU per rank)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  run->add_option("--gemm-math", f->gemm_math,
+                  "cuda: fp32 (default), tf32, or bf16 (operands rounded to bf16, fp32 "
+                  "accumulation)")
+      ->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
   return [=, &common]() -> int {
     if (!*run) return -1;
     return cmd_run(common, *f);

@@ -23,6 +23,11 @@
 #ifdef SWITCHYARD_HAVE_MPI
 #include "executor/cpu/mpi_communicator.h"
 #endif
+#ifdef SWITCHYARD_HAVE_CUDA
+#include "executor/cuda/cuda_device.h"
+#include "executor/cuda/device_info.h"
+#include "executor/cuda/nccl_communicator.h"
+#endif
 
 namespace switchyard::cli {
 
@@ -41,6 +46,8 @@ struct RunFlags {
   std::string trace;
   bool json = false;
   std::string routing = "workload";
+  std::string backend = "cpu";     // cpu | cuda
+  std::string gemm_math = "fp32";  // cuda: fp32 | tf32 | bf16
 };
 
 // The process's ranks: MPI when launched by mpirun, else one process.
@@ -75,6 +82,52 @@ inline Ranks start_ranks(double timeout_s) {
 #endif
   r.world = self_communicator("world", 0);
   return r;
+}
+
+// The backend a run computes and communicates on: its Device (the per-tier memory included) and
+// the world its runner's groups split from (the process world on cpu; an NCCL world over it on
+// cuda, one GPU per rank: the node-local rank's).
+struct Backend {
+  std::unique_ptr<Device> device;
+  std::unique_ptr<Communicator> nccl_world;
+  Communicator* groups_world = nullptr;
+};
+
+// On cuda the device tier holds the GPU's memory less what the cost profile reserves for the CUDA
+// runtime (context, cuBLAS workspace, NCCL buffers), as the simulator counts it.
+inline Backend make_backend(const RunFlags& f, Ranks& ranks, TierCapacity capacity,
+                            int64_t runtime_reserved_bytes) {
+  Backend b;
+  if (f.backend == "cpu") {
+    b.device = cpu_device(std::move(capacity));
+    b.groups_world = ranks.world.get();
+    return b;
+  }
+#ifdef SWITCHYARD_HAVE_CUDA
+  std::string reason;
+  const auto gpus = cuda_devices(&reason);
+  if (gpus.empty()) throw std::runtime_error("--backend cuda: no CUDA device (" + reason + ")");
+  int local = ranks.rank;
+  if (const char* l = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) local = std::atoi(l);
+  CudaOptions o;
+  o.device = local % static_cast<int>(gpus.size());
+  try {
+    o.math = parse_gemm_math(f.gemm_math);
+  } catch (const std::invalid_argument& e) {
+    throw ConfigError("--gemm-math", e.what());
+  }
+  if (capacity.device_bytes > 0)
+    capacity.device_bytes = std::max<int64_t>(1, capacity.device_bytes - runtime_reserved_bytes);
+  b.device = cuda_device(std::move(capacity), o);
+  b.nccl_world = nccl_world(*ranks.world, o.device, f.timeout_s);
+  b.groups_world = b.nccl_world.get();
+  return b;
+#else
+  (void)runtime_reserved_bytes;
+  throw ConfigError("--backend", "\"" + f.backend +
+                                     "\": this build has no CUDA backend (nvcc and NCCL were not "
+                                     "found when it was configured)");
+#endif
 }
 
 inline double median(std::vector<double> v) {

@@ -40,7 +40,9 @@ int run_inference(const RunFlags& f, Ranks& ranks, const Inputs& in) {
   const ClusterSpec& c = in.cluster;
   const InferenceSpec& inf = *in.workload.inference;
   const int r = ranks.rank;
-  auto backend = cpu_device(rank_capacity(c));
+  Backend be =
+      make_backend(f, ranks, rank_capacity(c), load_profile(c, f.profile).runtime_reserved_bytes);
+  std::unique_ptr<Device>& backend = be.device;
   OpTimes op_times;
   auto dev = timed_device(*backend, op_times);
 
@@ -233,7 +235,7 @@ int run_inference(const RunFlags& f, Ranks& ranks, const Inputs& in) {
     if (!store->find_prediction(mh, ch, wh, ph, profile_hash(prof), "simulate"))
       store->put_prediction(mh, ch, wh, ph, profile_hash(prof), summarize(pred));
     Store::Measurement m;
-    m.backend = "cpu";
+    m.backend = f.backend;
     m.steps = f.steps;
     m.step_time_s = m_latency;
     m.tokens_per_s = m_generated_per_s;
@@ -264,7 +266,7 @@ int run_inference(const RunFlags& f, Ranks& ranks, const Inputs& in) {
     std::printf("\n");
   };
   std::cout << in.model.name << " inference on " << ranks.size << " replica"
-            << (ranks.size > 1 ? "s" : "") << " (" << c.name << ", cpu backend), "
+            << (ranks.size > 1 ? "s" : "") << " (" << c.name << ", " << f.backend << " backend), "
             << (s.ring
                     ? "ring of " + std::to_string(plan.ring_sections) + " sections (" +
                           (s.ring_ahead > 0 ? std::to_string(s.ring_ahead) + " layers loading ahead"

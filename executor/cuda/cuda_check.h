@@ -1,7 +1,8 @@
-// Checks for CUDA and NCCL calls. Each names the failing call, its error string and the site, and
-// throws (library code never exits): a caller decides whether a failure ends the run.
+// Checks for CUDA, cuBLAS and NCCL calls. Each names the failing call, its error string and the
+// site, and throws (library code never exits): a caller decides whether a failure ends the run.
 #pragma once
 
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <nccl.h>
 
@@ -42,4 +43,14 @@ class DeviceError : public std::runtime_error {
                                           " failed: " + ncclGetErrorString(res_) +      \
                                           " at " __FILE__ ":" SWITCHYARD_STR(__LINE__), \
                                       static_cast<int>(res_));                          \
+  } while (0)
+
+#define CUBLAS_CHECK(call)                                                                \
+  do {                                                                                    \
+    cublasStatus_t st_ = (call);                                                          \
+    if (st_ != CUBLAS_STATUS_SUCCESS)                                                     \
+      throw ::switchyard::DeviceError(                                                    \
+          std::string(#call) + " failed: " + cublasGetStatusName(st_) + " (" +            \
+              cublasGetStatusString(st_) + ") at " __FILE__ ":" SWITCHYARD_STR(__LINE__), \
+          static_cast<int>(st_));                                                         \
   } while (0)
