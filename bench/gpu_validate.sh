@@ -16,10 +16,10 @@
 #              training (fp32 and bf16 GEMMs) and cpu-moe-43m ring inference
 #   bench      grouped expert GEMM vs one cuBLAS GEMM of the same FLOPs; copy/compute overlap
 #   calibrate  switchyard calibrate --backend cuda of one H100 (profile for the runs below)
-#   train      gpu-moe-650m, one training step on one GPU: measured vs predicted (datasheet
+#   train      gpu-moe-1.2b, one training step on one GPU: measured vs predicted (datasheet
 #              profile and calibrated profile)
-#   ring       gpu-moe-650m served from a 2 GiB arena: ring vs load-then-compute, measured vs
-#              predicted
+#   ring       gpu-moe-1.2b served by a GPU treated as 4 GiB: ring vs load-then-compute, measured
+#              vs predicted
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -67,7 +67,8 @@ for s in "${stages[@]}"; do
       run check_tiny_fp32 $sy run --backend cuda --plan tiny-moe-1gpu --steps 3 --check --no-db
       run check_tiny_bf16 $sy run --backend cuda --gemm-math bf16 --plan tiny-moe-1gpu --steps 3 \
         --check --no-db --json
-      run check_ring $sy run --backend cuda --plan cpu-moe-43m-ring --check --no-db
+      run check_ring $sy run --backend cuda --plan cpu-moe-43m-ring --cluster h100-sxm-1gpu-4gib \
+        --check --no-db
       ;;
     bench)
       stage bench
@@ -79,16 +80,16 @@ for s in "${stages[@]}"; do
       ;;
     train)
       stage train
-      run train_datasheet $sy run --backend cuda --plan gpu-moe-650m-1gpu --steps 3 --no-db
-      [ -f "$profile" ] && run train_calibrated $sy run --backend cuda --plan gpu-moe-650m-1gpu \
+      run train_datasheet $sy run --backend cuda --plan gpu-moe-1.2b-1gpu --steps 3 --no-db --json
+      [ -f "$profile" ] && run train_calibrated $sy run --backend cuda --plan gpu-moe-1.2b-1gpu \
         --steps 3 --no-db --profile "$profile" --json
       ;;
     ring)
       stage ring
       p=()
       [ -f "$profile" ] && p=(--profile "$profile")
-      run ring $sy run --backend cuda --plan gpu-moe-650m-ring --steps 2 --no-db "${p[@]}"
-      run ring_naive $sy run --backend cuda --plan gpu-moe-650m-ring-naive --steps 2 --no-db \
+      run ring $sy run --backend cuda --plan gpu-moe-1.2b-ring --steps 2 --no-db "${p[@]}"
+      run ring_naive $sy run --backend cuda --plan gpu-moe-1.2b-ring-naive --steps 2 --no-db \
         "${p[@]}"
       ;;
     *)

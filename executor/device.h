@@ -44,6 +44,10 @@ class Device {
   virtual ~Device() = default;
   virtual std::string name() const = 0;
   virtual MemoryPools& memory() = 0;
+  // The device's own time of the compute calls finished since the last take (CUDA: events around
+  // each on the compute stream), reset to 0; -1 where the backend does not time calls apart from
+  // the host (CPU: a call's wall time is its time).
+  virtual double take_call_device_seconds() { return -1; }
 
   // C = alpha * op(A) * op(B) + beta * C, op = transpose when asked; A is m x k after op, B is
   // k x n after op; leading dimensions are the row lengths as stored.

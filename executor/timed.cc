@@ -63,11 +63,19 @@ namespace {
 
 class Timer {
  public:
-  Timer(OpTimes& t, const char* name, bool comm = false)
-      : t_(t), name_(name), comm_(comm), start_(Clock::now()) {}
+  // `device`: also its own time of the call on the device, where it measures one.
+  Timer(OpTimes& t, const char* name, bool comm = false, Device* device = nullptr)
+      : t_(t), name_(name), comm_(comm), device_(device) {
+    if (device_) device_->take_call_device_seconds();  // what ran before is no part of this call
+    start_ = Clock::now();
+  }
   ~Timer() {
     const auto end = Clock::now();
     t_.seconds[name_] += std::chrono::duration<double>(end - start_).count();
+    if (device_) {
+      const double d = device_->take_call_device_seconds();
+      if (d >= 0) t_.device_seconds[name_] += d;
+    }
     ++t_.calls[name_];
     if (t_.record)
       t_.events.push_back({name_, comm_, std::chrono::duration<double>(start_ - t_.epoch).count(),
@@ -79,6 +87,7 @@ class Timer {
   OpTimes& t_;
   const char* name_;
   bool comm_;
+  Device* device_;
   Clock::time_point start_;
 };
 
@@ -87,69 +96,70 @@ class TimedDevice : public Device {
   TimedDevice(Device& d, OpTimes& t) : d_(d), t_(t) {}
   std::string name() const override { return d_.name(); }
   MemoryPools& memory() override { return d_.memory(); }
+  double take_call_device_seconds() override { return d_.take_call_device_seconds(); }
   void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
             const float* b, int ldb, float beta, float* c, int ldc) override {
-    Timer x(t_, "gemm");
+    Timer x(t_, "gemm", false, &d_);
     d_.gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
   void grouped_gemm(const float* a, int k, const std::vector<int>& rows,
                     const std::vector<const float*>& w, bool trans_w, int n, float* c) override {
-    Timer x(t_, "expert_gemm");
+    Timer x(t_, "expert_gemm", false, &d_);
     d_.grouped_gemm(a, k, rows, w, trans_w, n, c);
   }
   TokenRouting route(const float* logits, int tokens, int experts, int top_k, bool renormalize,
                      float* probs, int capacity) override {
-    Timer x(t_, "router");
+    Timer x(t_, "router", false, &d_);
     return d_.route(logits, tokens, experts, top_k, renormalize, probs, capacity);
   }
   void permute(const float* x, const TokenRouting& r, int h, float* out) override {
-    Timer t(t_, "permute");
+    Timer t(t_, "permute", false, &d_);
     d_.permute(x, r, h, out);
   }
   void unpermute_combine(const float* y, const TokenRouting& r, int h, float* out) override {
-    Timer t(t_, "permute");
+    Timer t(t_, "permute", false, &d_);
     d_.unpermute_combine(y, r, h, out);
   }
   void swiglu(const float* gu, int rows, int f, float* out) override {
-    Timer t(t_, "elementwise");
+    Timer t(t_, "elementwise", false, &d_);
     d_.swiglu(gu, rows, f, out);
   }
   void swiglu_backward(const float* gu, const float* d, int rows, int f, float* dgu) override {
-    Timer t(t_, "elementwise");
+    Timer t(t_, "elementwise", false, &d_);
     d_.swiglu_backward(gu, d, rows, f, dgu);
   }
   void rmsnorm(const float* x, const float* g, int rows, int h, float eps, float* y) override {
-    Timer t(t_, "elementwise");
+    Timer t(t_, "elementwise", false, &d_);
     d_.rmsnorm(x, g, rows, h, eps, y);
   }
   void rmsnorm_backward(const float* x, const float* g, const float* dy, int rows, int h, float eps,
                         float* dx, float* dg) override {
-    Timer t(t_, "elementwise");
+    Timer t(t_, "elementwise", false, &d_);
     d_.rmsnorm_backward(x, g, dy, rows, h, eps, dx, dg);
   }
   void attention(const float* qkv, int b, int s, int heads, int hd, float* out,
                  float* lse) override {
-    Timer t(t_, "attention");
+    Timer t(t_, "attention", false, &d_);
     d_.attention(qkv, b, s, heads, hd, out, lse);
   }
   void attention_backward(const float* qkv, const float* out, const float* lse, const float* d,
                           int b, int s, int heads, int hd, float* dqkv) override {
-    Timer t(t_, "attention");
+    Timer t(t_, "attention", false, &d_);
     d_.attention_backward(qkv, out, lse, d, b, s, heads, hd, dqkv);
   }
   void attention_cached(const float* q, int ldq, const float* k, const float* v, int b, int q_len,
                         int ctx, int cache_len, int heads, int hd, float* out) override {
-    Timer t(t_, "attention");
+    Timer t(t_, "attention", false, &d_);
     d_.attention_cached(q, ldq, k, v, b, q_len, ctx, cache_len, heads, hd, out);
   }
   double cross_entropy(float* logits, const int* labels, int rows, int vocab,
                        float grad_scale) override {
-    Timer t(t_, "loss");
+    Timer t(t_, "loss", false, &d_);
     return d_.cross_entropy(logits, labels, rows, vocab, grad_scale);
   }
   void adam(float* param, const float* grad, float* m, float* v, size_t n, float lr, float b1,
             float b2, float eps, float c1, float c2) override {
-    Timer t(t_, "optimizer");
+    Timer t(t_, "optimizer", false, &d_);
     d_.adam(param, grad, m, v, n, lr, b1, b2, eps, c1, c2);
   }
   void copy(void* dst, const void* src, size_t bytes) override {
@@ -162,49 +172,49 @@ class TimedDevice : public Device {
     d_.copy_2d(dst, dp, src, sp, row_bytes, rows);
   }
   void zero(void* dst, size_t bytes) override {
-    Timer t(t_, "elementwise");
+    Timer t(t_, "elementwise", false, &d_);
     d_.zero(dst, bytes);
   }
   void add(const float* a, const float* b, size_t n, float* out) override {
-    Timer t(t_, "elementwise");
+    Timer t(t_, "elementwise", false, &d_);
     d_.add(a, b, n, out);
   }
   void gather_rows(const float* src, const int* index, int n, int width, float* dst) override {
-    Timer t(t_, "permute");
+    Timer t(t_, "permute", false, &d_);
     d_.gather_rows(src, index, n, width, dst);
   }
   void scatter_rows(const float* src, const int* index, int n, int width, float* dst,
                     bool accumulate) override {
-    Timer t(t_, "permute");
+    Timer t(t_, "permute", false, &d_);
     d_.scatter_rows(src, index, n, width, dst, accumulate);
   }
   void unpermute_combine_backward(const float* y, const float* d_out, const TokenRouting& r, int h,
                                   float* d_y, float* d_weight) override {
-    Timer t(t_, "permute");
+    Timer t(t_, "permute", false, &d_);
     d_.unpermute_combine_backward(y, d_out, r, h, d_y, d_weight);
   }
   void permute_backward(const float* d_perm, const TokenRouting& r, int h, float* d_x) override {
-    Timer t(t_, "permute");
+    Timer t(t_, "permute", false, &d_);
     d_.permute_backward(d_perm, r, h, d_x);
   }
   void route_backward(const float* probs, const TokenRouting& r, const float* d_weight,
                       bool renormalize, float* d_logits) override {
-    Timer t(t_, "router");
+    Timer t(t_, "router", false, &d_);
     d_.route_backward(probs, r, d_weight, renormalize, d_logits);
   }
   void row_max(const float* x, int rows, int cols, double* out) override {
-    Timer t(t_, "loss");
+    Timer t(t_, "loss", false, &d_);
     d_.row_max(x, rows, cols, out);
   }
   void softmax_sums(const float* logits, const int* labels, int rows, int cols, int label_offset,
                     const double* row_max, double* sum_target) override {
-    Timer t(t_, "loss");
+    Timer t(t_, "loss", false, &d_);
     d_.softmax_sums(logits, labels, rows, cols, label_offset, row_max, sum_target);
   }
   double softmax_cross_entropy_grad(float* logits, const int* labels, int rows, int cols,
                                     int label_offset, const double* row_max,
                                     const double* sum_target, float grad_scale) override {
-    Timer t(t_, "loss");
+    Timer t(t_, "loss", false, &d_);
     return d_.softmax_cross_entropy_grad(logits, labels, rows, cols, label_offset, row_max,
                                          sum_target, grad_scale);
   }

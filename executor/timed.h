@@ -34,6 +34,9 @@ struct OpEvent {
 struct OpTimes {
   std::map<std::string, double> seconds;
   std::map<std::string, int64_t> calls;
+  // Of `seconds`, the time the device itself measured (CUDA events around each call; empty on a
+  // backend whose calls are their host time): the rest is launching and waiting.
+  std::map<std::string, double> device_seconds;
   // Wall time per StepProgram op, keyed "<phase> <name>" ("forward experts_fc1"): the scopes the
   // runner opens with ProgramOp, host work inside them included.
   std::map<std::string, double> program_seconds;
@@ -43,6 +46,7 @@ struct OpTimes {
   void clear() {
     seconds.clear();
     calls.clear();
+    device_seconds.clear();
     program_seconds.clear();
     events.clear();
   }

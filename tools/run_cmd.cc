@@ -170,13 +170,22 @@ int cmd_run(const Common& common, const RunFlags& f) {
                                        "elementwise", "attention",   "loss",       "optimizer",
                                        "copy",        "all_reduce",  "all_gather", "reduce_scatter",
                                        "all_to_allv", "broadcast",   "send_recv"};
-    std::vector<double> per_op;
-    for (const char* op : kOps) per_op.push_back(op_times.seconds[op] / f.steps);
+    std::vector<double> per_op, per_op_device;
+    for (const char* op : kOps) {
+      per_op.push_back(op_times.seconds[op] / f.steps);
+      const auto d = op_times.device_seconds.find(op);
+      per_op_device.push_back(d == op_times.device_seconds.end() ? 0 : d->second / f.steps);
+    }
     ranks.world->all_reduce(per_op.data(), per_op.size(), DType::kFloat64, ReduceOp::kMax);
+    ranks.world->all_reduce(per_op_device.data(), per_op_device.size(), DType::kFloat64,
+                            ReduceOp::kMax);
     op_times.seconds.clear();
+    op_times.device_seconds.clear();
     double accounted = 0;
-    for (size_t i = 0; i < per_op.size(); ++i)
+    for (size_t i = 0; i < per_op.size(); ++i) {
       if (per_op[i] > 0) op_times.seconds[kOps[i]] = per_op[i], accounted += per_op[i];
+      if (per_op_device[i] > 0) op_times.device_seconds[kOps[i]] = per_op_device[i];
+    }
     op_times.seconds["host (runner loops, allocation)"] =
         std::max(0.0, step_total / f.steps - accounted);
     if (f.check) {
@@ -351,6 +360,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
               {"tokens_per_expert", tokens_per_expert},
               {"dropped_assignments", dropped},
               {"op_seconds_per_step", op_times.seconds},
+              {"op_device_seconds_per_step", op_times.device_seconds},
               {"op_classes", by_class},
               {"program_ops", program_ops},
               {"predicted_step_time_s", pred.step_time_s},
@@ -430,8 +440,20 @@ int cmd_run(const Common& common, const RunFlags& f) {
     std::cout << "  loss             " << fmt("%.4f", losses.front()) << " -> "
               << fmt("%.4f", losses.back()) << "\n";
     std::cout << "  peak memory      device " << gib(static_cast<double>(peaks[0])) << " of "
-              << gib(static_cast<double>(cap.device_bytes)) << " (predicted " << gib(pred.peak.gpu)
-              << "), host " << gib(static_cast<double>(peaks[1])) << "\n";
+              << gib(static_cast<double>(backend->memory().capacity(Tier::kGPU))) << " (predicted "
+              << gib(pred.peak.gpu) << "), host " << gib(static_cast<double>(peaks[1])) << "\n";
+    if (!op_times.device_seconds.empty()) {
+      // CUDA events around each call: what the GPU spent of the time the calls took.
+      double in_calls = 0, on_device = 0;
+      for (const auto& [name, secs] : op_times.device_seconds) {
+        on_device += secs;
+        in_calls += op_times.seconds[name];
+      }
+      std::cout << "  on the device    " << fmt("%.4f s", on_device) << " of the "
+                << fmt("%.4f s", in_calls)
+                << " in device calls per step (CUDA events; the rest is launching and waiting for "
+                   "each call)\n";
+    }
     std::cout << "  per op class     predicted / measured per step (slowest rank)\n";
     for (const auto& [name, v] : by_class.items()) {
       const double pr = v["predicted_s"].get<double>(), me = v["measured_s"].get<double>();

@@ -116,8 +116,16 @@ inline Backend make_backend(const RunFlags& f, Ranks& ranks, TierCapacity capaci
   } catch (const std::invalid_argument& e) {
     throw ConfigError("--gemm-math", e.what());
   }
-  if (capacity.device_bytes > 0)
-    capacity.device_bytes = std::max<int64_t>(1, capacity.device_bytes - runtime_reserved_bytes);
+  if (capacity.device_bytes > 0) {
+    if (capacity.device_bytes <= runtime_reserved_bytes)
+      throw ConfigError("cluster.gpu.hbm_bytes",
+                        std::to_string(capacity.device_bytes) +
+                            " leaves nothing for tensors on a GPU once the cost profile's "
+                            "runtime_reserved_bytes " +
+                            std::to_string(runtime_reserved_bytes) +
+                            " (CUDA context, cuBLAS and NCCL buffers) are set aside");
+    capacity.device_bytes -= runtime_reserved_bytes;
+  }
   b.device = cuda_device(std::move(capacity), o);
   b.nccl_world = nccl_world(*ranks.world, o.device, f.timeout_s);
   b.groups_world = b.nccl_world.get();

@@ -19,6 +19,7 @@
 #include <stdexcept>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "executor/cuda/cuda_check.h"
@@ -199,6 +200,8 @@ class CudaDevice final : public Device {
     name_ = "cuda:" + std::to_string(ctx_->device()) + " (" + prop.name + ")";
     try {
       CUDA_CHECK(cudaStreamCreateWithFlags(&compute_, cudaStreamNonBlocking));
+      CUDA_CHECK(cudaEventCreate(&call_start_));
+      CUDA_CHECK(cudaEventCreate(&call_end_));
       CUBLAS_CHECK(cublasCreate(&blas_));
       CUBLAS_CHECK(cublasSetStream(blas_, compute_));
       CUBLAS_CHECK(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH));
@@ -212,6 +215,10 @@ class CudaDevice final : public Device {
 
   std::string name() const override { return name_; }
   MemoryPools& memory() override { return memory_; }
+  double take_call_device_seconds() override {
+    std::lock_guard<std::mutex> lock(compute_mutex_);
+    return std::exchange(timed_s_, 0.0);
+  }
 
   void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda,
             const float* b, int ldb, float beta, float* c, int ldc) override {
@@ -757,14 +764,21 @@ class CudaDevice final : public Device {
    public:
     explicit Call(CudaDevice& d) : d_(d), lock_(d.compute_mutex_) {
       CUDA_CHECK(cudaSetDevice(d.ctx_->device()));
+      CUDA_CHECK(cudaEventRecord(d.call_start_, d.compute_));
     }
     ~Call() {
       if (!finished_ && cudaStreamSynchronize(d_.compute_) != cudaSuccess) cudaGetLastError();
     }
+    // Waits for the call's work; its time on the GPU (CUDA events around it on the compute
+    // stream) adds to what take_call_device_seconds() returns.
     void finish() {
       finished_ = true;
       CUDA_CHECK(cudaGetLastError());
+      CUDA_CHECK(cudaEventRecord(d_.call_end_, d_.compute_));
       CUDA_CHECK(cudaStreamSynchronize(d_.compute_));
+      float ms = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, d_.call_start_, d_.call_end_));
+      d_.timed_s_ += ms * 1e-3;
     }
 
    private:
@@ -779,6 +793,9 @@ class CudaDevice final : public Device {
     if (scratch_) cudaFreeAsync(scratch_, compute_);
     if (compute_) cudaStreamSynchronize(compute_);
     if (blas_) cublasDestroy(blas_);
+    if (call_start_) cudaEventDestroy(call_start_);
+    if (call_end_) cudaEventDestroy(call_end_);
+    call_start_ = call_end_ = nullptr;
     if (compute_) cudaStreamDestroy(compute_);
     scratch_ = nullptr;
     blas_ = nullptr;
@@ -918,6 +935,8 @@ class CudaDevice final : public Device {
   std::string name_;
   std::mutex compute_mutex_;
   cudaStream_t compute_ = nullptr;
+  cudaEvent_t call_start_ = nullptr, call_end_ = nullptr;  // around each compute call
+  double timed_s_ = 0;  // GPU time of the calls finished since the last take
   cublasHandle_t blas_ = nullptr;
   void* scratch_ = nullptr;
   size_t scratch_bytes_ = 0;

@@ -377,6 +377,25 @@ TEST_F(RunCliTest, PlansItCannotRunAreRefusedWithTheirPaths) {
   EXPECT_NE(r.output.find("mpirun -n 4"), std::string::npos) << r.output;
 }
 
+TEST_F(RunCliTest, TheCudaBackendRunsOrSaysWhyItCannot) {
+  const Result bad = sh(kCli + " run --plan tiny-moe-1gpu --backend tpu --no-db 2>&1");
+  EXPECT_EQ(bad.exit_code, 2) << bad.output;
+  EXPECT_NE(bad.output.find("--backend"), std::string::npos) << bad.output;
+  // Built without CUDA: a bad flag value (2); no GPU here: the driver's reason (1); a GPU: the run,
+  // checked against the CPU reference.
+  const Result r =
+      sh(kCli + " run --plan tiny-moe-1gpu --backend cuda --steps 1 --check --no-db 2>&1");
+  if (r.exit_code == 2) {
+    EXPECT_NE(r.output.find("this build has no CUDA backend"), std::string::npos) << r.output;
+  } else if (r.exit_code == 1) {
+    EXPECT_NE(r.output.find("--backend cuda: no CUDA device ("), std::string::npos) << r.output;
+  } else {
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find("cuda backend"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("check            passed"), std::string::npos) << r.output;
+  }
+}
+
 TEST_F(RunCliTest, APipelinePlanMatchesTheReference) {
 #ifndef SWITCHYARD_MPIEXEC
   GTEST_SKIP() << "built without MPI";
