@@ -80,12 +80,15 @@ for s in "${stages[@]}"; do
       ;;
     train)
       stage train
+      # Without this run's calibration, the bundled one of the lent H100.
+      [ -f "$profile" ] || profile=configs/profiles/h100-sxm-cuda-fp32.json
       run train_datasheet $sy run --backend cuda --plan gpu-moe-1.2b-1gpu --steps 3 --no-db --json
       [ -f "$profile" ] && run train_calibrated $sy run --backend cuda --plan gpu-moe-1.2b-1gpu \
         --steps 3 --no-db --profile "$profile" --json
       ;;
     ring)
       stage ring
+      [ -f "$profile" ] || profile=configs/profiles/h100-sxm-cuda-fp32.json
       p=()
       [ -f "$profile" ] && p=(--profile "$profile")
       run ring $sy run --backend cuda --plan gpu-moe-1.2b-ring --steps 2 --no-db "${p[@]}"
