@@ -3,10 +3,27 @@
 // host memory or on SSD, as ZeRO-Offload and SE-MoE update them).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <thread>
+#include <vector>
 
 namespace switchyard {
+
+// f(begin, end) over [0, n) in contiguous pieces on up to 16 host threads, at least `grain`
+// elements each (one piece, on this thread, when n < 2 * grain). For host work that is
+// independent per element: counter-based random draws, initial values.
+template <typename F>
+void parallel_for(size_t n, size_t grain, F&& f) {
+  const size_t hw = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+  const size_t pieces = std::min(hw, n / std::max<size_t>(grain, 1));
+  if (pieces <= 1) return f(size_t{0}, n);
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < pieces; ++t) pool.emplace_back(f, n * t / pieces, n * (t + 1) / pieces);
+  f(size_t{0}, n / pieces);
+  for (auto& th : pool) th.join();
+}
 
 // One Adam step over n elements (bias corrections c1 = 1 - beta1^t, c2 = 1 - beta2^t).
 inline void host_adam(float* param, const float* grad, float* m, float* v, size_t n, float lr,

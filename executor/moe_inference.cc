@@ -9,6 +9,7 @@
 
 #include "executor/copy_engine.h"
 #include "executor/counter_random.h"
+#include "executor/host_kernels.h"
 #include "executor/model_shape.h"
 #include "executor/moe_trainer.h"
 
@@ -168,16 +169,16 @@ struct MoeInference::Impl : ModelShape {
         if (!logs.empty()) {
           // The bias is drawn on the host and added on the device.
           std::vector<float> bias(static_cast<size_t>(T) * experts, 0.0f);
-          for (int b = 0; b < batch; ++b)
-            for (int i = 0; i < q_len; ++i) {
-              const uint64_t position = static_cast<uint64_t>(ctx - q_len + i);
-              const uint64_t key = splitmix64(
-                  s.seed ^ 0x6a09e667f3bcc909ull ^
-                  splitmix64(static_cast<uint64_t>(sequence_ids[static_cast<size_t>(b)])) ^
-                  (position << 24) ^ (static_cast<uint64_t>(l) << 48));
-              add_gate_bias(bias.data() + (static_cast<size_t>(b) * q_len + i) * experts, experts,
-                            logs, key);
+          parallel_for(static_cast<size_t>(T), 2048, [&](size_t begin, size_t end) {
+            for (size_t t = begin; t < end; ++t) {
+              const size_t b = t / static_cast<size_t>(q_len), i = t % static_cast<size_t>(q_len);
+              const uint64_t position = static_cast<uint64_t>(ctx - q_len) + i;
+              const uint64_t key = splitmix64(s.seed ^ 0x6a09e667f3bcc909ull ^
+                                              splitmix64(static_cast<uint64_t>(sequence_ids[b])) ^
+                                              (position << 24) ^ (static_cast<uint64_t>(l) << 48));
+              add_gate_bias(bias.data() + t * experts, experts, logs, key);
             }
+          });
           Tensor bd = alloc(bias.size(), "router bias");
           dev.copy(bd.p(), bias.data(), sizeof(float) * bias.size());
           dev.add(logits.p(), bd.p(), bias.size(), logits.p());

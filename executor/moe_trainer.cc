@@ -6,7 +6,6 @@
 #include <numeric>
 #include <optional>
 #include <stdexcept>
-#include <thread>
 
 #include "core/step_program.h"
 #include "executor/copy_engine.h"
@@ -38,17 +37,10 @@ float init_value(uint64_t seed, const std::string& name, size_t index, float std
 
 void init_values(uint64_t seed, const std::string& name, const std::vector<size_t>& global_index,
                  size_t n, float std, float* out) {
-  const auto fill = [&](size_t begin, size_t end) {
+  parallel_for(n, size_t{1} << 18, [&](size_t begin, size_t end) {
     for (size_t i = begin; i < end; ++i)
       out[i] = init_value(seed, name, global_index.empty() ? i : global_index[i], std);
-  };
-  const size_t threads =
-      n < (size_t{1} << 20) ? 1 : std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
-  if (threads == 1) return fill(0, n);
-  std::vector<std::thread> pool;
-  for (size_t t = 0; t < threads; ++t)
-    pool.emplace_back(fill, n * t / threads, n * (t + 1) / threads);
-  for (auto& th : pool) th.join();
+  });
 }
 
 std::vector<ConfigIssue> trainer_unsupported(const ModelSpec& m, const Plan& p) {
@@ -409,14 +401,16 @@ struct MoeTrainer::Impl : ModelShape {
     // The bias is drawn on the host and added on the device.
     std::vector<float> bias(static_cast<size_t>(rows) * experts, 0.0f);
     const size_t sl = static_cast<size_t>(seq);
-    for (int t = 0; t < rows; ++t) {
-      const size_t g = first_token + static_cast<size_t>(t);
-      const uint64_t sequence = static_cast<uint64_t>(first_sequence) + g / sl;
-      const uint64_t key =
-          splitmix64(s.seed ^ splitmix64(static_cast<uint64_t>(step)) ^ splitmix64(sequence) ^
-                     ((g % sl) << 32) ^ (static_cast<uint64_t>(layer) << 48));
-      add_gate_bias(bias.data() + static_cast<size_t>(t) * experts, experts, logs, key);
-    }
+    parallel_for(static_cast<size_t>(rows), 2048, [&](size_t begin, size_t end) {
+      for (size_t t = begin; t < end; ++t) {
+        const size_t g = first_token + t;
+        const uint64_t sequence = static_cast<uint64_t>(first_sequence) + g / sl;
+        const uint64_t key =
+            splitmix64(s.seed ^ splitmix64(static_cast<uint64_t>(step)) ^ splitmix64(sequence) ^
+                       ((g % sl) << 32) ^ (static_cast<uint64_t>(layer) << 48));
+        add_gate_bias(bias.data() + t * experts, experts, logs, key);
+      }
+    });
     Tensor b = alloc(bias.size(), "router bias");
     dev.copy(b.p(), bias.data(), sizeof(float) * bias.size());
     dev.add(logits, b.p(), bias.size(), logits);
