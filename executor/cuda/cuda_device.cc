@@ -53,6 +53,14 @@ bool on_device(const void* p) {
 }
 
 // Carves 256-byte aligned regions out of one scratch allocation.
+// How many (sequence, head) pairs of attention, each with `bytes_per_pair` of score matrices, one
+// batch of work holds within the attention scratch (at least one).
+int attention_chunk(long long pairs, size_t bytes_per_pair) {
+  return static_cast<int>(
+      std::clamp<long long>(static_cast<long long>(kAttentionScratchBytes / bytes_per_pair), 1,
+                            std::min<long long>(pairs, INT_MAX)));
+}
+
 class ScratchPlan {
  public:
   size_t add(size_t bytes) {
@@ -416,9 +424,7 @@ class CudaDevice final : public Device {
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     const long long pairs = static_cast<long long>(batch) * heads;
     const size_t per_pair = static_cast<size_t>(s * s) * sizeof(float);
-    const int chunk = static_cast<int>(
-        std::clamp<long long>(static_cast<long long>(kAttentionScratchBytes / per_pair), 1,
-                              std::min<long long>(pairs, INT_MAX)));
+    const int chunk = attention_chunk(pairs, per_pair);
     ScratchPlan plan;
     const size_t s_at = plan.add(chunk * per_pair);
     const size_t ptr_at = plan.add(5 * static_cast<size_t>(chunk) * sizeof(float*));
@@ -457,9 +463,7 @@ class CudaDevice final : public Device {
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     const long long pairs = static_cast<long long>(batch) * heads;
     const size_t per_pair = static_cast<size_t>(s * s) * sizeof(float);
-    const int chunk = static_cast<int>(
-        std::clamp<long long>(static_cast<long long>(kAttentionScratchBytes / (2 * per_pair)), 1,
-                              std::min<long long>(pairs, INT_MAX)));
+    const int chunk = attention_chunk(pairs, 2 * per_pair);
     ScratchPlan plan;
     const size_t p_at = plan.add(chunk * per_pair);
     const size_t dp_at = plan.add(chunk * per_pair);
@@ -517,9 +521,7 @@ class CudaDevice final : public Device {
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     const long long pairs = static_cast<long long>(batch) * heads;
     const size_t per_pair = static_cast<size_t>(q_len) * ctx * sizeof(float);
-    const int chunk = static_cast<int>(
-        std::clamp<long long>(static_cast<long long>(kAttentionScratchBytes / per_pair), 1,
-                              std::min<long long>(pairs, INT_MAX)));
+    const int chunk = attention_chunk(pairs, per_pair);
     ScratchPlan plan;
     const size_t s_at = plan.add(chunk * per_pair);
     const size_t ptr_at = plan.add(5 * static_cast<size_t>(chunk) * sizeof(float*));
