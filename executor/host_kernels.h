@@ -11,13 +11,13 @@
 
 namespace switchyard {
 
-// f(begin, end) over [0, n) in contiguous pieces on up to 16 host threads, at least `grain`
-// elements each (one piece, on this thread, when n < 2 * grain). For host work that is
-// independent per element: counter-based random draws, initial values.
+// f(begin, end) over [0, n) in contiguous pieces on up to `threads` host threads (0: up to 16, the
+// host's cores), at least `grain` elements each (one piece, on this thread, when n < 2 * grain).
+// For host work that is independent per element: counter-based random draws, initial values.
 template <typename F>
-void parallel_for(size_t n, size_t grain, F&& f) {
-  const size_t hw = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
-  const size_t pieces = std::min(hw, n / std::max<size_t>(grain, 1));
+void parallel_for(size_t n, size_t grain, size_t threads, F&& f) {
+  if (threads == 0) threads = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+  const size_t pieces = std::min(threads, n / std::max<size_t>(grain, 1));
   if (pieces <= 1) return f(size_t{0}, n);
   std::vector<std::thread> pool;
   for (size_t t = 1; t < pieces; ++t) pool.emplace_back(f, n * t / pieces, n * (t + 1) / pieces);

@@ -169,7 +169,9 @@ struct MoeInference::Impl : ModelShape {
         if (!logs.empty()) {
           // The bias is drawn on the host and added on the device.
           std::vector<float> bias(static_cast<size_t>(T) * experts, 0.0f);
-          parallel_for(static_cast<size_t>(T), 2048, [&](size_t begin, size_t end) {
+          // The host's cores beside a GPU; one where the device is the CPU (a rank owns a core).
+          const size_t threads = dev.name() == "cpu" ? 1 : 0;
+          parallel_for(static_cast<size_t>(T), 128, threads, [&](size_t begin, size_t end) {
             for (size_t t = begin; t < end; ++t) {
               const size_t b = t / static_cast<size_t>(q_len), i = t % static_cast<size_t>(q_len);
               const uint64_t position = static_cast<uint64_t>(ctx - q_len) + i;

@@ -37,7 +37,7 @@ float init_value(uint64_t seed, const std::string& name, size_t index, float std
 
 void init_values(uint64_t seed, const std::string& name, const std::vector<size_t>& global_index,
                  size_t n, float std, float* out) {
-  parallel_for(n, size_t{1} << 18, [&](size_t begin, size_t end) {
+  parallel_for(n, size_t{1} << 18, 0, [&](size_t begin, size_t end) {
     for (size_t i = begin; i < end; ++i)
       out[i] = init_value(seed, name, global_index.empty() ? i : global_index[i], std);
   });
@@ -389,6 +389,10 @@ struct MoeTrainer::Impl : ModelShape {
     return "layer" + std::to_string(l) + ".expert" + std::to_string(e) + "." + what;
   }
 
+  // Host threads for the runner's own per-token work: one where the device is the CPU (each rank
+  // owns a core), the host's cores beside a GPU.
+  size_t host_threads() const { return dev.name() == "cpu" ? 1 : 0; }
+
   // The workload's routing skew on the router's logits of one micro-batch's tokens [first_token,
   // first_token + rows) (see TrainSettings::routing_share).
   void bias_gate(float* logits, int rows, int64_t step, int64_t first_sequence, size_t first_token,
@@ -401,7 +405,7 @@ struct MoeTrainer::Impl : ModelShape {
     // The bias is drawn on the host and added on the device.
     std::vector<float> bias(static_cast<size_t>(rows) * experts, 0.0f);
     const size_t sl = static_cast<size_t>(seq);
-    parallel_for(static_cast<size_t>(rows), 2048, [&](size_t begin, size_t end) {
+    parallel_for(static_cast<size_t>(rows), 128, host_threads(), [&](size_t begin, size_t end) {
       for (size_t t = begin; t < end; ++t) {
         const size_t g = first_token + t;
         const uint64_t sequence = static_cast<uint64_t>(first_sequence) + g / sl;
