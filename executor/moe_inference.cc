@@ -169,18 +169,14 @@ struct MoeInference::Impl : ModelShape {
         if (!logs.empty()) {
           // The bias is drawn on the host and added on the device.
           std::vector<float> bias(static_cast<size_t>(T) * experts, 0.0f);
-          // The host's cores beside a GPU; one where the device is the CPU (a rank owns a core).
-          const size_t threads = dev.name() == "cpu" ? 1 : 0;
-          parallel_for(static_cast<size_t>(T), 128, threads, [&](size_t begin, size_t end) {
-            for (size_t t = begin; t < end; ++t) {
-              const size_t b = t / static_cast<size_t>(q_len), i = t % static_cast<size_t>(q_len);
-              const uint64_t position = static_cast<uint64_t>(ctx - q_len) + i;
-              const uint64_t key = splitmix64(s.seed ^ 0x6a09e667f3bcc909ull ^
-                                              splitmix64(static_cast<uint64_t>(sequence_ids[b])) ^
-                                              (position << 24) ^ (static_cast<uint64_t>(l) << 48));
-              add_gate_bias(bias.data() + t * experts, experts, logs, key);
-            }
-          });
+          for (size_t t = 0; t < static_cast<size_t>(T); ++t) {
+            const size_t b = t / static_cast<size_t>(q_len), i = t % static_cast<size_t>(q_len);
+            const uint64_t position = static_cast<uint64_t>(ctx - q_len) + i;
+            const uint64_t key = splitmix64(s.seed ^ 0x6a09e667f3bcc909ull ^
+                                            splitmix64(static_cast<uint64_t>(sequence_ids[b])) ^
+                                            (position << 24) ^ (static_cast<uint64_t>(l) << 48));
+            add_gate_bias(bias.data() + t * experts, experts, logs, key);
+          }
           Tensor bd = alloc(bias.size(), "router bias");
           dev.copy(bd.p(), bias.data(), sizeof(float) * bias.size());
           dev.add(logits.p(), bd.p(), bias.size(), logits.p());

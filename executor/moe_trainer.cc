@@ -389,10 +389,6 @@ struct MoeTrainer::Impl : ModelShape {
     return "layer" + std::to_string(l) + ".expert" + std::to_string(e) + "." + what;
   }
 
-  // Host threads for the runner's own per-token work: one where the device is the CPU (each rank
-  // owns a core), the host's cores beside a GPU.
-  size_t host_threads() const { return dev.name() == "cpu" ? 1 : 0; }
-
   // The workload's routing skew on the router's logits of one micro-batch's tokens [first_token,
   // first_token + rows) (see TrainSettings::routing_share).
   void bias_gate(float* logits, int rows, int64_t step, int64_t first_sequence, size_t first_token,
@@ -405,16 +401,15 @@ struct MoeTrainer::Impl : ModelShape {
     // The bias is drawn on the host and added on the device.
     std::vector<float> bias(static_cast<size_t>(rows) * experts, 0.0f);
     const size_t sl = static_cast<size_t>(seq);
-    parallel_for(static_cast<size_t>(rows), 128, host_threads(), [&](size_t begin, size_t end) {
-      for (size_t t = begin; t < end; ++t) {
-        const size_t g = first_token + t;
-        const uint64_t sequence = static_cast<uint64_t>(first_sequence) + g / sl;
-        const uint64_t key =
-            splitmix64(s.seed ^ splitmix64(static_cast<uint64_t>(step)) ^ splitmix64(sequence) ^
-                       ((g % sl) << 32) ^ (static_cast<uint64_t>(layer) << 48));
-        add_gate_bias(bias.data() + t * experts, experts, logs, key);
-      }
-    });
+    // (One thread: spread over the host's cores, the threads' start cost what they saved.)
+    for (size_t t = 0; t < static_cast<size_t>(rows); ++t) {
+      const size_t g = first_token + t;
+      const uint64_t sequence = static_cast<uint64_t>(first_sequence) + g / sl;
+      const uint64_t key =
+          splitmix64(s.seed ^ splitmix64(static_cast<uint64_t>(step)) ^ splitmix64(sequence) ^
+                     ((g % sl) << 32) ^ (static_cast<uint64_t>(layer) << 48));
+      add_gate_bias(bias.data() + t * experts, experts, logs, key);
+    }
     Tensor b = alloc(bias.size(), "router bias");
     dev.copy(b.p(), bias.data(), sizeof(float) * bias.size());
     dev.add(logits, b.p(), bias.size(), logits);
