@@ -13,7 +13,8 @@
 #              world size 1) into build-gpu/
 #   test       the CUDA tests: every Device op against the CPU backend, NCCL on one rank
 #   check      numerics of whole runs against the CPU backend's one-process reference: tiny-moe
-#              training (fp32 and bf16 GEMMs) and cpu-moe-43m ring inference
+#              training (fp32 and bf16 GEMMs; with parameters, gradients and Adam off the GPU)
+#              and cpu-moe-43m ring inference
 #   bench      grouped expert GEMM vs one cuBLAS GEMM of the same FLOPs; copy/compute overlap
 #   calibrate  switchyard calibrate --backend cuda of one H100 (profile for the runs below)
 #   train      gpu-moe-1.2b, one training step on one GPU: measured vs predicted (datasheet
@@ -67,6 +68,7 @@ for s in "${stages[@]}"; do
       run check_tiny_fp32 $sy run --backend cuda --plan tiny-moe-1gpu --steps 3 --check --no-db
       run check_tiny_bf16 $sy run --backend cuda --gemm-math bf16 --plan tiny-moe-1gpu --steps 3 \
         --check --no-db --json
+      run check_offload $sy run --backend cuda --plan tiny-moe-offload-1gpu --steps 3 --check --no-db
       run check_ring $sy run --backend cuda --plan cpu-moe-43m-ring --cluster h100-sxm-1gpu-4gib \
         --check --no-db
       ;;
