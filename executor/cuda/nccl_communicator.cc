@@ -10,7 +10,8 @@
 //
 // NCCL is used non-blocking (config.blocking = 0): a call may answer ncclInProgress while NCCL
 // connects in a background thread; the communicator's state (ncclCommGetAsyncError) must then be
-// polled back to ncclSuccess before anything else is issued. Creation and split are completed the
+// polled back to ncclSuccess before anything else is issued on it (a send_async() leaves that to
+// the lane's next call or its PendingOp: see LaneEvent). Creation and split are completed the
 // same way (a split runs as its parent's job and writes the new communicator when done), so a
 // member that never joins costs a timeout, not a hang.
 //
@@ -174,6 +175,24 @@ struct OpInfo {
   DType dtype = DType::kByte;
 };
 
+// An event behind an asynchronous operation on a lane's stream. A send_async() returns while NCCL
+// may still be launching it: a first message to a peer connects to that peer in NCCL's background
+// thread, which waits until the peer posts its receive. Waiting for that in send_async() would
+// deadlock two neighbours that each post a send to the other before receiving (and the
+// interleaved pipeline schedules on 3 or more stages). The event is recorded once the launch is
+// done, by the next call on the lane or by the PendingOp.
+struct LaneEvent {
+  LaneEvent() = default;
+  LaneEvent(const LaneEvent&) = delete;
+  LaneEvent& operator=(const LaneEvent&) = delete;
+  ~LaneEvent() {
+    if (event) (void)cudaEventDestroy(event);  // released once it has completed
+  }
+  cudaEvent_t event = nullptr;
+  bool recorded = false;
+  OpInfo info;
+};
+
 // One NCCL communicator of a group, with its stream.
 struct Lane {
   ncclComm_t comm = nullptr;
@@ -182,6 +201,7 @@ struct Lane {
   char* scratch = nullptr;     // host buffers staged here
   size_t scratch_bytes = 0;
   int64_t* header = nullptr;  // point-to-point lanes: {tag, bytes} sent, then {tag, bytes} received
+  std::shared_ptr<LaneEvent> launching;  // a send_async() NCCL is still launching
 };
 
 // A group: its lanes and what messages say about it. Shared by the Communicator and its pending
@@ -282,6 +302,27 @@ class State {
       case Ready::kTimedOut:
         raise_timeout(info);
     }
+  }
+
+  // Completes the launch of the lane's send_async() that NCCL was still launching, if any (polled
+  // within `deadline`), and records its event: nothing else may use the lane's communicator before.
+  void finish_launch(Lane& l, const Deadline& deadline) {
+    if (!l.launching) return;
+    settle(l, l.launching->info, deadline);
+    CUDA_CHECK(cudaEventRecord(l.launching->event, l.stream));
+    l.launching->recorded = true;
+    l.launching.reset();
+  }
+  // finish_launch() without waiting: false while NCCL is still launching.
+  bool launch_done(Lane& l) {
+    if (!l.launching) return true;
+    ncclResult_t state = ncclInProgress;
+    const ncclResult_t q = ncclCommGetAsyncError(l.comm, &state);
+    if (q != ncclSuccess) raise_nccl(l.launching->info, q);
+    if (state == ncclInProgress) return false;
+    if (state != ncclSuccess) raise_nccl(l.launching->info, state);
+    finish_launch(l, Deadline(0));
+    return true;
   }
 
   // Throws when NCCL reported an asynchronous error on the lane (a peer died, a network error).
@@ -392,6 +433,7 @@ State::~State() {
         if (l.comm && (ncclCommGetAsyncError(l.comm, &state) != ncclSuccess ||
                        (state != ncclSuccess && state != ncclInProgress)))
           broken = true;
+        if (l.comm && state == ncclInProgress) idle = false;  // a send_async() still launching
       }
       if (idle && !broken) break;
       if (broken || deadline.passed()) {
@@ -436,11 +478,9 @@ class Done : public PendingOp {
 
 class NcclPending : public PendingOp {
  public:
-  NcclPending(std::shared_ptr<State> state, LaneId lane, cudaEvent_t event, OpInfo info)
-      : s_(std::move(state)), lane_(lane), event_(event), info_(std::move(info)) {}
-  ~NcclPending() override {
-    if (event_) (void)cudaEventDestroy(event_);  // released once it has completed
-  }
+  NcclPending(std::shared_ptr<State> state, LaneId lane, std::shared_ptr<LaneEvent> event,
+              OpInfo info)
+      : s_(std::move(state)), lane_(lane), event_(std::move(event)), info_(std::move(info)) {}
   NcclPending(const NcclPending&) = delete;
   NcclPending& operator=(const NcclPending&) = delete;
 
@@ -448,14 +488,18 @@ class NcclPending : public PendingOp {
     if (done_) return;
     DeviceScope scope(s_->device);
     s_->check_usable(info_);
-    s_->wait_event(s_->lanes[lane_], event_, info_, Deadline(s_->timeout_s));
+    const Deadline deadline(s_->timeout_s);
+    Lane& l = s_->lanes[lane_];
+    if (!event_->recorded) s_->finish_launch(l, deadline);  // it is the lane's `launching`
+    s_->wait_event(l, event_->event, info_, deadline);
     done_ = true;
   }
   bool test() override {
     if (done_) return true;
     DeviceScope scope(s_->device);
     s_->check_usable(info_);
-    const cudaError_t e = cudaEventQuery(event_);
+    if (!event_->recorded && !s_->launch_done(s_->lanes[lane_])) return false;
+    const cudaError_t e = cudaEventQuery(event_->event);
     if (e == cudaSuccess) {
       done_ = true;
       return true;
@@ -468,7 +512,7 @@ class NcclPending : public PendingOp {
  private:
   std::shared_ptr<State> s_;
   LaneId lane_;
-  cudaEvent_t event_;
+  std::shared_ptr<LaneEvent> event_;
   OpInfo info_;
   bool done_ = false;
 };
@@ -496,6 +540,7 @@ class Op {
         info_(std::move(info)),
         deadline_(s_->timeout_s) {
     s_->check_usable(info_);
+    s_->finish_launch(s_->lanes[lane_id_], deadline_);  // a send_async() before it on the lane
   }
 
   State& state() { return *s_; }
@@ -527,12 +572,17 @@ class Op {
     }
   }
 
-  // `calls` makes the NCCL calls and returns their result; an ncclInProgress is polled out.
+  // `calls` makes the NCCL calls and returns their result; an ncclInProgress is polled out, or
+  // (`may_defer`: a send_async()) left to the lane's next call (see LaneEvent).
   template <class Calls>
-  void issue(Calls&& calls) {
+  void issue(Calls&& calls, bool may_defer = false) {
     const ncclResult_t r = calls();
     if (r == ncclSuccess) return;
     if (r != ncclInProgress) s_->raise_nccl(info_, r);
+    if (may_defer) {
+      launching_ = true;
+      return;
+    }
     s_->settle(lane(), info_, deadline_);
   }
 
@@ -546,6 +596,8 @@ class Op {
   // Waits for the operation, then copies staged results out.
   void finish() {
     Lane& l = lane();
+    if (launching_) s_->settle(l, info_, deadline_);
+    launching_ = false;
     CUDA_CHECK(cudaEventRecord(l.done, l.stream));
     s_->wait_event(l, l.done, info_, deadline_);
     int64_t got[2] = {0, 0};
@@ -577,14 +629,16 @@ class Op {
       return std::make_unique<Done>();
     }
     Lane& l = lane();
-    cudaEvent_t event = nullptr;
-    CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-    const cudaError_t e = cudaEventRecord(event, l.stream);
-    if (e != cudaSuccess) {
-      (void)cudaEventDestroy(event);
-      CUDA_CHECK(e);
+    auto event = std::make_shared<LaneEvent>();
+    event->info = info_;
+    CUDA_CHECK(cudaEventCreateWithFlags(&event->event, cudaEventDisableTiming));
+    if (launching_) {
+      l.launching = event;  // recorded once NCCL's launch is done
+    } else {
+      CUDA_CHECK(cudaEventRecord(event->event, l.stream));
+      event->recorded = true;
     }
-    return std::make_unique<NcclPending>(s_, lane_id_, event, info_);
+    return std::make_unique<NcclPending>(s_, lane_id_, std::move(event), info_);
   }
   // start() when async, else finish() (and nothing to return).
   std::unique_ptr<PendingOp> end(bool async) {
@@ -600,6 +654,7 @@ class Op {
   OpInfo info_;
   Deadline deadline_;
   std::vector<Buffer*> outs_;
+  bool launching_ = false;  // issued, NCCL still launching it (a send_async())
   bool check_header_ = false;
   int want_tag_ = 0;
   size_t want_bytes_ = 0;
@@ -778,15 +833,17 @@ class NcclCommunicator : public Communicator {
     // The header's slot is rewritten only by the next send on this lane: after this one in order.
     const int64_t header[2] = {tag, static_cast<int64_t>(bytes)};
     CUDA_CHECK(cudaMemcpyAsync(l.header, header, sizeof header, cudaMemcpyHostToDevice, l.stream));
-    o.issue([&] {
-      const ncclResult_t start = ncclGroupStart();
-      if (start != ncclSuccess) return start;
-      const ncclResult_t h = ncclSend(l.header, 2, ncclInt64, peer, l.comm, l.stream);
-      const ncclResult_t d =
-          h == ncclSuccess ? ncclSend(b.device, count, nccl_type(dtype), peer, l.comm, l.stream)
-                           : h;
-      return first_failure({h, d, ncclGroupEnd()});
-    });
+    o.issue(
+        [&] {
+          const ncclResult_t start = ncclGroupStart();
+          if (start != ncclSuccess) return start;
+          const ncclResult_t h = ncclSend(l.header, 2, ncclInt64, peer, l.comm, l.stream);
+          const ncclResult_t d =
+              h == ncclSuccess ? ncclSend(b.device, count, nccl_type(dtype), peer, l.comm, l.stream)
+                               : h;
+          return first_failure({h, d, ncclGroupEnd()});
+        },
+        async);
     return o.end(async);
   }
 

@@ -17,6 +17,9 @@
 //   rank would wait on each other). Messages from lower to higher ranks and those going back run on
 //   two NCCL communicators of their own, apart from the collectives, so a pipeline stage's posted
 //   sends never queue in front of the receive its neighbour is waiting on.
+//   A send_async() returns before NCCL has launched it: NCCL connects to a peer on the first
+//   message to it, which waits for that peer's first receive; the next call in the same direction
+//   (or the PendingOp) waits for the launch instead.
 // - Multi-rank groups need one GPU per rank: NCCL refuses two ranks on one device.
 #pragma once
 
