@@ -34,6 +34,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <string>
@@ -944,6 +945,14 @@ class NcclCommunicator : public Communicator {
 
 std::unique_ptr<Communicator> nccl_world(Communicator& bootstrap, int cuda_device,
                                          double timeout_s) {
+  // Sharing resources among split communicators puts every lane of every group on one internal
+  // stream: the point-to-point lanes could no longer pass the collectives, and a pipeline's posted
+  // sends could wait out the timeout.
+  if (const char* share = std::getenv("NCCL_COMM_SPLIT_SHARE_RESOURCES");
+      share && std::string(share) != "0")
+    throw CommError("nccl_world: NCCL_COMM_SPLIT_SHARE_RESOURCES=" + std::string(share) +
+                    " makes every group share one NCCL stream, which can deadlock a pipeline's "
+                    "sends; unset it");
   const int n = bootstrap.size(), r = bootstrap.rank();
   const std::vector<int>& members = bootstrap.world_ranks();
   const int world_rank =
