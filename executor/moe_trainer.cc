@@ -305,7 +305,10 @@ struct MoeTrainer::Impl : ModelShape {
     const auto [first, end] = sp.unit_range[static_cast<size_t>(o.unit)];
     float* home = sp.grads.as<float>() + first;
     const float* down = sp.grad_staging[static_cast<size_t>(k)].as<float>();
-    for (size_t i = 0; i < end - first; ++i) home[i] += down[i];
+    parallel_for(end - first, size_t{1} << 14, static_cast<size_t>(std::max(1, s.host_threads)),
+                 [&](size_t b, size_t e) {
+                   for (size_t i = b; i < e; ++i) home[i] += down[i];
+                 });
     o.unit = -1;
     // On SSD the sum goes on to the file (the program's grad_ssd_write), on the engine.
     if (sp.grads_tier == Tier::kSSD) {
@@ -1270,8 +1273,12 @@ struct MoeTrainer::Impl : ModelShape {
         host_g = sp.host_grads.as<float>();
       }
       float* target = sp.values_tier == Tier::kGPU ? sp.master.as<float>() : values;
-      host_adam(target + first, host_g, sp.m.as<float>(), sp.v.as<float>(), n_upd, s.lr, s.beta1,
-                s.beta2, s.eps, c1, c2);
+      float *m = sp.m.as<float>(), *v = sp.v.as<float>();
+      parallel_for(n_upd, size_t{1} << 14, static_cast<size_t>(std::max(1, s.host_threads)),
+                   [&](size_t b, size_t e) {
+                     host_adam(target + first + b, host_g + b, m + b, v + b, e - b, s.lr, s.beta1,
+                               s.beta2, s.eps, c1, c2);
+                   });
       if (sp.values_tier == Tier::kGPU)
         ce.wait(ce.submit(values + first, target + first, n_upd * sizeof(float), "param_upload"));
       collect_copies(std::nullopt);

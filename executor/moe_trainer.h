@@ -68,6 +68,10 @@ struct TrainSettings {
   // device).
   Placement placement;
   int prefetch_depth = 0;
+  // Host threads for the host's share of an offloaded update (Adam over off-device states, the
+  // sums of off-device gradients): 1 where the device is the CPU (each rank owns a core); beside a
+  // GPU, the node's cores per GPU (ZeRO-Offload's multi-threaded CPU Adam).
+  int host_threads = 1;
   uint64_t seed = 1234;
   float init_std = 0.02f;  // weights ~ N(0, init_std^2); norm gains start at 1
   float lr = 1e-3f;

@@ -205,6 +205,7 @@ TEST(MoeTrainer, OffloadedParametersAndOptimizerStatesTrainAsOnTheDevice) {
     o.placement.optimizer_states = c.states;
     o.placement.gradients = c.grads;
     o.prefetch_depth = c.depth;
+    o.host_threads = c.depth + 1;  // the host's update on 1 to 3 threads: the same arithmetic
     Single run(m, o);
     double copied = 0;
     for (int i = 0; i < 3; ++i) {
