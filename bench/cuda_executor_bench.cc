@@ -6,11 +6,11 @@
 // Without a GPU it prints {"skipped": reason} and exits 0.
 // Run: build/bench/cuda_executor_bench
 #include <algorithm>
-#include <chrono>
 #include <iostream>
 #include <random>
 #include <thread>
 
+#include "bench/bench_timing.h"
 #include "core/json_io.h"
 #include "executor/copy_engine.h"
 #include "executor/cuda/cuda_device.h"
@@ -20,22 +20,7 @@ namespace sy = switchyard;
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-// Median of `reps` timings of f (after one warm-up); every Device call completes before it
-// returns, so wall time around it is its time.
-template <typename F>
-double median_s(int reps, F f) {
-  f();
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    const auto s = Clock::now();
-    f();
-    t.push_back(std::chrono::duration<double>(Clock::now() - s).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
+using switchyard::bench::median_s;
 
 sy::Buffer random_buffer(sy::Device& dev, size_t n, uint32_t seed) {
   std::mt19937 gen(seed);

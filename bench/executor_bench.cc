@@ -8,10 +8,10 @@
 
 #include <Eigen/Dense>
 #include <algorithm>
-#include <chrono>
 #include <iostream>
 #include <random>
 
+#include "bench/bench_timing.h"
 #include "core/json_io.h"
 #include "executor/cpu/mpi_communicator.h"
 #include "executor/device.h"
@@ -20,21 +20,7 @@ namespace sy = switchyard;
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-// Median of `reps` timings of f (after one warm-up).
-template <typename F>
-double median_s(int reps, F f) {
-  f();
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    const auto s = Clock::now();
-    f();
-    t.push_back(std::chrono::duration<double>(Clock::now() - s).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
+using switchyard::bench::median_s;
 
 sy::Json expert_gemm(const std::vector<int>& rows, int k, int n) {
   auto dev = sy::cpu_device({});

@@ -38,6 +38,8 @@ struct TokenRouting {
 // expert keeps its first `capacity` choices in token order (0: all), the rest are dropped (row
 // -1); fills rows_per_expert, row, source and dropped. Every backend's route() ends with it.
 void finish_routing(TokenRouting& r, int capacity);
+// route()'s precondition, 1 <= top_k <= experts (std::invalid_argument naming both otherwise).
+void check_top_k(int top_k, int experts);
 
 class Device {
  public:

@@ -716,6 +716,9 @@ struct MoeTrainer::Impl : ModelShape {
     int T = 0;
     int64_t step = 0, first_sequence = 0;
     std::vector<int> tok, label;
+    // Vocab-parallel (tp > 1): each token's row in this rank's slice of the vocabulary, -1
+    // outside it (the embedding's gather and its gradient's scatter).
+    std::vector<int> vocab_rows;
     std::vector<LayerSaved> saved;
     Tensor x;   // forward: the input from the previous stage, then this stage's output
                 // (sequence parallel: this TP rank's slice of the tokens)
@@ -726,16 +729,6 @@ struct MoeTrainer::Impl : ModelShape {
   static constexpr float eps = 1e-5f;
   bool first_stage() const { return layer_begin == 0; }
   bool last_stage() const { return layer_end == layers; }
-
-  // Vocab-parallel: each token's row in this rank's slice of the vocabulary, -1 outside it.
-  std::vector<int> local_vocab_rows(const std::vector<int>& tokens) const {
-    std::vector<int> rows(tokens.size());
-    for (size_t i = 0; i < tokens.size(); ++i) {
-      const int row = tokens[i] - vocab_first;
-      rows[i] = row >= 0 && row < vocab_local ? row : -1;
-    }
-    return rows;
-  }
 
   MicroBatch make_micro_batch(int64_t step, int64_t first_sequence, int sequences) {
     MicroBatch mb;
@@ -749,6 +742,11 @@ struct MoeTrainer::Impl : ModelShape {
       for (int t = 0; t < seq; ++t) {
         mb.tok[b * seq + t] = token(step, first_sequence + b, t);
         mb.label[b * seq + t] = token(step, first_sequence + b, t + 1);
+      }
+    if (tp > 1)
+      for (int t : mb.tok) {
+        const int row = t - vocab_first;
+        mb.vocab_rows.push_back(row >= 0 && row < vocab_local ? row : -1);
       }
     return mb;
   }
@@ -805,8 +803,7 @@ struct MoeTrainer::Impl : ModelShape {
         // Vocab-parallel: this rank's rows for the micro-batch's tokens it owns, zeros elsewhere;
         // the partial sums combine over TP (reduce-scattered into the SP slices).
         Tensor partial = alloc(static_cast<size_t>(T) * h, "embedding (partial)");
-        const std::vector<int> rows = local_vocab_rows(mb.tok);
-        dev.gather_rows(emb, rows.data(), T, h, partial.p());
+        dev.gather_rows(emb, mb.vocab_rows.data(), T, h, partial.p());
         if (sp) {
           op.at("embedding_reduce_scatter");
           x = tp_scatter(partial.p(), T, h, "hidden states");
@@ -1132,8 +1129,7 @@ struct MoeTrainer::Impl : ModelShape {
         }
         op.at("embedding");
         const float* g_all = sp ? full.p() : dx.p();
-        const std::vector<int> rows = local_vocab_rows(mb.tok);
-        dev.scatter_rows(g_all, rows.data(), T, h, demb, /*accumulate=*/true);
+        dev.scatter_rows(g_all, mb.vocab_rows.data(), T, h, demb, /*accumulate=*/true);
       } else {
         op.at("embedding");
         dev.scatter_rows(dx.p(), tok, Tl, h, demb, /*accumulate=*/true);

@@ -17,7 +17,6 @@
 #endif
 #ifdef SWITCHYARD_HAVE_CUDA
 #include "executor/cuda/cuda_device.h"
-#include "executor/cuda/device_info.h"
 #include "executor/cuda/nccl_communicator.h"
 #endif
 
@@ -320,10 +319,7 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
     throw ConfigError("--cluster",
                       "name the cluster whose GPU this is (e.g. --cluster dgx-h100 --gpus 1)");
 #ifndef SWITCHYARD_HAVE_CUDA
-  if (f.backend == "cuda")
-    throw ConfigError("--backend",
-                      "\"cuda\": this build has no CUDA backend (nvcc and NCCL were not found "
-                      "when it was configured)");
+  if (f.backend == "cuda") throw no_cuda_backend();
 #endif
 #ifdef SWITCHYARD_HAVE_MPI
   std::unique_ptr<MpiRuntime> mpi;
@@ -344,13 +340,8 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
 #ifdef SWITCHYARD_HAVE_CUDA
   std::unique_ptr<Communicator> nccl;
   if (f.backend == "cuda") {
-    std::string reason;
-    const auto gpus = cuda_devices(&reason);
-    if (gpus.empty()) throw std::runtime_error("--backend cuda: no CUDA device (" + reason + ")");
-    int local = world->rank();
-    if (const char* l = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) local = std::atoi(l);
     CudaOptions o;
-    o.device = local % static_cast<int>(gpus.size());
+    o.device = local_cuda_device(world->rank());
     dev = cuda_device({}, o);  // fp32 GEMMs, as `run --backend cuda` computes by default
     nccl = nccl_world(*world, o.device, 300);
     collectives = nccl.get();

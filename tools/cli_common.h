@@ -16,6 +16,9 @@
 #include "core/error.h"
 #include "core/plan.h"
 #include "cost_models/profile.h"
+#ifdef SWITCHYARD_HAVE_CUDA
+#include "executor/cuda/device_info.h"
+#endif
 
 namespace switchyard::cli {
 
@@ -100,5 +103,24 @@ inline sy::CostProfile load_profile(const sy::ClusterSpec& cluster, const std::s
 }
 
 inline std::string pct(double v) { return fmt("%.1f%%", 100.0 * v); }
+
+// `--backend cuda` where this build has none.
+inline sy::ConfigError no_cuda_backend() {
+  return sy::ConfigError("--backend",
+                         "\"cuda\": this build has no CUDA backend (nvcc and NCCL were not found "
+                         "when it was configured)");
+}
+
+#ifdef SWITCHYARD_HAVE_CUDA
+// This rank's GPU for --backend cuda: its node-local rank (OpenMPI's; the rank itself otherwise)
+// among the GPUs the process sees. Throws when it sees none, with the driver's reason.
+inline int local_cuda_device(int rank) {
+  std::string reason;
+  const auto gpus = sy::cuda_devices(&reason);
+  if (gpus.empty()) throw std::runtime_error("--backend cuda: no CUDA device (" + reason + ")");
+  if (const char* l = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) rank = std::atoi(l);
+  return rank % static_cast<int>(gpus.size());
+}
+#endif
 
 }  // namespace switchyard::cli

@@ -25,7 +25,6 @@
 #endif
 #ifdef SWITCHYARD_HAVE_CUDA
 #include "executor/cuda/cuda_device.h"
-#include "executor/cuda/device_info.h"
 #include "executor/cuda/nccl_communicator.h"
 #endif
 
@@ -104,13 +103,8 @@ inline Backend make_backend(const RunFlags& f, Ranks& ranks, TierCapacity capaci
     return b;
   }
 #ifdef SWITCHYARD_HAVE_CUDA
-  std::string reason;
-  const auto gpus = cuda_devices(&reason);
-  if (gpus.empty()) throw std::runtime_error("--backend cuda: no CUDA device (" + reason + ")");
-  int local = ranks.rank;
-  if (const char* l = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) local = std::atoi(l);
   CudaOptions o;
-  o.device = local % static_cast<int>(gpus.size());
+  o.device = local_cuda_device(ranks.rank);
   try {
     o.math = parse_gemm_math(f.gemm_math);
   } catch (const std::invalid_argument& e) {
@@ -132,9 +126,7 @@ inline Backend make_backend(const RunFlags& f, Ranks& ranks, TierCapacity capaci
   return b;
 #else
   (void)runtime_reserved_bytes;
-  throw ConfigError("--backend", "\"" + f.backend +
-                                     "\": this build has no CUDA backend (nvcc and NCCL were not "
-                                     "found when it was configured)");
+  throw no_cuda_backend();
 #endif
 }
 

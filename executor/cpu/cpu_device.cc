@@ -60,9 +60,7 @@ class CpuDevice : public Device {
 
   TokenRouting route(const float* logits, int tokens, int experts, int top_k, bool renormalize,
                      float* probs, int capacity) override {
-    if (top_k < 1 || top_k > experts)
-      throw std::invalid_argument("route: top_k " + std::to_string(top_k) + " of " +
-                                  std::to_string(experts) + " experts");
+    check_top_k(top_k, experts);
     TokenRouting r;
     r.tokens = tokens;
     r.top_k = top_k;
@@ -419,6 +417,12 @@ class CpuDevice : public Device {
 // Capacity (a position policy): each expert keeps its first `capacity` assignments in token
 // order, a token's choices together (GShard instead serves every token's first choice before any
 // second choice); the rest are dropped (row -1: they add nothing to the output).
+void check_top_k(int top_k, int experts) {
+  if (top_k < 1 || top_k > experts)
+    throw std::invalid_argument("route: top_k " + std::to_string(top_k) + " of " +
+                                std::to_string(experts) + " experts");
+}
+
 void finish_routing(TokenRouting& r, int capacity) {
   const int experts = r.experts;
   r.rows_per_expert.assign(static_cast<size_t>(experts), 0);

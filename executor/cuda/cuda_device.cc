@@ -331,9 +331,7 @@ class CudaDevice final : public Device {
 
   TokenRouting route(const float* logits, int tokens, int experts, int top_k, bool renormalize,
                      float* probs, int capacity) override {
-    if (top_k < 1 || top_k > experts)
-      throw std::invalid_argument("route: top_k " + std::to_string(top_k) + " of " +
-                                  std::to_string(experts) + " experts");
+    check_top_k(top_k, experts);
     TokenRouting r;
     r.tokens = std::max(tokens, 0);
     r.top_k = top_k;
