@@ -16,6 +16,7 @@ std::vector<RankExperts> expert_rank_loads(const ModelSpec& m, const Plan& plan,
   const std::vector<double> share = expert_load_fractions(w, m);
   std::vector<int> copies(static_cast<size_t>(experts), 1);
   const ExpertReplicas& r = plan.expert_replicas;
+  std::vector<int64_t> candidates;  // kHot: the hot experts, which may gain copies
   if (r.kind == ExpertReplicas::Kind::kPerExpert &&
       static_cast<int64_t>(r.per_expert.size()) == experts) {
     copies = r.per_expert;
@@ -24,37 +25,81 @@ std::vector<RankExperts> expert_rank_loads(const ModelSpec& m, const Plan& plan,
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(),
                      [&](int64_t a, int64_t b) { return share[a] > share[b]; });
-    for (int i = 0; i < std::min<int64_t>(r.hot_experts, experts); ++i)
-      copies[order[i]] = r.replicas;
+    candidates.assign(order.begin(), order.begin() + std::min<int64_t>(r.hot_experts, experts));
   }
   const double cap = plan.capacity_factor ? *plan.capacity_factor / static_cast<double>(experts)
                                           : std::numeric_limits<double>::infinity();
+  const auto per_copy = [&](int64_t e, int c) { return std::min(share[e] / c, cap); };
   std::vector<RankExperts> ranks(static_cast<size_t>(ep));
+  std::vector<std::vector<int>> holders(static_cast<size_t>(experts));  // ranks holding a copy
   const int64_t per_rank = std::max<int64_t>(experts / ep, 1);
-  std::vector<ExpertCopy> extras;
   for (int64_t e = 0; e < experts; ++e) {
-    const double per_copy = std::min(share[e] / copies[e], cap);
-    RankExperts& home = ranks[static_cast<size_t>(std::min<int64_t>(e / per_rank, ep - 1))];
-    home.copies.push_back({static_cast<int>(e), per_copy});
-    home.share += per_copy;
-    for (int c = 1; c < copies[e]; ++c) extras.push_back({static_cast<int>(e), per_copy});
+    const int home = static_cast<int>(std::min<int64_t>(e / per_rank, ep - 1));
+    holders[e].push_back(home);
+    ranks[static_cast<size_t>(home)].share += per_copy(e, copies[e]);
   }
-  std::stable_sort(extras.begin(), extras.end(),
-                   [](const ExpertCopy& a, const ExpertCopy& b) { return a.share > b.share; });
-  // Each extra copy to the least loaded rank that does not hold that expert yet (a second copy
-  // on the same rank would split nothing).
-  for (const ExpertCopy& copy : extras) {
-    const auto holds = [&copy](const RankExperts& r) {
-      return std::any_of(r.copies.begin(), r.copies.end(),
-                         [&copy](const ExpertCopy& c) { return c.expert == copy.expert; });
-    };
-    RankExperts* best = nullptr;
-    for (RankExperts& r : ranks)
-      if (!holds(r) && (!best || r.share < best->share)) best = &r;
-    if (!best) continue;  // more copies than ranks: every rank has one
-    best->copies.push_back(copy);
-    best->share += copy.share;
+  // The least loaded rank that does not hold expert e yet (a second copy on one rank would split
+  // nothing); -1 when every rank holds one.
+  const auto least_loaded_without = [&](int64_t e) {
+    int best = -1;
+    for (int k = 0; k < ep; ++k) {
+      if (std::find(holders[e].begin(), holders[e].end(), k) != holders[e].end()) continue;
+      if (best < 0 || ranks[static_cast<size_t>(k)].share < ranks[static_cast<size_t>(best)].share)
+        best = k;
+    }
+    return best;
+  };
+  std::vector<std::pair<int64_t, int>> placed;  // extra copies (expert, rank), in order
+  if (r.kind == ExpertReplicas::Kind::kPerExpert) {
+    // Copies as the plan lists them: each extra copy, hottest first, to the least loaded rank.
+    std::vector<std::pair<int64_t, double>> extras;
+    for (int64_t e = 0; e < experts; ++e)
+      for (int c = 1; c < copies[e]; ++c) extras.push_back({e, per_copy(e, copies[e])});
+    std::stable_sort(extras.begin(), extras.end(),
+                     [](const auto& a, const auto& b) { return a.second > b.second; });
+    for (const auto& [e, s] : extras) {
+      const int best = least_loaded_without(e);
+      if (best < 0) continue;  // more copies than ranks: every rank has one
+      holders[e].push_back(best);
+      placed.push_back({e, best});
+      ranks[static_cast<size_t>(best)].share += s;
+    }
+  } else if (r.kind == ExpertReplicas::Kind::kHot) {
+    // Elastic (SE-MoE sizes replication by load): the hot experts start with one copy and gain
+    // copies, the hottest copy first, up to `replicas` each, each on the least loaded rank without
+    // one, while a copy takes load off the straggler: it is placed only when its rank stays below
+    // the most loaded rank's load. Under balanced load no copy qualifies (a copy would turn its
+    // rank into the new straggler), so none is placed.
+    for (;;) {
+      int64_t pick = -1;
+      for (int64_t e : candidates)
+        if (copies[e] < r.replicas &&
+            (pick < 0 || per_copy(e, copies[e]) > per_copy(pick, copies[pick])))
+          pick = e;
+      if (pick < 0) break;
+      const int target = least_loaded_without(pick);
+      double max_share = 0;
+      for (const RankExperts& rk : ranks) max_share = std::max(max_share, rk.share);
+      const double before = per_copy(pick, copies[pick]), after = per_copy(pick, copies[pick] + 1);
+      if (target < 0 ||
+          ranks[static_cast<size_t>(target)].share + after >= max_share * (1 - 1e-12)) {
+        candidates.erase(std::find(candidates.begin(), candidates.end(), pick));
+        continue;
+      }
+      for (int h : holders[pick]) ranks[static_cast<size_t>(h)].share += after - before;
+      ranks[static_cast<size_t>(target)].share += after;
+      holders[pick].push_back(target);
+      placed.push_back({pick, target});
+      ++copies[pick];
+    }
   }
+  // Each rank's copies: its home experts in order, then the extra copies in the order placed.
+  for (int64_t e = 0; e < experts; ++e)
+    ranks[static_cast<size_t>(holders[e][0])].copies.push_back(
+        {static_cast<int>(e), per_copy(e, copies[e])});
+  for (const auto& [e, rank] : placed)
+    ranks[static_cast<size_t>(rank)].copies.push_back(
+        {static_cast<int>(e), per_copy(e, copies[e])});
   if (moe_layer >= 0 && w.routing.kind == RoutingKind::kHistogram && !w.routing.per_layer.empty()) {
     const std::vector<double> layer = expert_load_fractions(w, m, moe_layer);
     for (RankExperts& rank : ranks) {

@@ -134,21 +134,14 @@ struct StageParams {
   std::vector<bool> moe_layers;  // of this stage
 };
 
-StageParams stage_params(const ModelSpec& m, const Plan& plan, int stage) {
+// `extra_copies`: the copies of replicated experts on the rank that holds the most of them.
+StageParams stage_params(const ModelSpec& m, const Plan& plan, int stage, int64_t extra_copies) {
   StageParams sp;
   const std::vector<int> layers = resolve_stage_layers(plan, m);
   const int first = std::accumulate(layers.begin(), layers.begin() + stage, 0);
   const double tp = plan.tp;
   const double h = static_cast<double>(m.hidden_size);
   const double v = static_cast<double>(m.vocab_size);
-  int64_t extra_copies = 0;
-  if (m.moe) {
-    const ExpertReplicas& r = plan.expert_replicas;
-    if (r.kind == ExpertReplicas::Kind::kHot)
-      extra_copies = static_cast<int64_t>(r.hot_experts) * (r.replicas - 1);
-    if (r.kind == ExpertReplicas::Kind::kPerExpert)
-      for (int c : r.per_expert) extra_copies += c - 1;
-  }
   for (int l = first; l < first + layers[stage]; ++l) {
     const bool moe = m.is_moe_layer(l);
     sp.moe_layers.push_back(moe);
@@ -158,8 +151,8 @@ StageParams stage_params(const ModelSpec& m, const Plan& plan, int stage) {
     if (moe) {
       dense += static_cast<double>(m.moe->num_shared_experts * shared_expert_params(m)) / tp +
                static_cast<double>(m.num_gates() * m.hidden_size * m.moe->num_experts);
-      const double local_experts = static_cast<double>(m.moe->num_experts) / plan.ep +
-                                   std::ceil(static_cast<double>(extra_copies) / plan.ep);
+      const double local_experts =
+          static_cast<double>(m.moe->num_experts) / plan.ep + static_cast<double>(extra_copies);
       expert = local_experts * static_cast<double>(expert_params(m)) / plan.expert_tp;
     } else {
       dense += static_cast<double>(dense_ffn_params(m)) / tp;
@@ -226,7 +219,16 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
   MemoryBreakdown mb;
   mb.stage = stage;
   const bool train = w.mode == Mode::kTrain;
-  const StageParams sp = stage_params(m, plan, stage);
+  // Elastic replicas: the rank holding the most expert copies (where the placement put them).
+  int64_t extra_copies = 0;
+  if (m.moe && plan.ep > 0) {
+    size_t most = 0;
+    for (const RankExperts& r : expert_rank_loads(m, plan, w))
+      most = std::max(most, r.copies.size());
+    extra_copies = std::max<int64_t>(
+        0, static_cast<int64_t>(most) - std::max<int64_t>(m.moe->num_experts / plan.ep, 1));
+  }
+  const StageParams sp = stage_params(m, plan, stage, extra_copies);
   const StateBytes sb = state_bytes_per_param(w.precision, w.optimizer_moments);
   const double dense_shard = static_cast<double>(plan.dp) * plan.cp;
   const double expert_shard = std::max(plan.expert_dp(), 1);

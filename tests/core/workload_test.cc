@@ -100,22 +100,59 @@ TEST(ExpertLoad, PerLayerHistograms) {
   }
 }
 
-// Elastic replicas: an extra copy goes to the least loaded rank that does not hold the expert yet,
+// Listed replicas: an extra copy goes to the least loaded rank that does not hold the expert yet,
 // even when the expert's home rank is the least loaded one (a second copy there splits nothing).
 TEST(ExpertLoad, ReplicasGoToRanksWithoutTheExpert) {
   const ModelSpec m = parse_model(testing::tiny_model_json());  // 4 experts, top 2
   Plan p;
   p.ep = 2;
-  p.expert_replicas.kind = ExpertReplicas::Kind::kHot;
-  p.expert_replicas.hot_experts = 1;
-  p.expert_replicas.replicas = 2;
-  Workload w;  // uniform: the "hottest" expert is expert 0, whose home rank is then the lighter
+  p.expert_replicas.kind = ExpertReplicas::Kind::kPerExpert;
+  p.expert_replicas.per_expert = {2, 1, 1, 1};
+  Workload w;  // uniform: expert 0's home rank is then the lighter
   const auto ranks = expert_rank_loads(m, p, w);
   ASSERT_EQ(ranks.size(), 2u);
   ASSERT_EQ(ranks[0].copies.size(), 2u);
   ASSERT_EQ(ranks[1].copies.size(), 3u);
   EXPECT_EQ(ranks[1].copies.back().expert, 0);
   EXPECT_NEAR(ranks[0].share + ranks[1].share, 1.0, 1e-12);
+}
+
+// Elastic replicas (hot_experts, replicas) follow the load: a copy is placed only where it takes
+// load off the straggler without making a new one.
+TEST(ExpertLoad, ElasticReplicasOnlyWhereTheyLowerTheMostLoadedRank) {
+  const ModelSpec m = parse_model(testing::tiny_model_json());  // 4 experts, top 2
+  Plan p;
+  p.ep = 4;  // one expert per rank
+  p.expert_replicas.kind = ExpertReplicas::Kind::kHot;
+  p.expert_replicas.hot_experts = 2;
+  p.expert_replicas.replicas = 3;
+  const auto copies = [&](const Workload& w) {
+    size_t n = 0;
+    for (const RankExperts& r : expert_rank_loads(m, p, w)) n += r.copies.size();
+    return n;
+  };
+  // Balanced: a copy of any expert would put 1.5 shares on its rank. None is placed.
+  Workload w;
+  EXPECT_EQ(copies(w), 4u);
+  EXPECT_NEAR(expert_rank_load_factor(m, p, w), 1.0, 1e-12);
+  // zipf(1) = [12, 6, 4, 3] / 25 on ranks 0-3. Expert 0 (0.48) gains a copy on rank 3 (0.12 +
+  // 0.24 = 0.36 < 0.48), then a third on rank 2 (0.16 + 0.16 = 0.32 < 0.36); ranks: 0.16, 0.24,
+  // 0.32, 0.28. Expert 1 (0.24) gains a copy on rank 0 (0.16 + 0.12 = 0.28 < 0.32), but not a
+  // third: rank 3 would carry 0.28 + 0.08 = 0.36, above the straggler's 0.32.
+  w.routing = Routing{RoutingKind::kZipf, 1.0, {}, {}};
+  const auto ranks = expert_rank_loads(m, p, w);
+  ASSERT_EQ(ranks.size(), 4u);
+  EXPECT_EQ(copies(w), 7u);
+  ASSERT_EQ(ranks[3].copies.size(), 2u);
+  EXPECT_EQ(ranks[3].copies[1].expert, 0);
+  ASSERT_EQ(ranks[2].copies.size(), 2u);
+  EXPECT_EQ(ranks[2].copies[1].expert, 0);
+  ASSERT_EQ(ranks[0].copies.size(), 2u);
+  EXPECT_EQ(ranks[0].copies[1].expert, 1);
+  EXPECT_NEAR(ranks[0].share, 0.28, 1e-12);
+  EXPECT_NEAR(ranks[1].share, 0.12, 1e-12);
+  EXPECT_NEAR(ranks[2].share, 0.32, 1e-12);
+  EXPECT_NEAR(expert_rank_load_factor(m, p, w), 4 * 0.32, 1e-12);
 }
 
 TEST(WorkloadSpec, RejectsBadInput) {
