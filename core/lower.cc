@@ -854,6 +854,10 @@ std::vector<OpTemplate> lower_step_ops(const ModelSpec& m, const Plan& p, const 
   opt.bytes = (total.dense / dense_shard + total.expert / expert_shard) * bytes_per_param;
   opt.flops = (total.dense / dense_shard + total.expert / expert_shard) * 12.0;  // ~12 FLOPs/param
   opt.on_cpu = p.placement.optimizer_states != Tier::kGPU;
+  if (opt.on_cpu && p.delayed_update) {
+    opt.delayed = true;
+    opt.stream = StreamKind::kHost;
+  }
   if (opt.on_cpu) {
     // ZeRO-Offload: this rank's gradients go down; the parameters that live on the GPU come back
     // up updated (off-GPU parameters are updated where they live).
@@ -864,6 +868,10 @@ std::vector<OpTemplate> lower_step_ops(const ModelSpec& m, const Plan& p, const 
     opt.host_up_bytes = ((p.placement.dense_params == Tier::kGPU ? dense : 0) +
                          (p.placement.expert_params == Tier::kGPU ? expert : 0)) *
                         d.param_bytes;
+    // States on SSD (ZeRO-Infinity): the fp32 master and both moments stream through host memory.
+    if (p.placement.optimizer_states == Tier::kSSD)
+      opt.ssd_state_bytes =
+          (dense + expert) * ((w.precision == Precision::kFP32 ? 0.0 : 4.0) + 2.0 * moment_bytes);
   }
   ops.push_back(opt);
   if (p.zero_stage >= 1 && p.zero_stage < 3) {

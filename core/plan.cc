@@ -107,6 +107,7 @@ Plan parse_plan(const Json& j) {
   }
   r.optional("grad_bucket_bytes", &p.grad_bucket_bytes, 0);
   parse_placement(r, p.placement);
+  r.optional("delayed_update", &p.delayed_update);
   if (const Json* pf = r.child("prefetch", false)) {
     JsonReader fr(*pf, r.path_of("prefetch"), issues);
     fr.optional("depth", &p.prefetch.depth, 0, kMaxDegree);
@@ -173,6 +174,8 @@ Json semantic_json(const Plan& p) {
                     {"gradients", enum_name(p.placement.gradients)},
                     {"optimizer_states", enum_name(p.placement.optimizer_states)},
                     {"activations", enum_name(p.placement.activations)}};
+  // Written only when set: a plan without it keeps the store key it had before the key existed.
+  if (p.delayed_update) j["delayed_update"] = true;
   j["prefetch"] = {{"depth", p.prefetch.depth}, {"direction", enum_name(p.prefetch.direction)}};
   switch (p.expert_replicas.kind) {
     case ExpertReplicas::Kind::kNone:

@@ -117,6 +117,10 @@ struct Plan : ConfigMeta {
   std::optional<double> capacity_factor;  // nullopt = dropless
   int64_t grad_bucket_bytes = kDefaultGradBucketBytes;
   Placement placement;
+  // ZeRO-Offload's one-step delayed parameter update (Ren et al., USENIX ATC '21, section 4.2):
+  // the host's optimizer step over step i's gradients runs beside step i+1's forward and backward,
+  // which compute with the parameters one update behind. Needs optimizer states off the GPU.
+  bool delayed_update = false;
   Prefetch prefetch;
   ExpertReplicas expert_replicas;
   int ring_sections = 0;

@@ -20,6 +20,8 @@ std::string_view stream_name(StreamKind s) {
       return "pp_comm";
     case StreamKind::kCopy:
       return "copy";
+    case StreamKind::kHost:
+      return "host";
   }
   return "?";
 }

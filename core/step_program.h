@@ -25,8 +25,10 @@
 
 namespace switchyard {
 
-enum class StreamKind { kCompute, kTpComm, kCpComm, kEpComm, kDpComm, kPpComm, kCopy };
-inline constexpr int kNumStreams = 7;
+// kHost: work of the host's cores beside the GPU (the delayed update of offloaded optimizer
+// states).
+enum class StreamKind { kCompute, kTpComm, kCpComm, kEpComm, kDpComm, kPpComm, kCopy, kHost };
+inline constexpr int kNumStreams = 8;
 std::string_view stream_name(StreamKind s);
 
 enum class OpKind {
@@ -89,9 +91,12 @@ struct OpTemplate {
   double flops = 0;  // executed FLOPs (reported in traces)
   Collective collective = Collective::kAllReduce;
   CommGroup group = CommGroup::kNone;
-  bool on_cpu = false;                   // kOptimizer: host Adam (ZeRO-Offload)
-  double host_down_bytes = 0;            // on_cpu: the gradients the host updates with, over PCIe
-  double host_up_bytes = 0;              // on_cpu: the updated parameters back to the GPU
+  bool on_cpu = false;         // kOptimizer: host Adam (ZeRO-Offload)
+  bool delayed = false;        // on_cpu: the previous step's update, on the host beside this step's
+                               // compute (Plan::delayed_update); later step ops wait for it
+  double host_down_bytes = 0;  // on_cpu: the gradients the host updates with, over PCIe
+  double host_up_bytes = 0;    // on_cpu: the updated parameters back to the GPU
+  double ssd_state_bytes = 0;  // on_cpu, states on SSD: read into host memory and written back
   CopyPath copy = CopyPath::kHostToGpu;  // kCopy
   bool async = false;             // nothing in the unit waits for it (gradient buckets, prefetches)
   int wait_for = -1;              // index (same op list) of one more op this one waits for: the

@@ -206,6 +206,12 @@ void check_storage(Checker& c, const Plan& p, const ModelSpec& m, const ClusterS
                 "\"ssd\" but cluster \"" + cl.name + "\" has no SSD (host.ssd_bytes = 0)");
   if (!m.moe && p.placement.expert_params != Tier::kGPU)
     c.fail("plan.placement.expert_params", "a dense model has no expert parameters to place");
+  if (p.delayed_update) {
+    c.require(p.placement.optimizer_states != Tier::kGPU, "plan.delayed_update",
+              "delays the host's optimizer step, but placement.optimizer_states is \"gpu\"");
+    c.require(w.mode == Mode::kTrain, "plan.delayed_update",
+              "is a training option; the workload's mode is \"inference\"");
+  }
 
   if (p.prefetch.direction != PrefetchDirection::kNone) {
     // Ring-memory inference keeps every parameter in host memory: prefetching overlaps the ring.

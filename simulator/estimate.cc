@@ -168,6 +168,7 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   const ListTime head_b = sum_ops(kinds.head.backward, frame, c, prof, prec);
   std::vector<UnitTime> stage(static_cast<size_t>(pp));
   std::vector<double> step_s(static_cast<size_t>(pp), 0.0);
+  std::vector<double> delayed_s(static_cast<size_t>(pp), 0.0);  // beside the step, on the host
   for (int s = 0; s < pp; ++s) {
     UnitTime& u = stage[static_cast<size_t>(s)];
     u.depth = plan.prefetch.ahead() ? plan.prefetch.depth : 0;
@@ -176,7 +177,8 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
     if (s == 0) u.add(embed_f, embed_b, 1);
     if (s == pp - 1) u.add(head_f, head_b, 1);
     for (const OpTemplate& op : kinds.step_ops[static_cast<size_t>(s)])
-      step_s[static_cast<size_t>(s)] += op_cost(op, frame, c, prof, prec).time_s;
+      (op.delayed ? delayed_s : step_s)[static_cast<size_t>(s)] +=
+          op_cost(op, frame, c, prof, prec).time_s;
   }
 
   // Pipeline: m units of the slowest stage, plus the fill and drain of the others (divided by vp
@@ -197,9 +199,11 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   const double pipe = micro_batches * tau_max + fill + 2.0 * (pp - 1) * p2p;
 
   // Each stage ends its last backward earlier the further it is from stage 0; gradient buckets
-  // overlap that last backward unit; the optimizer step follows.
+  // overlap that last backward unit; the optimizer step follows (a delayed update runs from the
+  // step's start beside everything else; what follows it waits for it).
   double step_time = 0;
   std::vector<double> dp_exposed_s(static_cast<size_t>(pp), 0.0);
+  std::vector<double> delayed_exposed_s(static_cast<size_t>(pp), 0.0);
   for (int s = 0; s < pp; ++s) {
     const UnitTime& u = stage[static_cast<size_t>(s)];
     const double last_bwd_unit = u.bwd / vp;
@@ -209,7 +213,11 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
     const double dp_exposed = (1 - f) * u.async + std::max(f * u.async - last_bwd_unit,
                                                            u.async > 0 ? f * u.last_bucket : 0.0);
     dp_exposed_s[static_cast<size_t>(s)] = dp_exposed;
-    step_time = std::max(step_time, end + dp_exposed + step_s[static_cast<size_t>(s)]);
+    const double ready = end + dp_exposed;
+    delayed_exposed_s[static_cast<size_t>(s)] =
+        std::max(0.0, delayed_s[static_cast<size_t>(s)] - ready);
+    step_time = std::max(step_time, std::max(ready, delayed_s[static_cast<size_t>(s)]) +
+                                        step_s[static_cast<size_t>(s)]);
   }
   p.step_time_s = step_time;
   p.critical_stage = slowest;
@@ -222,7 +230,8 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   p.time.dp_comm_s = micro_batches * u.comm[static_cast<int>(StreamKind::kDpComm)] +
                      dp_exposed_s[static_cast<size_t>(slowest)];
   p.time.pp_comm_s = 2.0 * (pp - 1) * p2p;
-  p.time.optimizer_s = step_s[static_cast<size_t>(slowest)];
+  p.time.optimizer_s =
+      step_s[static_cast<size_t>(slowest)] + delayed_exposed_s[static_cast<size_t>(slowest)];
   p.time.stall_s = micro_batches * u.stall;
   p.time.bubble_s = std::max(
       0.0, step_time - (p.time.compute_s + p.time.tp_comm_s + p.time.cp_comm_s + p.time.ep_comm_s +

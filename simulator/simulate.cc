@@ -179,14 +179,23 @@ class Simulation {
         }
         prev_unit_last = prev;
       }
-      // The step: after the last unit and every gradient bucket.
+      // The step: after the last unit and every gradient bucket. A delayed update is the previous
+      // step's, on the host from the step's start (steady state); what follows it waits for it.
       int32_t prev = prev_unit_last;
+      int32_t delayed = kNoInst;
+      bool first = true;
       for (size_t i = 0; i < st.step_ops.size(); ++i) {
         const OpTemplate& op = st.step_ops[i];
         const int32_t id = add(&op, sc.step[i], s, -1, 0, op.stream);
+        if (op.delayed) {
+          delayed = id;
+          continue;
+        }
         edge(prev, id);
-        if (i == 0)
+        edge(delayed, id);
+        if (first)
           for (int32_t a : async_ops) edge(a, id);
+        first = false;
         shadow(id, prev, kNoInst);
         prev = id;
       }
@@ -383,11 +392,25 @@ class Simulation {
     const double step_time = *std::max_element(stage_end.begin(), stage_end.end());
     // After the last compute op: the parameter all-gathers of the distributed optimizer; after the
     // stage's end, waiting for the other stages to finish the step.
+    // A delayed update that outlasts the stage's other work shows as optimizer time.
+    std::vector<double> host_end(static_cast<size_t>(pp), 0.0), before_host(host_end);
+    for (const Inst& in : insts_)
+      if (in.stream == StreamKind::kHost)
+        host_end[static_cast<size_t>(in.stage)] =
+            std::max(host_end[static_cast<size_t>(in.stage)], in.end);
+    for (const Inst& in : insts_)
+      if (in.stream != StreamKind::kHost && in.start < host_end[static_cast<size_t>(in.stage)])
+        before_host[static_cast<size_t>(in.stage)] =
+            std::max(before_host[static_cast<size_t>(in.stage)], in.end);
     for (int s = 0; s < pp; ++s) {
       TimeBreakdown& b = br[static_cast<size_t>(s)];
-      b.dp_comm_s += std::max(
-          0.0, stage_end[static_cast<size_t>(s)] - compute_prev_end[static_cast<size_t>(s)]);
-      b.bubble_s += step_time - stage_end[static_cast<size_t>(s)];
+      const size_t i = static_cast<size_t>(s);
+      const double tail = std::max(0.0, stage_end[i] - compute_prev_end[i]);
+      const double host = std::min(
+          tail, std::max(0.0, host_end[i] - std::max(before_host[i], compute_prev_end[i])));
+      b.optimizer_s += host;
+      b.dp_comm_s += tail - host;
+      b.bubble_s += step_time - stage_end[i];
     }
     // Report the busiest stage: the one that waits least decides the step.
     int critical = 0;
@@ -472,6 +495,9 @@ class Simulation {
     switch (d.stream) {
       case StreamKind::kCopy:
         b.stall_s += gap;
+        break;
+      case StreamKind::kHost:
+        b.optimizer_s += gap;
         break;
       case StreamKind::kPpComm: {
         // The transfer itself is pipeline communication; waiting for the producer is bubble.

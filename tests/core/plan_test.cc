@@ -19,6 +19,7 @@ TEST(PlanSpec, DefaultsMakeOneGpuWithNothingSharded) {
   EXPECT_FALSE(p.capacity_factor);
   EXPECT_EQ(p.grad_bucket_bytes, kDefaultGradBucketBytes);
   EXPECT_EQ(p.placement.optimizer_states, Tier::kGPU);
+  EXPECT_FALSE(p.delayed_update);
   EXPECT_EQ(p.expert_replicas.kind, ExpertReplicas::Kind::kNone);
   EXPECT_EQ(p.expert_dp(), 1);
 }

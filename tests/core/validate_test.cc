@@ -140,6 +140,15 @@ TEST_F(ValidateTest, StorageTiersMustExist) {
   expect_issue("plan.prefetch", "everything is on the GPU");
 }
 
+TEST_F(ValidateTest, DelayedUpdateNeedsOffloadedOptimizerStatesAndTraining) {
+  plan_.delayed_update = true;
+  expect_issue("plan.delayed_update", "placement.optimizer_states is \"gpu\"");
+  plan_.placement.optimizer_states = Tier::kCPU;
+  EXPECT_TRUE(issues().empty());
+  workload_.mode = Mode::kInference;
+  expect_issue("plan.delayed_update", "the workload's mode is \"inference\"");
+}
+
 TEST_F(ValidateTest, ReplicasNeedExpertParallelism) {
   plan_.expert_replicas.kind = ExpertReplicas::Kind::kHot;
   plan_.expert_replicas.hot_experts = 65;
