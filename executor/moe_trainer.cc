@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <future>
 #include <numeric>
 #include <optional>
 #include <stdexcept>
@@ -178,6 +179,14 @@ struct MoeTrainer::Impl : ModelShape {
       CopyEngine::Ticket ticket = 0;
     } offload[2];
     bool grads_off() const { return grads_tier != Tier::kGPU; }
+    // Delayed update (TrainSettings::delayed_update): the update of the step before, not applied
+    // yet. Off-device states: the host's Adam running on `update` (over `master`, from
+    // `host_grads`); device states: its reduced gradients kept in `pending_grads`.
+    Buffer pending_grads;
+    bool pending = false;
+    int64_t pending_t = 0;                    // Adam's step count of that update
+    size_t pending_first = 0, pending_n = 0;  // the elements it updates
+    std::future<void> update;  // last: destroyed (waited for) before the buffers it uses
   } dense, expert;
   int grad_turn = 0;   // the device gradient slot the next unit uses
   int grad_unit = -1;  // the unit whose gradients the slots take now
@@ -245,7 +254,7 @@ struct MoeTrainer::Impl : ModelShape {
     for (Space* sp : {&dense, &expert}) {
       if (sp->values_tier == Tier::kSSD) sp->values.evict();
       if (sp->grads_tier == Tier::kSSD) sp->grads.evict();
-      if (sp->states_tier == Tier::kSSD) {
+      if (sp->states_tier == Tier::kSSD && !sp->update.valid()) {
         sp->m.evict();
         sp->v.evict();
       }
@@ -1215,6 +1224,78 @@ struct MoeTrainer::Impl : ModelShape {
     return loss;
   }
 
+  // Adam's bias corrections at step count t.
+  std::pair<float, float> bias_corrections(int64_t t) const {
+    return {static_cast<float>(1.0 - std::pow(s.beta1, static_cast<double>(t))),
+            static_cast<float>(1.0 - std::pow(s.beta2, static_cast<double>(t)))};
+  }
+
+  // Delayed update: this step's reduced gradients [first, first + n) start their update. Device
+  // states keep the gradients for the next step to apply; off-device ones go to the host, whose
+  // cores run Adam over the master copy while the next step computes.
+  void stash_update(Space& sp, const float* gsrc, size_t first, size_t n) {
+    sp.pending = true;
+    sp.pending_t = steps_done;
+    sp.pending_first = first;
+    sp.pending_n = n;
+    if (n == 0) return;
+    if (sp.states_tier == Tier::kGPU) {
+      dev.copy(sp.pending_grads.data(), gsrc, n * sizeof(float));
+      return;
+    }
+    CopyEngine& ce = *engine;
+    ce.wait(ce.submit(sp.host_grads.data(), gsrc, n * sizeof(float), "grad_offload"));
+    collect_copies(std::nullopt);
+    const auto [c1, c2] = bias_corrections(sp.pending_t);
+    float* master = sp.master.as<float>() + first;
+    const float* g = sp.host_grads.as<float>();
+    float *m = sp.m.as<float>(), *v = sp.v.as<float>();
+    const size_t threads = static_cast<size_t>(std::max(1, s.host_threads));
+    const TrainSettings& ts = s;
+    Space* space = &sp;
+    sp.update = std::async(std::launch::async, [=, &ts] {
+      parallel_for(n, size_t{1} << 14, threads, [&](size_t b, size_t e) {
+        host_adam(master + b, g + b, m + b, v + b, e - b, ts.lr, ts.beta1, ts.beta2, ts.eps, c1,
+                  c2);
+      });
+      // States on SSD go back to their files once updated (evict_ssd skips them meanwhile).
+      if (space->states_tier == Tier::kSSD) {
+        space->m.evict();
+        space->v.evict();
+      }
+    });
+  }
+
+  // Delayed update: the update stash_update started, applied to the values (waiting for the host's
+  // Adam); ZeRO-1 then gathers the updated shards.
+  void apply_pending(Space& sp, ProgramOpCursor& op, bool experts_space) {
+    if (!sp.pending) return;
+    sp.pending = false;
+    const size_t first = sp.pending_first, n = sp.pending_n;
+    float* values = sp.values.as<float>();
+    if (n > 0 && sp.states_tier == Tier::kGPU) {
+      const auto [c1, c2] = bias_corrections(sp.pending_t);
+      dev.adam(values + first, sp.pending_grads.as<float>(), sp.m.as<float>(), sp.v.as<float>(), n,
+               s.lr, s.beta1, s.beta2, s.eps, c1, c2);
+    } else if (n > 0) {
+      sp.update.get();  // rethrows what the host's update threw
+      const float* master = sp.master.as<float>();
+      if (sp.values_tier == Tier::kGPU) {
+        CopyEngine& ce = *engine;
+        ce.wait(ce.submit(values + first, master + first, n * sizeof(float), "param_upload"));
+        collect_copies(std::nullopt);
+      } else {
+        std::memcpy(values + first, master + first, n * sizeof(float));  // host memory or SSD map
+      }
+    }
+    const int ranks = sp.group->size();
+    if (s.zero_stage >= 1 && ranks > 1) {
+      op.at(experts_space ? "edp_param_all_gather" : "dp_param_all_gather");
+      sp.group->all_gather(values + first, values, sp.padded / static_cast<size_t>(ranks),
+                           DType::kFloat32);
+    }
+  }
+
   // Sums a space's gradients over its group and applies Adam (ZeRO-1: on this rank's shard), in
   // place on the space's flat buffers.
   void reduce_and_update(Space& sp) {
@@ -1248,11 +1329,16 @@ struct MoeTrainer::Impl : ModelShape {
                                                      DType::kFloat32, ReduceOp::kSum));
       for (auto& op : pending) op->wait();
     }
-    const double t = static_cast<double>(steps_done);
-    const float c1 = static_cast<float>(1.0 - std::pow(s.beta1, t));
-    const float c2 = static_cast<float>(1.0 - std::pow(s.beta2, t));
+    const auto [c1, c2] = bias_corrections(steps_done);
     op.at("optimizer");
     const size_t n_upd = first < sp.total ? std::min(count, sp.total - first) : 0;
+    if (s.delayed_update) {
+      // ZeRO-Offload's delayed update: apply the previous step's update (the host's, waited for),
+      // then start this step's, which the next step's forward and backward run beside.
+      apply_pending(sp, op, experts_space);
+      stash_update(sp, gsrc, first, n_upd);
+      return;
+    }
     if (sp.states_tier == Tier::kGPU) {
       if (n_upd > 0)
         dev.adam(values + first, gsrc, sp.m.as<float>(), sp.v.as<float>(), n_upd, s.lr, s.beta1,
@@ -1318,13 +1404,19 @@ struct MoeTrainer::Impl : ModelShape {
           dev.memory().allocate(Tier::kGPU, states * sizeof(float), "reduced gradient shard");
     sp.m = dev.memory().allocate(sp.states_tier, states * sizeof(float), "Adam momentum");
     sp.v = dev.memory().allocate(sp.states_tier, states * sizeof(float), "Adam variance");
-    if (sp.states_tier != Tier::kGPU && !sp.grads_off()) {
+    // (A delayed update reads its own copy of the gradients and updates its own master copy: the
+    // next step makes new gradients and computes with the values meanwhile.)
+    const bool off = sp.states_tier != Tier::kGPU;
+    if (off && (!sp.grads_off() || s.delayed_update)) {
       sp.host_grads =
           dev.memory().allocate(Tier::kCPU, states * sizeof(float), what + " gradients (host)");
     }
-    if (sp.states_tier != Tier::kGPU && sp.values_tier == Tier::kGPU)
+    if (off && (sp.values_tier == Tier::kGPU || s.delayed_update))
       sp.master =
           dev.memory().allocate(Tier::kCPU, sp.padded * sizeof(float), what + " (host master)");
+    if (!off && s.delayed_update)
+      sp.pending_grads = dev.memory().allocate(Tier::kGPU, states * sizeof(float),
+                                               what + " gradients (delayed update)");
     if (!sp.streamed() && !sp.grads_off()) return;
     // Fetch units: each parameter belongs to the embedding, a layer ("layer<l>.") or the head.
     sp.unit_range.assign(static_cast<size_t>(layers) + 2, {0, 0});
@@ -1681,6 +1773,15 @@ StepStats MoeTrainer::step(int64_t step_index) {
   if (I.g.pp && I.g.pp->size() > 1)
     I.g.pp->all_reduce(&st.loss, 1, DType::kFloat64, ReduceOp::kSum);
   return st;
+}
+
+void MoeTrainer::finish_update() {
+  Impl& I = *impl_;
+  ProgramOpCursor op(OpPhase::kStep);
+  op.at("optimizer");
+  I.apply_pending(I.dense, op, false);
+  if (!I.expert.members.empty()) I.apply_pending(I.expert, op, true);
+  I.evict_ssd();
 }
 
 std::vector<float> MoeTrainer::values(const Parameter& p) const {

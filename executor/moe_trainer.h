@@ -67,6 +67,11 @@ struct TrainSettings {
   // states are updated on the host (gradients down, Adam, parameters up when they live on the
   // device).
   Placement placement;
+  // ZeRO-Offload's one-step delayed update (Plan::delayed_update): a step's update is applied at
+  // the end of the next step, whose forward and backward compute with the values one update
+  // behind; off-device states are updated by the host's cores meanwhile. finish_update() applies
+  // the last one.
+  bool delayed_update = false;
   int prefetch_depth = 0;
   // Host threads for the host's share of an offloaded update (Adam over off-device states, the
   // sums of off-device gradients): 1 where the device is the CPU (each rank owns a core); beside a
@@ -152,6 +157,9 @@ class MoeTrainer {
   // The forward and backward only: this rank's gradients (of its share of the global batch's
   // mean loss) in parameters(), nothing reduced or updated; the loss of this rank's share.
   StepStats forward_backward(int64_t step_index);
+  // Delayed update: applies the update still pending (waiting for the host's), so that the values
+  // are those of every step taken. Nothing to do otherwise.
+  void finish_update();
   // This rank's parameters (dense ones replicated, its experts').
   const std::vector<Parameter>& parameters() const { return params_; }
   // A parameter's values (or gradients) copied to the host, from whichever tier holds them.

@@ -116,6 +116,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
   s.seed = f.seed;
   // Hierarchical storage: what the plan keeps off the device, fetched `depth` layers ahead.
   s.placement = plan.placement;
+  s.delayed_update = plan.delayed_update;
   s.prefetch_depth = plan.prefetch.ahead() ? plan.prefetch.depth : 0;
   // The host's share of an offloaded update: one thread per rank on the CPU backend (a rank is a
   // core); beside GPUs, the node's cores divided among its ranks.
@@ -214,6 +215,9 @@ int cmd_run(const Common& common, const RunFlags& f) {
           loss_err = std::max(loss_err, std::abs(losses[static_cast<size_t>(i - f.warmup)] - want) /
                                             std::max(std::abs(want), 1e-30));
       }
+      // (A delayed update's last update: applied on both before they are compared.)
+      trainer->finish_update();
+      ref->finish_update();
       const ParameterError perr = parameter_error(*trainer, *ref);
       param_err = perr.relative;
       double errs[2] = {loss_err, param_err};

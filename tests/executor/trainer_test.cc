@@ -182,6 +182,23 @@ namespace {
 // SE-MoE's hierarchical storage in the trainer: parameters on the host or on SSD, fetched into
 // device slots ahead of use, and the optimizer states updated on the host, train exactly what the
 // all-on-device trainer trains; the device arena holds only what the placement keeps there.
+// Where each tensor class lives, and how many layers ahead (and on how many host threads, depth +
+// 1: the host's update gives the same arithmetic on any number) the runner fetches.
+struct PlacementCase {
+  Tier dense, expert, states, grads;
+  int depth;
+};
+
+TrainSettings placed(TrainSettings s, const PlacementCase& c) {
+  s.placement.dense_params = c.dense;
+  s.placement.expert_params = c.expert;
+  s.placement.optimizer_states = c.states;
+  s.placement.gradients = c.grads;
+  s.prefetch_depth = c.depth;
+  s.host_threads = c.depth + 1;
+  return s;
+}
+
 TEST(MoeTrainer, OffloadedParametersAndOptimizerStatesTrainAsOnTheDevice) {
   const ModelSpec m = testing::bundled().load_model("tiny-moe");
   TrainSettings s;
@@ -189,24 +206,14 @@ TEST(MoeTrainer, OffloadedParametersAndOptimizerStatesTrainAsOnTheDevice) {
   s.seq_len = 32;
   Single ref(m, s);
   for (int i = 0; i < 3; ++i) ref.trainer->step(i);
-  struct Case {
-    Tier dense, expert, states, grads;
-    int depth;
-  };
-  for (const Case& c : {Case{Tier::kGPU, Tier::kGPU, Tier::kCPU, Tier::kGPU, 0},
-                        Case{Tier::kCPU, Tier::kCPU, Tier::kCPU, Tier::kGPU, 1},
-                        Case{Tier::kGPU, Tier::kSSD, Tier::kSSD, Tier::kGPU, 2},
-                        Case{Tier::kSSD, Tier::kCPU, Tier::kCPU, Tier::kGPU, 0},
-                        Case{Tier::kGPU, Tier::kGPU, Tier::kCPU, Tier::kCPU, 0},
-                        Case{Tier::kCPU, Tier::kSSD, Tier::kSSD, Tier::kSSD, 1}}) {
-    TrainSettings o = s;
-    o.placement.dense_params = c.dense;
-    o.placement.expert_params = c.expert;
-    o.placement.optimizer_states = c.states;
-    o.placement.gradients = c.grads;
-    o.prefetch_depth = c.depth;
-    o.host_threads = c.depth + 1;  // the host's update on 1 to 3 threads: the same arithmetic
-    Single run(m, o);
+  using C = PlacementCase;
+  for (const C& c : {C{Tier::kGPU, Tier::kGPU, Tier::kCPU, Tier::kGPU, 0},
+                     C{Tier::kCPU, Tier::kCPU, Tier::kCPU, Tier::kGPU, 1},
+                     C{Tier::kGPU, Tier::kSSD, Tier::kSSD, Tier::kGPU, 2},
+                     C{Tier::kSSD, Tier::kCPU, Tier::kCPU, Tier::kGPU, 0},
+                     C{Tier::kGPU, Tier::kGPU, Tier::kCPU, Tier::kCPU, 0},
+                     C{Tier::kCPU, Tier::kSSD, Tier::kSSD, Tier::kSSD, 1}}) {
+    Single run(m, placed(s, c));
     double copied = 0;
     for (int i = 0; i < 3; ++i) {
       const StepStats st = run.trainer->step(i);
@@ -233,6 +240,54 @@ TEST(MoeTrainer, OffloadedParametersAndOptimizerStatesTrainAsOnTheDevice) {
     EXPECT_GT(off, 0);
     if (c.dense != Tier::kGPU && c.expert != Tier::kGPU)
       EXPECT_LT(mem.in_use(Tier::kGPU), ref.dev->memory().in_use(Tier::kGPU) / 2);
+  }
+}
+
+// ZeRO-Offload's delayed update: step i+1 computes with the values before step i's update, which
+// the end of step i+1 applies (finish_update() the last one). The host's update of offloaded states
+// (beside the next step, on 1 to 3 threads) gives what the device's delayed update gives.
+TEST(MoeTrainer, DelayedUpdateComputesOneUpdateBehindAndAppliesEveryUpdate) {
+  const ModelSpec m = testing::bundled().load_model("tiny-moe");
+  TrainSettings s;
+  s.global_batch = 2;
+  s.seq_len = 32;
+  TrainSettings d = s;
+  d.delayed_update = true;
+  Single sync(m, s), delayed(m, d), fresh(m, s);
+  const std::vector<float> initial = delayed.trainer->values(delayed.trainer->parameters()[0]);
+  // Step 0 starts an update and applies none; finished, it is the synchronous step's.
+  delayed.trainer->step(0);
+  sync.trainer->step(0);
+  EXPECT_EQ(delayed.trainer->values(delayed.trainer->parameters()[0]), initial);
+  // Step 1 computes with the initial values: its loss is the fresh model's on batch 1.
+  const double stale_loss = delayed.trainer->step(1).loss;
+  EXPECT_EQ(stale_loss, fresh.trainer->forward_backward(1).loss);
+  EXPECT_NE(sync.trainer->step(1).loss, stale_loss);
+  // After step 1 the values are those after step 0's update.
+  Single one(m, s);
+  one.trainer->step(0);
+  EXPECT_EQ(parameter_error(*delayed.trainer, *one.trainer).relative, 0.0);
+  delayed.trainer->step(2);
+  delayed.trainer->finish_update();
+  delayed.trainer->finish_update();  // nothing left: no change
+  // Three updates from stale gradients are not the synchronous three.
+  sync.trainer->step(2);
+  EXPECT_GT(parameter_error(*delayed.trainer, *sync.trainer).relative, 0.0);
+
+  using C = PlacementCase;
+  for (const C& c : {C{Tier::kGPU, Tier::kGPU, Tier::kCPU, Tier::kGPU, 0},
+                     C{Tier::kCPU, Tier::kGPU, Tier::kCPU, Tier::kGPU, 1},
+                     C{Tier::kGPU, Tier::kSSD, Tier::kSSD, Tier::kGPU, 2},
+                     C{Tier::kGPU, Tier::kGPU, Tier::kCPU, Tier::kCPU, 0}}) {
+    Single run(m, placed(d, c));
+    for (int i = 0; i < 3; ++i) run.trainer->step(i);
+    run.trainer->finish_update();
+    const ParameterError err = parameter_error(*run.trainer, *delayed.trainer);
+    // As in the synchronous case: bit for bit, but for host-summed off-device gradients.
+    if (c.grads == Tier::kGPU)
+      EXPECT_EQ(err.relative, 0.0) << "worst " << err.worst << " depth " << c.depth;
+    else
+      EXPECT_LT(err.relative, 1e-5) << "worst " << err.worst;
   }
 }
 

@@ -364,6 +364,32 @@ TEST_F(RunCliTest, HierarchicalStorageTrainsAsOnTheDeviceAndItsCopiesAreMeasured
 #endif
 }
 
+// The delayed update on 4 ranks: the host's Adam runs beside the next step; the run matches the
+// one-process reference that delays its updates alike.
+TEST_F(RunCliTest, TheDelayedUpdateMatchesTheReferenceThatDelaysAlike) {
+#ifndef SWITCHYARD_MPIEXEC
+  GTEST_SKIP() << "built without MPI";
+#else
+  Json plan;
+  {
+    std::ifstream in(std::string(SWITCHYARD_CONFIG_DIR) + "/plans/tiny-moe-offload.json");
+    plan = Json::parse(in);
+  }
+  plan["name"] = "tiny-moe-offload-delayed";
+  plan["delayed_update"] = true;
+  {
+    std::ofstream out(path("delayed.json"));
+    out << plan.dump(2);
+  }
+  const Result r = sh(kMpi + kCli + " run --plan " + path("delayed.json") +
+                      " --steps 2 --warmup 1 --check --json --no-db");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const Json out = json_of(r);
+  EXPECT_TRUE(out["check"]["passed"].get<bool>()) << out["check"].dump();
+  EXPECT_TRUE(expect_program_and_run_agree(out).count("step optimizer"));
+#endif
+}
+
 TEST_F(RunCliTest, PlansItCannotRunAreRefusedWithTheirPaths) {
   const std::string plan = path("tp.json");
   std::ofstream(plan) << R"({"schema_version": 1, "name": "tp", "dp": 2, "tp": 2, "ep": 2,
