@@ -43,6 +43,8 @@ std::vector<StoragePreset> storage_presets(const ModelSpec& m, const ClusterSpec
   zero_offload.gradients = Tier::kCPU;
   zero_offload.optimizer_states = Tier::kCPU;
   out.push_back({"offload-optimizer", zero_offload, {}});
+  // ZeRO-Offload's delayed update: the host's step beside the next step.
+  out.push_back({"offload-optimizer-delayed", zero_offload, {}, true});
   // The bulk of an MoE model's parameters are its experts: those move; a dense model moves its
   // layers' parameters.
   Placement params = zero_offload;
@@ -309,6 +311,7 @@ Plan SearchSpace::plan(int64_t unit, int64_t index) const {
   const StoragePreset& st = storage_[take(storage_.size())];
   p.placement = st.placement;
   p.prefetch = st.prefetch;
+  p.delayed_update = st.delayed_update;
   p.capacity_factor = options_.capacity_factors[take(options_.capacity_factors.size())];
   p.recompute = recompute_[take(recompute_.size())];
   p.zero_stage = zero_[take(zero_.size())];

@@ -37,7 +37,7 @@ namespace switchyard {
 
 // Bump when the enumeration order or the record format changes: stored sweeps of another version
 // are not reused.
-inline constexpr int kSpaceVersion = 1;
+inline constexpr int kSpaceVersion = 2;
 
 struct SpaceOptions {
   std::vector<int> gpus;  // GPU counts to search (each one a cluster variant); at least one
@@ -55,6 +55,7 @@ struct StoragePreset {
   std::string name;
   Placement placement;
   Prefetch prefetch;
+  bool delayed_update = false;
 };
 
 // What the sweep keeps of one evaluated candidate (fixed size: units are stored as packed arrays).

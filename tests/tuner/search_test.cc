@@ -115,9 +115,10 @@ TEST(SearchSpace, StorageNamesMatchTheDecodedPlacement) {
     names.insert(name);
     const bool on_gpu = p.placement == Placement{} && p.prefetch == Prefetch{};
     EXPECT_EQ(name == "gpu", on_gpu) << name;
-    if (name == "offload-optimizer") {
+    if (name.rfind("offload-optimizer", 0) == 0) {
       EXPECT_EQ(p.placement.optimizer_states, Tier::kCPU);
     }
+    EXPECT_EQ(p.delayed_update, name == "offload-optimizer-delayed") << name;
     if (name.find("prefetch2") != std::string::npos) {
       EXPECT_EQ(p.prefetch.depth, 2);
     }
