@@ -31,25 +31,28 @@ std::vector<RankExperts> expert_rank_loads(const ModelSpec& m, const Plan& plan,
                                           : std::numeric_limits<double>::infinity();
   const auto per_copy = [&](int64_t e, int c) { return std::min(share[e] / c, cap); };
   std::vector<RankExperts> ranks(static_cast<size_t>(ep));
-  std::vector<std::vector<int>> holders(static_cast<size_t>(experts));  // ranks holding a copy
   const int64_t per_rank = std::max<int64_t>(experts / ep, 1);
-  for (int64_t e = 0; e < experts; ++e) {
-    const int home = static_cast<int>(std::min<int64_t>(e / per_rank, ep - 1));
-    holders[e].push_back(home);
-    ranks[static_cast<size_t>(home)].share += per_copy(e, copies[e]);
-  }
+  const auto home_of = [&](int64_t e) {
+    return static_cast<int>(std::min<int64_t>(e / per_rank, ep - 1));
+  };
+  for (int64_t e = 0; e < experts; ++e)
+    ranks[static_cast<size_t>(home_of(e))].share += per_copy(e, copies[e]);
+  std::vector<std::pair<int64_t, int>> placed;  // extra copies (expert, rank), in order
+  const auto holds = [&](int64_t e, int k) {
+    return home_of(e) == k ||
+           std::find(placed.begin(), placed.end(), std::pair{e, k}) != placed.end();
+  };
   // The least loaded rank that does not hold expert e yet (a second copy on one rank would split
   // nothing); -1 when every rank holds one.
   const auto least_loaded_without = [&](int64_t e) {
     int best = -1;
     for (int k = 0; k < ep; ++k) {
-      if (std::find(holders[e].begin(), holders[e].end(), k) != holders[e].end()) continue;
+      if (holds(e, k)) continue;
       if (best < 0 || ranks[static_cast<size_t>(k)].share < ranks[static_cast<size_t>(best)].share)
         best = k;
     }
     return best;
   };
-  std::vector<std::pair<int64_t, int>> placed;  // extra copies (expert, rank), in order
   if (r.kind == ExpertReplicas::Kind::kPerExpert) {
     // Copies as the plan lists them: each extra copy, hottest first, to the least loaded rank.
     std::vector<std::pair<int64_t, double>> extras;
@@ -60,7 +63,6 @@ std::vector<RankExperts> expert_rank_loads(const ModelSpec& m, const Plan& plan,
     for (const auto& [e, s] : extras) {
       const int best = least_loaded_without(e);
       if (best < 0) continue;  // more copies than ranks: every rank has one
-      holders[e].push_back(best);
       placed.push_back({e, best});
       ranks[static_cast<size_t>(best)].share += s;
     }
@@ -86,16 +88,17 @@ std::vector<RankExperts> expert_rank_loads(const ModelSpec& m, const Plan& plan,
         candidates.erase(std::find(candidates.begin(), candidates.end(), pick));
         continue;
       }
-      for (int h : holders[pick]) ranks[static_cast<size_t>(h)].share += after - before;
+      ranks[static_cast<size_t>(home_of(pick))].share += after - before;
+      for (const auto& [e, k] : placed)
+        if (e == pick) ranks[static_cast<size_t>(k)].share += after - before;
       ranks[static_cast<size_t>(target)].share += after;
-      holders[pick].push_back(target);
       placed.push_back({pick, target});
       ++copies[pick];
     }
   }
   // Each rank's copies: its home experts in order, then the extra copies in the order placed.
   for (int64_t e = 0; e < experts; ++e)
-    ranks[static_cast<size_t>(holders[e][0])].copies.push_back(
+    ranks[static_cast<size_t>(home_of(e))].copies.push_back(
         {static_cast<int>(e), per_copy(e, copies[e])});
   for (const auto& [e, rank] : placed)
     ranks[static_cast<size_t>(rank)].copies.push_back(

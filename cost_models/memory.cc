@@ -221,7 +221,7 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
   const bool train = w.mode == Mode::kTrain;
   // Elastic replicas: the rank holding the most expert copies (where the placement put them).
   int64_t extra_copies = 0;
-  if (m.moe && plan.ep > 0) {
+  if (m.moe && plan.ep > 0 && plan.expert_replicas.kind != ExpertReplicas::Kind::kNone) {
     size_t most = 0;
     for (const RankExperts& r : expert_rank_loads(m, plan, w))
       most = std::max(most, r.copies.size());
