@@ -232,6 +232,7 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   p.time.pp_comm_s = 2.0 * (pp - 1) * p2p;
   p.time.optimizer_s =
       step_s[static_cast<size_t>(slowest)] + delayed_exposed_s[static_cast<size_t>(slowest)];
+  p.delayed_update_s = delayed_s[static_cast<size_t>(slowest)];
   p.time.stall_s = micro_batches * u.stall;
   p.time.bubble_s = std::max(
       0.0, step_time - (p.time.compute_s + p.time.tp_comm_s + p.time.cp_comm_s + p.time.ep_comm_s +

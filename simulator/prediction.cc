@@ -12,6 +12,7 @@ Json to_json(const Prediction& p) {
   Json j;
   j["fidelity"] = p.fidelity;
   j["step_time_s"] = p.step_time_s;
+  j["delayed_update_s"] = p.delayed_update_s;
   j["tokens_per_step"] = p.tokens_per_step;
   j["tokens_per_s"] = p.tokens_per_s;
   j["tokens_per_s_per_gpu"] = p.tokens_per_s_per_gpu;

@@ -63,6 +63,9 @@ struct Prediction {
   int gpus = 0;
   int critical_stage = 0;  // the busiest pipeline stage (least waiting); `time` is its breakdown
   TimeBreakdown time;
+  // The host's delayed update (Plan::delayed_update) on that stage: it runs beside the step; what
+  // outlasts the step's other work is in time.optimizer_s.
+  double delayed_update_s = 0;
   MemoryBreakdown memory;  // of the stage with the highest GPU peak
   TierBytes peak;          // per tier, that stage
   int peak_stage = 0;

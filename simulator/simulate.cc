@@ -419,6 +419,9 @@ class Simulation {
         critical = s;
     p.step_time_s = step_time;
     p.critical_stage = critical;
+    for (const Inst& in : insts_)
+      if (in.stream == StreamKind::kHost && in.stage == critical)
+        p.delayed_update_s += in.end - in.start;
     p.time = br[static_cast<size_t>(critical)];
     if (inference_) {
       const double prefill_end =

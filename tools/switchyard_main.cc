@@ -257,6 +257,10 @@ void print_prediction(const sy::Inputs& in, const sy::Prediction& p, const sy::C
       label.resize(18, ' ');
       std::cout << "    " << label << fmt("%9.3f s", v) << "  " << pct(v / total) << "\n";
     }
+  if (p.delayed_update_s > 0)
+    std::cout << "    (the host's delayed update, " << fmt("%.3f s", p.delayed_update_s)
+              << ", ran beside the step: " << fmt("%.3f s", t.optimizer_s)
+              << " of optimizer time exposed)\n";
   std::cout << "  peak memory per GPU (stage " << p.peak_stage << "): gpu " << gib(p.peak.gpu)
             << " of " << gib(hbm) << ", cpu " << gib(p.peak.cpu) << ", ssd " << gib(p.peak.ssd)
             << "\n";

@@ -400,6 +400,8 @@ TEST(Simulate, DelayedUpdateHidesTheHostOptimizerStepUpToTheGpuStep) {
     // The host's update alone: the synchronous step's exposed optimizer time.
     const double host = s.time.optimizer_s;
     ASSERT_GT(host, 0);
+    EXPECT_NEAR(d.delayed_update_s, host, 1e-9 * host);
+    EXPECT_EQ(s.delayed_update_s, 0);
     EXPECT_LT(d.step_time_s, s.step_time_s);
     EXPECT_GE(d.step_time_s, host * (1 - 1e-9));
     EXPECT_NEAR(d.time.total(), d.step_time_s, 1e-6 * d.step_time_s);
@@ -414,6 +416,7 @@ TEST(Simulate, DelayedUpdateHidesTheHostOptimizerStepUpToTheGpuStep) {
     // The closed form agrees.
     const Prediction e = estimate(m, cl, delayed, w, prof);
     EXPECT_LE(rel_diff(e.step_time_s, d.step_time_s), 0.10);
+    EXPECT_NEAR(e.delayed_update_s, host, 1e-9 * host);
   }
   // Which of the two regimes each batch is in.
   EXPECT_LT(simulate(m, cl, sync, train(512, 2048), prof).time.optimizer_s,
