@@ -1,6 +1,7 @@
 #include "executor/moe_trainer.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <future>
@@ -186,6 +187,7 @@ struct MoeTrainer::Impl : ModelShape {
     bool pending = false;
     int64_t pending_t = 0;                    // Adam's step count of that update
     size_t pending_first = 0, pending_n = 0;  // the elements it updates
+    std::chrono::steady_clock::time_point update_start, update_end;  // the host's Adam
     std::future<void> update;  // last: destroyed (waited for) before the buffers it uses
   } dense, expert;
   int grad_turn = 0;   // the device gradient slot the next unit uses
@@ -1254,6 +1256,7 @@ struct MoeTrainer::Impl : ModelShape {
     const TrainSettings& ts = s;
     Space* space = &sp;
     sp.update = std::async(std::launch::async, [=, &ts] {
+      space->update_start = std::chrono::steady_clock::now();
       parallel_for(n, size_t{1} << 14, threads, [&](size_t b, size_t e) {
         host_adam(master + b, g + b, m + b, v + b, e - b, ts.lr, ts.beta1, ts.beta2, ts.eps, c1,
                   c2);
@@ -1263,6 +1266,7 @@ struct MoeTrainer::Impl : ModelShape {
         space->m.evict();
         space->v.evict();
       }
+      space->update_end = std::chrono::steady_clock::now();
     });
   }
 
@@ -1274,11 +1278,15 @@ struct MoeTrainer::Impl : ModelShape {
     const size_t first = sp.pending_first, n = sp.pending_n;
     float* values = sp.values.as<float>();
     if (n > 0 && sp.states_tier == Tier::kGPU) {
+      op.at("optimizer");
       const auto [c1, c2] = bias_corrections(sp.pending_t);
       dev.adam(values + first, sp.pending_grads.as<float>(), sp.m.as<float>(), sp.v.as<float>(), n,
                s.lr, s.beta1, s.beta2, s.eps, c1, c2);
     } else if (n > 0) {
+      op.close();       // waiting for the host is no program op's time
       sp.update.get();  // rethrows what the host's update threw
+      // Its span, beside the step, as the program's (host stream) optimizer op.
+      record_host_op("optimizer", OpPhase::kStep, sp.update_start, sp.update_end);
       const float* master = sp.master.as<float>();
       if (sp.values_tier == Tier::kGPU) {
         CopyEngine& ce = *engine;
@@ -1778,7 +1786,6 @@ StepStats MoeTrainer::step(int64_t step_index) {
 void MoeTrainer::finish_update() {
   Impl& I = *impl_;
   ProgramOpCursor op(OpPhase::kStep);
-  op.at("optimizer");
   I.apply_pending(I.dense, op, false);
   if (!I.expert.members.empty()) I.apply_pending(I.expert, op, true);
   I.evict_ssd();

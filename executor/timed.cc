@@ -39,8 +39,11 @@ ProgramOp::~ProgramOp() {
          std::chrono::duration<double>(end - sink_->epoch).count(), true, phase_});
 }
 
-void record_copy_op(const char* name, OpPhase phase, std::chrono::steady_clock::time_point start,
-                    std::chrono::steady_clock::time_point end) {
+namespace {
+
+void record_off_thread_op(const char* name, OpPhase phase,
+                          std::chrono::steady_clock::time_point start,
+                          std::chrono::steady_clock::time_point end, bool copy) {
   OpTimes* sink = program_sink;
   if (!sink) return;
   sink->program_seconds[std::string(op_phase_name(phase)) + " " + name] +=
@@ -48,7 +51,19 @@ void record_copy_op(const char* name, OpPhase phase, std::chrono::steady_clock::
   if (sink->record)
     sink->events.push_back({name, false, std::chrono::duration<double>(start - sink->epoch).count(),
                             std::chrono::duration<double>(end - sink->epoch).count(), true, phase,
-                            true});
+                            copy, !copy});
+}
+
+}  // namespace
+
+void record_copy_op(const char* name, OpPhase phase, std::chrono::steady_clock::time_point start,
+                    std::chrono::steady_clock::time_point end) {
+  record_off_thread_op(name, phase, start, end, true);
+}
+
+void record_host_op(const char* name, OpPhase phase, std::chrono::steady_clock::time_point start,
+                    std::chrono::steady_clock::time_point end) {
+  record_off_thread_op(name, phase, start, end, false);
 }
 
 void record_stall(double seconds) {

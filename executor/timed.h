@@ -29,6 +29,7 @@ struct OpEvent {
   bool program = false;
   OpPhase phase = OpPhase::kForward;
   bool copy = false;  // a copy between tiers (the copy engine's, off the computing thread)
+  bool host = false;  // the host cores' work beside the step (the delayed update), off this thread
 };
 
 struct OpTimes {
@@ -86,6 +87,10 @@ class ProgramOp {
 // current sink's op "<phase> <name>", and its span the sink's events when it records. No-op
 // without a sink.
 void record_copy_op(const char* name, OpPhase phase, std::chrono::steady_clock::time_point start,
+                    std::chrono::steady_clock::time_point end);
+// A program op the host's cores ran beside the step, off this thread (the delayed update's Adam):
+// as record_copy_op, on the host's track.
+void record_host_op(const char* name, OpPhase phase, std::chrono::steady_clock::time_point start,
                     std::chrono::steady_clock::time_point end);
 // The compute thread waited `seconds` for such a copy, ending now: an event named "stall" when
 // the sink records (no program op: the simulator shows a stall as a gap between ops).

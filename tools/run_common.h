@@ -174,14 +174,14 @@ inline std::vector<MeasuredEvent> gather_events(Ranks& ranks,
   for (const OpTimes* t : sources)
     for (const OpEvent& e : t->events)
       mine.push_back({e.op, e.communication, e.start_s, e.end_s,
-                      e.program ? op_phase_name(e.phase) : "", e.copy});
+                      e.program ? op_phase_name(e.phase) : "", e.copy, e.host});
   std::vector<MeasuredEvent> events;
   const std::vector<Json> all = gather_json(ranks, mine);
   for (size_t rank = 0; rank < all.size(); ++rank)
     for (const auto& e : all[rank])
       events.push_back({static_cast<int>(rank), e[0].get<std::string>(), e[1].get<bool>(),
                         e[2].get<double>(), e[3].get<double>(), e[4].get<std::string>(),
-                        e[5].get<bool>()});
+                        e[5].get<bool>(), e[6].get<bool>()});
   return events;
 }
 

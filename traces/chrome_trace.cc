@@ -1,5 +1,6 @@
 #include "traces/chrome_trace.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <stdexcept>
@@ -107,25 +108,31 @@ void write_measured_trace(const std::string& path, const std::vector<MeasuredEve
     std::fprintf(f.get(), R"({"ph":"M","name":"process_name","pid":%d,"args":{"name":"rank %d"}})",
                  r, r);
     static const char* const kTracks[] = {"compute", "communication", "program ops",
-                                          "copies between tiers"};
-    for (int t = 0; t < 4; ++t) {
+                                          "copies between tiers", "host (delayed update)"};
+    for (int t = 0; t < 5; ++t) {
       sep();
       std::fprintf(f.get(),
                    R"({"ph":"M","name":"thread_name","pid":%d,"tid":%d,"args":{"name":"%s"}})", r,
                    t, kTracks[t]);
     }
   }
+  // Work that began before the first measured step (a delayed update started by the step before)
+  // would start before 0: every event shifts so that the earliest starts at 0.
+  double origin = 0;
+  for (const MeasuredEvent& e : events) origin = std::min(origin, e.start_s);
   for (const MeasuredEvent& e : events) {
     sep();
     const bool program = !e.program_phase.empty();
-    const int tid = e.copy ? 3 : program ? 2 : e.communication ? 1 : 0;
-    const std::string cat = e.copy            ? "copy"
+    const int tid = e.host ? 4 : e.copy ? 3 : program ? 2 : e.communication ? 1 : 0;
+    const std::string cat = e.host            ? "host"
+                            : e.copy          ? "copy"
                             : program         ? e.program_phase
                             : e.communication ? "communication"
                                               : "compute";
-    std::fprintf(
-        f.get(), R"({"ph":"X","name":"%s","cat":"%s","pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f})",
-        e.op.c_str(), cat.c_str(), e.rank, tid, e.start_s * 1e6, (e.end_s - e.start_s) * 1e6);
+    std::fprintf(f.get(),
+                 R"({"ph":"X","name":"%s","cat":"%s","pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f})",
+                 e.op.c_str(), cat.c_str(), e.rank, tid, (e.start_s - origin) * 1e6,
+                 (e.end_s - e.start_s) * 1e6);
   }
   std::fputs("\n]}\n", f.get());
   if (std::ferror(f.get())) throw std::runtime_error("error writing trace file " + path);

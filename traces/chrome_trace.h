@@ -29,6 +29,7 @@ struct MeasuredEvent {
   // collective call of class `op`.
   std::string program_phase;
   bool copy = false;  // a copy between tiers (its own track, as the simulator's copy stream)
+  bool host = false;  // the host cores' work beside the step (its own track, as the host stream)
 };
 
 // Writes a measured run's ops in the same format (pid = rank, tid 0 = compute calls, 1 =

@@ -382,11 +382,26 @@ TEST_F(RunCliTest, TheDelayedUpdateMatchesTheReferenceThatDelaysAlike) {
     out << plan.dump(2);
   }
   const Result r = sh(kMpi + kCli + " run --plan " + path("delayed.json") +
-                      " --steps 2 --warmup 1 --check --json --no-db");
+                      " --steps 2 --warmup 1 --check --json --no-db --trace " +
+                      path("delayed_trace.json"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const Json out = json_of(r);
   EXPECT_TRUE(out["check"]["passed"].get<bool>()) << out["check"].dump();
   EXPECT_TRUE(expect_program_and_run_agree(out).count("step optimizer"));
+  // The host's Adam has its own track: per rank, step and space (dense, experts), one update.
+  std::ifstream in(path("delayed_trace.json"));
+  const Json trace = Json::parse(in);
+  int updates = 0;
+  for (const auto& e : trace["traceEvents"]) {
+    if (e.value("ph", "") != "X") continue;
+    EXPECT_GE(e["ts"].get<double>(), 0);
+    if (e.value("tid", -1) == 4) {
+      EXPECT_EQ(e.value("name", ""), "optimizer");
+      EXPECT_GT(e["dur"].get<double>(), 0);
+      ++updates;
+    }
+  }
+  EXPECT_EQ(updates, 4 * 2 * 2);
 #endif
 }
 
