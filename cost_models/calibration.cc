@@ -256,6 +256,20 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
       fitted["ssd_latency_s"] = p.ssd_latency_s;
     }
   }
+  if (!d.host_adam.empty() && c.host.dram_bw_Bps > 0) {
+    // Every rank updated at once: each had its share of the node's DRAM (and its threads).
+    std::vector<double> x, y;
+    for (const TransferSample& t : d.host_adam) {
+      x.push_back(t.bytes);
+      y.push_back(t.time_s);
+    }
+    const LinearFit f = fit_line(x, y, /*through_origin=*/true);
+    if (f.slope > 0) {
+      p.host_optimizer_efficiency =
+          std::min(10.0, std::max(1, d.ranks) / (f.slope * c.host.dram_bw_Bps));
+      fitted["host_optimizer_efficiency"] = p.host_optimizer_efficiency;
+    }
+  }
   if (d.overlap && d.overlap->compute_s > 0 && d.overlap->comm_s > 0) {
     const OverlapSample& o = *d.overlap;
     const double hidden = o.compute_s + o.comm_s - o.both_s;
@@ -319,10 +333,18 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
                       {"residual", res.back()}});
     }
   };
-  std::vector<double> res_h2d, res_ssd;
-  Json hj, ssdj;
+  std::vector<double> res_h2d, res_ssd, res_adam;
+  Json hj, ssdj, adamj = Json::array();
   transfer_residuals(d.host_to_device, TransferPath::kHostToGpu, res_h2d, hj);
   transfer_residuals(d.ssd_to_host, TransferPath::kSsdToHost, res_ssd, ssdj);
+  for (const TransferSample& t : d.host_adam) {
+    const double pred = host_optimizer_seconds(t.bytes, 0, 0, c, p, std::max(1, d.ranks));
+    res_adam.push_back(pred / t.time_s - 1);
+    adamj.push_back({{"bytes", t.bytes},
+                     {"measured_s", t.time_s},
+                     {"predicted_s", pred},
+                     {"residual", res_adam.back()}});
+  }
   out.report = {{"fitted", fitted},
                 {"median_abs_residual",
                  {{"gemm", median_abs(res_gemm)},
@@ -330,14 +352,16 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
                   {"attention", median_abs(res_attn)},
                   {"collectives", median_abs(res_coll)},
                   {"host_to_device", median_abs(res_h2d)},
-                  {"ssd_to_host", median_abs(res_ssd)}}},
+                  {"ssd_to_host", median_abs(res_ssd)},
+                  {"host_adam", median_abs(res_adam)}}},
                 {"samples",
                  {{"gemm", gj},
                   {"stream", sj},
                   {"attention", aj},
                   {"collectives", cj},
                   {"host_to_device", hj},
-                  {"ssd_to_host", ssdj}}}};
+                  {"ssd_to_host", ssdj},
+                  {"host_adam", adamj}}}};
   if (d.overlap)
     out.report["samples"]["overlap"] = {{"compute_s", d.overlap->compute_s},
                                         {"collective_s", d.overlap->comm_s},

@@ -8,7 +8,8 @@
 //  - attention: efficiency = FLOPs / (time * peak) (least squares through the origin);
 //  - each collective: time = collective_base + t_model / link_efficiency, where t_model is the
 //    cost model's time for the same operation with base 0 and efficiency 1;
-//  - comm_compute_overlap = (compute + collective - both) / min(compute, collective), in [0, 1].
+//  - comm_compute_overlap = (compute + collective - both) / min(compute, collective), in [0, 1];
+//  - the host's Adam: time = bytes / (DRAM bandwidth * host_optimizer_efficiency / ranks).
 // Efficiencies are fractions of the cluster file's nominal figures and are not clipped: a value
 // above 1 says the file's nominal figure is too low (local-cpu's are placeholders).
 #pragma once
@@ -80,6 +81,9 @@ struct CalibrationData {
   // SSD-tier reads into host memory, as the backend keeps that tier (the CPU backend: files mapped
   // into memory, read through the page cache).
   std::vector<TransferSample> ssd_to_host;
+  // The host's Adam over host-resident states (an offloaded update), on the threads the runner
+  // gives a rank: `bytes` as the lowering counts the update (read and written).
+  std::vector<TransferSample> host_adam;
   int ranks = 1;  // that measured the transfers at once (sharing the node's DRAM and SSD)
   std::optional<OverlapSample> overlap;
 };

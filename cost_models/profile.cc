@@ -162,6 +162,7 @@ void for_each_scalar(CostProfile& p, F&& f) {
   f("pcie_efficiency", p.pcie_efficiency, 0.0, 10.0);
   f("pcie_latency_s", p.pcie_latency_s, -1.0, 1.0);
   f("dram_efficiency", p.dram_efficiency, 0.0, 10.0);
+  f("host_optimizer_efficiency", p.host_optimizer_efficiency, -1.0, 10.0);  // 0: as above
   f("ssd_efficiency", p.ssd_efficiency, 0.0, 10.0);
   f("ssd_latency_s", p.ssd_latency_s, -1.0, 1.0);
 }

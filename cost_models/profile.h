@@ -78,6 +78,9 @@ struct CostProfile {
   double pcie_efficiency = 0;
   double pcie_latency_s = 0;
   double dram_efficiency = 0;
+  // The host's Adam over host-resident states (an offloaded update) on a rank's host threads:
+  // fraction of the node's DRAM bandwidth it reaches; 0 = dram_efficiency.
+  double host_optimizer_efficiency = 0;
   double ssd_efficiency = 0;
   double ssd_latency_s = 0;
 

@@ -20,4 +20,11 @@ struct TransferCost {
 TransferCost transfer_cost(TransferPath path, double bytes, const ClusterSpec& cluster,
                            const CostProfile& prof, int sharers = 1);
 
+// The host's optimizer step over host-resident states (ZeRO-Offload's CPU Adam) on one of
+// `sharers` ranks updating at once: `bytes` of states read and written, `flops` of arithmetic,
+// `ssd_bytes` of states streamed in from SSD and back (overlapped with the update, ZeRO-Infinity):
+// the slowest of DRAM, the cores and the SSD. PCIe transfers are not included.
+double host_optimizer_seconds(double bytes, double flops, double ssd_bytes,
+                              const ClusterSpec& cluster, const CostProfile& prof, int sharers);
+
 }  // namespace switchyard

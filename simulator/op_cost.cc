@@ -54,18 +54,8 @@ OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec&
       // ZeRO-Offload: gradients down and parameters up over PCIe; Adam on the node's CPUs and DRAM,
       // shared by its GPUs' ranks.
       const int sharers = c.gpus_per_node;
-      // States on SSD stream in and out as the update walks them (ZeRO-Infinity overlaps the
-      // reads with the CPU's work): the slower of the two.
-      const double ssd_s =
-          op.ssd_state_bytes > 0
-              ? transfer_cost(TransferPath::kSsdToHost, op.ssd_state_bytes, c, prof, sharers)
-                        .time_s +
-                    transfer_cost(TransferPath::kHostToSsd, op.ssd_state_bytes, c, prof, sharers)
-                        .time_s
-              : 0.0;
       const double host_s =
-          std::max({op.bytes / (c.host.dram_bw_Bps * prof.dram_efficiency / sharers),
-                    op.flops / (c.host.cpu_flops / sharers), ssd_s});
+          host_optimizer_seconds(op.bytes, op.flops, op.ssd_state_bytes, c, prof, sharers);
       const double pcie_s =
           transfer_cost(TransferPath::kGpuToHost, op.host_down_bytes, c, prof, sharers).time_s +
           transfer_cost(TransferPath::kHostToGpu, op.host_up_bytes, c, prof, sharers).time_s;

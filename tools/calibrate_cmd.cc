@@ -11,6 +11,7 @@
 #include "executor/communicator.h"
 #include "executor/copy_engine.h"
 #include "executor/device.h"
+#include "executor/host_kernels.h"
 #include "tuner/store.h"
 #ifdef SWITCHYARD_HAVE_MPI
 #include "executor/cpu/mpi_communicator.h"
@@ -279,6 +280,26 @@ void measure_transfers(Device& dev, Communicator& world, bool quick, Tier from, 
   }
 }
 
+// The host's Adam over host-resident states, as an offloaded update runs it (host_adam on
+// `threads` threads), every rank at once: 28 bytes per parameter read and written, as the lowering
+// counts an fp32 update.
+void measure_host_adam(Communicator& world, bool quick, int threads,
+                       std::vector<TransferSample>& out) {
+  for (size_t n = size_t{1} << 18; n <= (size_t{1} << (quick ? 22 : 24)); n *= 4) {
+    std::vector<float> param = randoms(n), grad = randoms(n), m(n, 0.0f), v(n, 0.0f);
+    const double t = median_s(
+        quick ? 3 : 5,
+        [&] {
+          parallel_for(n, size_t{1} << 14, static_cast<size_t>(threads), [&](size_t b, size_t e) {
+            host_adam(param.data() + b, grad.data() + b, m.data() + b, v.data() + b, e - b, 1e-3f,
+                      0.9f, 0.95f, 1e-8f, 0.1f, 0.05f);
+          });
+        },
+        [&] { world.barrier(); });
+    out.push_back({28.0 * static_cast<double>(n), t});
+  }
+}
+
 // How much of an asynchronous all-reduce runs while the rank computes: a GEMM loop and an
 // all-reduce of similar length, alone and together (issue the all-reduce, compute, wait).
 void measure_overlap(Device& dev, Communicator& world, bool quick, CalibrationData& d) {
@@ -354,6 +375,9 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
     measure_overlap(*dev, *collectives, f.quick, data);
     measure_transfers(*dev, *world, f.quick, Tier::kCPU, Tier::kGPU, data.host_to_device);
     measure_transfers(*dev, *world, f.quick, Tier::kSSD, Tier::kCPU, data.ssd_to_host);
+    measure_host_adam(*world, f.quick,
+                      host_threads_per_rank(f.backend, std::min(world->size(), c.gpus_per_node)),
+                      data.host_adam);
   } catch (const std::exception& e) {
 #ifdef SWITCHYARD_HAVE_MPI
     if (mpi && world->size() > 1) mpi->abort(1, e.what());  // no rank waits for a failed one

@@ -10,6 +10,7 @@
 #include <iostream>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/config_registry.h"
@@ -103,6 +104,14 @@ inline sy::CostProfile load_profile(const sy::ClusterSpec& cluster, const std::s
 }
 
 inline std::string pct(double v) { return fmt("%.1f%%", 100.0 * v); }
+
+// The host's threads for a rank's offloaded update (Adam over host-resident states): one on the CPU
+// backend (a rank is a core); beside GPUs, the node's cores divided among its ranks.
+inline int host_threads_per_rank(const std::string& backend, int ranks_on_node) {
+  if (backend == "cpu") return 1;
+  return std::max(
+      1, static_cast<int>(std::thread::hardware_concurrency()) / std::max(1, ranks_on_node));
+}
 
 // `--backend cuda` where this build has none.
 inline sy::ConfigError no_cuda_backend() {

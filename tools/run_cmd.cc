@@ -118,11 +118,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
   s.placement = plan.placement;
   s.delayed_update = plan.delayed_update;
   s.prefetch_depth = plan.prefetch.ahead() ? plan.prefetch.depth : 0;
-  // The host's share of an offloaded update: one thread per rank on the CPU backend (a rank is a
-  // core); beside GPUs, the node's cores divided among its ranks.
-  if (f.backend != "cpu")
-    s.host_threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) /
-                                     std::max(1, std::min(ranks.size, c.gpus_per_node)));
+  s.host_threads = host_threads_per_rank(f.backend, std::min(ranks.size, c.gpus_per_node));
 
   Json check = nullptr;
   std::vector<double> losses, step_s;

@@ -71,12 +71,15 @@ TEST(Calibration, RecoversTheConstantsThatMadeTheSamples) {
   truth.pcie_latency_s = 20e-6;
   truth.ssd_efficiency = 3.0;
   truth.ssd_latency_s = 50e-6;
+  // The host's Adam on each rank's threads reaches less of DRAM than a memcpy.
+  truth.host_optimizer_efficiency = 0.15;
   d.ranks = 2;
   for (double bytes = 1 << 20; bytes <= (1 << 26); bytes *= 4) {
     d.host_to_device.push_back(
         {bytes, transfer_cost(TransferPath::kHostToGpu, bytes, c, truth, 2).time_s});
     d.ssd_to_host.push_back(
         {bytes, transfer_cost(TransferPath::kSsdToHost, bytes, c, truth, 2).time_s});
+    d.host_adam.push_back({bytes, host_optimizer_seconds(bytes, 0, 0, c, truth, 2)});
   }
 
   // An all-reduce beside 10 ms of compute, 20% of it hidden.
@@ -100,8 +103,9 @@ TEST(Calibration, RecoversTheConstantsThatMadeTheSamples) {
   EXPECT_NEAR(cal.profile.pcie_latency_s, 20e-6, 1e-9);
   EXPECT_NEAR(cal.profile.ssd_efficiency, 3.0, 1e-6);
   EXPECT_NEAR(cal.profile.ssd_latency_s, 50e-6, 1e-9);
-  for (const char* cls :
-       {"gemm", "stream", "attention", "collectives", "host_to_device", "ssd_to_host"})
+  EXPECT_NEAR(cal.profile.host_optimizer_efficiency, 0.15, 1e-9);
+  for (const char* cls : {"gemm", "stream", "attention", "collectives", "host_to_device",
+                          "ssd_to_host", "host_adam"})
     EXPECT_LT(cal.report["median_abs_residual"][cls].get<double>(), 0.03) << cls;
   // The fitted constants round-trip through a profile file.
   const CostProfile applied = apply_profile_json(cal.profile_json, default_cost_profile(c));
@@ -110,6 +114,7 @@ TEST(Calibration, RecoversTheConstantsThatMadeTheSamples) {
   EXPECT_NEAR(applied.intra_node_reduce_efficiency, cal.profile.intra_node_reduce_efficiency,
               1e-12);
   EXPECT_EQ(applied.comm_compute_overlap, cal.profile.comm_compute_overlap);
+  EXPECT_NEAR(applied.host_optimizer_efficiency, 0.15, 1e-9);
 }
 
 }  // namespace
