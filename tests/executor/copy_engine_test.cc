@@ -30,7 +30,9 @@ TEST(CopyEngine, CopiesFinishInOrderAndWaitSeesTheirBytes) {
     EXPECT_EQ(spans[i].ticket, t[i]);
     EXPECT_EQ(spans[i].bytes, n * sizeof(float));
     EXPECT_STREQ(spans[i].label, "fetch");
-    if (i > 0) EXPECT_LE(spans[i - 1].end, spans[i].start);  // one at a time, in order
+    if (i > 0) {
+      EXPECT_LE(spans[i - 1].end, spans[i].start);  // one at a time, in order
+    }
   }
   EXPECT_TRUE(engine.take_spans().empty());
   EXPECT_EQ(engine.wait(t.front()), 0.0);  // long done: no wait

@@ -199,6 +199,17 @@ TrainSettings placed(TrainSettings s, const PlacementCase& c) {
   return s;
 }
 
+// The same arithmetic as on the device, bit for bit; except that off-device gradients are summed
+// over the micro-batches on the host (slot, then home += slot) where the device adds each product
+// into the running sum inside its GEMM: a rounding apart.
+void expect_same_arithmetic(const ParameterError& err, const PlacementCase& c) {
+  if (c.grads == Tier::kGPU) {
+    EXPECT_EQ(err.relative, 0.0) << "worst " << err.worst << " depth " << c.depth;
+  } else {
+    EXPECT_LT(err.relative, 1e-5) << "worst " << err.worst;
+  }
+}
+
 TEST(MoeTrainer, OffloadedParametersAndOptimizerStatesTrainAsOnTheDevice) {
   const ModelSpec m = testing::bundled().load_model("tiny-moe");
   TrainSettings s;
@@ -226,20 +237,15 @@ TEST(MoeTrainer, OffloadedParametersAndOptimizerStatesTrainAsOnTheDevice) {
                 c.grads == Tier::kGPU || c.dense == Tier::kGPU || c.expert == Tier::kGPU);
     }
     const ParameterError err = parameter_error(*run.trainer, *ref.trainer);
-    // The same arithmetic, bit for bit; except that off-device gradients are summed over the
-    // micro-batches on the host (slot, then home += slot) where the device adds each product
-    // into the running sum inside its GEMM: a rounding apart.
-    if (c.grads == Tier::kGPU)
-      EXPECT_EQ(err.relative, 0.0) << "worst " << err.worst << " depth " << c.depth;
-    else
-      EXPECT_LT(err.relative, 1e-5) << "worst " << err.worst;
+    expect_same_arithmetic(err, c);
     EXPECT_GT(copied, 0);
     // What the placement moved off the device is not in the arena.
     MemoryPools& mem = run.dev->memory();
     const int64_t off = mem.in_use(Tier::kCPU) + mem.in_use(Tier::kSSD);
     EXPECT_GT(off, 0);
-    if (c.dense != Tier::kGPU && c.expert != Tier::kGPU)
+    if (c.dense != Tier::kGPU && c.expert != Tier::kGPU) {
       EXPECT_LT(mem.in_use(Tier::kGPU), ref.dev->memory().in_use(Tier::kGPU) / 2);
+    }
   }
 }
 
@@ -283,11 +289,7 @@ TEST(MoeTrainer, DelayedUpdateComputesOneUpdateBehindAndAppliesEveryUpdate) {
     for (int i = 0; i < 3; ++i) run.trainer->step(i);
     run.trainer->finish_update();
     const ParameterError err = parameter_error(*run.trainer, *delayed.trainer);
-    // As in the synchronous case: bit for bit, but for host-summed off-device gradients.
-    if (c.grads == Tier::kGPU)
-      EXPECT_EQ(err.relative, 0.0) << "worst " << err.worst << " depth " << c.depth;
-    else
-      EXPECT_LT(err.relative, 1e-5) << "worst " << err.worst;
+    expect_same_arithmetic(err, c);
   }
 }
 

@@ -373,7 +373,9 @@ TEST(Simulate, SemoeBeatsDeepSpeedStyleAndMoreSoOnUnbalancedMultitaskLoad) {
     // The host's Adam inside the step would cost B its lead on balanced load.
     const double in_step_s = simulate(m, c, in_step, w, prof).step_time_s;
     EXPECT_GT(in_step_s, pb.step_time_s) << name;
-    if (std::string(name) == "ufo-balanced") EXPECT_GT(in_step_s, pa.step_time_s);
+    if (std::string(name) == "ufo-balanced") {
+      EXPECT_GT(in_step_s, pa.step_time_s);
+    }
   }
   EXPECT_GT(ratio[1], ratio[0]) << "balanced " << ratio[0] << "x, multi-task " << ratio[1] << "x";
 }
