@@ -67,27 +67,35 @@ std::vector<RankExperts> expert_rank_loads(const ModelSpec& m, const Plan& plan,
       ranks[static_cast<size_t>(best)].share += s;
     }
   } else if (r.kind == ExpertReplicas::Kind::kHot) {
-    // Elastic (SE-MoE sizes replication by load): the hot experts start with one copy and gain
-    // copies, the hottest copy first, up to `replicas` each, each on the least loaded rank without
-    // one, while a copy takes load off the straggler: it is placed only when its rank stays below
-    // the most loaded rank's load. Under balanced load no copy qualifies (a copy would turn its
-    // rank into the new straggler), so none is placed.
+    // Elastic (SE-MoE sizes replication by load): a hot expert gains a copy (up to `replicas`) when
+    // one of its copies sits on a most loaded rank and the new copy, on the least loaded rank
+    // without one, keeps that rank below the most loaded one: the copy takes load off a straggler
+    // without making a new one. The hottest copy first, until no copy qualifies. Under balanced
+    // load none does (a copy would turn its rank into the new straggler).
+    const auto on_most_loaded = [&](int64_t e, double max_share) {
+      const auto at_max = [&](int k) {
+        return ranks[static_cast<size_t>(k)].share >= max_share * (1 - 1e-12);
+      };
+      if (at_max(home_of(e))) return true;
+      for (const auto& [x, k] : placed)
+        if (x == e && at_max(k)) return true;
+      return false;
+    };
     for (;;) {
-      int64_t pick = -1;
-      for (int64_t e : candidates)
-        if (copies[e] < r.replicas &&
-            (pick < 0 || per_copy(e, copies[e]) > per_copy(pick, copies[pick])))
-          pick = e;
-      if (pick < 0) break;
-      const int target = least_loaded_without(pick);
       double max_share = 0;
       for (const RankExperts& rk : ranks) max_share = std::max(max_share, rk.share);
-      const double before = per_copy(pick, copies[pick]), after = per_copy(pick, copies[pick] + 1);
-      if (target < 0 ||
-          ranks[static_cast<size_t>(target)].share + after >= max_share * (1 - 1e-12)) {
-        candidates.erase(std::find(candidates.begin(), candidates.end(), pick));
-        continue;
+      int64_t pick = -1;
+      int target = -1;
+      for (int64_t e : candidates) {
+        if (copies[e] >= r.replicas || !on_most_loaded(e, max_share)) continue;
+        const int k = least_loaded_without(e);
+        if (k < 0 || ranks[static_cast<size_t>(k)].share + per_copy(e, copies[e] + 1) >=
+                         max_share * (1 - 1e-12))
+          continue;
+        if (pick < 0 || per_copy(e, copies[e]) > per_copy(pick, copies[pick])) pick = e, target = k;
       }
+      if (pick < 0) break;
+      const double before = per_copy(pick, copies[pick]), after = per_copy(pick, copies[pick] + 1);
       ranks[static_cast<size_t>(home_of(pick))].share += after - before;
       for (const auto& [e, k] : placed)
         if (e == pick) ranks[static_cast<size_t>(k)].share += after - before;

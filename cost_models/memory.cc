@@ -287,14 +287,20 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
     // Off-GPU optimizer states: the host receives the gradients it updates with and, for the
     // parameters that stay on the GPU in full precision, keeps the master copy it updates (mixed
     // precision keeps one among the states already).
+    // A delayed update reads its own copy of the gradients, and (full precision) updates a master
+    // copy of every parameter, while the next step computes with the values and makes new
+    // gradients.
     if (pl.optimizer_states != Tier::kGPU) {
+      const bool delayed = plan.delayed_update;
       mb.optimizer_states.cpu +=
-          (pl.gradients == Tier::kGPU ? (sp.dense / opt_div_d + sp.expert / opt_div_e) * sb.grad
-                                      : 0.0) +
-          (sb.param == 4 ? ((pl.dense_params == Tier::kGPU ? sp.dense / opt_div_d : 0) +
-                            (pl.expert_params == Tier::kGPU ? sp.expert / opt_div_e : 0)) *
-                               sb.param
-                         : 0);
+          (pl.gradients == Tier::kGPU || delayed
+               ? (sp.dense / opt_div_d + sp.expert / opt_div_e) * sb.grad
+               : 0.0) +
+          (sb.param == 4
+               ? ((pl.dense_params == Tier::kGPU || delayed ? sp.dense / opt_div_d : 0) +
+                  (pl.expert_params == Tier::kGPU || delayed ? sp.expert / opt_div_e : 0)) *
+                     sb.param
+               : 0);
     }
     // Off-GPU gradients: a unit's backward accumulates into one of two GPU slots while the other
     // goes down through a host buffer to the gradients' home.

@@ -1235,20 +1235,23 @@ struct MoeTrainer::Impl : ModelShape {
   // Delayed update: this step's reduced gradients [first, first + n) start their update. Device
   // states keep the gradients for the next step to apply; off-device ones go to the host, whose
   // cores run Adam over the master copy while the next step computes.
+  // (Pending only once the update is on its way: a copy that throws leaves nothing to apply.)
   void stash_update(Space& sp, const float* gsrc, size_t first, size_t n) {
-    sp.pending = true;
-    sp.pending_t = steps_done;
-    sp.pending_first = first;
-    sp.pending_n = n;
-    if (n == 0) return;
+    const auto pend = [&] {
+      sp.pending = true;
+      sp.pending_t = steps_done;
+      sp.pending_first = first;
+      sp.pending_n = n;
+    };
+    if (n == 0) return pend();
     if (sp.states_tier == Tier::kGPU) {
       dev.copy(sp.pending_grads.data(), gsrc, n * sizeof(float));
-      return;
+      return pend();
     }
     CopyEngine& ce = *engine;
     ce.wait(ce.submit(sp.host_grads.data(), gsrc, n * sizeof(float), "grad_offload"));
     collect_copies(std::nullopt);
-    const auto [c1, c2] = bias_corrections(sp.pending_t);
+    const auto [c1, c2] = bias_corrections(steps_done);
     float* master = sp.master.as<float>() + first;
     const float* g = sp.host_grads.as<float>();
     float *m = sp.m.as<float>(), *v = sp.v.as<float>();
@@ -1268,6 +1271,7 @@ struct MoeTrainer::Impl : ModelShape {
       }
       space->update_end = std::chrono::steady_clock::now();
     });
+    pend();
   }
 
   // Delayed update: the update stash_update started, applied to the values (waiting for the host's
@@ -1285,8 +1289,10 @@ struct MoeTrainer::Impl : ModelShape {
     } else if (n > 0) {
       op.close();       // waiting for the host is no program op's time
       sp.update.get();  // rethrows what the host's update threw
-      // Its span, beside the step, as the program's (host stream) optimizer op.
+      // Its span, beside the step, as the program's (host stream) optimizer op; the upload that
+      // follows is that op's too.
       record_host_op("optimizer", OpPhase::kStep, sp.update_start, sp.update_end);
+      op.at("optimizer");
       const float* master = sp.master.as<float>();
       if (sp.values_tier == Tier::kGPU) {
         CopyEngine& ce = *engine;
@@ -1344,6 +1350,7 @@ struct MoeTrainer::Impl : ModelShape {
       // ZeRO-Offload's delayed update: apply the previous step's update (the host's, waited for),
       // then start this step's, which the next step's forward and backward run beside.
       apply_pending(sp, op, experts_space);
+      op.at("optimizer");  // this step's gradients on their way to the update
       stash_update(sp, gsrc, first, n_upd);
       return;
     }

@@ -90,6 +90,19 @@ TEST_F(MemoryTest, PlacementMovesClassesOffTheGpu) {
   }());
 }
 
+// The delayed update keeps its own copy of the gradients on the host while the next step makes
+// new ones (here where the gradients themselves live on the host).
+TEST_F(MemoryTest, DelayedUpdateKeepsAHostCopyOfTheGradients) {
+  plan_.zero_stage = 0;
+  plan_.placement.optimizer_states = Tier::kCPU;
+  plan_.placement.gradients = Tier::kCPU;
+  const double sync = mem().optimizer_states.cpu;
+  const double sync_gpu = mem().total().gpu;
+  plan_.delayed_update = true;
+  EXPECT_DOUBLE_EQ(mem().optimizer_states.cpu - sync, (1144 + 288) * 2.0);
+  EXPECT_DOUBLE_EQ(mem().total().gpu, sync_gpu);  // nothing more on the GPU
+}
+
 // Per token, bf16 (2 bytes), tp = 1, no recompute:
 //   dense layer: residuals 2h + norm outputs 2h = 32; Q 8 + K,V 2*4 + O 8 + 2 heads of fp32 LSE
 //   (2 elements each) = 28; SwiGLU gate, up and activation outputs 3*16 = 48 => 108 elements.
