@@ -36,4 +36,14 @@ inline void host_adam(float* param, const float* grad, float* m, float* v, size_
   }
 }
 
+// host_adam over n elements on up to `threads` host threads (an offloaded update, ZeRO-Offload's
+// CPU Adam): the same arithmetic per element whatever the thread count.
+inline void host_adam_threads(size_t threads, float* param, const float* grad, float* m, float* v,
+                              size_t n, float lr, float beta1, float beta2, float eps, float c1,
+                              float c2) {
+  parallel_for(n, size_t{1} << 14, std::max<size_t>(threads, 1), [&](size_t b, size_t e) {
+    host_adam(param + b, grad + b, m + b, v + b, e - b, lr, beta1, beta2, eps, c1, c2);
+  });
+}
+
 }  // namespace switchyard

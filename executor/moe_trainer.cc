@@ -1260,10 +1260,7 @@ struct MoeTrainer::Impl : ModelShape {
     Space* space = &sp;
     sp.update = std::async(std::launch::async, [=, &ts] {
       space->update_start = std::chrono::steady_clock::now();
-      parallel_for(n, size_t{1} << 14, threads, [&](size_t b, size_t e) {
-        host_adam(master + b, g + b, m + b, v + b, e - b, ts.lr, ts.beta1, ts.beta2, ts.eps, c1,
-                  c2);
-      });
+      host_adam_threads(threads, master, g, m, v, n, ts.lr, ts.beta1, ts.beta2, ts.eps, c1, c2);
       // States on SSD go back to their files once updated (evict_ssd skips them meanwhile).
       if (space->states_tier == Tier::kSSD) {
         space->m.evict();
@@ -1302,12 +1299,17 @@ struct MoeTrainer::Impl : ModelShape {
         std::memcpy(values + first, master + first, n * sizeof(float));  // host memory or SSD map
       }
     }
+    gather_shards(sp, first, op, experts_space);
+  }
+
+  // ZeRO-1: every rank's updated shard (this rank's starts at `first`) to every rank, in place.
+  void gather_shards(Space& sp, size_t first, ProgramOpCursor& op, bool experts_space) {
     const int ranks = sp.group->size();
-    if (s.zero_stage >= 1 && ranks > 1) {
-      op.at(experts_space ? "edp_param_all_gather" : "dp_param_all_gather");
-      sp.group->all_gather(values + first, values, sp.padded / static_cast<size_t>(ranks),
-                           DType::kFloat32);
-    }
+    if (s.zero_stage < 1 || ranks <= 1) return;
+    op.at(experts_space ? "edp_param_all_gather" : "dp_param_all_gather");
+    float* values = sp.values.as<float>();
+    sp.group->all_gather(values + first, values, sp.padded / static_cast<size_t>(ranks),
+                         DType::kFloat32);
   }
 
   // Sums a space's gradients over its group and applies Adam (ZeRO-1: on this rank's shard), in
@@ -1371,21 +1373,13 @@ struct MoeTrainer::Impl : ModelShape {
       }
       float* target = sp.values_tier == Tier::kGPU ? sp.master.as<float>() : values;
       float *m = sp.m.as<float>(), *v = sp.v.as<float>();
-      parallel_for(n_upd, size_t{1} << 14, static_cast<size_t>(std::max(1, s.host_threads)),
-                   [&](size_t b, size_t e) {
-                     host_adam(target + first + b, host_g + b, m + b, v + b, e - b, s.lr, s.beta1,
-                               s.beta2, s.eps, c1, c2);
-                   });
+      host_adam_threads(static_cast<size_t>(std::max(1, s.host_threads)), target + first, host_g, m,
+                        v, n_upd, s.lr, s.beta1, s.beta2, s.eps, c1, c2);
       if (sp.values_tier == Tier::kGPU)
         ce.wait(ce.submit(values + first, target + first, n_upd * sizeof(float), "param_upload"));
       collect_copies(std::nullopt);
     }
-    // ZeRO-1: every rank's updated shard to every rank (in place: this rank's shard already sits
-    // at its offset).
-    if (s.zero_stage >= 1 && n > 1) {
-      op.at(experts_space ? "edp_param_all_gather" : "dp_param_all_gather");
-      sp.group->all_gather(values + first, values, shard, DType::kFloat32);
-    }
+    gather_shards(sp, first, op, experts_space);
   }
 
   // Lays a space's parameters out in flat value and gradient buffers (padded to a multiple of the

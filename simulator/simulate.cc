@@ -392,16 +392,24 @@ class Simulation {
     const double step_time = *std::max_element(stage_end.begin(), stage_end.end());
     // After the last compute op: the parameter all-gathers of the distributed optimizer; after the
     // stage's end, waiting for the other stages to finish the step.
-    // A delayed update that outlasts the stage's other work shows as optimizer time.
-    std::vector<double> host_end(static_cast<size_t>(pp), 0.0), before_host(host_end);
-    for (const Inst& in : insts_)
-      if (in.stream == StreamKind::kHost)
-        host_end[static_cast<size_t>(in.stage)] =
-            std::max(host_end[static_cast<size_t>(in.stage)], in.end);
-    for (const Inst& in : insts_)
-      if (in.stream != StreamKind::kHost && in.start < host_end[static_cast<size_t>(in.stage)])
-        before_host[static_cast<size_t>(in.stage)] =
-            std::max(before_host[static_cast<size_t>(in.stage)], in.end);
+    // A delayed update that outlasts the stage's other work shows as optimizer time. (Its ops are
+    // the host streams' queues; the rest of the stage is looked at only when there are some.)
+    std::vector<double> host_end(static_cast<size_t>(pp), 0.0), host_busy(host_end),
+        before_host(host_end);
+    bool any_host = false;
+    for (int s = 0; s < pp; ++s)
+      for (int32_t id :
+           queues_[static_cast<size_t>(s) * kNumStreams + static_cast<size_t>(StreamKind::kHost)]) {
+        const Inst& in = insts_[static_cast<size_t>(id)];
+        host_end[static_cast<size_t>(s)] = std::max(host_end[static_cast<size_t>(s)], in.end);
+        host_busy[static_cast<size_t>(s)] += in.end - in.start;
+        any_host = true;
+      }
+    if (any_host)
+      for (const Inst& in : insts_)
+        if (in.stream != StreamKind::kHost && in.start < host_end[static_cast<size_t>(in.stage)])
+          before_host[static_cast<size_t>(in.stage)] =
+              std::max(before_host[static_cast<size_t>(in.stage)], in.end);
     for (int s = 0; s < pp; ++s) {
       TimeBreakdown& b = br[static_cast<size_t>(s)];
       const size_t i = static_cast<size_t>(s);
@@ -419,9 +427,7 @@ class Simulation {
         critical = s;
     p.step_time_s = step_time;
     p.critical_stage = critical;
-    for (const Inst& in : insts_)
-      if (in.stream == StreamKind::kHost && in.stage == critical)
-        p.delayed_update_s += in.end - in.start;
+    p.delayed_update_s = host_busy[static_cast<size_t>(critical)];
     p.time = br[static_cast<size_t>(critical)];
     if (inference_) {
       const double prefill_end =

@@ -290,10 +290,8 @@ void measure_host_adam(Communicator& world, bool quick, int threads,
     const double t = median_s(
         quick ? 3 : 5,
         [&] {
-          parallel_for(n, size_t{1} << 14, static_cast<size_t>(threads), [&](size_t b, size_t e) {
-            host_adam(param.data() + b, grad.data() + b, m.data() + b, v.data() + b, e - b, 1e-3f,
-                      0.9f, 0.95f, 1e-8f, 0.1f, 0.05f);
-          });
+          host_adam_threads(static_cast<size_t>(threads), param.data(), grad.data(), m.data(),
+                            v.data(), n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.05f);
         },
         [&] { world.barrier(); });
     out.push_back({28.0 * static_cast<double>(n), t});
