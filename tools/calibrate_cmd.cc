@@ -352,7 +352,9 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
   if (f.names.gpus > 0) c = with_gpus(std::move(c), f.names.gpus);
   if (f.names.nodes > 0) c = with_nodes(std::move(c), f.names.nodes);
   CalibrationData data;
-  data.ranks = world->size();
+  // The ranks loading at once from this node's DRAM and SSD (the simulator's sharers are the GPUs
+  // of one node), not the whole job.
+  data.ranks = ranks_on_this_node(world->size());
   // Compute micro-benchmarks on every rank at once: a rank's core (or GPU) is shared as in a run.
   std::unique_ptr<Device> dev;
   Communicator* collectives = world.get();  // cuda: NCCL over the GPUs
@@ -373,8 +375,7 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
     measure_overlap(*dev, *collectives, f.quick, data);
     measure_transfers(*dev, *world, f.quick, Tier::kCPU, Tier::kGPU, data.host_to_device);
     measure_transfers(*dev, *world, f.quick, Tier::kSSD, Tier::kCPU, data.ssd_to_host);
-    measure_host_adam(*world, f.quick,
-                      host_threads_per_rank(f.backend, std::min(world->size(), c.gpus_per_node)),
+    measure_host_adam(*world, f.quick, host_threads_per_rank(f.backend, data.ranks),
                       data.host_adam);
   } catch (const std::exception& e) {
 #ifdef SWITCHYARD_HAVE_MPI
@@ -393,6 +394,7 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
   Json out = cal.report;
   out["cluster"] = c.name;
   out["ranks"] = world->size();
+  out["ranks_on_node"] = data.ranks;
   out["profile"] = cal.profile_json;
   std::cout << "calibration of cluster \"" << c.name << "\" (" << f.backend << " backend, "
             << world->size() << " rank" << (world->size() > 1 ? "s" : "") << ")\n";

@@ -2,6 +2,7 @@
 // Header-only: tools/ holds main()s and their subcommands, no library code.
 #pragma once
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -104,6 +105,14 @@ inline sy::CostProfile load_profile(const sy::ClusterSpec& cluster, const std::s
 }
 
 inline std::string pct(double v) { return fmt("%.1f%%", 100.0 * v); }
+
+// The ranks of this job on this node (they share its DRAM, SSD and cores): OpenMPI's local size
+// under mpirun; otherwise every rank of `world_size` (one node).
+inline int ranks_on_this_node(int world_size) {
+  if (const char* v = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE"))
+    if (const int local = std::atoi(v); local > 0) return std::min(local, std::max(1, world_size));
+  return std::max(1, world_size);
+}
 
 // The host's threads for a rank's offloaded update (Adam over host-resident states): one on the CPU
 // backend (a rank is a core); beside GPUs, the node's cores divided among its ranks.

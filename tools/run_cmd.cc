@@ -118,7 +118,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
   s.placement = plan.placement;
   s.delayed_update = plan.delayed_update;
   s.prefetch_depth = plan.prefetch.ahead() ? plan.prefetch.depth : 0;
-  s.host_threads = host_threads_per_rank(f.backend, std::min(ranks.size, c.gpus_per_node));
+  s.host_threads = host_threads_per_rank(f.backend, ranks_on_this_node(ranks.size));
 
   Json check = nullptr;
   std::vector<double> losses, step_s;

@@ -5,12 +5,14 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
 
 #include "tests/core/test_util.h"
 #include "tests/tools/shell.h"
+#include "tools/cli_common.h"
 
 namespace switchyard {
 namespace {
@@ -238,6 +240,25 @@ TEST_F(CliTest, SimulateRefusesInvalidAndOversizedPlans) {
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("does not fit"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("GiB per GPU"), std::string::npos) << r.output;
+}
+
+// Calibration and the runner divide a node's DRAM, SSD and cores among the ranks on that node:
+// under mpirun across nodes that is OpenMPI's local size, not the job's size.
+TEST(RanksOnThisNode, AreOpenMpisLocalRanksElseTheWholeJob) {
+  const char* old = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  const std::string saved = old ? old : "";
+  ::unsetenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  EXPECT_EQ(cli::ranks_on_this_node(4), 4);
+  EXPECT_EQ(cli::ranks_on_this_node(0), 1);
+  ::setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "2", 1);  // 4 ranks over 2 nodes
+  EXPECT_EQ(cli::ranks_on_this_node(4), 2);
+  EXPECT_EQ(cli::host_threads_per_rank("cpu", cli::ranks_on_this_node(4)), 1);
+  ::setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "junk", 1);
+  EXPECT_EQ(cli::ranks_on_this_node(4), 4);
+  if (old)
+    ::setenv("OMPI_COMM_WORLD_LOCAL_SIZE", saved.c_str(), 1);
+  else
+    ::unsetenv("OMPI_COMM_WORLD_LOCAL_SIZE");
 }
 
 }  // namespace
