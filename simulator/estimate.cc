@@ -169,6 +169,9 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   std::vector<UnitTime> stage(static_cast<size_t>(pp));
   std::vector<double> step_s(static_cast<size_t>(pp), 0.0);
   std::vector<double> delayed_s(static_cast<size_t>(pp), 0.0);  // beside the step, on the host
+  // The step ops' collectives (ZeRO's parameter all-gather): part of step_s, reported as DP
+  // communication as simulate reports them.
+  std::vector<double> step_dp_s(static_cast<size_t>(pp), 0.0);
   for (int s = 0; s < pp; ++s) {
     UnitTime& u = stage[static_cast<size_t>(s)];
     u.depth = plan.prefetch.ahead() ? plan.prefetch.depth : 0;
@@ -176,13 +179,16 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
     u.add(moe_f, moe_b, kinds.moe_layers_per_stage[static_cast<size_t>(s)]);
     if (s == 0) u.add(embed_f, embed_b, 1);
     if (s == pp - 1) u.add(head_f, head_b, 1);
-    for (const OpTemplate& op : kinds.step_ops[static_cast<size_t>(s)])
-      (op.delayed ? delayed_s : step_s)[static_cast<size_t>(s)] +=
-          op_cost(op, frame, c, prof, prec).time_s;
+    for (const OpTemplate& op : kinds.step_ops[static_cast<size_t>(s)]) {
+      const double t = op_cost(op, frame, c, prof, prec).time_s;
+      (op.delayed ? delayed_s : step_s)[static_cast<size_t>(s)] += t;
+      if (!op.delayed && op.kind == OpKind::kCollective) step_dp_s[static_cast<size_t>(s)] += t;
+    }
   }
 
   // Pipeline: m units of the slowest stage, plus the fill and drain of the others (divided by vp
-  // with interleaving), plus one send per virtual-stage boundary on the way in and out.
+  // with interleaving), plus one send per virtual-stage boundary (pp * vp - 1 of them) on the way
+  // in and out.
   double tau_max = 0, tau_sum = 0;
   int slowest = 0;
   for (int s = 0; s < pp; ++s) {
@@ -196,7 +202,8 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   const double p2p =
       pp > 1 ? p2p_cost(frame, frame.stages[0].sends_to_next_same_node, c, prof).time_s : 0.0;
   const double fill = (tau_sum - tau_max) / vp;
-  const double pipe = micro_batches * tau_max + fill + 2.0 * (pp - 1) * p2p;
+  const double sends_s = 2.0 * (pp * vp - 1) * p2p;
+  const double pipe = micro_batches * tau_max + fill + sends_s;
 
   // Each stage ends its last backward earlier the further it is from stage 0; gradient buckets
   // overlap that last backward unit; the optimizer step follows (a delayed update runs from the
@@ -228,10 +235,12 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   p.time.cp_comm_s = micro_batches * u.comm[static_cast<int>(StreamKind::kCpComm)];
   p.time.ep_comm_s = micro_batches * u.comm[static_cast<int>(StreamKind::kEpComm)];
   p.time.dp_comm_s = micro_batches * u.comm[static_cast<int>(StreamKind::kDpComm)] +
-                     dp_exposed_s[static_cast<size_t>(slowest)];
-  p.time.pp_comm_s = 2.0 * (pp - 1) * p2p;
-  p.time.optimizer_s =
-      step_s[static_cast<size_t>(slowest)] + delayed_exposed_s[static_cast<size_t>(slowest)];
+                     dp_exposed_s[static_cast<size_t>(slowest)] +
+                     step_dp_s[static_cast<size_t>(slowest)];
+  p.time.pp_comm_s = sends_s;
+  p.time.optimizer_s = step_s[static_cast<size_t>(slowest)] -
+                       step_dp_s[static_cast<size_t>(slowest)] +
+                       delayed_exposed_s[static_cast<size_t>(slowest)];
   p.delayed_update_s = delayed_s[static_cast<size_t>(slowest)];
   p.time.stall_s = micro_batches * u.stall;
   p.time.bubble_s = std::max(
