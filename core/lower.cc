@@ -259,24 +259,31 @@ class Builder {
 
   // The dispatch or combine exchange: one flat all-to-all, or SE-MoE's hierarchical exchange
   // (transform, intra-node all-to-all, inter-node all-to-all of the aggregated buffers, transform).
+  // The most loaded rank sends its own tokens' rows and receives its experts' rows (the reverse in
+  // the combine): its exchange moves the larger of the two, and the others' waits on it.
   void exchange(int layer, std::string_view what, TensorMask alloc, TensorMask release) {
     const bool dispatch = what == "dispatch";
+    const double rows = std::max(d_.dispatch_rows, rows_bytes(layer) / tok_bytes(1.0));
     // FP8 training dispatches FP8 tokens (DeepSeek-V3 section 3.3); the combine returns bf16.
-    const double bytes = tok_bytes(d_.dispatch_rows) * (dispatch && d_.fp8 ? 0.5 : 1.0);
+    const double bytes = tok_bytes(rows) * (dispatch && d_.fp8 ? 0.5 : 1.0);
+    const auto rows_moved = static_cast<int64_t>(std::llround(rows));
     if (p_.dispatch == Dispatch::kHierarchicalAllToAll) {
       OpTemplate& a =
           elementwise(dispatch ? "dispatch_transform" : "combine_transform", layer, 2 * bytes, 0);
       a.allocates = alloc;
       comm(Collective::kAllToAll, CommGroup::kEpIntra,
-           dispatch ? "dispatch_intra" : "combine_intra", layer, bytes);
+           dispatch ? "dispatch_intra" : "combine_intra", layer, bytes)
+          .tokens = rows_moved;
       comm(Collective::kAllToAll, CommGroup::kEpInter,
-           dispatch ? "dispatch_inter" : "combine_inter", layer, bytes);
+           dispatch ? "dispatch_inter" : "combine_inter", layer, bytes)
+          .tokens = rows_moved;
       OpTemplate& b =
           elementwise(dispatch ? "dispatch_transform2" : "combine_transform2", layer, 2 * bytes, 0);
       b.frees = release;
       return;
     }
     OpTemplate& op = comm(Collective::kAllToAll, CommGroup::kEp, what, layer, bytes);
+    op.tokens = rows_moved;
     op.allocates = alloc;
     op.frees = release;
   }

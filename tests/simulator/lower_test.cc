@@ -61,6 +61,40 @@ TEST_F(LowerTest, HierarchicalDispatch) {
   EXPECT_EQ(prog.layout(CommGroup::kEpInter).ranks_per_node, 1);
 }
 
+// Under skew the most loaded rank receives more rows than it sends: its dispatch (and the combine
+// that returns them) moves the larger side, flat and hierarchical alike; under balanced load both
+// sides are equal.
+TEST_F(LowerTest, TheHotRanksExchangeMovesWhatItReceives) {
+  const Plan flat = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32})");
+  const Plan hier = plan_of(
+      R"({"schema_version": 1, "dp": 32, "ep": 32, "dispatch": "hierarchical_all_to_all"})");
+  Workload hot = work_;
+  std::vector<double> hist(32, 1.0);
+  hist[0] = 3.0;  // expert 0 (alone on rank 0) gets 3 / 34 of the rows: 32 x 3 / 34 = 2.82x
+  hot.routing = Routing{RoutingKind::kHistogram, 0, hist, {}};
+  expect_valid(flat, model_, cluster_, hot);
+  const double sent = 2048.0 * 2 * 2048 * 2;  // 2048 tokens x top-2 rows of 2048 bf16 values
+  const double received = sent * 32 * 3 / 34;
+  const StepProgram balanced = lower(model_, cluster_, flat, work_);
+  const StepProgram skewed = lower(model_, cluster_, flat, hot);
+  for (const char* name : {"dispatch", "combine"}) {
+    const OpTemplate* even = find(balanced.stages[0].chunks[0].forward, name);
+    const OpTemplate* skew = find(skewed.stages[0].chunks[0].forward, name);
+    ASSERT_NE(even, nullptr);
+    ASSERT_NE(skew, nullptr);
+    EXPECT_DOUBLE_EQ(even->bytes, sent) << name;
+    EXPECT_NEAR(skew->bytes, received, received * 1e-3) << name;
+    EXPECT_NEAR(static_cast<double>(skew->tokens), 2048.0 * 2 * 32 * 3 / 34, 1.0) << name;
+  }
+  const StepProgram hierarchical = lower(model_, cluster_, hier, hot);
+  const auto& fwd = hierarchical.stages[0].chunks[0].forward;
+  for (const char* name : {"dispatch_intra", "dispatch_inter", "combine_inter"}) {
+    const OpTemplate* op = find(fwd, name);
+    ASSERT_NE(op, nullptr);
+    EXPECT_NEAR(op->bytes, received, received * 1e-3) << name;
+  }
+}
+
 // Pipeline MoE: no all-to-all; a local index slice and one all-reduce in the TP group.
 TEST_F(LowerTest, PpmoeIndexSlice) {
   const Plan p = plan_of(
