@@ -485,8 +485,10 @@ OpTemplate grad_sync(Collective c, CommGroup g, std::string_view name, double by
 }
 
 // Gradient reduction for the layers of a chunk, fused into buckets of about grad_bucket_bytes
-// (0: one collective per layer), issued as each layer's weight gradients finish in the backward of
-// the last micro-batch, overlapping the rest of the backward.
+// (0: one collective per layer), issued as each layer's weight gradients finish, overlapping the
+// rest of the backward: in the last micro-batch where every rank accumulates whole gradients
+// (ZeRO 0-1, Megatron's distributed optimizer); in every micro-batch under ZeRO 2-3, whose ranks
+// keep only their shard of the gradients (DeepSpeed reduce-scatters at each micro-step).
 class BucketFiller {
  public:
   BucketFiller(const Plan& p, const Dims& d, std::vector<OpTemplate>& out)
@@ -507,6 +509,7 @@ class BucketFiller {
   void emit(Collective c, CommGroup g, std::string_view name, double bytes, int layer, int ranks) {
     if (bytes <= 0 || ranks <= 1) return;
     out_.push_back(grad_sync(c, g, name, bytes, layer));
+    out_.back().last_micro_batch = p_.zero_stage < 2;
   }
   const Plan& p_;
   const Dims& d_;

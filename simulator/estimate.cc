@@ -59,7 +59,7 @@ struct ListTime {
   double sync_s = 0;  // everything the unit waits for
   double compute_s = 0;
   double comm_s[kNumStreams] = {};
-  double async_s = 0;  // gradient buckets (issued in the last micro-batch only)
+  double async_s = 0;  // gradient buckets (per micro-batch that issues them)
   double last_bucket_s = 0;
   double copy_s = 0;  // moves between storage tiers (offloaded parameters and gradients)
 };
@@ -215,10 +215,15 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
     const UnitTime& u = stage[static_cast<size_t>(s)];
     const double last_bwd_unit = u.bwd / vp;
     const double end = pipe - s * (stage[static_cast<size_t>(slowest)].bwd / vp);
-    // The share of the buckets that cannot run beside compute delays it outright.
+    // The share of the buckets that cannot run beside compute delays it outright. ZeRO 2-3
+    // reduce every micro-batch's gradients: the earlier micro-batches' buckets also have the
+    // units after them to hide behind.
     const double f = prof.comm_compute_overlap;
-    const double dp_exposed = (1 - f) * u.async + std::max(f * u.async - last_bwd_unit,
-                                                           u.async > 0 ? f * u.last_bucket : 0.0);
+    const bool every_mb = plan.zero_stage >= 2;
+    const double buckets = every_mb ? micro_batches * u.async : u.async;
+    const double window = every_mb ? (micro_batches - 1) * (u.fwd + u.bwd) : 0.0;
+    const double dp_exposed = (1 - f) * buckets + std::max(f * buckets - window - last_bwd_unit,
+                                                           buckets > 0 ? f * u.last_bucket : 0.0);
     dp_exposed_s[static_cast<size_t>(s)] = dp_exposed;
     const double ready = end + dp_exposed;
     delayed_exposed_s[static_cast<size_t>(s)] =

@@ -141,6 +141,16 @@ TEST_F(LowerTest, RecomputeAndZeroStages) {
   EXPECT_EQ(rs->collective, Collective::kReduceScatter);
   EXPECT_TRUE(rs->async);
   EXPECT_TRUE(rs->last_micro_batch);
+  // ZeRO-2 keeps only this rank's shard of the gradients: every micro-batch reduce-scatters its
+  // own (DeepSpeed reduces at each micro-step), and the simulated step issues m times the buckets.
+  p.zero_stage = 2;
+  prog = lower(model_, cluster_, p, work_);
+  for (const OpTemplate& op : prog.stages[0].chunks[0].backward)
+    if (op.name == "dp_grad_bucket" || op.name == "edp_grad_bucket") {
+      EXPECT_EQ(op.collective, Collective::kReduceScatter);
+      EXPECT_FALSE(op.last_micro_batch) << op.name;
+    }
+  EXPECT_EQ(count(prog.stages[0].step_ops, "dp_param_all_gather"), 1);
 }
 
 // Bucket size decides how many gradient collectives the backward issues.

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <map>
+#include <set>
 
 #include "core/config_registry.h"
 #include "cost_models/memory.h"
@@ -502,6 +503,33 @@ TEST(Simulate, MemoryCurvePeakMatchesClosedForm) {
       EXPECT_GE(simulated, closed.total().gpu * 0.95) << "stage " << stage;
     }
   }
+}
+
+// Per step, ZeRO 0-1 reduce the accumulated gradients once; ZeRO 2 reduces each micro-batch's.
+TEST(Simulate, ZeroTwoReducesEveryMicroBatchsGradients) {
+  const ModelSpec m = moe_model();
+  const ClusterSpec cl = a100_nodes(4);
+  const Workload w = train(128, 2048);  // 4 micro-batches per replica
+  const CostProfile prof = default_cost_profile(cl);
+  int buckets[3] = {0, 0, 0};
+  std::set<int> micro_batches[3];
+  for (int z = 1; z <= 2; ++z) {
+    Plan p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32})");
+    p.zero_stage = z;
+    expect_valid(p, m, cl, w);
+    ASSERT_EQ(lower(m, cl, p, w).num_micro_batches, 4);
+    SimulateOptions o;
+    o.record_timeline = true;
+    for (const TimelineEvent& e : simulate(m, cl, p, w, prof, o).timeline)
+      if (e.op && e.op->name == "dp_grad_bucket") {
+        ++buckets[z];
+        micro_batches[z].insert(e.micro_batch);
+      }
+  }
+  EXPECT_GT(buckets[1], 0);
+  EXPECT_EQ(micro_batches[1], std::set<int>{3});
+  EXPECT_EQ(buckets[2], 4 * buckets[1]);
+  EXPECT_EQ(micro_batches[2], (std::set<int>{0, 1, 2, 3}));
 }
 
 }  // namespace
