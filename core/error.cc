@@ -22,7 +22,7 @@ std::string ConfigError::join(const std::vector<ConfigIssue>& issues) {
 ConfigError with_file(const ConfigError& e, const std::string& file) {
   std::vector<ConfigIssue> issues = e.issues();
   for (auto& issue : issues)
-    if (issue.file.empty()) issue.file = file;
+    if (issue.file.empty() && issue.path != file) issue.file = file;  // parse errors name it
   return ConfigError(std::move(issues));
 }
 

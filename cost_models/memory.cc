@@ -15,11 +15,28 @@ namespace switchyard {
 
 TierBytes MemoryBreakdown::total() const {
   TierBytes t;
-  for (const TierBytes* b :
-       {&dense_params, &expert_params, &gradients, &optimizer_states, &activations, &kv_cache,
-        &dispatch_buffers, &comm_buffers, &prefetch_buffers, &runtime})
-    t += *b;
+  for (const auto& part : memory_parts(*this)) t += *part.second;
   return t;
+}
+
+std::vector<std::pair<const char*, const TierBytes*>> memory_parts(const MemoryBreakdown& m) {
+  return {{"dense params", &m.dense_params}, {"expert params", &m.expert_params},
+          {"gradients", &m.gradients},       {"optimizer", &m.optimizer_states},
+          {"activations", &m.activations},   {"kv cache", &m.kv_cache},
+          {"dispatch", &m.dispatch_buffers}, {"comm buffers", &m.comm_buffers},
+          {"prefetch", &m.prefetch_buffers}, {"runtime", &m.runtime}};
+}
+
+std::string gpu_parts_gib(const MemoryBreakdown& m) {
+  std::string out;
+  for (const auto& [name, bytes] : memory_parts(m)) {
+    if (bytes->gpu <= 0) continue;
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%s%s %.2f", out.empty() ? "" : ", ", name,
+                  bytes->gpu / double(int64_t{1} << 30));
+    out += buf;
+  }
+  return out + " GiB";
 }
 
 StateBytes state_bytes_per_param(Precision p, Precision moments) {
@@ -337,7 +354,12 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
     mb.in_flight_micro_batches = in_flight_micro_batches(plan, micro_batches, stage);
     double act = stack * mb.in_flight_micro_batches;
     if (plan.recompute == Recompute::kFull) act += widest;  // one layer recomputed at a time
-    if (stage == plan.pp - 1) act += dyn.logits;  // one micro-batch's logits on the last stage
+    // The logits on the last stage wait for their micro-batch's backward: one at a time with
+    // 1F1B (interleaved too: the head's chunk runs forward then backward in the steady state),
+    // every micro-batch's under GPipe (all forwards first).
+    if (stage == plan.pp - 1)
+      act += dyn.logits *
+             (plan.schedule == Schedule::kGPipe ? static_cast<double>(micro_batches) : 1.0);
     if (pl.activations == Tier::kCPU) {
       mb.activations.cpu = act;
       mb.activations.gpu = working_layers * widest;
@@ -412,12 +434,9 @@ std::vector<ConfigIssue> capacity_issues(const ModelSpec& m, const ClusterSpec& 
   const double hbm = static_cast<double>(c.gpu.hbm_bytes);
   if (gpu > hbm) {
     const MemoryBreakdown& mb = worst_gpu;
-    out.push_back(
-        {"plan", "does not fit: stage " + std::to_string(mb.stage) + " needs " + gib(gpu) +
-                     " per GPU (params " + gib(mb.dense_params.gpu + mb.expert_params.gpu) +
-                     ", gradients " + gib(mb.gradients.gpu) + ", optimizer " +
-                     gib(mb.optimizer_states.gpu) + ", activations " + gib(mb.activations.gpu) +
-                     ") but " + c.gpu.name + " has " + gib(hbm)});
+    out.push_back({"plan", "does not fit: stage " + std::to_string(mb.stage) + " needs " +
+                               gib(gpu) + " per GPU (" + gpu_parts_gib(mb) + ") but " + c.gpu.name +
+                               " has " + gib(hbm)});
   }
   const double per_node = c.gpus_per_node;
   if (cpu * per_node > static_cast<double>(c.host.dram_bytes))

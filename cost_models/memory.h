@@ -22,6 +22,8 @@
 //    updated on the host (ZeRO-Offload), staged through DRAM layer by layer when on the SSD.
 #pragma once
 
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "core/cluster.h"
@@ -62,6 +64,11 @@ struct MemoryBreakdown {
   TierBytes runtime;           // CUDA context, NCCL, allocator slack
   TierBytes total() const;
 };
+
+// The breakdown's parts with the names reports give them, in report order.
+std::vector<std::pair<const char*, const TierBytes*>> memory_parts(const MemoryBreakdown& m);
+// "dense params 3.49, gradients 3.49, ..., runtime 1.50 GiB": the parts with bytes on the GPU.
+std::string gpu_parts_gib(const MemoryBreakdown& m);
 
 // Bytes per parameter of each class for a training precision and Adam moment precision.
 struct StateBytes {

@@ -95,14 +95,8 @@ int cmd_validate(const Common& common, const sy::InputNames& names, bool json) {
   std::cout << "  peak memory per GPU (stage " << mem.stage << "): gpu " << gib(total.gpu) << " of "
             << gib(static_cast<double>(in.cluster.gpu.hbm_bytes)) << ", cpu " << gib(total.cpu)
             << ", ssd " << gib(total.ssd) << "\n";
-  const std::pair<const char*, const sy::TierBytes*> parts[] = {
-      {"dense params", &mem.dense_params}, {"expert params", &mem.expert_params},
-      {"gradients", &mem.gradients},       {"optimizer", &mem.optimizer_states},
-      {"activations", &mem.activations},   {"kv cache", &mem.kv_cache},
-      {"dispatch", &mem.dispatch_buffers}, {"comm buffers", &mem.comm_buffers},
-      {"prefetch", &mem.prefetch_buffers}, {"runtime", &mem.runtime}};
   std::cout << "   ";
-  for (const auto& [name, bytes] : parts)
+  for (const auto& [name, bytes] : sy::memory_parts(mem))
     if (bytes->total() > 0)
       std::cout << " " << name << " " << fmt("%.2f", bytes->gpu / double(1ull << 30));
   std::cout << " (GiB on the GPU; " << fmt("%.1f", mem.in_flight_micro_batches)
@@ -264,22 +258,7 @@ void print_prediction(const sy::Inputs& in, const sy::Prediction& p, const sy::C
   std::cout << "  peak memory per GPU (stage " << p.peak_stage << "): gpu " << gib(p.peak.gpu)
             << " of " << gib(hbm) << ", cpu " << gib(p.peak.cpu) << ", ssd " << gib(p.peak.ssd)
             << "\n";
-  const sy::MemoryBreakdown& m = p.memory;
-  const std::pair<const char*, const sy::TierBytes*> mparts[] = {{"params", nullptr},
-                                                                 {"gradients", &m.gradients},
-                                                                 {"optimizer", &m.optimizer_states},
-                                                                 {"activations", &m.activations},
-                                                                 {"kv cache", &m.kv_cache},
-                                                                 {"dispatch", &m.dispatch_buffers},
-                                                                 {"comm buffers", &m.comm_buffers},
-                                                                 {"prefetch", &m.prefetch_buffers},
-                                                                 {"runtime", &m.runtime}};
-  std::cout << "   ";
-  for (const auto& [name, bytes] : mparts) {
-    const double gpu = bytes ? bytes->gpu : m.dense_params.gpu + m.expert_params.gpu;
-    if (gpu > 0) std::cout << " " << name << " " << fmt("%.2f", gpu / double(1ull << 30));
-  }
-  std::cout << " (GiB)\n";
+  std::cout << "    " << sy::gpu_parts_gib(p.memory) << " on the GPU\n";
   for (const auto& n : p.notes) std::cout << "  note: " << n << "\n";
 }
 
@@ -307,6 +286,14 @@ int cmd_simulate(const Common& common, const sy::InputNames& names, const std::s
       throw sy::ConfigError("--trace", "needs --fidelity simulate (the estimate has no timeline)");
     sy::write_chrome_trace(trace, p, in);
   }
+  // The event simulation's memory curve can peak above the closed form's sum (tensors it keeps
+  // alive longer): that peak decides too.
+  const double hbm = static_cast<double>(in.cluster.gpu.hbm_bytes);
+  if (p.peak.gpu > hbm)
+    throw sy::ConfigError("plan", "does not fit: the simulated peak of stage " +
+                                      std::to_string(p.peak_stage) + " is " + gib(p.peak.gpu) +
+                                      " per GPU (" + sy::gpu_parts_gib(p.memory) + ") but " +
+                                      in.cluster.gpu.name + " has " + gib(hbm));
   if (json) {
     sy::Json out = sy::to_json(p);
     out["model"] = in.model.name;

@@ -237,6 +237,12 @@ TEST_F(MemoryTest, FullRecomputeKeepsLayerInputs) {
       tokens * activation_bytes_per_token(model_, plan_, Precision::kBF16, true, 1.0);
   const double logits = tokens * 10 * 4.0;
   EXPECT_DOUBLE_EQ(m.activations.gpu, inputs * m.in_flight_micro_batches + widest + logits);
+  // GPipe runs every forward before any backward: the last stage holds all 4 micro-batches'
+  // logits (1F1B one, as above).
+  plan_.schedule = Schedule::kGPipe;
+  const auto g = mem();
+  EXPECT_DOUBLE_EQ(g.in_flight_micro_batches, 4);
+  EXPECT_DOUBLE_EQ(g.activations.gpu, inputs * 4 + widest + 4 * logits);
 }
 
 // A plan that overflows a tier is reported per tier with the numbers.
@@ -252,6 +258,10 @@ TEST_F(MemoryTest, CapacityIssuesPerTier) {
   EXPECT_EQ(issues[0].path, "plan");
   EXPECT_NE(issues[0].message.find("does not fit: stage 0 needs"), std::string::npos)
       << issues[0].message;
+  // Every part that holds GPU memory is named, so the parts add up to the total.
+  for (const char* part : {"dense params", "activations", "comm buffers", "runtime"})
+    EXPECT_NE(issues[0].message.find(part), std::string::npos) << part << ": " << issues[0].message;
+  EXPECT_EQ(issues[0].message.find("optimizer"), std::string::npos) << issues[0].message;
   EXPECT_NE(issues[1].message.find("host memory does not fit: 2 GPUs x"), std::string::npos)
       << issues[1].message;
   EXPECT_NE(issues[2].message.find("SSD does not fit"), std::string::npos) << issues[2].message;

@@ -148,7 +148,8 @@ TEST_F(CliTest, BadInputsAreRefused) {
   const std::string truncated = write("truncated.json", R"({"schema_version": 1, "dp": )");
   r = run("validate --model mixtral-8x7b --cluster dgx-h100 --plan " + truncated);
   EXPECT_EQ(r.exit_code, 2) << r.output;
-  EXPECT_NE(r.output.find("invalid JSON"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(truncated + ": invalid JSON"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find(truncated + ": " + truncated), std::string::npos) << r.output;
   r = run("frobnicate");
   EXPECT_EQ(r.exit_code, 2) << r.output;
 }
