@@ -56,10 +56,11 @@ OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec&
       const int sharers = c.gpus_per_node;
       const double host_s =
           host_optimizer_seconds(op.bytes, op.flops, op.ssd_state_bytes, c, prof, sharers);
-      const double pcie_s =
-          transfer_cost(TransferPath::kGpuToHost, op.host_down_bytes, c, prof, sharers).time_s +
+      out.pcie_before_s =
+          transfer_cost(TransferPath::kGpuToHost, op.host_down_bytes, c, prof, sharers).time_s;
+      out.pcie_after_s =
           transfer_cost(TransferPath::kHostToGpu, op.host_up_bytes, c, prof, sharers).time_s;
-      out.time_s = host_s + pcie_s;
+      out.time_s = out.pcie_before_s + host_s + out.pcie_after_s;
       break;
     }
     case OpKind::kCollective: {

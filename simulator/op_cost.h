@@ -16,6 +16,11 @@ inline constexpr int kNumLinks = 5;
 struct OpCost {
   double time_s = 0;
   Link link = Link::kNone;  // the link a communication op loads (shared with concurrent ones)
+  // Of time_s, the parts on the GPU's PCIe link before and after the op's own work (a host
+  // update's gradient download and parameter upload): simulate runs them as their own pieces on
+  // that link, shared with the traffic that crosses it at the same time.
+  double pcie_before_s = 0;
+  double pcie_after_s = 0;
 };
 
 OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec& cluster,

@@ -186,15 +186,31 @@ class Simulation {
       bool first = true;
       for (size_t i = 0; i < st.step_ops.size(); ++i) {
         const OpTemplate& op = st.step_ops[i];
-        const int32_t id = add(&op, sc.step[i], s, -1, 0, op.stream);
+        // A host update's PCIe transfers are pieces of their own on the link, around its work.
+        const OpCost& cost = sc.step[i];
+        OpCost work = cost;
+        work.time_s = cost.time_s - cost.pcie_before_s - cost.pcie_after_s;
+        work.pcie_before_s = work.pcie_after_s = 0;
+        OpCost pieces[3] = {{}, work, {}};
+        pieces[0].time_s = cost.pcie_before_s;
+        pieces[2].time_s = cost.pcie_after_s;
+        pieces[0].link = pieces[2].link = Link::kPcie;
+        int32_t head = kNoInst, id = kNoInst;
+        for (int k = 0; k < 3; ++k) {
+          if (k != 1 && pieces[k].time_s <= 0) continue;
+          const int32_t next = add(&op, pieces[k], s, -1, 0, op.stream);
+          edge(id, next);
+          if (head == kNoInst) head = next;
+          id = next;
+        }
         if (op.delayed) {
           delayed = id;
           continue;
         }
-        edge(prev, id);
-        edge(delayed, id);
+        edge(prev, head);
+        edge(delayed, head);
         if (first)
-          for (int32_t a : async_ops) edge(a, id);
+          for (int32_t a : async_ops) edge(a, head);
         first = false;
         shadow(id, prev, kNoInst);
         prev = id;

@@ -257,6 +257,43 @@ TEST(Simulate, HostCopiesShareThePcieLinkWithTheNics) {
   EXPECT_GT(stretched, 0);
 }
 
+// A host update (ZeRO-Offload) moves the gradients down and the parameters up over the same PCIe
+// link as the GPUDirect all-to-all: beside the step (delayed update) its transfers are pieces of
+// their own on that link, around the host's Adam, and they slow the dispatches they overlap.
+TEST(Simulate, TheHostUpdatesTransfersShareThePcieLink) {
+  const ModelSpec m = moe_model(32);
+  const ClusterSpec cl = a100_nodes(4);
+  const Workload w = train(64, 2048);
+  const CostProfile prof = default_cost_profile(cl);
+  const Plan p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "zero_stage": 1,
+                             "placement": {"optimizer_states": "cpu"}, "delayed_update": true})");
+  expect_valid(p, m, cl, w);
+  SimulateOptions o;
+  o.record_timeline = true;
+  const Prediction s = simulate(m, cl, p, w, prof, o);
+  std::vector<TimelineEvent> update;
+  for (const auto& e : s.timeline)
+    if (e.op && e.op->kind == OpKind::kOptimizer) update.push_back(e);
+  ASSERT_EQ(update.size(), 3u);  // download, Adam, upload: one after the other on the host
+  const OpCost whole = op_cost(*update[0].op, *s.program, cl, prof, w.precision);
+  ASSERT_GT(whole.pcie_before_s, 0);
+  ASSERT_GT(whole.pcie_after_s, 0);
+  EXPECT_EQ(update[0].stream, StreamKind::kHost);
+  EXPECT_GE(update[1].start_s, update[0].end_s);
+  EXPECT_GE(update[2].start_s, update[1].end_s);
+  EXPECT_NEAR(update[1].end_s - update[1].start_s,
+              whole.time_s - whole.pcie_before_s - whole.pcie_after_s, 1e-12);
+  // The download starts with the step, beside the first dispatches: it shares their link.
+  EXPECT_GT(update[0].end_s - update[0].start_s, whole.pcie_before_s * 1.01);
+  int stretched = 0;
+  for (const auto& e : s.timeline)
+    if (e.op && e.op->name == "dispatch" && e.start_s < update[0].end_s)
+      stretched +=
+          e.end_s - e.start_s > op_cost(*e.op, *s.program, cl, prof, w.precision).time_s * 1.01 ? 1
+                                                                                                : 0;
+  EXPECT_GT(stretched, 0);
+}
+
 // A hot expert decides its MoE layers: an expert with twice the others' tokens shows in the step.
 TEST(Simulate, HotExpertShowsInStepTime) {
   const ModelSpec m = moe_model();
