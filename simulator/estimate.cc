@@ -87,10 +87,12 @@ ListTime sum_ops(const std::vector<OpTemplate>& ops, const StepProgram& frame, c
   return t;
 }
 
-// Copy time a layer cannot hide: all of it without prefetching ahead; with `depth` layers of
-// prefetch, what the previous `depth` layers' compute does not cover.
+// Copy time a layer cannot hide: all of it without prefetching ahead; with prefetch, what the
+// compute does not cover. The copies run one after another on their stream, so in the steady
+// state each layer's copy has one layer's compute to hide behind, however deep the prefetch (depth
+// only absorbs the differences between layers).
 double exposed_copy(const ListTime& t, int depth) {
-  return depth == 0 ? t.copy_s : std::max(0.0, t.copy_s - depth * t.sync_s);
+  return depth == 0 ? t.copy_s : std::max(0.0, t.copy_s - t.sync_s);
 }
 
 struct UnitTime {
@@ -268,8 +270,8 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   p.notes.push_back(
       "estimate: pipeline time = micro-batches x slowest stage + the other stages' fill and drain "
       "(divided by vp); gradient buckets are assumed to overlap the last backward unit; concurrent "
-      "collectives do not share links; a layer's parameter copy hides behind the compute of the "
-      "`depth` layers before it; --fidelity simulate times every op");
+      "collectives do not share links; with prefetch a layer's parameter copy hides behind one "
+      "layer's compute (the copies run in turn); --fidelity simulate times every op");
   fill_throughput(p, m, c, plan, w);
   return p;
 }

@@ -36,6 +36,14 @@ TEST(EstimateVsSimulate, AgreeWithinTenPercentWhereOverlapDoesNotMatter) {
       {R"({"schema_version": 1, "pp": 4, "schedule": "gpipe"})", 4},
       {R"({"schema_version": 1, "pp": 2, "vp": 2, "schedule": "interleaved_1f1b"})", 2},
       {R"({"schema_version": 1, "pp": 2, "recompute": "full"})", 2},
+      // Offloaded experts, prefetched deeper than one layer: the copies run in turn, so depth
+      // does not hide more than one layer's compute per copy.
+      {R"({"schema_version": 1, "zero_stage": 1, "prefetch": {"depth": 4, "direction": "2d"},
+           "placement": {"expert_params": "ssd", "optimizer_states": "cpu"}})",
+       1},
+      {R"({"schema_version": 1, "zero_stage": 1, "prefetch": {"depth": 3, "direction": "ahead"},
+           "placement": {"expert_params": "cpu", "optimizer_states": "cpu"}})",
+       1},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.plan);
