@@ -431,26 +431,29 @@ std::vector<ConfigIssue> capacity_issues(const ModelSpec& m, const ClusterSpec& 
     if (t.cpu > cpu) cpu = t.cpu, worst_cpu = mb;
     if (t.ssd > ssd) ssd = t.ssd, worst_ssd = mb;
   }
+  // Ring-memory inference decides the GPU's slots and keeps the weights in host memory: its
+  // section count is the setting to change; otherwise the placement is.
+  const std::string gpu_path = plan.ring_sections > 0 ? "plan.ring_sections" : "plan";
+  const std::string host_path = plan.ring_sections > 0 ? "plan.ring_sections" : "plan.placement";
   const double hbm = static_cast<double>(c.gpu.hbm_bytes);
   if (gpu > hbm) {
     const MemoryBreakdown& mb = worst_gpu;
-    out.push_back({"plan", "does not fit: stage " + std::to_string(mb.stage) + " needs " +
-                               gib(gpu) + " per GPU (" + gpu_parts_gib(mb) + ") but " + c.gpu.name +
-                               " has " + gib(hbm)});
+    out.push_back({gpu_path, "does not fit: stage " + std::to_string(mb.stage) + " needs " +
+                                 gib(gpu) + " per GPU (" + gpu_parts_gib(mb) + ") but " +
+                                 c.gpu.name + " has " + gib(hbm)});
   }
   const double per_node = c.gpus_per_node;
   if (cpu * per_node > static_cast<double>(c.host.dram_bytes))
-    out.push_back({"plan.placement",
-                   "host memory does not fit: " + std::to_string(c.gpus_per_node) + " GPUs x " +
-                       gib(cpu) + " (stage " + std::to_string(worst_cpu.stage) +
-                       ") = " + gib(cpu * per_node) + " but a node has " +
-                       gib(static_cast<double>(c.host.dram_bytes)) + " of DRAM"});
+    out.push_back({host_path, "host memory does not fit: " + std::to_string(c.gpus_per_node) +
+                                  " GPUs x " + gib(cpu) + " (stage " +
+                                  std::to_string(worst_cpu.stage) + ") = " + gib(cpu * per_node) +
+                                  " but a node has " + gib(static_cast<double>(c.host.dram_bytes)) +
+                                  " of DRAM"});
   if (ssd * per_node > static_cast<double>(c.host.ssd_bytes))
-    out.push_back({"plan.placement", "SSD does not fit: " + std::to_string(c.gpus_per_node) +
-                                         " GPUs x " + gib(ssd) + " (stage " +
-                                         std::to_string(worst_ssd.stage) +
-                                         ") = " + gib(ssd * per_node) + " but a node has " +
-                                         gib(static_cast<double>(c.host.ssd_bytes)) + " of SSD"});
+    out.push_back({host_path, "SSD does not fit: " + std::to_string(c.gpus_per_node) + " GPUs x " +
+                                  gib(ssd) + " (stage " + std::to_string(worst_ssd.stage) +
+                                  ") = " + gib(ssd * per_node) + " but a node has " +
+                                  gib(static_cast<double>(c.host.ssd_bytes)) + " of SSD"});
   return out;
 }
 

@@ -73,6 +73,15 @@ int cmd_validate(const Common& common, const sy::InputNames& names, bool json) {
     out["model_hash"] = sy::content_hash(sy::semantic_json(in.model));
     out["cluster_hash"] = sy::content_hash(sy::semantic_json(in.cluster));
     out["workload_hash"] = sy::content_hash(sy::semantic_json(in.workload));
+    // Valid plans may still not fit a tier: every such tier, with its numbers (simulate refuses
+    // them).
+    out["fits"] = sy::Json::array();
+    if (issues.empty()) {
+      const auto fit = sy::capacity_issues(in.model, in.cluster, in.plan, in.workload,
+                                           sy::default_cost_profile(in.cluster));
+      for (const auto& i : fit) out["fits"].push_back({{"path", i.path}, {"message", i.message}});
+      out["fits"] = out["fits"].empty() ? sy::Json(true) : out["fits"];
+    }
     std::cout << out.dump(2) << "\n";
     return issues.empty() ? 0 : kExitBadInput;
   }
@@ -101,9 +110,11 @@ int cmd_validate(const Common& common, const sy::InputNames& names, bool json) {
       std::cout << " " << name << " " << fmt("%.2f", bytes->gpu / double(1ull << 30));
   std::cout << " (GiB on the GPU; " << fmt("%.1f", mem.in_flight_micro_batches)
             << " micro-batches in flight)\n";
-  if (total.gpu > static_cast<double>(in.cluster.gpu.hbm_bytes))
-    std::cout << "  note: the predicted peak exceeds the GPU's memory; the plan is valid but may "
-                 "not fit\n";
+  // Valid, yet it may not fit a tier (GPU, the node's DRAM or SSD): simulate refuses it.
+  for (const auto& i : sy::capacity_issues(in.model, in.cluster, in.plan, in.workload,
+                                           sy::default_cost_profile(in.cluster)))
+    std::cout << "  note: " << i.path << ": " << i.message
+              << " (the plan is valid; simulate refuses it)\n";
   return 0;
 }
 

@@ -241,6 +241,19 @@ TEST_F(CliTest, SimulateRefusesInvalidAndOversizedPlans) {
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("does not fit"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("GiB per GPU"), std::string::npos) << r.output;
+  // validate calls it valid and says it does not fit, with the numbers (text and JSON).
+  r = run("validate --plan " + one);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("note: plan: does not fit: stage 0 needs"), std::string::npos)
+      << r.output;
+  r = run("validate --json --plan " + one);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  const Json j = Json::parse(r.output);
+  EXPECT_TRUE(j.at("ok").get<bool>());
+  ASSERT_TRUE(j.at("fits").is_array()) << r.output;
+  EXPECT_EQ(j.at("fits").at(0).at("path"), "plan");
+  EXPECT_TRUE(Json::parse(run("validate --json --plan mixtral-8x7b-megatron").output).at("fits") ==
+              Json(true));
 }
 
 // Calibration and the runner divide a node's DRAM, SSD and cores among the ranks on that node:
