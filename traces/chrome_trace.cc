@@ -1,9 +1,12 @@
 #include "traces/chrome_trace.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <memory>
 #include <stdexcept>
+#include <string>
+#include <unordered_map>
 
 namespace switchyard {
 
@@ -40,6 +43,36 @@ Json trace_meta(const Inputs& in, const char* kind, double step_time_s) {
           {"step_time_s", step_time_s}};
 }
 
+// Chrome's ts and dur in microseconds with 3 decimals, from whole nanoseconds: an event that ends
+// where the next begins writes the same number for both, so events on one track nest exactly.
+struct Micros {
+  double ts, dur;
+};
+Micros micros(double start_s, double end_s) {
+  const long long a = std::llround(start_s * 1e9), b = std::llround(end_s * 1e9);
+  return {static_cast<double>(a) / 1e3, static_cast<double>(b - a) / 1e3};
+}
+
+// Each op template's id in its program: "s<stage>.c<chunk>.f<i>" (forward list), ".b<i>"
+// (backward list) or "s<stage>.step<i>": the same template in every micro-batch's events.
+std::unordered_map<const OpTemplate*, std::string> program_op_ids(const StepProgram& prog) {
+  std::unordered_map<const OpTemplate*, std::string> ids;
+  for (size_t s = 0; s < prog.stages.size(); ++s) {
+    const StageProgram& st = prog.stages[s];
+    const std::string stage = "s" + std::to_string(s);
+    for (size_t c = 0; c < st.chunks.size(); ++c) {
+      const std::string chunk = stage + ".c" + std::to_string(c);
+      for (size_t i = 0; i < st.chunks[c].forward.size(); ++i)
+        ids[&st.chunks[c].forward[i]] = chunk + ".f" + std::to_string(i);
+      for (size_t i = 0; i < st.chunks[c].backward.size(); ++i)
+        ids[&st.chunks[c].backward[i]] = chunk + ".b" + std::to_string(i);
+    }
+    for (size_t i = 0; i < st.step_ops.size(); ++i)
+      ids[&st.step_ops[i]] = stage + ".step" + std::to_string(i);
+  }
+  return ids;
+}
+
 }  // namespace
 
 void write_chrome_trace(const std::string& path, const Prediction& p, const Inputs& in) {
@@ -67,18 +100,28 @@ void write_chrome_trace(const std::string& path, const Prediction& p, const Inpu
                    t, std::string(stream_name(static_cast<StreamKind>(t))).c_str());
     }
   }
+  const auto ids =
+      p.program ? program_op_ids(*p.program) : std::unordered_map<const OpTemplate*, std::string>{};
+  const double p2p_bytes = p.program ? p.program->p2p_bytes : 0.0;
   for (size_t i = 0; i < p.timeline.size(); ++i) {
     const TimelineEvent& e = p.timeline[i];
     const OpTemplate* op = e.op;
     sep();
     const std::string name = op ? std::string(op->name) : std::string("p2p_send");
+    const auto id = op ? ids.find(op) : ids.end();
+    // A pipeline send has no template: its id names the unit whose output it carries.
+    const std::string op_id =
+        id != ids.end() ? id->second
+        : op            ? std::string("?")
+                        : "s" + std::to_string(e.stage) + ".c" + std::to_string(e.chunk) + ".send";
+    const Micros t = micros(e.start_s, e.end_s);
     std::fprintf(
         f.get(),
-        R"({"ph":"X","name":"%s","cat":"%s","pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"args":{"op_id":%zu,)"
+        R"({"ph":"X","name":"%s","cat":"%s","pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"args":{"op_id":"%s","event":%zu,)"
         R"("micro_batch":%d,"chunk":%d,"layer":%d,"bytes":%.0f,"flops":%.0f,"tokens":%lld)",
         name.c_str(), op ? std::string(phase_name(op->phase)).c_str() : "p2p", e.stage,
-        static_cast<int>(e.stream), e.start_s * 1e6, (e.end_s - e.start_s) * 1e6, i, e.micro_batch,
-        e.chunk, op ? op->layer : -1, op ? op->bytes : 0.0, op ? op->flops : 0.0,
+        static_cast<int>(e.stream), t.ts, t.dur, op_id.c_str(), i, e.micro_batch, e.chunk,
+        op ? op->layer : -1, op ? op->bytes : p2p_bytes, op ? op->flops : 0.0,
         static_cast<long long>(op ? op->tokens : 0));
     if (op && op->kind == OpKind::kCollective)
       std::fprintf(f.get(), R"(,"collective":"%s","group":"%s")",
@@ -129,10 +172,10 @@ void write_measured_trace(const std::string& path, const std::vector<MeasuredEve
                             : program         ? e.program_phase
                             : e.communication ? "communication"
                                               : "compute";
+    const Micros t = micros(e.start_s - origin, e.end_s - origin);
     std::fprintf(f.get(),
                  R"({"ph":"X","name":"%s","cat":"%s","pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f})",
-                 e.op.c_str(), cat.c_str(), e.rank, tid, (e.start_s - origin) * 1e6,
-                 (e.end_s - e.start_s) * 1e6);
+                 e.op.c_str(), cat.c_str(), e.rank, tid, t.ts, t.dur);
   }
   std::fputs("\n]}\n", f.get());
   if (std::ferror(f.get())) throw std::runtime_error("error writing trace file " + path);

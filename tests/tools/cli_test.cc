@@ -4,10 +4,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
 
 #include "tests/core/test_util.h"
@@ -200,17 +202,35 @@ TEST_F(CliTest, SimulatePrintsSummaryJsonAndTrace) {
   const Json t = load_json_file(trace);
   ASSERT_TRUE(t.at("traceEvents").is_array());
   EXPECT_EQ(t.at("switchyard").at("plan_hash").get<std::string>().size(), 64u);
-  int complete = 0, stages = 0;
+  int complete = 0, stages = 0, sends = 0;
+  std::map<std::pair<int, int>, std::vector<std::pair<double, double>>> tracks;
   for (const auto& e : t.at("traceEvents")) {
     if (e.at("ph") == "X") {
       ++complete;
       EXPECT_GE(e.at("dur").get<double>(), 0);
-      ASSERT_TRUE(e.at("args").contains("op_id"));
+      // The program op the event runs (the same template in every micro-batch).
+      const std::string id = e.at("args").at("op_id").get<std::string>();
+      EXPECT_EQ(id.rfind("s" + std::to_string(e.at("pid").get<int>()) + ".", 0), 0u) << id;
+      if (e.at("name") == "p2p_send") {
+        ++sends;
+        EXPECT_GT(e.at("args").at("bytes").get<double>(), 0);  // the activation it carries
+      }
       stages = std::max(stages, e.at("pid").get<int>() + 1);
+      tracks[{e.at("pid").get<int>(), e.at("tid").get<int>()}].emplace_back(
+          e.at("ts").get<double>(), e.at("dur").get<double>());
     }
   }
   EXPECT_GT(complete, 1000);
+  EXPECT_GT(sends, 0);
   EXPECT_EQ(stages, 4);  // one process per pipeline stage
+  // One track is one stream: its events follow one another exactly as written (no overlap from
+  // rounding), so viewers nest them.
+  for (auto& [track, events] : tracks) {
+    std::sort(events.begin(), events.end());
+    for (size_t i = 1; i < events.size(); ++i)
+      ASSERT_GE(events[i].first, events[i - 1].first + events[i - 1].second - 1e-6)
+          << "stage " << track.first << " stream " << track.second << " event " << i;
+  }
 }
 
 // A calibration profile over the defaults changes the prediction: half the GEMM efficiency, slower.
