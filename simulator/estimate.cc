@@ -64,10 +64,21 @@ struct ListTime {
   double copy_s = 0;  // moves between storage tiers (offloaded parameters and gradients)
 };
 
+// `waited_copies_only`: leave out the copies no op of the list waits for (the ring's loads of the
+// next pass, which the next pass counts).
 ListTime sum_ops(const std::vector<OpTemplate>& ops, const StepProgram& frame, const ClusterSpec& c,
-                 const CostProfile& prof, Precision prec) {
+                 const CostProfile& prof, Precision prec, bool waited_copies_only = false) {
+  std::vector<bool> waited(ops.size(), !waited_copies_only);
+  if (waited_copies_only)
+    for (size_t i = ops.size(); i-- > 0;) {
+      const OpTemplate& op = ops[i];
+      if (op.wait_for >= 0 && (op.kind != OpKind::kCopy || waited[i]))
+        waited[static_cast<size_t>(op.wait_for)] = true;  // (wait_for points back)
+    }
   ListTime t;
-  for (const OpTemplate& op : ops) {
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const OpTemplate& op = ops[i];
+    if (op.kind == OpKind::kCopy && !waited[i]) continue;
     const double s = op_cost(op, frame, c, prof, prec).time_s;
     if (op.kind == OpKind::kCopy) {
       t.copy_s += s;
@@ -125,8 +136,10 @@ Prediction estimate_inference(const ModelSpec& m, const ClusterSpec& c, const Pl
   const bool overlap = plan.prefetch.direction != PrefetchDirection::kNone;
   double chunk_s[2] = {0, 0};
   for (int ch = 0; ch < 2; ++ch) {
-    const ListTime t =
-        sum_ops(prog.stages[0].chunks[static_cast<size_t>(ch)].forward, prog, c, prof, w.precision);
+    // The prefill's loads of the first decode step's sections are that step's (each decode step
+    // loads the next one's).
+    const ListTime t = sum_ops(prog.stages[0].chunks[static_cast<size_t>(ch)].forward, prog, c,
+                               prof, w.precision, ch == 0);
     chunk_s[ch] = overlap ? std::max(t.sync_s, t.copy_s) : t.sync_s + t.copy_s;
     const double times = ch == 0 ? 1.0 : static_cast<double>(w.inference->decode_tokens);
     p.time.compute_s += times * t.compute_s;

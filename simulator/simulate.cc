@@ -448,12 +448,21 @@ class Simulation {
     if (inference_) {
       const double prefill_end =
           insts_[static_cast<size_t>(units_[unit_index(0, 0, 0, false)].last)].end;
-      const double decode_end =
+      const double compute_end =
           insts_[static_cast<size_t>(units_[unit_index(0, 1, 0, false)].last)].end;
+      // The decode step stands for every generated token. In the steady state a step's copy
+      // stream carries its own loads and those it issues for the next step (the ring's next
+      // pass, its first sections): a step lasts at least as long as those copies take.
+      double copies = 0;
+      for (const Inst& in : insts_)
+        if (in.chunk == 1 && in.stream == StreamKind::kCopy) copies += in.end - in.start;
+      const double decode_end = std::max(compute_end, prefill_end + copies);
       fill_inference_times(p, w_, prefill_end, decode_end - prefill_end);
       // The step-end bookkeeping above counted the decode step once: rebase the breakdown on the
       // latency of the whole batch.
       p.time.dp_comm_s = 0;
+      p.time.stall_s +=
+          static_cast<double>(w_.inference->decode_tokens) * (decode_end - compute_end);
       p.time.bubble_s = 0;
       p.time.bubble_s = std::max(0.0, p.step_time_s - p.time.total());
     }

@@ -235,6 +235,16 @@ TEST(Simulate, RingMemoryInference) {
   EXPECT_GT(r.peak.cpu, static_cast<double>(count_params(m).total()) * 2 * 0.99);
   // The closed form agrees with the event simulation on these sequential passes.
   EXPECT_NEAR(estimate(m, cl, ring, w, prof).step_time_s, r.step_time_s, 0.15 * r.step_time_s);
+  // Every decode step streams the whole ring over PCIe (the sections of the next step load
+  // during this one): a step is at least one pass of the layers' loads, in the steady state as
+  // in the estimate.
+  const StepProgram prog = lower(m, cl, ring, w);
+  double pass = 0;
+  for (const OpTemplate& op : prog.stages[0].chunks[1].forward)
+    if (op.kind == OpKind::kCopy) pass += op_cost(op, prog, cl, prof, w.precision).time_s;
+  EXPECT_GE(r.inference->decode_step_s, pass * (1 - 1e-9));
+  EXPECT_NEAR(estimate(m, cl, ring, w, prof).inference->decode_step_s, r.inference->decode_step_s,
+              0.02 * r.inference->decode_step_s);
 }
 
 // Parameter copies from host memory and all-to-all traffic to other nodes cross the same PCIe
