@@ -34,6 +34,11 @@ struct Dims {
   std::vector<int64_t> expert_rows;  // rows per local expert copy on the most loaded EP rank
   double dispatch_rows = 0;          // rows this rank sends in the dispatch all-to-all
   int replicated_copies = 0;         // copies on the most loaded rank of experts that have replicas
+  // Elastic replicas pile copies on the least loaded ranks: the rank holding the most copies (not
+  // the one with the most rows) decides the update after the gradients' collective and the
+  // replicas' all-reduce, which wait for every rank.
+  int most_copies = 0;
+  int most_replicated_copies = 0;
   // Per model layer, when the workload routes each MoE layer its own way: the rows per local
   // expert copy on that layer's most loaded rank (empty: expert_rows).
   std::vector<std::vector<int64_t>> layer_expert_rows;
@@ -419,6 +424,13 @@ Dims make_dims(const ModelSpec& m, const Plan& p, const Workload& w, Pass pass =
       for (const ExpertCopy& c : r.copies) ++copies[static_cast<size_t>(c.expert)];
     for (const ExpertCopy& c : hot.copies)
       d.replicated_copies += copies[static_cast<size_t>(c.expert)] > 1 ? 1 : 0;
+    for (const RankExperts& r : ranks) {
+      int replicated = 0;
+      for (const ExpertCopy& c : r.copies)
+        replicated += copies[static_cast<size_t>(c.expert)] > 1 ? 1 : 0;
+      d.most_copies = std::max(d.most_copies, static_cast<int>(r.copies.size()));
+      d.most_replicated_copies = std::max(d.most_replicated_copies, replicated);
+    }
     // A routing measured per layer: each MoE layer waits for its own most loaded rank.
     if (w.routing.kind == RoutingKind::kHistogram && !w.routing.per_layer.empty() &&
         !p.capacity_factor) {
@@ -818,12 +830,14 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
     if (p.recompute == Recompute::kFull)
       cp.backward.back().frees |= bit(TensorClass::kRecomputeWorkspace);
     grad_offload(m, p, d, l, cp.backward);
-    if (m.is_moe_layer(l) && d.replicated_copies > 0) {
-      // Elastic replicas: the copies of a replicated expert sum their gradients before the update.
-      cp.backward.push_back(grad_sync(
-          Collective::kAllReduce, CommGroup::kReplicas, "replica_grad_all_reduce",
-          d.replicated_copies * static_cast<double>(expert_params(m)) / p.expert_tp * d.grad_bytes,
-          l));
+    if (m.is_moe_layer(l) && d.most_replicated_copies > 0) {
+      // Elastic replicas: the copies of a replicated expert sum their gradients before the update
+      // (the rank with the most such copies moves the most).
+      cp.backward.push_back(
+          grad_sync(Collective::kAllReduce, CommGroup::kReplicas, "replica_grad_all_reduce",
+                    d.most_replicated_copies * static_cast<double>(expert_params(m)) / p.expert_tp *
+                        d.grad_bytes,
+                    l));
     }
     buckets.add(layer_params(m, p, d, l), l);
   }
@@ -847,6 +861,9 @@ std::vector<OpTemplate> lower_step_ops(const ModelSpec& m, const Plan& p, const 
       total.dense += lp.dense;
       total.expert += lp.expert;
     }
+  // The update's expert share: the rank holding the most copies (see Dims::most_copies).
+  if (!d.expert_rows.empty() && d.most_copies > static_cast<int>(d.expert_rows.size()))
+    total.expert *= static_cast<double>(d.most_copies) / static_cast<double>(d.expert_rows.size());
   const double vh = static_cast<double>(m.vocab_size) * static_cast<double>(m.hidden_size) / p.tp;
   if (stage == 0) total.dense += vh;
   if (stage == p.pp - 1 && (!m.tied_embeddings || p.pp > 1)) total.dense += vh;

@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include "core/expert_load.h"
 #include "core/step_program.h"
 #include "tests/simulator/sim_test_util.h"
 
@@ -93,6 +94,34 @@ TEST_F(LowerTest, TheHotRanksExchangeMovesWhatItReceives) {
     ASSERT_NE(op, nullptr);
     EXPECT_NEAR(op->bytes, received, received * 1e-3) << name;
   }
+}
+
+// Elastic copies land on the least loaded ranks, so the rank with the most rows is not the one
+// with the most copies: the update (after the gradients' collective, which waits for every rank)
+// and the replicas' all-reduce are that rank's.
+TEST_F(LowerTest, TheRankWithTheMostCopiesDecidesTheUpdate) {
+  Workload skew = work_;
+  skew.routing = Routing{RoutingKind::kZipf, 1.2, {}, {}};
+  const Plan plain = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 8})");
+  const Plan elastic = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 8,
+                                   "expert_replicas": {"hot_experts": 8, "replicas": 4}})");
+  expect_valid(elastic, model_, cluster_, skew);
+  const auto ranks = expert_rank_loads(model_, elastic, skew);
+  size_t most = 0;
+  for (const RankExperts& r : ranks) most = std::max(most, r.copies.size());
+  const size_t hot = ranks[static_cast<size_t>(most_loaded_rank(ranks))].copies.size();
+  ASSERT_GT(most, hot) << "the placement should pile copies on a cold rank";
+  const auto update = [&](const Plan& p) {
+    const StepProgram prog = lower(model_, cluster_, p, skew);
+    const OpTemplate* opt = find(prog.stages[0].step_ops, "optimizer");
+    return opt ? opt->bytes : 0.0;
+  };
+  // Expert parameters: 4 of 32 experts per rank without copies; dense ones alike in both.
+  const ModelSpec& m = model_;
+  const double per_expert = static_cast<double>(expert_params(m)) * m.num_layers;
+  const double delta = update(elastic) - update(plain);
+  const double bytes_per_param = delta / (per_expert * static_cast<double>(most - 4));
+  EXPECT_NEAR(bytes_per_param, 14.0 + 4 * 4, 1e-6);  // mixed-precision Adam, fp32 moments
 }
 
 // Pipeline MoE: no all-to-all; a local index slice and one all-reduce in the TP group.
