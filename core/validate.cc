@@ -204,6 +204,11 @@ void check_storage(Checker& c, const Plan& p, const ModelSpec& m, const ClusterS
     if (tier == Tier::kSSD)
       c.require(cl.host.ssd_bytes > 0, std::string("plan.placement.") + name,
                 "\"ssd\" but cluster \"" + cl.name + "\" has no SSD (host.ssd_bytes = 0)");
+  // Activation offloading would need copies out after each layer's forward and back before its
+  // backward (and the KV cache's during decode); the lowering has none, so it is not a choice.
+  c.require(p.placement.activations == Tier::kGPU, "plan.placement.activations",
+            "must be \"gpu\": moving activations (or the KV cache) between tiers is not modelled; "
+            "place parameters, gradients or optimizer states off the GPU instead");
   if (!m.moe && p.placement.expert_params != Tier::kGPU)
     c.fail("plan.placement.expert_params", "a dense model has no expert parameters to place");
   if (p.delayed_update) {

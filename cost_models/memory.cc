@@ -360,12 +360,7 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
     if (stage == plan.pp - 1)
       act += dyn.logits *
              (plan.schedule == Schedule::kGPipe ? static_cast<double>(micro_batches) : 1.0);
-    if (pl.activations == Tier::kCPU) {
-      mb.activations.cpu = act;
-      mb.activations.gpu = working_layers * widest;
-    } else {
-      mb.activations.gpu = act;
-    }
+    mb.activations.gpu = act;  // (validate keeps activations on the GPU)
     mb.dispatch_buffers.gpu = dyn.dispatch;
   } else if (w.inference) {
     const InferenceSpec& inf = *w.inference;
@@ -380,7 +375,7 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
     }
     const double kv = static_cast<double>(batch) / plan.dp * ctx * per_token_layer *
                       static_cast<double>(sp.moe_layers.size());
-    mb.kv_cache = on(pl.activations == Tier::kCPU ? Tier::kCPU : Tier::kGPU, kv);
+    mb.kv_cache.gpu = kv;
     // Working activations of the widest layer for one prefill micro-batch.
     const double tokens =
         static_cast<double>(inf.prefill_batch) / plan.dp * static_cast<double>(inf.prompt_len);

@@ -475,7 +475,7 @@ class Simulation {
       // Training: the curve's peak replaces the closed form's sum; inference keeps the memory
       // model's working set (nothing is held across layers).
       if (!inference_) {
-        if (plan_.placement.activations != Tier::kCPU) mb.activations.gpu = dm.activations_at_peak;
+        mb.activations.gpu = dm.activations_at_peak;
         mb.dispatch_buffers.gpu = dm.dispatch_at_peak;
       }
       const double gpu = mb.total().gpu;

@@ -138,6 +138,10 @@ TEST_F(ValidateTest, StorageTiersMustExist) {
   plan_.placement.optimizer_states = Tier::kGPU;
   plan_.prefetch = {2, PrefetchDirection::kAhead};
   expect_issue("plan.prefetch", "everything is on the GPU");
+  // Activations stay on the GPU: their offload copies are not lowered.
+  plan_.prefetch = {};
+  plan_.placement.activations = Tier::kCPU;
+  expect_issue("plan.placement.activations", "not modelled");
 }
 
 TEST_F(ValidateTest, DelayedUpdateNeedsOffloadedOptimizerStatesAndTraining) {
