@@ -895,6 +895,10 @@ std::vector<OpTemplate> lower_step_ops(const ModelSpec& m, const Plan& p, const 
     opt.host_up_bytes = ((p.placement.dense_params == Tier::kGPU ? dense : 0) +
                          (p.placement.expert_params == Tier::kGPU ? expert : 0)) *
                         d.param_bytes;
+    // Parameters on SSD: the host writes the updated ones back to their files.
+    opt.ssd_param_write_bytes = ((p.placement.dense_params == Tier::kSSD ? dense : 0) +
+                                 (p.placement.expert_params == Tier::kSSD ? expert : 0)) *
+                                d.param_bytes;
     // States on SSD (ZeRO-Infinity): the fp32 master and both moments stream through host memory.
     if (p.placement.optimizer_states == Tier::kSSD)
       opt.ssd_state_bytes =

@@ -97,6 +97,7 @@ struct OpTemplate {
   double host_down_bytes = 0;  // on_cpu: the gradients the host updates with, over PCIe
   double host_up_bytes = 0;    // on_cpu: the updated parameters back to the GPU
   double ssd_state_bytes = 0;  // on_cpu, states on SSD: read into host memory and written back
+  double ssd_param_write_bytes = 0;  // on_cpu: updated parameters written back to their SSD home
   CopyPath copy = CopyPath::kHostToGpu;  // kCopy
   bool async = false;             // nothing in the unit waits for it (gradient buckets, prefetches)
   int wait_for = -1;              // index (same op list) of one more op this one waits for: the

@@ -204,6 +204,18 @@ void check_storage(Checker& c, const Plan& p, const ModelSpec& m, const ClusterS
     if (tier == Tier::kSSD)
       c.require(cl.host.ssd_bytes > 0, std::string("plan.placement.") + name,
                 "\"ssd\" but cluster \"" + cl.name + "\" has no SSD (host.ssd_bytes = 0)");
+  // Parameters and gradients kept off the GPU are updated where they live, by the host's Adam
+  // (ZeRO-Offload, ZeRO-Infinity): a GPU optimizer would need them fetched and written back.
+  const Placement& pl = p.placement;
+  if (pl.optimizer_states == Tier::kGPU) {
+    c.require(pl.dense_params == Tier::kGPU && pl.expert_params == Tier::kGPU,
+              "plan.placement.optimizer_states",
+              "\"gpu\", but parameters are placed off the GPU: they are updated where they live "
+              "(the host's Adam), so the optimizer states go off the GPU too");
+    c.require(pl.gradients == Tier::kGPU, "plan.placement.optimizer_states",
+              "\"gpu\", but gradients are placed off the GPU: the host applies them, so the "
+              "optimizer states go off the GPU too");
+  }
   // Activation offloading would need copies out after each layer's forward and back before its
   // backward (and the KV cache's during decode); the lowering has none, so it is not a choice.
   c.require(p.placement.activations == Tier::kGPU, "plan.placement.activations",

@@ -338,7 +338,7 @@ Calibration fit_calibration(const CalibrationData& d, const ClusterSpec& c, Cost
   transfer_residuals(d.host_to_device, TransferPath::kHostToGpu, res_h2d, hj);
   transfer_residuals(d.ssd_to_host, TransferPath::kSsdToHost, res_ssd, ssdj);
   for (const TransferSample& t : d.host_adam) {
-    const double pred = host_optimizer_seconds(t.bytes, 0, 0, c, p, std::max(1, d.ranks));
+    const double pred = host_optimizer_seconds(t.bytes, 0, 0, 0, c, p, std::max(1, d.ranks));
     res_adam.push_back(pred / t.time_s - 1);
     adamj.push_back({{"bytes", t.bytes},
                      {"measured_s", t.time_s},

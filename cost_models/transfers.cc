@@ -44,17 +44,17 @@ TransferCost transfer_cost(TransferPath path, double bytes, const ClusterSpec& c
   return t;
 }
 
-double host_optimizer_seconds(double bytes, double flops, double ssd_bytes, const ClusterSpec& c,
-                              const CostProfile& p, int sharers) {
+double host_optimizer_seconds(double bytes, double flops, double ssd_bytes, double ssd_write_bytes,
+                              const ClusterSpec& c, const CostProfile& p, int sharers) {
   const double s = std::max(1, sharers);
   const double eff =
       p.host_optimizer_efficiency > 0 ? p.host_optimizer_efficiency : p.dram_efficiency;
   const double dram_s = bytes > 0 ? bytes / (c.host.dram_bw_Bps * eff / s) : 0.0;
   const double cpu_s = flops > 0 ? flops / (c.host.cpu_flops / s) : 0.0;
+  const double read = ssd_bytes, written = ssd_bytes + ssd_write_bytes;
   const double ssd_s =
-      ssd_bytes > 0 ? transfer_cost(TransferPath::kSsdToHost, ssd_bytes, c, p, sharers).time_s +
-                          transfer_cost(TransferPath::kHostToSsd, ssd_bytes, c, p, sharers).time_s
-                    : 0.0;
+      (read > 0 ? transfer_cost(TransferPath::kSsdToHost, read, c, p, sharers).time_s : 0.0) +
+      (written > 0 ? transfer_cost(TransferPath::kHostToSsd, written, c, p, sharers).time_s : 0.0);
   return std::max({dram_s, cpu_s, ssd_s});
 }
 

@@ -22,9 +22,10 @@ TransferCost transfer_cost(TransferPath path, double bytes, const ClusterSpec& c
 
 // The host's optimizer step over host-resident states (ZeRO-Offload's CPU Adam) on one of
 // `sharers` ranks updating at once: `bytes` of states read and written, `flops` of arithmetic,
-// `ssd_bytes` of states streamed in from SSD and back (overlapped with the update, ZeRO-Infinity):
-// the slowest of DRAM, the cores and the SSD. PCIe transfers are not included.
-double host_optimizer_seconds(double bytes, double flops, double ssd_bytes,
+// `ssd_bytes` of states streamed in from SSD and back, `ssd_write_bytes` more written (updated
+// parameters that live there), overlapped with the update (ZeRO-Infinity): the slowest of DRAM,
+// the cores and the SSD. PCIe transfers are not included.
+double host_optimizer_seconds(double bytes, double flops, double ssd_bytes, double ssd_write_bytes,
                               const ClusterSpec& cluster, const CostProfile& prof, int sharers);
 
 }  // namespace switchyard

@@ -54,8 +54,8 @@ OpCost op_cost(const OpTemplate& op, const StepProgram& prog, const ClusterSpec&
       // ZeRO-Offload: gradients down and parameters up over PCIe; Adam on the node's CPUs and DRAM,
       // shared by its GPUs' ranks.
       const int sharers = c.gpus_per_node;
-      const double host_s =
-          host_optimizer_seconds(op.bytes, op.flops, op.ssd_state_bytes, c, prof, sharers);
+      const double host_s = host_optimizer_seconds(op.bytes, op.flops, op.ssd_state_bytes,
+                                                   op.ssd_param_write_bytes, c, prof, sharers);
       out.pcie_before_s =
           transfer_cost(TransferPath::kGpuToHost, op.host_down_bytes, c, prof, sharers).time_s;
       out.pcie_after_s =

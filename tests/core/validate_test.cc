@@ -138,6 +138,14 @@ TEST_F(ValidateTest, StorageTiersMustExist) {
   plan_.placement.optimizer_states = Tier::kGPU;
   plan_.prefetch = {2, PrefetchDirection::kAhead};
   expect_issue("plan.prefetch", "everything is on the GPU");
+  // Parameters or gradients off the GPU are updated by the host: the states go with them.
+  plan_.prefetch = {};
+  plan_.placement.expert_params = Tier::kCPU;
+  expect_issue("plan.placement.optimizer_states", "parameters are placed off the GPU");
+  plan_.placement.expert_params = Tier::kGPU;
+  plan_.placement.gradients = Tier::kCPU;
+  expect_issue("plan.placement.optimizer_states", "gradients are placed off the GPU");
+  plan_.placement.gradients = Tier::kGPU;
   // Activations stay on the GPU: their offload copies are not lowered.
   plan_.prefetch = {};
   plan_.placement.activations = Tier::kCPU;

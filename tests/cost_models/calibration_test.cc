@@ -79,7 +79,7 @@ TEST(Calibration, RecoversTheConstantsThatMadeTheSamples) {
         {bytes, transfer_cost(TransferPath::kHostToGpu, bytes, c, truth, 2).time_s});
     d.ssd_to_host.push_back(
         {bytes, transfer_cost(TransferPath::kSsdToHost, bytes, c, truth, 2).time_s});
-    d.host_adam.push_back({bytes, host_optimizer_seconds(bytes, 0, 0, c, truth, 2)});
+    d.host_adam.push_back({bytes, host_optimizer_seconds(bytes, 0, 0, 0, c, truth, 2)});
   }
 
   // An all-reduce beside 10 ms of compute, 20% of it hidden.
@@ -104,8 +104,8 @@ TEST(Calibration, RecoversTheConstantsThatMadeTheSamples) {
   EXPECT_NEAR(cal.profile.ssd_efficiency, 3.0, 1e-6);
   EXPECT_NEAR(cal.profile.ssd_latency_s, 50e-6, 1e-9);
   EXPECT_NEAR(cal.profile.host_optimizer_efficiency, 0.15, 1e-9);
-  for (const char* cls : {"gemm", "stream", "attention", "collectives", "host_to_device",
-                          "ssd_to_host", "host_adam"})
+  for (const char* cls :
+       {"gemm", "stream", "attention", "collectives", "host_to_device", "ssd_to_host", "host_adam"})
     EXPECT_LT(cal.report["median_abs_residual"][cls].get<double>(), 0.03) << cls;
   // The fitted constants round-trip through a profile file.
   const CostProfile applied = apply_profile_json(cal.profile_json, default_cost_profile(c));

@@ -52,19 +52,22 @@ TEST(Transfers, PeerAndHostCopies) {
               gb / 100e9, 1e-12);
 }
 
-// The host's Adam: DRAM-bound at the profile's host optimizer efficiency (else the DRAM one), shared
-// by the node's updating ranks; bound by the cores or the SSD where those are slower.
+// The host's Adam: DRAM-bound at the profile's host optimizer efficiency (else the DRAM one),
+// shared by the node's updating ranks; bound by the cores or the SSD where those are slower.
 TEST(Transfers, HostOptimizerIsTheSlowestOfDramCoresAndSsd) {
   const ClusterSpec c = hand_cluster();
   CostProfile p = hand_profile();
   const double gb = 1e9;
-  EXPECT_NEAR(host_optimizer_seconds(gb, 0, 0, c, p, 8), gb / (400e9 * 0.5 / 8), 1e-12);
+  EXPECT_NEAR(host_optimizer_seconds(gb, 0, 0, 0, c, p, 8), gb / (400e9 * 0.5 / 8), 1e-12);
   p.host_optimizer_efficiency = 0.1;
-  EXPECT_NEAR(host_optimizer_seconds(gb, 0, 0, c, p, 8), gb / (400e9 * 0.1 / 8), 1e-12);
-  EXPECT_NEAR(host_optimizer_seconds(gb, 1e12, 0, c, p, 8), 1e12 / (1e12 / 8), 1e-12);
+  EXPECT_NEAR(host_optimizer_seconds(gb, 0, 0, 0, c, p, 8), gb / (400e9 * 0.1 / 8), 1e-12);
+  EXPECT_NEAR(host_optimizer_seconds(gb, 1e12, 0, 0, c, p, 8), 1e12 / (1e12 / 8), 1e-12);
   // States on SSD: read and written back, 0.5 GB each way by each of 4 ranks.
-  EXPECT_NEAR(host_optimizer_seconds(1e6, 0, 0.5 * gb, c, p, 4),
+  EXPECT_NEAR(host_optimizer_seconds(1e6, 0, 0.5 * gb, 0, c, p, 4),
               100e-6 + 0.5 * gb / (20e9 * 0.9 / 4) + 100e-6 + 0.5 * gb / (10e9 * 0.9 / 4), 1e-12);
+  // Parameters on SSD: the updated ones are written back too (not read: the forward read them).
+  EXPECT_NEAR(host_optimizer_seconds(1e6, 0, 0.5 * gb, 0.25 * gb, c, p, 4),
+              100e-6 + 0.5 * gb / (20e9 * 0.9 / 4) + 100e-6 + 0.75 * gb / (10e9 * 0.9 / 4), 1e-12);
 }
 
 TEST(Transfers, MissingTierNeverWins) {

@@ -193,6 +193,7 @@ TEST(Simulate, PrefetchHidesParameterCopies) {
   const Prediction on_gpu = simulate(m, cl, p, w, prof);
   EXPECT_EQ(on_gpu.time.stall_s, 0);
   p.placement.expert_params = Tier::kCPU;
+  p.placement.optimizer_states = Tier::kCPU;  // (parameters off the GPU: the host updates them)
   const Prediction blocking = simulate(m, cl, p, w, prof);
   p.prefetch = {2, PrefetchDirection::kAhead};
   expect_valid(p, m, cl, w);
@@ -254,8 +255,8 @@ TEST(Simulate, HostCopiesShareThePcieLinkWithTheNics) {
   const ClusterSpec cl = a100_nodes(4);
   const Workload w = train(64, 2048);
   const CostProfile prof = default_cost_profile(cl);
-  Plan p =
-      plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "placement": {"expert_params": "cpu"},
+  Plan p = plan_of(
+      R"({"schema_version": 1, "dp": 32, "ep": 32, "placement": {"expert_params": "cpu", "optimizer_states": "cpu"},
                        "prefetch": {"depth": 2, "direction": "ahead"}})");
   expect_valid(p, m, cl, w);
   SimulateOptions o;
