@@ -565,8 +565,12 @@ std::vector<OpTemplate> param_fetches(const ModelSpec& m, const Plan& p, const D
     host = (lp.dense + lp.expert) * d.param_bytes;
     return {copy_op("param_fetch", CopyPath::kHostToGpu, host, layer, phase)};
   }
-  for (const auto& [tier, params] : {std::pair{p.placement.dense_params, lp.dense},
-                                     std::pair{p.placement.expert_params, lp.expert}}) {
+  // ZeRO-3: a rank keeps only its shard (off the GPU too), fetches that and all-gathers the rest.
+  const double dense_shard = p.zero_stage >= 3 ? static_cast<double>(p.dp) * p.cp : 1.0;
+  const double expert_shard = p.zero_stage >= 3 ? std::max(p.expert_dp(), 1) : 1.0;
+  for (const auto& [tier, params] :
+       {std::pair{p.placement.dense_params, lp.dense / dense_shard},
+        std::pair{p.placement.expert_params, lp.expert / expert_shard}}) {
     if (tier == Tier::kCPU) host += params * d.param_bytes;
     if (tier == Tier::kSSD) ssd += params * d.param_bytes;
   }

@@ -224,6 +224,24 @@ TEST_F(LowerTest, Fp8CastsBeforeGemms) {
   EXPECT_DOUBLE_EQ(find(fp8, "dispatch")->bytes * 2, find(fp8, "combine")->bytes);
 }
 
+// ZeRO-3 keeps a rank's shard of the parameters, off the GPU too: it fetches that shard and the
+// layer's all-gather brings the rest.
+TEST_F(LowerTest, ZeroThreeFetchesOnlyItsShardOfOffloadedParameters) {
+  Plan p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "zero_stage": 1,
+                       "placement": {"dense_params": "cpu", "optimizer_states": "cpu"}})");
+  const auto fetched = [&](const Plan& plan) {
+    const StepProgram prog = lower(model_, cluster_, plan, work_);
+    const auto& fwd = prog.stages[0].chunks[0].forward;
+    for (const OpTemplate& op : fwd)
+      if (op.name == "param_fetch" && op.layer == 3) return op.bytes;
+    return 0.0;
+  };
+  const double whole = fetched(p);
+  ASSERT_GT(whole, 0);
+  p.zero_stage = 3;
+  EXPECT_DOUBLE_EQ(fetched(p), whole / 32);
+}
+
 // Offloaded parameters are fetched before each use: right before the layer without prefetching,
 // `depth` layers ahead with it; the layer's first op waits for its fetch. SSD-resident ones come
 // down the levels (SSD -> host -> GPU).
