@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # SE-MoE's 2D prefetch in training, measured against predicted on this machine: tiny-moe on one
 # rank (local-cpu, --gpus 1) with the dense parameters and Adam's states in host memory and the
-# experts on SSD files, prefetching down the levels only (each layer fetched right before use) or
-# in two dimensions (also 2 layers ahead), alternating 3 times each, 3 steps per run. Prints JSON:
+# experts on SSD files, prefetching down the levels only (SSD reads 2 layers ahead, each copy to the
+# device right before use) or in two dimensions (SSD reads 4 ahead, copies to the device 2 ahead),
+# alternating 3 times each, 3 steps per run. Prints JSON:
 # per plan the measured and predicted step time, fetch time, stalls and the fraction of fetch time
 # hidden behind compute; the 2D plan's speedup measured and predicted. Asserts nothing.
 #
@@ -11,7 +12,7 @@ set -euo pipefail
 bench_ranks=1
 source "$(dirname "$0")/cpu_bench_common.sh"
 for p in down 2d; do
-  depth=2  # "down" fetches right before use whatever the depth; "2d" also 2 layers ahead
+  depth=2  # "down": SSD reads 2 ahead, copies at use; "2d": reads 4 ahead, copies 2 ahead
   cat > "$work/$p.json" <<JSON
 {"schema_version": 1, "name": "tiny-moe-offload-$p", "dp": 1,
  "placement": {"dense_params": "cpu", "expert_params": "ssd", "optimizer_states": "cpu"},

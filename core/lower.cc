@@ -532,7 +532,9 @@ class BucketFiller {
 OpTemplate copy_op(std::string_view name, CopyPath path, double bytes, int layer, Phase phase) {
   OpTemplate op;
   op.kind = OpKind::kCopy;
-  op.stream = StreamKind::kCopy;
+  // The SSD tier's reads and writes have their own stream: they pipeline with the PCIe copies.
+  op.stream = path == CopyPath::kSsdToHost || path == CopyPath::kHostToSsd ? StreamKind::kStorage
+                                                                           : StreamKind::kCopy;
   op.phase = phase;
   op.name = name;
   op.layer = layer;
@@ -607,57 +609,60 @@ void grad_offload(const ModelSpec& m, const Plan& p, const Dims& d, int layer,
   grad_offload_params(p, d, lp.dense + lp.expert, layer, out);
 }
 
-// Rebuilds `ops` with each layer's fetches issued `depth` layers ahead of its use. begins[i] is
-// where the i-th layer in order of use starts in `ops`, fetches[i] its copies; the layer's first op
-// waits for its last copy. Indices in wait_for are remapped to the new list.
-// The ring of ring-memory inference runs on across passes: the last `depth` layers of a pass
-// already load the next pass's first `depth` layers (`wrap`), so a pass that follows another finds
-// them loaded (`preloaded`) and only issues layer `depth` as it starts.
+// Rebuilds `ops` with each unit's fetches issued ahead of its use: begins[i] is where the i-th unit
+// in order of use starts in `ops`, fetches[i] its copies (an SSD read, then the copy to the GPU
+// that waits for it), each issued `leads` units ahead by its level; the unit's first op waits for
+// its last copy. Indices in wait_for are remapped to the new list.
+// The ring of ring-memory inference runs on across passes: the last units of a pass already load
+// the next pass's first ones (`wrap`), so a pass that follows another finds them loaded
+// (`preloaded`) and issues only the later ones.
 std::vector<OpTemplate> with_prefetches(std::vector<OpTemplate> ops,
                                         const std::vector<size_t>& begins,
-                                        std::vector<std::vector<OpTemplate>> fetches, int depth,
-                                        bool preloaded = false, bool wrap = false) {
+                                        const std::vector<std::vector<OpTemplate>>& fetches,
+                                        FetchLeads leads, bool preloaded = false,
+                                        bool wrap = false) {
   bool any = false;
   for (const auto& f : fetches) any = any || !f.empty();
   if (!any) return ops;
   const size_t n = begins.size();
-  const std::vector<std::vector<OpTemplate>> fetches_copy = wrap ? fetches : decltype(fetches){};
-  std::vector<OpTemplate> out;
-  std::vector<int> new_index(ops.size(), -1);
-  std::vector<int> ready(n, -1);
-  auto issue = [&](size_t i) {
-    int prev = -1;
-    for (OpTemplate& f : fetches[i]) {
-      if (prev >= 0) f.wait_for = prev;  // the GPU copy waits for the SSD read
-      out.push_back(std::move(f));
-      prev = static_cast<int>(out.size()) - 1;
-    }
-    ready[i] = prev;
+  // What each unit's start issues: (unit, copy, for the next pass).
+  struct Issue {
+    size_t unit, copy;
+    bool next_pass;
   };
+  std::vector<std::vector<Issue>> at(n);
+  for (size_t i = 0; i < n; ++i)
+    for (size_t k = 0; k < fetches[i].size(); ++k) {
+      const auto lead =
+          static_cast<size_t>(fetches[i][k].copy == CopyPath::kSsdToHost ? leads.ssd : leads.pcie);
+      if (i >= lead) {
+        at[i - lead].push_back({i, k, false});
+        continue;
+      }
+      if (!preloaded) at[0].push_back({i, k, false});  // (else the pass before loaded it)
+      if (wrap) at[n > lead - i ? n - (lead - i) : 0].push_back({i, k, true});
+    }
+  std::vector<OpTemplate> out;
+  out.reserve(ops.size() + 2 * n);
+  std::vector<int> new_index(ops.size(), -1);
+  std::vector<int> ready(n, -1);                   // a unit's last copy of this pass
+  std::vector<int> read(n, -1), read_next(n, -1);  // its SSD read (this pass, the next)
   size_t next = 0;
   int pending = -1;
   for (size_t pos = 0; pos <= ops.size(); ++pos) {
     while (next < n && begins[next] == pos) {
-      const size_t d = static_cast<size_t>(depth);
-      if (next == 0) {
-        for (size_t i = preloaded ? std::min(d, n) : 0; i < n && i <= d; ++i) issue(i);
-      } else if (next + d < n) {
-        issue(next + d);
-      } else if (wrap && next + d - n < d) {
-        // The next pass's layer next + depth - n: loads now, waited for by no op of this pass.
-        const size_t j = next + d - n;
-        if (preloaded) {
-          issue(j);  // (never issued in this pass: it came preloaded)
+      for (const Issue& is : at[next]) {
+        OpTemplate f = fetches[is.unit][is.copy];
+        int& ssd = is.next_pass ? read_next[is.unit] : read[is.unit];
+        const int index = static_cast<int>(out.size());
+        if (f.copy == CopyPath::kSsdToHost) {
+          ssd = index;
         } else {
-          std::vector<OpTemplate> copies = fetches_copy[j];
-          int prev = -1;
-          for (OpTemplate& f : copies) {
-            if (prev >= 0) f.wait_for = prev;
-            out.push_back(std::move(f));
-            prev = static_cast<int>(out.size()) - 1;
-          }
+          if (ssd >= 0) f.wait_for = ssd;  // the copy to the GPU waits for the SSD read
+          // (A copy for the next pass is waited for by no op of this one.)
+          if (!is.next_pass) ready[is.unit] = index;
         }
-        ready[j] = -1;
+        out.push_back(std::move(f));
       }
       pending = ready[next];
       ++next;
@@ -748,12 +753,11 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
     }
   }
 
-  // Offloaded parameters come to the GPU before each use, `depth` layers ahead when the plan
-  // prefetches ahead in time (SE-MoE's 2D prefetch), right before the layer otherwise.
+  // Offloaded parameters come to the GPU before each use, ahead of it as the plan's prefetch says
+  // (SE-MoE's 2D prefetch: fetch_leads), right before the layer otherwise.
   // Ring-memory inference loads section i+1 (about L / sections layers) while section i computes,
   // unless the plan turns prefetching off (the naive load-then-compute alternative).
-  int depth = p.prefetch.ahead() ? p.prefetch.depth : 0;
-  if (p.ring_sections > 0) depth = ring_ahead_layers(m, p);
+  const FetchLeads leads = fetch_leads(m, p);
   std::vector<size_t> fwd_begins;
   std::vector<std::vector<OpTemplate>> fwd_fetches;
   size_t total = embed_fwd.size() + head_fwd.size();
@@ -786,7 +790,7 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   cp.forward.insert(cp.forward.end(), head_fwd.begin(), head_fwd.end());
   // Ring-memory inference: the ring runs on into the next pass; a decode step follows one.
   const bool ring = p.ring_sections > 0;
-  cp.forward = with_prefetches(std::move(cp.forward), fwd_begins, std::move(fwd_fetches), depth,
+  cp.forward = with_prefetches(std::move(cp.forward), fwd_begins, fwd_fetches, leads,
                                ring && d.pass == Pass::kDecode, ring);
   if (!backward) {
     // Forward only (inference): nothing is kept for a backward; a layer's working set is freed as
@@ -848,7 +852,7 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   buckets.flush(first_layer);
   append_backward(embed_fwd, cp.backward);
   if (embedding) grad_offload_params(p, d, vocab_rows, -1, cp.backward);
-  cp.backward = with_prefetches(std::move(cp.backward), bwd_begins, std::move(bwd_fetches), depth);
+  cp.backward = with_prefetches(std::move(cp.backward), bwd_begins, bwd_fetches, leads);
   return cp;
 }
 
@@ -1066,6 +1070,22 @@ StepProgram lower_inference(const ModelSpec& m, const ClusterSpec& c, const Plan
 int ring_ahead_layers(const ModelSpec& m, const Plan& p) {
   if (p.ring_sections <= 0 || p.prefetch.direction == PrefetchDirection::kNone) return 0;
   return static_cast<int>((m.num_layers + p.ring_sections - 1) / p.ring_sections);
+}
+
+FetchLeads fetch_leads(const ModelSpec& m, const Plan& p) {
+  if (p.ring_sections > 0) return {0, ring_ahead_layers(m, p)};
+  const int d = p.prefetch.depth;
+  switch (p.prefetch.direction) {
+    case PrefetchDirection::kNone:
+      return {0, 0};
+    case PrefetchDirection::kDown:
+      return {d, 0};
+    case PrefetchDirection::kAhead:
+      return {d, d};
+    case PrefetchDirection::k2D:
+      return {2 * d, d};
+  }
+  return {0, 0};
 }
 
 StepProgram lower(const ModelSpec& m, const ClusterSpec& c, const Plan& p, const Workload& w) {

@@ -22,6 +22,8 @@ std::string_view stream_name(StreamKind s) {
       return "copy";
     case StreamKind::kHost:
       return "host";
+    case StreamKind::kStorage:
+      return "storage";
   }
   return "?";
 }

@@ -27,8 +27,21 @@ namespace switchyard {
 
 // kHost: work of the host's cores beside the GPU (the delayed update of offloaded optimizer
 // states).
-enum class StreamKind { kCompute, kTpComm, kCpComm, kEpComm, kDpComm, kPpComm, kCopy, kHost };
-inline constexpr int kNumStreams = 8;
+// kCopy: copies over the GPU's PCIe link (host <-> GPU); kStorage: reads and writes of the SSD
+// tier (SSD <-> host memory), so the two levels of a 2D prefetch pipeline; kHost: the host's own
+// work beside the step (a delayed optimizer update).
+enum class StreamKind {
+  kCompute,
+  kTpComm,
+  kCpComm,
+  kEpComm,
+  kDpComm,
+  kPpComm,
+  kCopy,
+  kHost,
+  kStorage
+};
+inline constexpr int kNumStreams = 9;
 std::string_view stream_name(StreamKind s);
 
 enum class OpKind {
@@ -173,6 +186,19 @@ StepProgram lower_frame(const ModelSpec& model, const ClusterSpec& cluster, cons
 // num_layers / ring_sections rounded up; 0 when the plan turns prefetching off: load, then
 // compute).
 int ring_ahead_layers(const ModelSpec& model, const Plan& plan);
+
+// How many units (layers; the embedding and the head when they are fetched) ahead of its use an
+// offloaded unit's copies are issued, per level (SE-MoE's 2D prefetch, plan.prefetch):
+//   none: both right before use;  down: SSD reads `depth` ahead, the copy to the GPU before use;
+//   ahead: both `depth` ahead;    2d: SSD reads 2 * depth ahead, the copy to the GPU depth ahead.
+// The SSD reads and the copies to the GPU run on their own streams, so the levels pipeline.
+// Ring-memory inference: the ring's layers ahead over PCIe.
+struct FetchLeads {
+  int ssd = 0;
+  int pcie = 0;
+  bool operator==(const FetchLeads&) const = default;
+};
+FetchLeads fetch_leads(const ModelSpec& model, const Plan& plan);
 
 StepProgram lower(const ModelSpec& model, const ClusterSpec& cluster, const Plan& plan,
                   const Workload& workload);

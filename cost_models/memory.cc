@@ -275,7 +275,10 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
     // prefetch; fetched right before use otherwise); with the dense parameters off the GPU the
     // embedding and the head are units too, and may be the largest. ZeRO-3 gathers
     // prefetch.depth layers ahead.
-    const double slots = 1.0 + (plan.prefetch.ahead() ? plan.prefetch.depth : 0);
+    // Slots on the GPU for the unit computing and each one its copy runs ahead of; host staging
+    // for SSD reads, as far ahead as they run (core's fetch_leads).
+    const FetchLeads leads = fetch_leads(m, plan);
+    const double slots = 1.0 + leads.pcie, staging = 1.0 + leads.ssd;
     const double dense_unit = sp.max_dense_unit();
     if (z3) {
       mb.prefetch_buffers.gpu +=
@@ -287,9 +290,10 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
         mb.prefetch_buffers.gpu += slots * sp.max_layer_expert * param_bytes;
     }
     // SSD-resident parameters pass through host staging on their way.
-    if (pl.dense_params == Tier::kSSD) mb.prefetch_buffers.cpu += slots * dense_unit * param_bytes;
+    if (pl.dense_params == Tier::kSSD)
+      mb.prefetch_buffers.cpu += staging * dense_unit * param_bytes;
     if (pl.expert_params == Tier::kSSD)
-      mb.prefetch_buffers.cpu += slots * sp.max_layer_expert * param_bytes;
+      mb.prefetch_buffers.cpu += staging * sp.max_layer_expert * param_bytes;
   }
 
   if (train) {

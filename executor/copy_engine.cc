@@ -17,11 +17,18 @@ CopyEngine::~CopyEngine() {
 }
 
 CopyEngine::Ticket CopyEngine::submit(void* dst, const void* src, size_t bytes, const char* label) {
+  return submit_after({nullptr, 0}, dst, src, bytes, label);
+}
+
+CopyEngine::Ticket CopyEngine::submit_after(After after, void* dst, const void* src, size_t bytes,
+                                            const char* label) {
+  if (after.engine == this)
+    throw std::logic_error("CopyEngine::submit_after: a copy after its own engine's");
   Ticket t;
   {
     std::lock_guard<std::mutex> lock(m_);
     t = next_++;
-    queue_.push_back({label, t, dst, src, bytes, {}});
+    queue_.push_back({label, t, dst, src, bytes, {}, after});
   }
   work_.notify_one();
   return t;
@@ -33,7 +40,7 @@ CopyEngine::Ticket CopyEngine::submit(std::function<void()> transfer, size_t byt
   {
     std::lock_guard<std::mutex> lock(m_);
     t = next_++;
-    queue_.push_back({label, t, nullptr, nullptr, bytes, std::move(transfer)});
+    queue_.push_back({label, t, nullptr, nullptr, bytes, std::move(transfer), {nullptr, 0}});
   }
   work_.notify_one();
   return t;
@@ -80,15 +87,24 @@ void CopyEngine::loop() {
       job = queue_.front();
       queue_.pop_front();
     }
-    const auto start = Clock::now();
     std::exception_ptr error;
-    try {
-      if (job.transfer)
-        job.transfer();
-      else
-        device_.copy(job.dst, job.src, job.bytes);
-    } catch (...) {
-      error = std::current_exception();
+    if (job.after.engine) {
+      try {
+        job.after.engine->wait(job.after.ticket);  // a failed read fails the copy that needs it
+      } catch (...) {
+        error = std::current_exception();
+      }
+    }
+    const auto start = Clock::now();
+    if (!error) {
+      try {
+        if (job.transfer)
+          job.transfer();
+        else
+          device_.copy(job.dst, job.src, job.bytes);
+      } catch (...) {
+        error = std::current_exception();
+      }
     }
     const auto end = Clock::now();
     {

@@ -39,7 +39,15 @@ class CopyEngine {
   CopyEngine(const CopyEngine&) = delete;
   CopyEngine& operator=(const CopyEngine&) = delete;
 
+  // A copy that must wait for another engine's copy (the copy to the GPU of what an SSD read
+  // brings into host memory): this engine waits for it before starting, outside the copy's span.
+  // The other engine must outlive this one.
+  struct After {
+    CopyEngine* engine;
+    Ticket ticket;
+  };
   Ticket submit(void* dst, const void* src, size_t bytes, const char* label = "copy");
+  Ticket submit_after(After after, void* dst, const void* src, size_t bytes, const char* label);
   // Any other transfer the engine runs in turn with the copies (a write-back to disk): `bytes` is
   // what it moves, for the spans.
   Ticket submit(std::function<void()> transfer, size_t bytes, const char* label);
@@ -60,6 +68,7 @@ class CopyEngine {
     const void* src;
     size_t bytes;
     std::function<void()> transfer;  // instead of the copy, when set
+    After after;
   };
   void loop();
   Device& device_;

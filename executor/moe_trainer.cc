@@ -1,6 +1,7 @@
 #include "executor/moe_trainer.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -193,13 +194,19 @@ struct MoeTrainer::Impl : ModelShape {
   int grad_turn = 0;   // the device gradient slot the next unit uses
   int grad_unit = -1;  // the unit whose gradients the slots take now
 
-  // --- Copies between tiers: off-device parameters fetched into device slots, `depth` units
-  // ahead of the one computing (the StepProgram's param_fetch ops, issued by with_prefetches).
+  // --- Copies between tiers: off-device parameters fetched into device slots ahead of the unit
+  // computing, each level as far ahead as the plan's prefetch says (core's fetch_leads; the
+  // StepProgram's param_ssd_read and param_fetch ops, issued by with_prefetches): SSD reads into
+  // host staging on the storage engine, copies to the device on the copy engine, which waits for
+  // a unit's read before copying it, so the two levels pipeline.
   Device* copier = nullptr;
+  std::optional<CopyEngine>
+      storage;  // before `engine`: destroyed after the engine that waits on it
   std::optional<CopyEngine> engine;
-  int depth = 0;
+  FetchLeads leads;
   std::vector<int> pass_units;  // this pass's fetch units, in order of use
   std::vector<CopyEngine::Ticket> pass_ready;
+  std::vector<std::array<CopyEngine::Ticket, 2>> pass_read;  // per unit: dense, expert SSD reads
   OpPhase pass_phase = OpPhase::kForward;
   TierStats tier_stats;  // of the current step
   bool streaming() const { return dense.streamed() || expert.streamed(); }
@@ -213,42 +220,64 @@ struct MoeTrainer::Impl : ModelShape {
     record_stall(waited);
     tier_stats.stall_s += waited;
   }
-  void issue_fetch(size_t i) {
+  size_t slots() const { return static_cast<size_t>(leads.pcie) + 1; }
+  size_t stagings() const { return static_cast<size_t>(leads.ssd) + 1; }
+  // Down the levels, first: the SSD read of the pass's i-th unit into host staging (a staging
+  // buffer is free again once its unit's copy to the device has been waited for).
+  void issue_read(size_t i) {
     if (i >= pass_units.size()) return;
     const int unit = pass_units[i];
-    const size_t slot = i % static_cast<size_t>(depth + 1);
+    for (Space* sp : {&dense, &expert}) {
+      if (sp->values_tier != Tier::kSSD) continue;
+      const auto [first, end] = sp->unit_range[static_cast<size_t>(unit)];
+      if (end == first) continue;
+      pass_read[i][sp == &expert ? 1 : 0] =
+          storage->submit(sp->staging[i % stagings()].data(), sp->values.as<float>() + first,
+                          (end - first) * sizeof(float), "param_ssd_read");
+    }
+  }
+  // Then over the link into the unit's device slot (after its SSD read, for SSD-resident values).
+  void issue_copy(size_t i) {
+    if (i >= pass_units.size()) return;
+    const int unit = pass_units[i];
+    const size_t slot = i % slots();
     CopyEngine::Ticket last = 0;
     for (Space* sp : {&dense, &expert}) {
       if (!sp->streamed()) continue;
       const auto [first, end] = sp->unit_range[static_cast<size_t>(unit)];
       if (end == first) continue;
       const size_t bytes = (end - first) * sizeof(float);
-      const float* home = sp->values.as<float>() + first;
-      if (sp->values_tier == Tier::kSSD) {
-        // Down the levels: the SSD read into host staging, then over the link to the device.
-        engine->submit(sp->staging[slot].data(), home, bytes, "param_ssd_read");
-        home = sp->staging[slot].as<float>();
-      }
-      last = engine->submit(sp->slots[slot].data(), home, bytes, "param_fetch");
+      if (sp->values_tier == Tier::kSSD)
+        last = engine->submit_after({&*storage, pass_read[i][sp == &expert ? 1 : 0]},
+                                    sp->slots[slot].data(), sp->staging[i % stagings()].as<float>(),
+                                    bytes, "param_fetch");
+      else
+        last = engine->submit(sp->slots[slot].data(), sp->values.as<float>() + first, bytes,
+                              "param_fetch");
     }
     pass_ready[i] = last;
   }
   // A pass over `units` (forward: embedding, layers, head; backward: the layers in reverse)
-  // starts: its first depth + 1 units load.
+  // starts: its first units load, each level as far ahead as its lead.
   void begin_fetches(std::vector<int> units, OpPhase phase) {
     pass_phase = phase;
     if (!streaming()) return;
     pass_units = std::move(units);
     pass_ready.assign(pass_units.size(), 0);
-    for (size_t i = 0; i <= static_cast<size_t>(depth); ++i) issue_fetch(i);
+    pass_read.assign(pass_units.size(), {0, 0});
+    for (size_t i = 0; i <= static_cast<size_t>(leads.ssd); ++i) issue_read(i);
+    for (size_t i = 0; i <= static_cast<size_t>(leads.pcie); ++i) issue_copy(i);
   }
-  // The pass's i-th unit starts: unit i + depth loads into the slot unit i - 1 left; wait for
-  // unit i and point its parameters at its slot.
+  // The pass's i-th unit starts: unit i + lead reads from the SSD and unit i + lead copies to the
+  // device (into the slot unit i - 1 left); wait for unit i and point its parameters at its slot.
   void fetch(size_t i) {
     if (!streaming()) return;
-    if (i > 0) issue_fetch(i + static_cast<size_t>(depth));
+    if (i > 0) {
+      issue_read(i + static_cast<size_t>(leads.ssd));
+      issue_copy(i + static_cast<size_t>(leads.pcie));
+    }
     if (pass_ready[i] != 0) wait_for_copy(pass_ready[i]);
-    point_unit(pass_units[i], i % static_cast<size_t>(depth + 1));
+    point_unit(pass_units[i], i % slots());
   }
   // What lives on the SSD tier goes back to its files and leaves memory (after the update wrote
   // it), so the next step's fetches and updates read the disk.
@@ -279,7 +308,12 @@ struct MoeTrainer::Impl : ModelShape {
   // The finished copies into the step's figures; a pass's also as its program ops (the
   // update's copies are inside the program's optimizer op, whose scope waited for them).
   void collect_copies(std::optional<OpPhase> phase) {
-    for (const CopyEngine::Span& sp : engine->take_spans()) {
+    std::vector<CopyEngine::Span> spans = engine->take_spans();
+    if (storage) {
+      std::vector<CopyEngine::Span> reads = storage->take_spans();
+      spans.insert(spans.end(), reads.begin(), reads.end());
+    }
+    for (const CopyEngine::Span& sp : spans) {
       (phase ? tier_stats.fetch_s : tier_stats.update_copy_s) += sp.seconds();
       (phase ? tier_stats.fetch_bytes : tier_stats.update_copy_bytes) +=
           static_cast<int64_t>(sp.bytes);
@@ -321,10 +355,10 @@ struct MoeTrainer::Impl : ModelShape {
                    for (size_t i = b; i < e; ++i) home[i] += down[i];
                  });
     o.unit = -1;
-    // On SSD the sum goes on to the file (the program's grad_ssd_write), on the engine.
+    // On SSD the sum goes on to the file (the program's grad_ssd_write), on the storage engine.
     if (sp.grads_tier == Tier::kSSD) {
       Buffer* grads = &sp.grads;
-      engine->submit(
+      storage->submit(
           [grads, first, end] {
             grads->write_back(first * sizeof(float), (end - first) * sizeof(float));
           },
@@ -338,6 +372,7 @@ struct MoeTrainer::Impl : ModelShape {
       if (sp->grads_off())
         for (int k = 0; k < 2; ++k) settle(*sp, k);
     engine->drain();
+    if (storage) storage->drain();
     collect_copies(OpPhase::kBackward);
   }
   // A unit's backward starts: its gradients accumulate in a zeroed device slot.
@@ -1462,13 +1497,12 @@ struct MoeTrainer::Impl : ModelShape {
           dev.memory().allocate(Tier::kCPU, largest * sizeof(float),
                                 what + " gradient staging " + std::to_string(k), false));
     }
-    for (int i = 0; i <= (sp.streamed() ? depth : -1); ++i) {
+    for (size_t i = 0; i < (sp.streamed() ? slots() : 0); ++i)
       sp.slots.push_back(dev.memory().allocate(Tier::kGPU, largest * sizeof(float),
                                                what + " slot " + std::to_string(i), false));
-      if (sp.values_tier == Tier::kSSD)
-        sp.staging.push_back(dev.memory().allocate(Tier::kCPU, largest * sizeof(float),
-                                                   what + " staging " + std::to_string(i), false));
-    }
+    for (size_t i = 0; i < (sp.values_tier == Tier::kSSD ? stagings() : 0); ++i)
+      sp.staging.push_back(dev.memory().allocate(Tier::kCPU, largest * sizeof(float),
+                                                 what + " staging " + std::to_string(i), false));
   }
 };
 
@@ -1480,7 +1514,12 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
   shape.placement = s.placement;
   shape.zero_stage = s.zero_stage;
   std::vector<ConfigIssue> issues = trainer_unsupported(m, shape);
-  if (s.prefetch_depth < 0) issues.push_back({"plan.prefetch.depth", "must be >= 0"});
+  if (s.prefetch.ssd < 0 || s.prefetch.pcie < 0)
+    issues.push_back({"plan.prefetch.depth", "must be >= 0"});
+  if (s.prefetch.ssd < s.prefetch.pcie)
+    issues.push_back({"plan.prefetch",
+                      "SSD reads must run at least as far ahead as the copies "
+                      "to the device that wait for them"});
   const int dp = groups.dp->size(), ep = groups.ep->size();
   const int64_t experts = m.moe ? m.moe->num_experts : 0;
   if (m.moe && experts % ep != 0)
@@ -1702,8 +1741,11 @@ std::unique_ptr<MoeTrainer> MoeTrainer::create(const ModelSpec& m, const TrainSe
     add("head", h * vl, false, columns(h, static_cast<size_t>(I.vocab), vocab_cols));
   }
   I.copier = copier ? copier : &device;
-  I.depth = s.prefetch_depth;
-  if (s.placement != Placement{}) I.engine.emplace(*I.copier);
+  I.leads = s.prefetch;
+  if (s.placement != Placement{}) {
+    I.storage.emplace(*I.copier);
+    I.engine.emplace(*I.copier);
+  }
   I.setup_space(I.dense, false, groups.dp);
   I.setup_space(I.expert, true, groups.expert_dp);
   if (I.sp)

@@ -26,6 +26,7 @@
 #include "core/error.h"
 #include "core/model.h"
 #include "core/plan.h"
+#include "core/step_program.h"
 #include "executor/communicator.h"
 #include "executor/device.h"
 
@@ -62,7 +63,7 @@ struct TrainSettings {
   // Where the tensor classes live (SE-MoE's hierarchical storage; ZeRO-Offload, ZeRO-Infinity):
   // dense and expert parameters and the optimizer states on the device, host or SSD tier
   // (gradients and activations stay on the device). Off-device parameters come to device slots
-  // before each use (the embedding, each layer, the head), `prefetch_depth` units ahead of the one
+  // before each use (the embedding, each layer, the head), `prefetch` units ahead of the one
   // computing, down the levels (SSD -> host -> device) on the copy engine; off-device optimizer
   // states are updated on the host (gradients down, Adam, parameters up when they live on the
   // device).
@@ -72,7 +73,9 @@ struct TrainSettings {
   // behind; off-device states are updated by the host's cores meanwhile. finish_update() applies
   // the last one.
   bool delayed_update = false;
-  int prefetch_depth = 0;
+  // Units ahead of use per level: SSD reads into host staging, copies to the device (core's
+  // fetch_leads of the plan; {0, 0}: both right before use).
+  FetchLeads prefetch;
   // Host threads for the host's share of an offloaded update (Adam over off-device states, the
   // sums of off-device gradients): 1 where the device is the CPU (each rank owns a core); beside a
   // GPU, the node's cores per GPU (ZeRO-Offload's multi-threaded CPU Adam).

@@ -61,7 +61,8 @@ struct ListTime {
   double comm_s[kNumStreams] = {};
   double async_s = 0;  // gradient buckets (per micro-batch that issues them)
   double last_bucket_s = 0;
-  double copy_s = 0;  // moves between storage tiers (offloaded parameters and gradients)
+  double copy_s = 0;      // moves between storage tiers (offloaded parameters and gradients)
+  double ssd_copy_s = 0;  // of which on the SSD tier's stream
 };
 
 // `waited_copies_only`: leave out the copies no op of the list waits for (the ring's loads of the
@@ -82,6 +83,7 @@ ListTime sum_ops(const std::vector<OpTemplate>& ops, const StepProgram& frame, c
     const double s = op_cost(op, frame, c, prof, prec).time_s;
     if (op.kind == OpKind::kCopy) {
       t.copy_s += s;
+      if (op.stream == StreamKind::kStorage) t.ssd_copy_s += s;
       continue;
     }
     if (op.async) {
@@ -98,20 +100,25 @@ ListTime sum_ops(const std::vector<OpTemplate>& ops, const StepProgram& frame, c
   return t;
 }
 
-// Copy time a layer cannot hide: all of it without prefetching ahead; with prefetch, what the
-// compute does not cover. The copies run one after another on their stream, so in the steady
-// state each layer's copy has one layer's compute to hide behind, however deep the prefetch (depth
-// only absorbs the differences between layers).
-double exposed_copy(const ListTime& t, int depth) {
-  return depth == 0 ? t.copy_s : std::max(0.0, t.copy_s - t.sync_s);
+// Copy time a layer cannot hide, in the steady state. Each level's copies run one after another
+// on their own stream (SSD reads, copies over PCIe), so each has one layer's time to hide behind,
+// however far ahead it is issued (the lead only absorbs differences between layers): right before
+// use, both levels add up; SSD reads ahead ("down"), the PCIe copy is exposed and the read hides
+// behind the layer's compute and that copy; both ahead, the slower level is what the compute must
+// cover.
+double exposed_copy(const ListTime& t, FetchLeads leads) {
+  const double pcie = t.copy_s - t.ssd_copy_s, ssd = t.ssd_copy_s;
+  if (leads.pcie == 0 && leads.ssd == 0) return t.copy_s;
+  if (leads.pcie == 0) return pcie + std::max(0.0, ssd - (t.sync_s + pcie));
+  return std::max(0.0, std::max(pcie, ssd) - t.sync_s);
 }
 
 struct UnitTime {
   double fwd = 0, bwd = 0, compute = 0, async = 0, last_bucket = 0, stall = 0;
   double comm[kNumStreams] = {};
-  int depth = 0;
+  FetchLeads leads;
   void add(const ListTime& f, const ListTime& b, double times) {
-    const double stall_f = exposed_copy(f, depth), stall_b = exposed_copy(b, depth);
+    const double stall_f = exposed_copy(f, leads), stall_b = exposed_copy(b, leads);
     fwd += times * (f.sync_s + stall_f);
     bwd += times * (b.sync_s + stall_b);
     stall += times * (stall_f + stall_b);
@@ -189,7 +196,7 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   std::vector<double> step_dp_s(static_cast<size_t>(pp), 0.0);
   for (int s = 0; s < pp; ++s) {
     UnitTime& u = stage[static_cast<size_t>(s)];
-    u.depth = plan.prefetch.ahead() ? plan.prefetch.depth : 0;
+    u.leads = fetch_leads(m, plan);
     u.add(dense_f, dense_b, kinds.dense_layers_per_stage[static_cast<size_t>(s)]);
     u.add(moe_f, moe_b, kinds.moe_layers_per_stage[static_cast<size_t>(s)]);
     if (s == 0) u.add(embed_f, embed_b, 1);
@@ -283,8 +290,8 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   p.notes.push_back(
       "estimate: pipeline time = micro-batches x slowest stage + the other stages' fill and drain "
       "(divided by vp); gradient buckets are assumed to overlap the last backward unit; concurrent "
-      "collectives do not share links; with prefetch a layer's parameter copy hides behind one "
-      "layer's compute (the copies run in turn); --fidelity simulate times every op");
+      "collectives do not share links; with prefetch each level's copy of a layer hides behind one "
+      "layer's time (each level's copies run in turn); --fidelity simulate times every op");
   fill_throughput(p, m, c, plan, w);
   return p;
 }

@@ -528,6 +528,7 @@ class Simulation {
     const Inst& d = insts_[static_cast<size_t>(dep)];
     switch (d.stream) {
       case StreamKind::kCopy:
+      case StreamKind::kStorage:
         b.stall_s += gap;
         break;
       case StreamKind::kHost:

@@ -117,7 +117,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
   // Hierarchical storage: what the plan keeps off the device, fetched `depth` layers ahead.
   s.placement = plan.placement;
   s.delayed_update = plan.delayed_update;
-  s.prefetch_depth = plan.prefetch.ahead() ? plan.prefetch.depth : 0;
+  s.prefetch = fetch_leads(in.model, plan);
   s.host_threads = host_threads_per_rank(f.backend, ranks_on_this_node(ranks.size));
 
   Json check = nullptr;
@@ -209,7 +209,7 @@ int cmd_run(const Common& common, const RunFlags& f) {
       rs.zero_stage = 0;
       rs.rank_experts.clear();  // every expert once, in the one process
       rs.placement = {};        // every tensor on the device
-      rs.prefetch_depth = 0;
+      rs.prefetch = {};
       auto ref = MoeTrainer::create(in.model, rs, *ref_dev, {sdp.get(), sep.get(), sedp.get()});
       double loss_err = 0, param_err = 0;
       for (int i = 0; i < f.warmup + f.steps; ++i) {
@@ -390,7 +390,8 @@ int cmd_run(const Common& common, const RunFlags& f) {
     // stalls beside the copy engine's busy time and compute's waits (the slowest rank's).
     double predicted_copy = 0;
     for (const TimelineEvent& e : pred.timeline)
-      if (e.op && e.stage == pred.critical_stage && e.stream == StreamKind::kCopy)
+      if (e.op && e.stage == pred.critical_stage &&
+          (e.stream == StreamKind::kCopy || e.stream == StreamKind::kStorage))
         predicted_copy += e.end_s - e.start_s;
     out["tiers"] = {{"copy_s", {{"measured", tiers[0]}, {"predicted", predicted_copy}}},
                     {"stall_s", {{"measured", tiers[1]}, {"predicted", pred.time.stall_s}}},

@@ -175,7 +175,7 @@ int run_inference(const RunFlags& f, Ranks& ranks, const Inputs& in) {
   for (const TimelineEvent& e : pred.timeline) {
     if (!e.op || e.chunk < 0 || e.chunk > 1) continue;
     const double d = e.end_s - e.start_s;
-    if (e.stream == StreamKind::kCopy) p_copy[e.chunk] += d;
+    if (e.stream == StreamKind::kCopy || e.stream == StreamKind::kStorage) p_copy[e.chunk] += d;
     const std::string key = "forward " + std::string(e.op->name);
     if (!predicted_ops[e.chunk].count(key)) order[e.chunk].push_back(key);
     predicted_ops[e.chunk][key] += d;

@@ -80,9 +80,15 @@ TEST_F(MemoryTest, PlacementMovesClassesOffTheGpu) {
   EXPECT_DOUBLE_EQ(m.optimizer_states.cpu, (1144 / 2.0 + 288) * (12 + 2));
   EXPECT_DOUBLE_EQ(m.expert_params.gpu, 0);
   EXPECT_DOUBLE_EQ(m.expert_params.ssd, 288 * 2);
-  // (1 + depth 2) working layers of experts on the GPU, staged through as many in DRAM.
+  // (1 + depth 2) working layers of experts on the GPU; 2d reads the SSD 2 * depth ahead, so
+  // (1 + 4) layers are staged in DRAM.
   EXPECT_DOUBLE_EQ(m.prefetch_buffers.gpu, 3 * 288 * 2);
-  EXPECT_DOUBLE_EQ(m.prefetch_buffers.cpu, 3 * 288 * 2);
+  EXPECT_DOUBLE_EQ(m.prefetch_buffers.cpu, 5 * 288 * 2);
+  // "down": the SSD reads run ahead into DRAM, the copy to the GPU waits for use (one slot).
+  plan_.prefetch = {2, PrefetchDirection::kDown};
+  EXPECT_DOUBLE_EQ(mem().prefetch_buffers.gpu, 1 * 288 * 2);
+  EXPECT_DOUBLE_EQ(mem().prefetch_buffers.cpu, 3 * 288 * 2);
+  plan_.prefetch = {2, PrefetchDirection::k2D};
   EXPECT_LT(m.total().gpu, [&] {
     plan_.placement = Placement{};
     plan_.prefetch = Prefetch{};

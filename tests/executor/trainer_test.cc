@@ -183,10 +183,12 @@ namespace {
 // device slots ahead of use, and the optimizer states updated on the host, train exactly what the
 // all-on-device trainer trains; the device arena holds only what the placement keeps there.
 // Where each tensor class lives, and how many layers ahead (and on how many host threads, depth +
-// 1: the host's update gives the same arithmetic on any number) the runner fetches.
+// 1: the host's update gives the same arithmetic on any number) the runner fetches: `depth` for
+// the copies to the device, `ssd_lead` for the SSD reads (-1: as depth).
 struct PlacementCase {
   Tier dense, expert, states, grads;
   int depth;
+  int ssd_lead = -1;
 };
 
 TrainSettings placed(TrainSettings s, const PlacementCase& c) {
@@ -194,7 +196,7 @@ TrainSettings placed(TrainSettings s, const PlacementCase& c) {
   s.placement.expert_params = c.expert;
   s.placement.optimizer_states = c.states;
   s.placement.gradients = c.grads;
-  s.prefetch_depth = c.depth;
+  s.prefetch = {c.ssd_lead < 0 ? c.depth : c.ssd_lead, c.depth};
   s.host_threads = c.depth + 1;
   return s;
 }
@@ -223,7 +225,10 @@ TEST(MoeTrainer, OffloadedParametersAndOptimizerStatesTrainAsOnTheDevice) {
                      C{Tier::kGPU, Tier::kSSD, Tier::kSSD, Tier::kGPU, 2},
                      C{Tier::kSSD, Tier::kCPU, Tier::kCPU, Tier::kGPU, 0},
                      C{Tier::kGPU, Tier::kGPU, Tier::kCPU, Tier::kCPU, 0},
-                     C{Tier::kCPU, Tier::kSSD, Tier::kSSD, Tier::kSSD, 1}}) {
+                     C{Tier::kCPU, Tier::kSSD, Tier::kSSD, Tier::kSSD, 1},
+                     // SSD reads ahead, copies at use ("down"); both levels ahead ("2d").
+                     C{Tier::kGPU, Tier::kSSD, Tier::kSSD, Tier::kGPU, 0, 2},
+                     C{Tier::kSSD, Tier::kSSD, Tier::kSSD, Tier::kGPU, 1, 2}}) {
     Single run(m, placed(s, c));
     double copied = 0;
     for (int i = 0; i < 3; ++i) {

@@ -278,7 +278,31 @@ TEST_F(LowerTest, OffloadedParametersAreFetchedAhead) {
     if (fwd[i].name == "param_fetch") {
       ASSERT_GE(fwd[i].wait_for, 0);
       EXPECT_EQ(fwd[static_cast<size_t>(fwd[i].wait_for)].name, "param_ssd_read");
+      EXPECT_EQ(fwd[i].stream, StreamKind::kCopy);
+      EXPECT_EQ(fwd[static_cast<size_t>(fwd[i].wait_for)].stream, StreamKind::kStorage);
     }
+  // The levels' leads: where layer 5's SSD read and its copy to the GPU are issued (the layer
+  // whose start issues them), per direction at depth 2.
+  const auto issued_at = [&](PrefetchDirection dir) {
+    Plan q = p;
+    q.prefetch = {2, dir};
+    const StepProgram prog = lower(model_, cluster_, q, work_);
+    const auto& ops = prog.stages[0].chunks[0].forward;
+    std::pair<int, int> at{-1, -1};
+    for (size_t i = 0; i < ops.size(); ++i) {
+      if (ops[i].layer != 5 || ops[i].kind != OpKind::kCopy) continue;
+      int next = -1;  // the first layer op after the copy: the unit that issued it
+      for (size_t k = i + 1; k < ops.size() && next < 0; ++k)
+        if (ops[k].kind != OpKind::kCopy) next = ops[k].layer;
+      (ops[i].name == "param_ssd_read" ? at.first : at.second) = next;
+    }
+    return at;
+  };
+  EXPECT_EQ(issued_at(PrefetchDirection::kNone), std::make_pair(5, 5));
+  EXPECT_EQ(issued_at(PrefetchDirection::kDown), std::make_pair(3, 5));
+  EXPECT_EQ(issued_at(PrefetchDirection::kAhead), std::make_pair(3, 3));
+  EXPECT_EQ(issued_at(PrefetchDirection::k2D), std::make_pair(1, 3));
+  EXPECT_EQ(fetch_leads(model_, p), (FetchLeads{2, 1}));
   // Off-GPU gradients go down as each unit's backward ends: the head, 8 layers, the embedding.
   p.placement.gradients = Tier::kCPU;
   const auto bwd = lower(model_, cluster_, p, work_).stages[0].chunks[0].backward;

@@ -205,6 +205,40 @@ TEST(Simulate, PrefetchHidesParameterCopies) {
   EXPECT_NEAR(blocking.time.total(), blocking.step_time_s, 1e-6 * blocking.step_time_s);
 }
 
+// SE-MoE's 2D prefetch: SSD reads and copies to the GPU run on their own streams, so the levels
+// overlap; reading the SSD ahead ("down") beats fetching both levels at use, and running the GPU
+// copies ahead too ("2d") does no worse.
+TEST(Simulate, TheTwoLevelsOfA2dPrefetchPipeline) {
+  const ModelSpec m = moe_model(8);
+  const ClusterSpec cl = a100_nodes(1);
+  const Workload w = train(16, 2048);
+  const CostProfile prof = default_cost_profile(cl);
+  Plan p = plan_of(R"({"schema_version": 1, "dp": 8, "ep": 8, "zero_stage": 1,
+                       "placement": {"expert_params": "ssd", "optimizer_states": "cpu"}})");
+  double step[4] = {};
+  for (PrefetchDirection dir : {PrefetchDirection::kNone, PrefetchDirection::kDown,
+                                PrefetchDirection::kAhead, PrefetchDirection::k2D}) {
+    p.prefetch = {dir == PrefetchDirection::kNone ? 0 : 2, dir};
+    expect_valid(p, m, cl, w);
+    SimulateOptions o;
+    o.record_timeline = true;
+    const Prediction s = simulate(m, cl, p, w, prof, o);
+    step[static_cast<int>(dir)] = s.step_time_s;
+    if (dir == PrefetchDirection::kNone) continue;
+    bool overlap = false;
+    for (const auto& a : s.timeline)
+      if (a.op && a.op->name == "param_ssd_read")
+        for (const auto& b : s.timeline)
+          if (b.op && b.op->name == "param_fetch" && b.start_s < a.end_s && a.start_s < b.end_s)
+            overlap = true;
+    EXPECT_TRUE(overlap) << enum_name(dir);
+  }
+  EXPECT_LT(step[static_cast<int>(PrefetchDirection::kDown)],
+            step[static_cast<int>(PrefetchDirection::kNone)]);
+  EXPECT_LE(step[static_cast<int>(PrefetchDirection::k2D)],
+            step[static_cast<int>(PrefetchDirection::kDown)] * (1 + 1e-9));
+}
+
 // Ring-memory inference (SE-MoE): a model larger than the GPU runs from host memory in sections;
 // loading the next section while one computes beats loading then computing, and a plan that fits
 // on the GPUs beats both.
