@@ -19,12 +19,17 @@ TierBytes MemoryBreakdown::total() const {
   return t;
 }
 
-std::vector<std::pair<const char*, const TierBytes*>> memory_parts(const MemoryBreakdown& m) {
-  return {{"dense params", &m.dense_params}, {"expert params", &m.expert_params},
-          {"gradients", &m.gradients},       {"optimizer", &m.optimizer_states},
-          {"activations", &m.activations},   {"kv cache", &m.kv_cache},
-          {"dispatch", &m.dispatch_buffers}, {"comm buffers", &m.comm_buffers},
-          {"prefetch", &m.prefetch_buffers}, {"runtime", &m.runtime}};
+std::array<std::pair<const char*, const TierBytes*>, 10> memory_parts(const MemoryBreakdown& m) {
+  return {{{"dense params", &m.dense_params},
+           {"expert params", &m.expert_params},
+           {"gradients", &m.gradients},
+           {"optimizer", &m.optimizer_states},
+           {"activations", &m.activations},
+           {"kv cache", &m.kv_cache},
+           {"dispatch", &m.dispatch_buffers},
+           {"comm buffers", &m.comm_buffers},
+           {"prefetch", &m.prefetch_buffers},
+           {"runtime", &m.runtime}}};
 }
 
 std::string gpu_parts_gib(const MemoryBreakdown& m) {

@@ -22,6 +22,7 @@
 //    updated on the host (ZeRO-Offload), staged through DRAM layer by layer when on the SSD.
 #pragma once
 
+#include <array>
 #include <string>
 #include <utility>
 #include <vector>
@@ -66,7 +67,7 @@ struct MemoryBreakdown {
 };
 
 // The breakdown's parts with the names reports give them, in report order.
-std::vector<std::pair<const char*, const TierBytes*>> memory_parts(const MemoryBreakdown& m);
+std::array<std::pair<const char*, const TierBytes*>, 10> memory_parts(const MemoryBreakdown& m);
 // "dense params 3.49, gradients 3.49, ..., runtime 1.50 GiB": the parts with bytes on the GPU.
 std::string gpu_parts_gib(const MemoryBreakdown& m);
 

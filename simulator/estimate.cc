@@ -69,7 +69,7 @@ struct ListTime {
 // next pass, which the next pass counts).
 ListTime sum_ops(const std::vector<OpTemplate>& ops, const StepProgram& frame, const ClusterSpec& c,
                  const CostProfile& prof, Precision prec, bool waited_copies_only = false) {
-  std::vector<bool> waited(ops.size(), !waited_copies_only);
+  std::vector<bool> waited(waited_copies_only ? ops.size() : 0, false);
   if (waited_copies_only)
     for (size_t i = ops.size(); i-- > 0;) {
       const OpTemplate& op = ops[i];
@@ -79,7 +79,7 @@ ListTime sum_ops(const std::vector<OpTemplate>& ops, const StepProgram& frame, c
   ListTime t;
   for (size_t i = 0; i < ops.size(); ++i) {
     const OpTemplate& op = ops[i];
-    if (op.kind == OpKind::kCopy && !waited[i]) continue;
+    if (waited_copies_only && op.kind == OpKind::kCopy && !waited[i]) continue;
     const double s = op_cost(op, frame, c, prof, prec).time_s;
     if (op.kind == OpKind::kCopy) {
       t.copy_s += s;

@@ -13,26 +13,36 @@ namespace {
 
 constexpr int kNoInst = -1;
 
+// An op's time and link, as an instance needs them (OpCost's pieces are resolved in build()).
+struct InstCost {
+  double time_s = 0;
+  Link link = Link::kNone;
+};
+
+// One op instance. Hundreds of thousands of these make a large step: the fields are packed (80
+// bytes), so the array stays small and in cache.
 struct Inst {
   const OpTemplate* op = nullptr;  // nullptr: pipeline send of a unit's output
-  OpCost cost;
+  double start = -1;
+  double end = -1;
+  double remaining = 0;  // work left at full link bandwidth (shared links)
+  double time_s = 0;     // its cost
   int32_t stage = 0;
   int32_t micro_batch = 0;
-  int16_t chunk = 0;
-  StreamKind stream = StreamKind::kCompute;
-  // The compute stream's share of a collective it cannot overlap (comm_compute_overlap < 1): an
-  // instance on the compute stream beside the collective, reported as that collective's exposed
-  // communication.
-  bool shadow = false;
   int32_t pending = 0;    // unfinished dependencies
   int32_t dep_begin = 0;  // dependents: [dep_begin, dep_end) of the CSR array
   int32_t dep_end = 0;
   int32_t last_dep = kNoInst;  // the dependency that finished last
   uint32_t version = 0;        // bumps when a shared link reschedules the op's end
-  double start = -1;
-  double end = -1;
-  double remaining = 0;  // work left at full link bandwidth (shared links)
+  int16_t chunk = 0;
+  Link link = Link::kNone;  // the link it loads, shared with concurrent ones
+  StreamKind stream = StreamKind::kCompute;
+  // The compute stream's share of a collective it cannot overlap (comm_compute_overlap < 1): an
+  // instance on the compute stream beside the collective, reported as that collective's exposed
+  // communication.
+  bool shadow = false;
 };
+static_assert(sizeof(Inst) <= 80, "Inst grew: a large step's instances leave the cache");
 
 struct Event {
   double time;
@@ -83,10 +93,12 @@ class Simulation {
            (backward ? 1 : 0);
   }
 
-  int32_t add(const OpTemplate* op, OpCost cost, int stage, int mb, int chunk, StreamKind stream) {
+  int32_t add(const OpTemplate* op, InstCost cost, int stage, int mb, int chunk,
+              StreamKind stream) {
     Inst in;
     in.op = op;
-    in.cost = cost;
+    in.time_s = cost.time_s;
+    in.link = cost.link;
     in.stage = stage;
     in.micro_batch = mb;
     in.chunk = static_cast<int16_t>(chunk);
@@ -107,10 +119,10 @@ class Simulation {
     const Inst in = insts_[static_cast<size_t>(id)];  // a copy: add() may move insts_
     const double share = 1.0 - prof_.comm_compute_overlap;
     if (share <= 0 || !in.op || in.stream == StreamKind::kCompute ||
-        in.op->kind != OpKind::kCollective || in.cost.time_s <= 0)
+        in.op->kind != OpKind::kCollective || in.time_s <= 0)
       return;
-    OpCost cost;
-    cost.time_s = share * in.cost.time_s;
+    InstCost cost;
+    cost.time_s = share * in.time_s;
     const int32_t sid = add(in.op, cost, in.stage, in.micro_batch, in.chunk, StreamKind::kCompute);
     insts_[static_cast<size_t>(sid)].shadow = true;
     edge(dep_a, sid);
@@ -147,7 +159,8 @@ class Simulation {
         for (size_t i = 0; i < ops.size(); ++i) {
           const OpTemplate& op = ops[i];
           if (op.last_micro_batch && !(item.backward && last_mb)) continue;
-          const int32_t id = add(&op, costs[i], s, item.micro_batch, item.chunk, op.stream);
+          const int32_t id = add(&op, {costs[i].time_s, costs[i].link}, s, item.micro_batch,
+                                 item.chunk, op.stream);
           local_[i] = id;
           edge(prev, id);
           const int32_t waits =
@@ -173,8 +186,9 @@ class Simulation {
                   ? (s > 0 ? prog_.stages[static_cast<size_t>(s - 1)].sends_to_next_same_node
                            : prog_.p2p_wraps_same_node)
                   : (s < pp - 1 ? st.sends_to_next_same_node : prog_.p2p_wraps_same_node);
-          unit.send = add(nullptr, p2p_cost(prog_, same_node, c_, prof_), s, item.micro_batch,
-                          item.chunk, StreamKind::kPpComm);
+          const OpCost send = p2p_cost(prog_, same_node, c_, prof_);
+          unit.send = add(nullptr, {send.time_s, send.link}, s, item.micro_batch, item.chunk,
+                          StreamKind::kPpComm);
           edge(prev, unit.send);
         }
         prev_unit_last = prev;
@@ -191,10 +205,9 @@ class Simulation {
         OpCost work = cost;
         work.time_s = cost.time_s - cost.pcie_before_s - cost.pcie_after_s;
         work.pcie_before_s = work.pcie_after_s = 0;
-        OpCost pieces[3] = {{}, work, {}};
-        pieces[0].time_s = cost.pcie_before_s;
-        pieces[2].time_s = cost.pcie_after_s;
-        pieces[0].link = pieces[2].link = Link::kPcie;
+        const InstCost pieces[3] = {{cost.pcie_before_s, Link::kPcie},
+                                    {work.time_s, work.link},
+                                    {cost.pcie_after_s, Link::kPcie}};
         int32_t head = kNoInst, id = kNoInst;
         for (int k = 0; k < 3; ++k) {
           if (k != 1 && pieces[k].time_s <= 0) continue;
@@ -258,7 +271,7 @@ class Simulation {
   // Host copies and traffic to other nodes both cross the GPU's PCIe link (GPUDirect RDMA goes
   // GPU -> PCIe switch -> NIC), so they share one link state.
   LinkState& link_of(const Inst& in) {
-    const Link link = in.cost.link == Link::kPcie ? Link::kInterNode : in.cost.link;
+    const Link link = in.link == Link::kPcie ? Link::kInterNode : in.link;
     return links_[static_cast<size_t>(in.stage) * kNumLinks + static_cast<size_t>(link)];
   }
 
@@ -283,13 +296,13 @@ class Simulation {
     Inst& in = insts_[static_cast<size_t>(id)];
     in.start = now;
     if (in.op && in.op->allocates && !in.shadow) memory_event(in, in.op->allocates, +1.0, now);
-    if (in.cost.link == Link::kNone || in.cost.time_s <= 0) {
-      events_.push({now + in.cost.time_s, id, in.version});
+    if (in.link == Link::kNone || in.time_s <= 0) {
+      events_.push({now + in.time_s, id, in.version});
       return;
     }
     LinkState& link = link_of(in);
     settle(link, now);
-    in.remaining = in.cost.time_s;
+    in.remaining = in.time_s;
     link.active.push_back(id);
     reschedule(link, now);
   }
@@ -297,7 +310,7 @@ class Simulation {
   void finish(int32_t id, double now) {
     Inst& in = insts_[static_cast<size_t>(id)];
     in.end = now;
-    if (in.cost.link != Link::kNone && in.cost.time_s > 0) {
+    if (in.link != Link::kNone && in.time_s > 0) {
       LinkState& link = link_of(in);
       settle(link, now);
       link.active.erase(std::find(link.active.begin(), link.active.end(), id));
