@@ -5,6 +5,7 @@
 #include <set>
 
 #include "core/config_registry.h"
+#include "core/expert_load.h"
 #include "cost_models/memory.h"
 #include "simulator/op_cost.h"
 #include "tests/simulator/sim_test_util.h"
@@ -432,6 +433,38 @@ TEST(Simulate, ReplicatingHotExpertsRemovesTheStraggler) {
   EXPECT_GT(skewed, balanced * 1.2) << "balanced " << balanced << " s, skewed " << skewed << " s";
   EXPECT_LT(replicated, skewed) << "replicated " << replicated << " s";
   EXPECT_LT(replicated - balanced, 0.5 * (skewed - balanced));
+}
+
+// Where the experts' compute decides the step (one NVLink node, wide experts), a zipf-skewed
+// routing slows the step by the hottest rank's share of the rows over the mean (within 10%), and
+// replicating the hot experts recovers most of it.
+TEST(Simulate, SkewSlowsTheStepByTheHottestRanksShareOverTheMean) {
+  Json j = Json::parse(R"({
+    "schema_version": 1, "name": "wide-experts", "num_layers": 8, "hidden_size": 2048,
+    "ffn_hidden_size": 8192, "num_attention_heads": 16, "num_kv_heads": 8, "vocab_size": 32000,
+    "seq_len": 2048, "moe": {"num_experts": 16, "top_k": 2, "expert_ffn_hidden_size": 32768}
+  })");
+  const ModelSpec m = parse_model(j);
+  const ClusterSpec cl = a100_nodes(1);
+  Workload w = train(64, 2048);
+  const CostProfile prof = default_cost_profile(cl);
+  Plan p = plan_of(R"({"schema_version": 1, "dp": 8, "ep": 8, "zero_stage": 1})");
+  expect_valid(p, m, cl, w);
+  const double balanced = simulate(m, cl, p, w, prof).step_time_s;
+  w.routing = Routing{RoutingKind::kZipf, 0.8, {}, {}};
+  const auto ranks = expert_rank_loads(m, p, w);
+  const double hot = ranks[static_cast<size_t>(most_loaded_rank(ranks))].share * 8;  // over mean
+  ASSERT_GT(hot, 1.5);
+  const double skewed = simulate(m, cl, p, w, prof).step_time_s;
+  EXPECT_NEAR(skewed / balanced, hot, 0.10 * hot)
+      << "balanced " << balanced << " s, skewed " << skewed << " s, hottest rank " << hot << "x";
+  p.expert_replicas.kind = ExpertReplicas::Kind::kHot;
+  p.expert_replicas.hot_experts = 4;
+  p.expert_replicas.replicas = 4;
+  expect_valid(p, m, cl, w);
+  const double replicated = simulate(m, cl, p, w, prof).step_time_s;
+  EXPECT_LT(replicated - balanced, 0.5 * (skewed - balanced))
+      << "replicated " << replicated << " s";
 }
 
 // SE-MoE against DeepSpeed-MoE on the UFO-style 12B model on 48 A100s. A (bundled,
