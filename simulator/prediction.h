@@ -42,6 +42,17 @@ struct TimelineEvent {
   double end_s = 0;
 };
 
+// Compute standing still for a copy between tiers (a prefetch that did not keep up), on the
+// timeline as its own event (simulate only).
+struct StallEvent {
+  int stage = 0;
+  int micro_batch = -1;
+  int chunk = 0;
+  const OpTemplate* waiting_for = nullptr;  // the copy that ended the stall
+  double start_s = 0;
+  double end_s = 0;
+};
+
 // Inference workloads: one batch of requests, prefilled then decoded token by token.
 struct InferenceTimes {
   double prefill_s = 0;      // all prompts through the model
@@ -73,6 +84,7 @@ struct Prediction {
   int64_t ops = 0;  // op instances timed (simulate)
   std::vector<std::string> notes;
   std::vector<TimelineEvent> timeline;         // filled by simulate when asked
+  std::vector<StallEvent> stalls;              // with the timeline
   std::shared_ptr<const StepProgram> program;  // what the timeline's ops point into
 };
 

@@ -403,7 +403,14 @@ class Simulation {
         const double times =
             inference_ && in.chunk == 1 ? static_cast<double>(w_.inference->decode_tokens) : 1.0;
         const double gap = in.start - prev_end;
-        if (gap > 0) attribute(b, times * gap, in.last_dep);
+        if (gap > 0) {
+          attribute(b, times * gap, in.last_dep);
+          const Inst* dep =
+              in.last_dep == kNoInst ? nullptr : &insts_[static_cast<size_t>(in.last_dep)];
+          if (options.record_timeline && dep &&
+              (dep->stream == StreamKind::kCopy || dep->stream == StreamKind::kStorage))
+            p.stalls.push_back({s, in.micro_batch, in.chunk, dep->op, prev_end, in.start});
+        }
         const double busy = times * (in.end - in.start);
         if (in.shadow)
           add_comm(b, in.op->stream, busy);

@@ -129,6 +129,18 @@ void write_chrome_trace(const std::string& path, const Prediction& p, const Inpu
                    std::string(group_name(op->group)).c_str());
     std::fputs("}}", f.get());
   }
+  // Compute standing still for a copy: a slice of its own on the compute track, naming the copy.
+  for (const StallEvent& e : p.stalls) {
+    sep();
+    const Micros t = micros(e.start_s, e.end_s);
+    const auto id = e.waiting_for ? ids.find(e.waiting_for) : ids.end();
+    std::fprintf(
+        f.get(),
+        R"({"ph":"X","name":"stall","cat":"stall","pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"args":{"waiting_for":"%s","op_id":"%s","micro_batch":%d,"chunk":%d}})",
+        e.stage, static_cast<int>(StreamKind::kCompute), t.ts, t.dur,
+        e.waiting_for ? std::string(e.waiting_for->name).c_str() : "?",
+        id != ids.end() ? id->second.c_str() : "?", e.micro_batch, e.chunk);
+  }
   std::fputs("\n]}\n", f.get());
   if (std::ferror(f.get())) throw std::runtime_error("error writing trace file " + path);
 }

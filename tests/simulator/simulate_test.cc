@@ -204,6 +204,21 @@ TEST(Simulate, PrefetchHidesParameterCopies) {
   EXPECT_LT(ahead.time.stall_s, 0.5 * blocking.time.stall_s);
   EXPECT_LT(ahead.step_time_s, blocking.step_time_s);
   EXPECT_NEAR(blocking.time.total(), blocking.step_time_s, 1e-6 * blocking.step_time_s);
+  // On the timeline: each stall is an event of its own on the compute track, ending as the copy
+  // it waited for ends; on the critical stage they add up to the breakdown's stall time.
+  SimulateOptions o;
+  o.record_timeline = true;
+  p.prefetch = {};
+  const Prediction traced = simulate(m, cl, p, w, prof, o);
+  ASSERT_FALSE(traced.stalls.empty());
+  double stalled = 0;
+  for (const StallEvent& e : traced.stalls) {
+    ASSERT_NE(e.waiting_for, nullptr);
+    EXPECT_EQ(e.waiting_for->kind, OpKind::kCopy);
+    EXPECT_LT(e.start_s, e.end_s);
+    if (e.stage == traced.critical_stage) stalled += e.end_s - e.start_s;
+  }
+  EXPECT_NEAR(stalled, traced.time.stall_s, 1e-9 * traced.step_time_s);
 }
 
 // SE-MoE's 2D prefetch: SSD reads and copies to the GPU run on their own streams, so the levels
