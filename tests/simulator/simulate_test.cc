@@ -296,6 +296,31 @@ TEST(Simulate, RingMemoryInference) {
   EXPECT_GE(r.inference->decode_step_s, pass * (1 - 1e-9));
   EXPECT_NEAR(estimate(m, cl, ring, w, prof).inference->decode_step_s, r.inference->decode_step_s,
               0.02 * r.inference->decode_step_s);
+
+  // Against the section count: wherever a section's load over PCIe takes no longer than its
+  // prefill compute (a prefill of 4 x more prompts makes it so), the ring's prefill beats loading
+  // then computing; and the ring's batch never takes longer than the naive one's.
+  w.inference->prefill_batch = 256;
+  int compared = 0;
+  for (int sections : {4, 8, 16, 32}) {
+    ring.ring_sections = naive.ring_sections = sections;
+    if (!capacity_issues(m, cl, ring, w, prof).empty()) continue;
+    const StepProgram rp = lower(m, cl, ring, w);
+    double load = 0, compute = 0;
+    for (const OpTemplate& op : rp.stages[0].chunks[0].forward) {
+      if (op.layer < 0 || op.layer >= ring_ahead_layers(m, ring)) continue;  // the first section
+      const double t = op_cost(op, rp, cl, prof, w.precision).time_s;
+      (op.kind == OpKind::kCopy ? load : compute) += t;
+    }
+    const Prediction rs = simulate(m, cl, ring, w, prof), ns = simulate(m, cl, naive, w, prof);
+    SCOPED_TRACE(std::to_string(sections) + " sections");
+    if (load <= compute) {
+      EXPECT_LT(rs.inference->prefill_s, ns.inference->prefill_s);
+      ++compared;
+    }
+    EXPECT_LE(rs.inference->latency_s, ns.inference->latency_s * (1 + 1e-9));
+  }
+  EXPECT_GE(compared, 2);
 }
 
 // Parameter copies from host memory and all-to-all traffic to other nodes cross the same PCIe
