@@ -529,6 +529,14 @@ class BucketFiller {
   double dense_ = 0, expert_ = 0;
 };
 
+// The ranks a ZeRO stage >= `from` shards a class of parameters (their gradients, from stage 2;
+// the parameters themselves, from 3) over: dense over dp * cp, experts over their data-parallel
+// replicas; 1 below that stage.
+double zero_shard(const Plan& p, bool experts, int from) {
+  if (p.zero_stage < from) return 1.0;
+  return experts ? std::max(p.expert_dp(), 1) : static_cast<double>(p.dp) * p.cp;
+}
+
 OpTemplate copy_op(std::string_view name, CopyPath path, double bytes, int layer, Phase phase) {
   OpTemplate op;
   op.kind = OpKind::kCopy;
@@ -568,8 +576,7 @@ std::vector<OpTemplate> param_fetches(const ModelSpec& m, const Plan& p, const D
     return {copy_op("param_fetch", CopyPath::kHostToGpu, host, layer, phase)};
   }
   // ZeRO-3: a rank keeps only its shard (off the GPU too), fetches that and all-gathers the rest.
-  const double dense_shard = p.zero_stage >= 3 ? static_cast<double>(p.dp) * p.cp : 1.0;
-  const double expert_shard = p.zero_stage >= 3 ? std::max(p.expert_dp(), 1) : 1.0;
+  const double dense_shard = zero_shard(p, false, 3), expert_shard = zero_shard(p, true, 3);
   for (const auto& [tier, params] :
        {std::pair{p.placement.dense_params, lp.dense / dense_shard},
         std::pair{p.placement.expert_params, lp.expert / expert_shard}}) {
@@ -584,17 +591,19 @@ std::vector<OpTemplate> param_fetches(const ModelSpec& m, const Plan& p, const D
 // on the GPU).
 std::vector<OpTemplate> dense_unit_fetches(const Plan& p, const Dims& d, double params,
                                            Phase phase) {
-  const double bytes = params * d.param_bytes;
+  const double bytes = params * d.param_bytes / zero_shard(p, false, 3);
   return p.placement.dense_params == Tier::kSSD ? level_fetches(0, bytes, -1, phase)
                                                 : level_fetches(bytes, 0, -1, phase);
 }
 
 // Offloaded gradients leave the GPU as a unit's backward produces them (and go on to the SSD):
-// `params` of them, of layer `layer` (-1: the embedding or the head).
-void grad_offload_params(const Plan& p, const Dims& d, double params, int layer,
+// those of `dense` and `expert` parameters of layer `layer` (-1: the embedding or the head); under
+// ZeRO 2-3 only this rank's reduced shard.
+void grad_offload_params(const Plan& p, const Dims& d, double dense, double expert, int layer,
                          std::vector<OpTemplate>& out) {
   if (p.placement.gradients == Tier::kGPU) return;
-  const double bytes = params * d.grad_bytes;
+  const double bytes =
+      (dense / zero_shard(p, false, 2) + expert / zero_shard(p, true, 2)) * d.grad_bytes;
   out.push_back(copy_op("grad_offload", CopyPath::kGpuToHost, bytes, layer, Phase::kBackward));
   if (p.placement.gradients == Tier::kSSD) {
     OpTemplate w = copy_op("grad_ssd_write", CopyPath::kHostToSsd, bytes, layer, Phase::kBackward);
@@ -606,7 +615,7 @@ void grad_offload_params(const Plan& p, const Dims& d, double params, int layer,
 void grad_offload(const ModelSpec& m, const Plan& p, const Dims& d, int layer,
                   std::vector<OpTemplate>& out) {
   const LayerParams lp = layer_params(m, p, d, layer);
-  grad_offload_params(p, d, lp.dense + lp.expert, layer, out);
+  grad_offload_params(p, d, lp.dense, lp.expert, layer, out);
 }
 
 // Rebuilds `ops` with each unit's fetches issued ahead of its use: begins[i] is where the i-th unit
@@ -690,11 +699,21 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   const double vocab = static_cast<double>(m.vocab_size);
   const double h = static_cast<double>(d.h);
 
+  // The embedding's parameters, and the head's: an untied LM head (or a tied one's copy on a
+  // pipeline's last stage) and the final norm.
+  const double vocab_rows = static_cast<double>(m.vocab_size) / d.tp * d.h;
+  const double head_params = (!m.tied_embeddings || p.pp > 1 ? vocab_rows : 0.0) +
+                             (m.norm == NormKind::kLayerNorm ? 2.0 : 1.0) * d.h;
+
   // Forward, and per layer the forward ops (to mirror them in the backward and in recompute).
   std::vector<std::vector<OpTemplate>> layer_fwd;
   std::vector<OpTemplate> head_fwd, embed_fwd;
   if (embedding) {
     Builder b(m, p, d, embed_fwd);
+    // ZeRO-3 gathers the embedding's shards before use, as it does a layer's.
+    if (p.zero_stage >= 3)
+      b.comm(Collective::kAllGather, CommGroup::kDp, "zero3_param_all_gather", -1,
+             vocab_rows * d.param_bytes);
     b.elementwise("embedding", -1, 2 * static_cast<double>(d.ts) * h * d.e, d.ts);
     if (d.tp > 1) {
       // Vocab-parallel embedding: partial rows combine across TP.
@@ -732,6 +751,9 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   }
   if (head) {
     Builder b(m, p, d, head_fwd);
+    if (p.zero_stage >= 3)
+      b.comm(Collective::kAllGather, CommGroup::kDp, "zero3_param_all_gather", -1,
+             head_params * d.param_bytes);
     b.elementwise("final_norm", -1, 2 * b.tok_bytes(d.ts), d.ts);
     b.tp_enter(-1);
     OpTemplate& lm = b.gemm("lm_head", -1, d.head_rows, m.vocab_size / d.tp, d.h);
@@ -766,11 +788,6 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   cp.backward.reserve(3 * total);
   // Units of use: the embedding, the layers, the head (the embedding and the head are fetched
   // only with the dense parameters off the GPU).
-  const double vocab_rows = static_cast<double>(m.vocab_size) / d.tp * d.h;
-  // The head unit: an untied LM head (or a tied one's copy on a pipeline's last stage) and the
-  // final norm.
-  const double head_params = (!m.tied_embeddings || p.pp > 1 ? vocab_rows : 0.0) +
-                             (m.norm == NormKind::kLayerNorm ? 2.0 : 1.0) * d.h;
   const bool dense_units = p.ring_sections == 0 && p.placement.dense_params != Tier::kGPU;
   if (embedding && dense_units) {
     fwd_begins.push_back(0);
@@ -803,7 +820,7 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
 
   // Backward: head, then layers in reverse (recomputing what the plan recomputes), then embedding.
   append_backward(head_fwd, cp.backward);
-  if (head) grad_offload_params(p, d, head_params, -1, cp.backward);
+  if (head) grad_offload_params(p, d, head_params, 0, -1, cp.backward);
   BucketFiller buckets(p, d, cp.backward);
   std::vector<size_t> bwd_begins;
   std::vector<std::vector<OpTemplate>> bwd_fetches;
@@ -851,7 +868,7 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   }
   buckets.flush(first_layer);
   append_backward(embed_fwd, cp.backward);
-  if (embedding) grad_offload_params(p, d, vocab_rows, -1, cp.backward);
+  if (embedding) grad_offload_params(p, d, vocab_rows, 0, -1, cp.backward);
   cp.backward = with_prefetches(std::move(cp.backward), bwd_begins, bwd_fetches, leads);
   return cp;
 }

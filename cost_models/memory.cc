@@ -276,29 +276,31 @@ MemoryBreakdown memory_per_gpu(const ModelSpec& m, const ClusterSpec& /*cluster*
   } else {
     mb.dense_params = on(pl.dense_params, dense_p);
     mb.expert_params = on(pl.expert_params, expert_p);
-    // Offloaded parameters land in slots for the unit computing and each one loading ahead (2D
-    // prefetch; fetched right before use otherwise); with the dense parameters off the GPU the
-    // embedding and the head are units too, and may be the largest. ZeRO-3 gathers
-    // prefetch.depth layers ahead.
-    // Slots on the GPU for the unit computing and each one its copy runs ahead of; host staging
-    // for SSD reads, as far ahead as they run (core's fetch_leads).
+    // Offloaded parameters land in GPU slots: one for the unit computing and one per unit its
+    // copy runs ahead of; SSD-resident ones pass through host staging, as far ahead as the SSD
+    // reads run (core's fetch_leads). With the dense parameters off the GPU the embedding and the
+    // head are units too, and may be the largest. ZeRO-3 holds 1 + prefetch.depth gathered units
+    // (its fetches bring only the rank's shard, gathered into them).
     const FetchLeads leads = fetch_leads(m, plan);
     const double slots = 1.0 + leads.pcie, staging = 1.0 + leads.ssd;
     const double dense_unit = sp.max_dense_unit();
     if (z3) {
+      // (The embedding and the head are gathered like layers, and may be the largest unit.)
       mb.prefetch_buffers.gpu +=
-          working_layers * (sp.max_layer_dense + sp.max_layer_expert) * param_bytes;
+          working_layers * std::max(sp.max_layer_dense + sp.max_layer_expert, sp.max_dense_unit()) *
+          param_bytes;
     } else {
       if (pl.dense_params != Tier::kGPU)
         mb.prefetch_buffers.gpu += slots * dense_unit * param_bytes;
       if (pl.expert_params != Tier::kGPU)
         mb.prefetch_buffers.gpu += slots * sp.max_layer_expert * param_bytes;
     }
-    // SSD-resident parameters pass through host staging on their way.
+    // SSD-resident parameters pass through host staging on their way (ZeRO-3: the shard only).
     if (pl.dense_params == Tier::kSSD)
-      mb.prefetch_buffers.cpu += staging * dense_unit * param_bytes;
+      mb.prefetch_buffers.cpu += staging * dense_unit * param_bytes / (z3 ? dense_shard : 1.0);
     if (pl.expert_params == Tier::kSSD)
-      mb.prefetch_buffers.cpu += staging * sp.max_layer_expert * param_bytes;
+      mb.prefetch_buffers.cpu +=
+          staging * sp.max_layer_expert * param_bytes / (z3 ? expert_shard : 1.0);
   }
 
   if (train) {

@@ -158,9 +158,9 @@ TEST_F(LowerTest, RecomputeAndZeroStages) {
 
   p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "zero_stage": 3})");
   prog = lower(model_, cluster_, p, work_);
-  EXPECT_EQ(count(prog.stages[0].chunks[0].forward, "zero3_param_all_gather"), 8);
-  EXPECT_EQ(count(prog.stages[0].chunks[0].backward, "zero3_param_all_gather"),
-            8);  // gathered again
+  // 8 layers, the embedding and the head; gathered again for the backward.
+  EXPECT_EQ(count(prog.stages[0].chunks[0].forward, "zero3_param_all_gather"), 8 + 2);
+  EXPECT_EQ(count(prog.stages[0].chunks[0].backward, "zero3_param_all_gather"), 8 + 2);
   EXPECT_EQ(count(prog.stages[0].step_ops, "dp_param_all_gather"), 0);
   p.zero_stage = 1;
   prog = lower(model_, cluster_, p, work_);
@@ -238,8 +238,22 @@ TEST_F(LowerTest, ZeroThreeFetchesOnlyItsShardOfOffloadedParameters) {
   };
   const double whole = fetched(p);
   ASSERT_GT(whole, 0);
+  const auto unit = [&](const Plan& plan, std::string_view name, int layer) {
+    const StepProgram prog = lower(model_, cluster_, plan, work_);
+    for (const auto* ops : {&prog.stages[0].chunks[0].forward, &prog.stages[0].chunks[0].backward})
+      for (const OpTemplate& op : *ops)
+        if (op.name == name && op.layer == layer) return op.bytes;
+    return 0.0;
+  };
+  const double embedding = unit(p, "param_fetch", -1);
+  ASSERT_GT(embedding, 0);
+  p.placement.gradients = Tier::kCPU;
+  const double grads = unit(p, "grad_offload", -1);  // the head's: dense parameters only
+  ASSERT_GT(grads, 0);
   p.zero_stage = 3;
   EXPECT_DOUBLE_EQ(fetched(p), whole / 32);
+  EXPECT_DOUBLE_EQ(unit(p, "param_fetch", -1), embedding / 32);  // the embedding's shard too
+  EXPECT_DOUBLE_EQ(unit(p, "grad_offload", -1), grads / 32);     // only the reduced shard goes down
 }
 
 // Offloaded parameters are fetched before each use: right before the layer without prefetching,
