@@ -207,7 +207,7 @@ void check_storage(Checker& c, const Plan& p, const ModelSpec& m, const ClusterS
   // Parameters and gradients kept off the GPU are updated where they live, by the host's Adam
   // (ZeRO-Offload, ZeRO-Infinity): a GPU optimizer would need them fetched and written back.
   const Placement& pl = p.placement;
-  if (pl.optimizer_states == Tier::kGPU) {
+  if (pl.optimizer_states == Tier::kGPU && w.mode == Mode::kTrain) {
     c.require(pl.dense_params == Tier::kGPU && pl.expert_params == Tier::kGPU,
               "plan.placement.optimizer_states",
               "\"gpu\", but parameters are placed off the GPU: they are updated where they live "

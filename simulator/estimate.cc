@@ -61,8 +61,9 @@ struct ListTime {
   double comm_s[kNumStreams] = {};
   double async_s = 0;  // gradient buckets (per micro-batch that issues them)
   double last_bucket_s = 0;
-  double copy_s = 0;      // moves between storage tiers (offloaded parameters and gradients)
+  double copy_s = 0;      // copies down the storage tiers (offloaded parameters) units wait for
   double ssd_copy_s = 0;  // of which on the SSD tier's stream
+  double pcie_stream_s = 0, ssd_stream_s = 0;  // every copy's time on each copy stream
 };
 
 // `waited_copies_only`: leave out the copies no op of the list waits for (the ring's loads of the
@@ -82,8 +83,13 @@ ListTime sum_ops(const std::vector<OpTemplate>& ops, const StepProgram& frame, c
     if (waited_copies_only && op.kind == OpKind::kCopy && !waited[i]) continue;
     const double s = op_cost(op, frame, c, prof, prec).time_s;
     if (op.kind == OpKind::kCopy) {
-      t.copy_s += s;
-      if (op.stream == StreamKind::kStorage) t.ssd_copy_s += s;
+      (op.stream == StreamKind::kStorage ? t.ssd_stream_s : t.pcie_stream_s) += s;
+      // Copies down the levels bring what a unit waits for; gradients going up (and on to the
+      // SSD) are waited for by nothing before the step's end.
+      if (op.copy == CopyPath::kHostToGpu || op.copy == CopyPath::kSsdToHost) {
+        t.copy_s += s;
+        if (op.stream == StreamKind::kStorage) t.ssd_copy_s += s;
+      }
       continue;
     }
     if (op.async) {
@@ -115,6 +121,7 @@ double exposed_copy(const ListTime& t, FetchLeads leads) {
 
 struct UnitTime {
   double fwd = 0, bwd = 0, compute = 0, async = 0, last_bucket = 0, stall = 0;
+  double pcie_stream = 0, ssd_stream = 0;  // per micro-batch, every copy on each copy stream
   double comm[kNumStreams] = {};
   FetchLeads leads;
   void add(const ListTime& f, const ListTime& b, double times) {
@@ -122,6 +129,8 @@ struct UnitTime {
     fwd += times * (f.sync_s + stall_f);
     bwd += times * (b.sync_s + stall_b);
     stall += times * (stall_f + stall_b);
+    pcie_stream += times * (f.pcie_stream_s + b.pcie_stream_s);
+    ssd_stream += times * (f.ssd_stream_s + b.ssd_stream_s);
     compute += times * (f.compute_s + b.compute_s);
     for (int i = 0; i < kNumStreams; ++i) comm[i] += times * (f.comm_s[i] + b.comm_s[i]);
     async += times * (f.async_s + b.async_s);
@@ -233,6 +242,7 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
   double step_time = 0;
   std::vector<double> dp_exposed_s(static_cast<size_t>(pp), 0.0);
   std::vector<double> delayed_exposed_s(static_cast<size_t>(pp), 0.0);
+  std::vector<double> copy_tail_s(static_cast<size_t>(pp), 0.0);
   for (int s = 0; s < pp; ++s) {
     const UnitTime& u = stage[static_cast<size_t>(s)];
     const double last_bwd_unit = u.bwd / vp;
@@ -247,7 +257,11 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
     const double dp_exposed = (1 - f) * buckets + std::max(f * buckets - window - last_bwd_unit,
                                                            buckets > 0 ? f * u.last_bucket : 0.0);
     dp_exposed_s[static_cast<size_t>(s)] = dp_exposed;
-    const double ready = end + dp_exposed;
+    // The step also waits for every copy (gradients going down and on to the SSD too): each copy
+    // stream carries all micro-batches' copies, however well they overlap the compute.
+    const double copies = micro_batches * std::max(u.pcie_stream, u.ssd_stream);
+    copy_tail_s[static_cast<size_t>(s)] = std::max(0.0, copies - (end + dp_exposed));
+    const double ready = std::max(end + dp_exposed, copies);
     delayed_exposed_s[static_cast<size_t>(s)] =
         std::max(0.0, delayed_s[static_cast<size_t>(s)] - ready);
     step_time = std::max(step_time, std::max(ready, delayed_s[static_cast<size_t>(s)]) +
@@ -269,7 +283,7 @@ Prediction estimate(const ModelSpec& m, const ClusterSpec& c, const Plan& plan, 
                        step_dp_s[static_cast<size_t>(slowest)] +
                        delayed_exposed_s[static_cast<size_t>(slowest)];
   p.delayed_update_s = delayed_s[static_cast<size_t>(slowest)];
-  p.time.stall_s = micro_batches * u.stall;
+  p.time.stall_s = micro_batches * u.stall + copy_tail_s[static_cast<size_t>(slowest)];
   p.time.bubble_s = std::max(
       0.0, step_time - (p.time.compute_s + p.time.tp_comm_s + p.time.cp_comm_s + p.time.ep_comm_s +
                         p.time.dp_comm_s + p.time.pp_comm_s + p.time.optimizer_s + p.time.stall_s));

@@ -43,7 +43,9 @@ struct TimelineEvent {
 };
 
 // Compute standing still for a copy between tiers (a prefetch that did not keep up), on the
-// timeline as its own event (simulate only).
+// timeline as its own event (simulate only). In training the critical stage's stalls add up to
+// its breakdown's stall time; in inference the timeline holds one decode step, while the
+// breakdown counts every decode step (and the steady state's wait for the next step's loads).
 struct StallEvent {
   int stage = 0;
   int micro_batch = -1;

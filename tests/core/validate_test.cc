@@ -142,6 +142,10 @@ TEST_F(ValidateTest, StorageTiersMustExist) {
   plan_.prefetch = {};
   plan_.placement.expert_params = Tier::kCPU;
   expect_issue("plan.placement.optimizer_states", "parameters are placed off the GPU");
+  // (Inference has no optimizer: its parameters may live off the GPU alone.)
+  workload_.mode = Mode::kInference;
+  EXPECT_TRUE(issues().empty());
+  workload_.mode = Mode::kTrain;
   plan_.placement.expert_params = Tier::kGPU;
   plan_.placement.gradients = Tier::kCPU;
   expect_issue("plan.placement.optimizer_states", "gradients are placed off the GPU");

@@ -45,6 +45,14 @@ TEST(EstimateVsSimulate, AgreeWithinTenPercentWhereOverlapDoesNotMatter) {
       {R"({"schema_version": 1, "zero_stage": 1, "prefetch": {"depth": 3, "direction": "ahead"},
            "placement": {"expert_params": "cpu", "optimizer_states": "cpu"}})",
        1},
+      // Gradients going down to the SSD: nothing waits for them but the step's end, which waits
+      // for all of them.
+      {R"({"schema_version": 1, "zero_stage": 1,
+           "placement": {"gradients": "ssd", "optimizer_states": "cpu"}})",
+       1},
+      {R"({"schema_version": 1, "zero_stage": 1,
+           "placement": {"gradients": "cpu", "optimizer_states": "cpu"}})",
+       1},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.plan);
