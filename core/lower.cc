@@ -552,14 +552,19 @@ OpTemplate copy_op(std::string_view name, CopyPath path, double bytes, int layer
   return op;
 }
 
-// Copies down the levels: `ssd` bytes read into host memory, then those and `host` bytes over
-// PCIe to the GPU (the GPU copy waits for the SSD read, set by with_prefetches).
-std::vector<OpTemplate> level_fetches(double host, double ssd, int layer, Phase phase) {
-  std::vector<OpTemplate> out;
-  if (ssd > 0) out.push_back(copy_op("param_ssd_read", CopyPath::kSsdToHost, ssd, layer, phase));
-  if (host + ssd > 0)
-    out.push_back(copy_op("param_fetch", CopyPath::kHostToGpu, host + ssd, layer, phase));
-  return out;
+// Appends the copies that bring `bytes` of one class of parameters down from `tier`, as the
+// runner issues them: from host memory one copy over PCIe; from the SSD a read into host staging
+// and the copy over PCIe that waits for it (wait_for: the read's index in this unit's list, which
+// with_prefetches remaps).
+void level_fetches(Tier tier, double bytes, int layer, Phase phase, std::vector<OpTemplate>& out) {
+  if (bytes <= 0 || tier == Tier::kGPU) return;
+  int read = -1;
+  if (tier == Tier::kSSD) {
+    out.push_back(copy_op("param_ssd_read", CopyPath::kSsdToHost, bytes, layer, phase));
+    read = static_cast<int>(out.size()) - 1;
+  }
+  out.push_back(copy_op("param_fetch", CopyPath::kHostToGpu, bytes, layer, phase));
+  out.back().wait_for = read;
 }
 
 // The copies that bring a layer's offloaded parameters to the GPU.
@@ -569,21 +574,19 @@ std::vector<OpTemplate> param_fetches(const ModelSpec& m, const Plan& p, const D
   if (p.ring_sections == 0 && pl.dense_params == Tier::kGPU && pl.expert_params == Tier::kGPU)
     return {};
   const LayerParams lp = layer_params(m, p, d, layer);
-  double host = 0, ssd = 0;
   if (p.ring_sections > 0) {
     // Ring-memory inference: every layer's parameters come from host memory.
-    host = (lp.dense + lp.expert) * d.param_bytes;
-    return {copy_op("param_fetch", CopyPath::kHostToGpu, host, layer, phase)};
+    return {copy_op("param_fetch", CopyPath::kHostToGpu, (lp.dense + lp.expert) * d.param_bytes,
+                    layer, phase)};
   }
   // ZeRO-3: a rank keeps only its shard (off the GPU too), fetches that and all-gathers the rest.
-  const double dense_shard = zero_shard(p, false, 3), expert_shard = zero_shard(p, true, 3);
-  for (const auto& [tier, params] :
-       {std::pair{p.placement.dense_params, lp.dense / dense_shard},
-        std::pair{p.placement.expert_params, lp.expert / expert_shard}}) {
-    if (tier == Tier::kCPU) host += params * d.param_bytes;
-    if (tier == Tier::kSSD) ssd += params * d.param_bytes;
-  }
-  return level_fetches(host, ssd, layer, phase);
+  // The dense parameters' copies, then the experts' (the runner's order).
+  std::vector<OpTemplate> out;
+  level_fetches(pl.dense_params, lp.dense / zero_shard(p, false, 3) * d.param_bytes, layer, phase,
+                out);
+  level_fetches(pl.expert_params, lp.expert / zero_shard(p, true, 3) * d.param_bytes, layer, phase,
+                out);
+  return out;
 }
 
 // The embedding's or the head's (final norm included) parameters when the plan keeps the dense
@@ -591,9 +594,10 @@ std::vector<OpTemplate> param_fetches(const ModelSpec& m, const Plan& p, const D
 // on the GPU).
 std::vector<OpTemplate> dense_unit_fetches(const Plan& p, const Dims& d, double params,
                                            Phase phase) {
-  const double bytes = params * d.param_bytes / zero_shard(p, false, 3);
-  return p.placement.dense_params == Tier::kSSD ? level_fetches(0, bytes, -1, phase)
-                                                : level_fetches(bytes, 0, -1, phase);
+  std::vector<OpTemplate> out;
+  level_fetches(p.placement.dense_params, params * d.param_bytes / zero_shard(p, false, 3), -1,
+                phase, out);
+  return out;
 }
 
 // Offloaded gradients leave the GPU as a unit's backward produces them (and go on to the SSD):
@@ -654,23 +658,25 @@ std::vector<OpTemplate> with_prefetches(std::vector<OpTemplate> ops,
   std::vector<OpTemplate> out;
   out.reserve(ops.size() + 2 * n);
   std::vector<int> new_index(ops.size(), -1);
-  std::vector<int> ready(n, -1);                   // a unit's last copy of this pass
-  std::vector<int> read(n, -1), read_next(n, -1);  // its SSD read (this pass, the next)
+  std::vector<int> ready(n, -1);  // a unit's last copy of this pass
+  // Where each of a unit's copies went in `out` (this pass, the next): a copy's wait_for names
+  // another of its unit's copies (the SSD read it copies on).
+  std::vector<std::vector<int>> issued(n), issued_next;
+  for (size_t i = 0; i < n; ++i) issued[i].assign(fetches[i].size(), -1);
+  if (wrap) issued_next = issued;
   size_t next = 0;
   int pending = -1;
   for (size_t pos = 0; pos <= ops.size(); ++pos) {
     while (next < n && begins[next] == pos) {
       for (const Issue& is : at[next]) {
         OpTemplate f = fetches[is.unit][is.copy];
-        int& ssd = is.next_pass ? read_next[is.unit] : read[is.unit];
+        std::vector<int>& where = (is.next_pass ? issued_next : issued)[is.unit];
         const int index = static_cast<int>(out.size());
-        if (f.copy == CopyPath::kSsdToHost) {
-          ssd = index;
-        } else {
-          if (ssd >= 0) f.wait_for = ssd;  // the copy to the GPU waits for the SSD read
-          // (A copy for the next pass is waited for by no op of this one.)
-          if (!is.next_pass) ready[is.unit] = index;
-        }
+        if (f.wait_for >= 0) f.wait_for = where[static_cast<size_t>(f.wait_for)];
+        where[is.copy] = index;
+        // The unit's first op waits for its last copy to the GPU (the copy stream runs in order).
+        // (A copy for the next pass is waited for by no op of this one.)
+        if (f.copy != CopyPath::kSsdToHost && !is.next_pass) ready[is.unit] = index;
         out.push_back(std::move(f));
       }
       pending = ready[next];

@@ -322,9 +322,27 @@ TEST_F(LowerTest, OffloadedParametersAreFetchedAhead) {
   const auto bwd = lower(model_, cluster_, p, work_).stages[0].chunks[0].backward;
   EXPECT_EQ(count(bwd, "grad_offload"), 1 + 8 + 1);
   // With the dense parameters off the GPU the embedding and the head are fetched like layers.
+  // Each class comes down from its own tier, as the runner copies it: a layer's dense parameters
+  // from host memory at once, its experts over PCIe only after their SSD read.
   p.placement.dense_params = Tier::kCPU;
-  EXPECT_EQ(count(lower(model_, cluster_, p, work_).stages[0].chunks[0].forward, "param_fetch"),
-            1 + 8 + 1);
+  const StepProgram both = lower(model_, cluster_, p, work_);
+  const auto& f = both.stages[0].chunks[0].forward;
+  EXPECT_EQ(count(f, "param_fetch"), 1 + 2 * 8 + 1);
+  EXPECT_EQ(count(f, "param_ssd_read"), 8);
+  int from_host = 0, from_ssd = 0;
+  for (size_t i = 0; i < f.size(); ++i) {
+    if (f[i].name != "param_fetch" || f[i].layer != 4) continue;
+    if (f[i].wait_for < 0) {
+      ++from_host;
+      continue;
+    }
+    ++from_ssd;
+    EXPECT_EQ(f[static_cast<size_t>(f[i].wait_for)].name, "param_ssd_read");
+    EXPECT_EQ(f[static_cast<size_t>(f[i].wait_for)].layer, 4);
+    EXPECT_EQ(f[static_cast<size_t>(f[i].wait_for)].bytes, f[i].bytes);
+  }
+  EXPECT_EQ(from_host, 1);
+  EXPECT_EQ(from_ssd, 1);
 }
 
 // Inference: one stage, a prefill chunk and one decode step, forward only; the decode step's
