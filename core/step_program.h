@@ -25,11 +25,9 @@
 
 namespace switchyard {
 
-// kHost: work of the host's cores beside the GPU (the delayed update of offloaded optimizer
-// states).
 // kCopy: copies over the GPU's PCIe link (host <-> GPU); kStorage: reads and writes of the SSD
-// tier (SSD <-> host memory), so the two levels of a 2D prefetch pipeline; kHost: the host's own
-// work beside the step (a delayed optimizer update).
+// tier (SSD <-> host memory), so the two levels of a 2D prefetch pipeline; kHost: work of the
+// host's cores beside the GPU (the delayed update of offloaded optimizer states).
 enum class StreamKind {
   kCompute,
   kTpComm,

@@ -437,11 +437,14 @@ std::vector<ConfigIssue> capacity_issues(const ModelSpec& m, const ClusterSpec& 
     if (t.cpu > cpu) cpu = t.cpu, worst_cpu = mb;
     if (t.ssd > ssd) ssd = t.ssd, worst_ssd = mb;
   }
-  // Ring-memory inference decides the GPU's slots and keeps the weights in host memory: its
-  // section count is the setting to change; otherwise the placement is.
-  const std::string gpu_path = plan.ring_sections > 0 ? "plan.ring_sections" : "plan";
-  const std::string host_path = plan.ring_sections > 0 ? "plan.ring_sections" : "plan.placement";
+  // Ring-memory inference keeps the weights in host memory and sizes the GPU's slots by its
+  // sections: the section count is the setting to change where the slots are what overflows;
+  // otherwise the plan as a whole (GPU) or its placement (host tiers) is.
   const double hbm = static_cast<double>(c.gpu.hbm_bytes);
+  const bool ring_slots_overflow = plan.ring_sections > 0 && worst_gpu.prefetch_buffers.gpu > 0 &&
+                                   gpu - worst_gpu.prefetch_buffers.gpu <= hbm;
+  const std::string gpu_path = ring_slots_overflow ? "plan.ring_sections" : "plan";
+  const std::string host_path = plan.ring_sections > 0 ? "plan.ring_sections" : "plan.placement";
   if (gpu > hbm) {
     const MemoryBreakdown& mb = worst_gpu;
     out.push_back({gpu_path, "does not fit: stage " + std::to_string(mb.stage) + " needs " +

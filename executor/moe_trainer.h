@@ -63,8 +63,9 @@ struct TrainSettings {
   // Where the tensor classes live (SE-MoE's hierarchical storage; ZeRO-Offload, ZeRO-Infinity):
   // dense and expert parameters and the optimizer states on the device, host or SSD tier
   // (gradients and activations stay on the device). Off-device parameters come to device slots
-  // before each use (the embedding, each layer, the head), `prefetch` units ahead of the one
-  // computing, down the levels (SSD -> host -> device) on the copy engine; off-device optimizer
+  // before each use (the embedding, each layer, the head), down the levels: SSD reads into host
+  // staging on a storage engine, copies to the device on a copy engine, each level `prefetch`
+  // units ahead of the one computing; off-device optimizer
   // states are updated on the host (gradients down, Adam, parameters up when they live on the
   // device).
   Placement placement;
@@ -128,7 +129,9 @@ struct Parameter {
 
 // Copies between tiers of one step.
 struct TierStats {
-  double fetch_s = 0;  // the copy engine busy with parameter fetches (their spans are program ops)
+  // The copy engines (storage and copy) busy with the passes' copies: parameter reads and fetches,
+  // gradients going down (their spans are program ops).
+  double fetch_s = 0;
   double stall_s = 0;  // compute waiting for them
   int64_t fetch_bytes = 0;
   double update_copy_s = 0;  // off-device optimizer states: gradients down, parameters up

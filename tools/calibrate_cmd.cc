@@ -354,7 +354,7 @@ int cmd_calibrate(const Common& common, const CalibrateFlags& f) {
   CalibrationData data;
   // The ranks loading at once from this node's DRAM and SSD (the simulator's sharers are the GPUs
   // of one node), not the whole job.
-  data.ranks = ranks_on_this_node(world->size());
+  data.ranks = ranks_on_this_node(world->size(), c.gpus_per_node);
   // Compute micro-benchmarks on every rank at once: a rank's core (or GPU) is shared as in a run.
   std::unique_ptr<Device> dev;
   Communicator* collectives = world.get();  // cuda: NCCL over the GPUs

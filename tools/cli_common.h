@@ -106,12 +106,15 @@ inline sy::CostProfile load_profile(const sy::ClusterSpec& cluster, const std::s
 
 inline std::string pct(double v) { return fmt("%.1f%%", 100.0 * v); }
 
-// The ranks of this job on this node (they share its DRAM, SSD and cores): OpenMPI's local size
-// under mpirun; otherwise every rank of `world_size` (one node).
-inline int ranks_on_this_node(int world_size) {
-  if (const char* v = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE"))
-    if (const int local = std::atoi(v); local > 0) return std::min(local, std::max(1, world_size));
-  return std::max(1, world_size);
+// The ranks of this job on this node (they share its DRAM, SSD and cores): what the launcher says
+// (OpenMPI's mpirun, MPICH's Hydra, Slurm's srun); otherwise the job's ranks up to the cluster's
+// GPUs per node (`per_node`; 0: no bound).
+inline int ranks_on_this_node(int world_size, int per_node = 0) {
+  const int world = std::max(1, world_size);
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"})
+    if (const char* v = std::getenv(var))
+      if (const int local = std::atoi(v); local > 0) return std::min(local, world);
+  return per_node > 0 ? std::min(world, per_node) : world;
 }
 
 // The host's threads for a rank's offloaded update (Adam over host-resident states): one on the CPU

@@ -114,11 +114,13 @@ int cmd_run(const Common& common, const RunFlags& f) {
     s.vp = plan.vp;
   }
   s.seed = f.seed;
-  // Hierarchical storage: what the plan keeps off the device, fetched `depth` layers ahead.
+  // Hierarchical storage: what the plan keeps off the device, each level fetched as far ahead as
+  // the plan's prefetch says (core's fetch_leads).
   s.placement = plan.placement;
   s.delayed_update = plan.delayed_update;
   s.prefetch = fetch_leads(in.model, plan);
-  s.host_threads = host_threads_per_rank(f.backend, ranks_on_this_node(ranks.size));
+  s.host_threads =
+      host_threads_per_rank(f.backend, ranks_on_this_node(ranks.size, c.gpus_per_node));
 
   Json check = nullptr;
   std::vector<double> losses, step_s;

@@ -75,8 +75,9 @@ int cmd_validate(const Common& common, const sy::InputNames& names, bool json) {
     out["workload_hash"] = sy::content_hash(sy::semantic_json(in.workload));
     // Valid plans may still not fit a tier: every such tier, with its numbers (simulate refuses
     // them).
-    out["fits"] = sy::Json::array();
+    out["fits"] = nullptr;  // not checked: the plan is invalid
     if (issues.empty()) {
+      out["fits"] = sy::Json::array();
       const auto fit = sy::capacity_issues(in.model, in.cluster, in.plan, in.workload,
                                            sy::default_cost_profile(in.cluster));
       for (const auto& i : fit) out["fits"].push_back({{"path", i.path}, {"message", i.message}});

@@ -277,13 +277,19 @@ TEST_F(CliTest, SimulateRefusesInvalidAndOversizedPlans) {
 }
 
 // Calibration and the runner divide a node's DRAM, SSD and cores among the ranks on that node:
-// under mpirun across nodes that is OpenMPI's local size, not the job's size.
-TEST(RanksOnThisNode, AreOpenMpisLocalRanksElseTheWholeJob) {
+// across nodes that is the launcher's local count (OpenMPI, MPICH, Slurm), not the job's size.
+TEST(RanksOnThisNode, AreTheLaunchersLocalRanksElseAtMostANodesGpus) {
   const char* old = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
   const std::string saved = old ? old : "";
   ::unsetenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  ::unsetenv("MPI_LOCALNRANKS");
+  ::unsetenv("SLURM_NTASKS_PER_NODE");
   EXPECT_EQ(cli::ranks_on_this_node(4), 4);
+  EXPECT_EQ(cli::ranks_on_this_node(16, 8), 8);  // no launcher word: at most a node's GPUs
   EXPECT_EQ(cli::ranks_on_this_node(0), 1);
+  ::setenv("MPI_LOCALNRANKS", "3", 1);  // MPICH
+  EXPECT_EQ(cli::ranks_on_this_node(12, 8), 3);
+  ::unsetenv("MPI_LOCALNRANKS");
   ::setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "2", 1);  // 4 ranks over 2 nodes
   EXPECT_EQ(cli::ranks_on_this_node(4), 2);
   EXPECT_EQ(cli::host_threads_per_rank("cpu", cli::ranks_on_this_node(4)), 1);
