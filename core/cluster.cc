@@ -56,6 +56,7 @@ ClusterSpec parse_cluster(const Json& j) {
     }
     gr.required("hbm_bytes", &c.gpu.hbm_bytes, 1);
     positive(gr, "hbm_bw_Bps", &c.gpu.hbm_bw_Bps);
+    gr.optional("runtime_reserved_bytes", &c.gpu.runtime_reserved_bytes, 0);
     gr.finish();
   }
   if (const Json* h = r.child("host", true)) {
@@ -108,6 +109,9 @@ Json semantic_json(const ClusterSpec& c) {
                 {"fp8", c.gpu.peak_fp8_flops}}},
               {"hbm_bytes", c.gpu.hbm_bytes},
               {"hbm_bw_Bps", c.gpu.hbm_bw_Bps}};
+  // Written only when set, so the content hashes of clusters without it stay what they were.
+  if (c.gpu.runtime_reserved_bytes >= 0)
+    j["gpu"]["runtime_reserved_bytes"] = c.gpu.runtime_reserved_bytes;
   j["host"] = {{"dram_bytes", c.host.dram_bytes},      {"dram_bw_Bps", c.host.dram_bw_Bps},
                {"cpu_flops", c.host.cpu_flops},        {"pcie_bw_Bps", c.host.pcie_bw_Bps},
                {"ssd_bytes", c.host.ssd_bytes},        {"ssd_read_Bps", c.host.ssd_read_Bps},

@@ -39,6 +39,9 @@ struct GpuSpec {
   double peak_fp8_flops = 0;
   int64_t hbm_bytes = 0;
   double hbm_bw_Bps = 0;
+  // What the device's runtime holds beside the tensors (CUDA context, library workspaces, NCCL
+  // buffers); -1: the cost profile's default. A CPU rank's arena reserves nothing.
+  int64_t runtime_reserved_bytes = -1;
   // Peak for a precision; 0 when the GPU has no such unit.
   double peak_flops(Precision p) const;
   bool operator==(const GpuSpec&) const = default;

@@ -128,6 +128,9 @@ CostProfile default_cost_profile(const ClusterSpec& cluster) {
 
   // CUDA context (~0.5 GiB) + NCCL communicators' buffers + allocator fragmentation: assumption.
   p.runtime_reserved_bytes = int64_t{3} << 29;  // 1.5 GiB
+  // (A cluster that says what its devices reserve, e.g. CPU ranks' arenas: nothing, says it.)
+  if (cluster.gpu.runtime_reserved_bytes >= 0)
+    p.runtime_reserved_bytes = cluster.gpu.runtime_reserved_bytes;
   return p;
 }
 

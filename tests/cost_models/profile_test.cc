@@ -23,6 +23,19 @@ TEST(Profile, JsonRoundTrip) {
   EXPECT_EQ(q.runtime_reserved_bytes, p.runtime_reserved_bytes);
 }
 
+// The runtime's reserve (CUDA context, workspaces, NCCL buffers) is the profile's default unless
+// the cluster says what its devices hold: a CPU rank's arena, nothing.
+TEST(Profile, TheClusterMaySayWhatItsRuntimeReserves) {
+  EXPECT_EQ(base().runtime_reserved_bytes, int64_t{3} << 29);
+  const ClusterSpec cpu = testing::bundled().load_cluster("local-cpu");
+  EXPECT_EQ(cpu.gpu.runtime_reserved_bytes, 0);
+  EXPECT_EQ(default_cost_profile(cpu).runtime_reserved_bytes, 0);
+  // Clusters that do not say keep their content hash: the key is written only when set.
+  const ClusterSpec h100 = testing::bundled().load_cluster("dgx-h100");
+  EXPECT_FALSE(semantic_json(h100).at("gpu").contains("runtime_reserved_bytes"));
+  EXPECT_EQ(parse_cluster(to_json(cpu)).gpu.runtime_reserved_bytes, 0);
+}
+
 // A calibration names only what it measured; the rest keeps the base's values.
 TEST(Profile, PartialOverride) {
   const CostProfile b = base();

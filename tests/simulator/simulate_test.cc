@@ -703,5 +703,28 @@ TEST(Simulate, ZeroTwoReducesEveryMicroBatchsGradients) {
   EXPECT_EQ(micro_batches[2], (std::set<int>{0, 1, 2, 3}));
 }
 
+// Every bundled plan, on the model, cluster and workload it names, is valid, fits, and simulates
+// (a user's first command on any of them works).
+TEST(Simulate, EveryBundledPlanFitsAndSimulates) {
+  const ConfigRegistry reg = bundled();
+  int plans = 0;
+  for (const std::string& name : reg.list(ConfigKind::kPlan)) {
+    SCOPED_TRACE(name);
+    InputNames n;
+    n.plan = name;
+    const Inputs in = load_inputs(reg, n);
+    EXPECT_TRUE(validate(in.plan, in.model, in.cluster, in.workload).empty());
+    const CostProfile prof = default_cost_profile(in.cluster);
+    const auto fit = capacity_issues(in.model, in.cluster, in.plan, in.workload, prof);
+    EXPECT_TRUE(fit.empty()) << (fit.empty() ? "" : fit[0].message);
+    if (in.workload.mode == Mode::kInference && in.plan.pp > 1) continue;
+    const Prediction p = simulate(in.model, in.cluster, in.plan, in.workload, prof);
+    EXPECT_GT(p.step_time_s, 0);
+    EXPECT_LE(p.peak.gpu, static_cast<double>(in.cluster.gpu.hbm_bytes));
+    ++plans;
+  }
+  EXPECT_GE(plans, 20);
+}
+
 }  // namespace
 }  // namespace switchyard
