@@ -320,7 +320,19 @@ std::string_view backward_name(std::string_view forward) {
 // dies in the backward, and what the forward released the backward needs again.
 void append_backward(const std::vector<OpTemplate>& fwd, std::vector<OpTemplate>& out) {
   out.reserve(out.size() + 2 * fwd.size());
+  // ZeRO-3 gathers a layer's parameters again before its backward (the forward's copy is gone);
+  // the embedding's backward reads no weights and the head's follows its forward, so theirs are
+  // not gathered again.
+  const auto is_gather = [](const OpTemplate& op) {
+    return op.kind == OpKind::kCollective && op.name.substr(0, 5) == "zero3";
+  };
+  for (const OpTemplate& op : fwd)
+    if (is_gather(op) && op.layer >= 0) {
+      out.push_back(op);
+      out.back().phase = Phase::kBackward;
+    }
   for (auto it = fwd.rbegin(); it != fwd.rend(); ++it) {
+    if (is_gather(*it)) continue;
     OpTemplate op = *it;
     op.phase = Phase::kBackward;
     op.allocates = it->frees;
@@ -351,7 +363,6 @@ void append_backward(const std::vector<OpTemplate>& fwd, std::vector<OpTemplate>
         op.flops *= 2.5;  // recomputed scores and five GEMMs against the forward's two
         break;
       case OpKind::kCollective:
-        if (it->name.substr(0, 5) == "zero3") break;
         // Megatron's vocab-parallel embedding sums its partial rows with an all-reduce whose
         // backward is the identity, and the vocab-parallel loss's reductions have no backward
         // communication (each rank's logits get their gradient locally).
@@ -757,9 +768,11 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
   }
   if (head) {
     Builder b(m, p, d, head_fwd);
+    // (A head tied to the embedding on the same stage gathers the shared matrix again: ZeRO-3
+    // released it after the embedding.)
     if (p.zero_stage >= 3)
       b.comm(Collective::kAllGather, CommGroup::kDp, "zero3_param_all_gather", -1,
-             head_params * d.param_bytes);
+             (head_params + (m.tied_embeddings && p.pp == 1 ? vocab_rows : 0.0)) * d.param_bytes);
     b.elementwise("final_norm", -1, 2 * b.tok_bytes(d.ts), d.ts);
     b.tp_enter(-1);
     OpTemplate& lm = b.gemm("lm_head", -1, d.head_rows, m.vocab_size / d.tp, d.h);
@@ -860,7 +873,10 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
     append_backward(fwd, cp.backward);
     if (p.recompute == Recompute::kFull)
       cp.backward.back().frees |= bit(TensorClass::kRecomputeWorkspace);
-    grad_offload(m, p, d, l, cp.backward);
+    // ZeRO 2-3 offload the reduced shard: the layer's gradients are reduce-scattered first (a
+    // bucket of their own) and the shard goes down after that collective.
+    const bool shard_offload = p.zero_stage >= 2 && p.placement.gradients != Tier::kGPU;
+    if (!shard_offload) grad_offload(m, p, d, l, cp.backward);
     if (m.is_moe_layer(l) && d.most_replicated_copies > 0) {
       // Elastic replicas: the copies of a replicated expert sum their gradients before the update
       // (the rank with the most such copies moves the most).
@@ -871,6 +887,14 @@ ChunkProgram lower_chunk(const ModelSpec& m, const Plan& p, const Dims& d, int f
                     l));
     }
     buckets.add(layer_params(m, p, d, l), l);
+    if (shard_offload) {
+      buckets.flush(l);
+      const int reduced = static_cast<int>(cp.backward.size()) - 1;  // its last collective
+      const size_t first = cp.backward.size();
+      grad_offload(m, p, d, l, cp.backward);
+      if (first < cp.backward.size() && cp.backward[reduced].kind == OpKind::kCollective)
+        cp.backward[first].wait_for = reduced;
+    }
   }
   buckets.flush(first_layer);
   append_backward(embed_fwd, cp.backward);

@@ -444,7 +444,8 @@ std::vector<ConfigIssue> capacity_issues(const ModelSpec& m, const ClusterSpec& 
   const bool ring_slots_overflow = plan.ring_sections > 0 && worst_gpu.prefetch_buffers.gpu > 0 &&
                                    gpu - worst_gpu.prefetch_buffers.gpu <= hbm;
   const std::string gpu_path = ring_slots_overflow ? "plan.ring_sections" : "plan";
-  const std::string host_path = plan.ring_sections > 0 ? "plan.ring_sections" : "plan.placement";
+  // (A ring keeps all the weights in host memory whatever its section count.)
+  const std::string host_path = plan.ring_sections > 0 ? "plan" : "plan.placement";
   if (gpu > hbm) {
     const MemoryBreakdown& mb = worst_gpu;
     out.push_back({gpu_path, "does not fit: stage " + std::to_string(mb.stage) + " needs " +

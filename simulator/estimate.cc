@@ -155,7 +155,7 @@ Prediction estimate_inference(const ModelSpec& m, const ClusterSpec& c, const Pl
     // The prefill's loads of the first decode step's sections are that step's (each decode step
     // loads the next one's).
     const ListTime t = sum_ops(prog.stages[0].chunks[static_cast<size_t>(ch)].forward, prog, c,
-                               prof, w.precision, ch == 0);
+                               prof, w.precision, ch == 0 && plan.ring_sections > 0);
     chunk_s[ch] = overlap ? std::max(t.sync_s, t.copy_s) : t.sync_s + t.copy_s;
     const double times = ch == 0 ? 1.0 : static_cast<double>(w.inference->decode_tokens);
     p.time.compute_s += times * t.compute_s;

@@ -158,9 +158,16 @@ TEST_F(LowerTest, RecomputeAndZeroStages) {
 
   p = plan_of(R"({"schema_version": 1, "dp": 32, "ep": 32, "zero_stage": 3})");
   prog = lower(model_, cluster_, p, work_);
-  // 8 layers, the embedding and the head; gathered again for the backward.
+  // 8 layers, the embedding and the head; the layers gathered again, first thing in their
+  // backward (the embedding's backward reads no weights; the head's follows its forward).
   EXPECT_EQ(count(prog.stages[0].chunks[0].forward, "zero3_param_all_gather"), 8 + 2);
-  EXPECT_EQ(count(prog.stages[0].chunks[0].backward, "zero3_param_all_gather"), 8 + 2);
+  EXPECT_EQ(count(prog.stages[0].chunks[0].backward, "zero3_param_all_gather"), 8);
+  const auto& bwd3 = prog.stages[0].chunks[0].backward;
+  for (size_t i = 0; i < bwd3.size(); ++i)
+    if (bwd3[i].layer == 3) {
+      EXPECT_EQ(bwd3[i].name, "zero3_param_all_gather");  // the layer's first backward op
+      break;
+    }
   EXPECT_EQ(count(prog.stages[0].step_ops, "dp_param_all_gather"), 0);
   p.zero_stage = 1;
   prog = lower(model_, cluster_, p, work_);
@@ -254,6 +261,18 @@ TEST_F(LowerTest, ZeroThreeFetchesOnlyItsShardOfOffloadedParameters) {
   EXPECT_DOUBLE_EQ(fetched(p), whole / 32);
   EXPECT_DOUBLE_EQ(unit(p, "param_fetch", -1), embedding / 32);  // the embedding's shard too
   EXPECT_DOUBLE_EQ(unit(p, "grad_offload", -1), grads / 32);     // only the reduced shard goes down
+  // A layer's shard goes down after the collective that reduces it.
+  const StepProgram z3 = lower(model_, cluster_, p, work_);
+  const auto& bwd = z3.stages[0].chunks[0].backward;
+  int offloads = 0;
+  for (const OpTemplate& op : bwd)
+    if (op.name == "grad_offload" && op.layer >= 0) {
+      ++offloads;
+      ASSERT_GE(op.wait_for, 0);
+      EXPECT_EQ(bwd[static_cast<size_t>(op.wait_for)].collective, Collective::kReduceScatter);
+      EXPECT_EQ(bwd[static_cast<size_t>(op.wait_for)].layer, op.layer);
+    }
+  EXPECT_EQ(offloads, 8);
 }
 
 // Offloaded parameters are fetched before each use: right before the layer without prefetching,
