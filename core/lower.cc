@@ -540,9 +540,9 @@ class BucketFiller {
   double dense_ = 0, expert_ = 0;
 };
 
-// The ranks a ZeRO stage >= `from` shards a class of parameters (their gradients, from stage 2;
-// the parameters themselves, from 3) over: dense over dp * cp, experts over their data-parallel
-// replicas; 1 below that stage.
+// The ranks a ZeRO stage >= `from` shards a class of parameters' state over (optimizer states
+// from stage 1, gradients from 2, the parameters themselves from 3): dense over dp * cp, experts
+// over their data-parallel replicas; 1 below that stage.
 double zero_shard(const Plan& p, bool experts, int from) {
   if (p.zero_stage < from) return 1.0;
   return experts ? std::max(p.expert_dp(), 1) : static_cast<double>(p.dp) * p.cp;
@@ -922,8 +922,7 @@ std::vector<OpTemplate> lower_step_ops(const ModelSpec& m, const Plan& p, const 
   const double vh = static_cast<double>(m.vocab_size) * static_cast<double>(m.hidden_size) / p.tp;
   if (stage == 0) total.dense += vh;
   if (stage == p.pp - 1 && (!m.tied_embeddings || p.pp > 1)) total.dense += vh;
-  const double dense_shard = p.zero_stage >= 1 ? static_cast<double>(p.dp) * p.cp : 1.0;
-  const double expert_shard = p.zero_stage >= 1 ? std::max(p.expert_dp(), 1) : 1.0;
+  const double dense_shard = zero_shard(p, false, 1), expert_shard = zero_shard(p, true, 1);
   // Adam reads param, grad, (master,) m, v and writes them back: 14 + 4 * moment bytes per
   // parameter in mixed precision (bf16 param and grad, fp32 master), 12 + 4 * moment bytes in fp32.
   const double moment_bytes = w.optimizer_moments == Precision::kBF16 ? 2.0 : 4.0;

@@ -202,12 +202,10 @@ class Simulation {
         const OpTemplate& op = st.step_ops[i];
         // A host update's PCIe transfers are pieces of their own on the link, around its work.
         const OpCost& cost = sc.step[i];
-        OpCost work = cost;
-        work.time_s = cost.time_s - cost.pcie_before_s - cost.pcie_after_s;
-        work.pcie_before_s = work.pcie_after_s = 0;
-        const InstCost pieces[3] = {{cost.pcie_before_s, Link::kPcie},
-                                    {work.time_s, work.link},
-                                    {cost.pcie_after_s, Link::kPcie}};
+        const InstCost pieces[3] = {
+            {cost.pcie_before_s, Link::kPcie},
+            {cost.time_s - cost.pcie_before_s - cost.pcie_after_s, cost.link},
+            {cost.pcie_after_s, Link::kPcie}};
         int32_t head = kNoInst, id = kNoInst;
         for (int k = 0; k < 3; ++k) {
           if (k != 1 && pieces[k].time_s <= 0) continue;
